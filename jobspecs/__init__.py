@@ -1,0 +1,30 @@
+"""Job specs: the contract between users, the queue and the worker. Imports neither of them."""
+
+from jobspecs.errors import LoraJobsError, SpecError
+from jobspecs.loader import json_schema, load_spec, load_spec_text, parse_spec, spec_to_dict
+from jobspecs.models import (
+    AnyJobSpec,
+    ImageJobSpec,
+    ImageTraining,
+    LoraSettings,
+    Resources,
+    TextJobSpec,
+    TextTraining,
+)
+
+__all__ = [
+    "AnyJobSpec",
+    "ImageJobSpec",
+    "ImageTraining",
+    "LoraJobsError",
+    "LoraSettings",
+    "Resources",
+    "SpecError",
+    "TextJobSpec",
+    "TextTraining",
+    "json_schema",
+    "load_spec",
+    "load_spec_text",
+    "parse_spec",
+    "spec_to_dict",
+]

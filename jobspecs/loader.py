@@ -1,0 +1,93 @@
+"""Load and validate job specs from YAML, reporting every problem at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from jobspecs.errors import SpecError
+from jobspecs.models import JOB_SPEC_ADAPTER, AnyJobSpec
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # Drop the union tag pydantic inserts ("image"/"text") so paths read like the YAML.
+    parts = [str(p) for p in loc if p not in ("image", "text")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "(top level)"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def problems_from(err: ValidationError) -> list[str]:
+    """One line per pydantic error: `field.path: message (got VALUE)`."""
+    out = []
+    for e in err.errors(include_url=False):
+        msg = e["msg"].removeprefix("Value error, ")
+        line = f"{_field_path(e['loc'])}: {msg}"
+        if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict):
+            line += f" (got {_short(e['input'])})"
+        out.append(line)
+    return out
+
+
+def parse_spec(data: Any, source: str = "spec") -> AnyJobSpec:
+    """Validate an already-parsed mapping; raise SpecError listing every problem."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else type(data).__name__
+        raise SpecError(source, [f"expected a mapping of fields at the top level, got {kind}"])
+    if "kind" not in data:
+        raise SpecError(source, ["kind: field required (one of: image, text)"])
+    if data["kind"] not in ("image", "text"):
+        raise SpecError(source, [f"kind: must be 'image' or 'text' (got {_short(data['kind'])})"])
+    try:
+        return JOB_SPEC_ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise SpecError(source, problems_from(err)) from None
+
+
+def load_spec_text(text: str, source: str = "spec") -> AnyJobSpec:
+    """Parse YAML text (safely: no arbitrary object construction) and validate it."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(source, [f"not valid YAML{where}: {problem}"]) from None
+    return parse_spec(data, source)
+
+
+def load_spec(path: str | Path) -> AnyJobSpec:
+    """Read and validate one spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(p), ["file not found"]) from None
+    except IsADirectoryError:
+        raise SpecError(str(p), ["is a directory, not a spec file"]) from None
+    except UnicodeDecodeError:
+        raise SpecError(str(p), ["not UTF-8 text"]) from None
+    return load_spec_text(text, str(p))
+
+
+def spec_to_dict(spec: AnyJobSpec) -> dict[str, Any]:
+    """Canonical JSON-able form of a spec (what the queue stores and the sidecar records)."""
+    return spec.model_dump(mode="json")
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a job spec, for YAML editors (yaml-language-server) and validation."""
+    schema = JOB_SPEC_ADAPTER.json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "lorajobs job spec"
+    return schema

@@ -1,0 +1,49 @@
+"""What the worker is handed for one attempt of one job, and what a trainer hands back.
+
+Plain data and callables: the same `run_job` runs inside a Ray task (progress goes to the
+controller through an actor) and in `lorajobs run` (progress goes to the terminal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def _ignore(_: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass
+class WorkerContext:
+    """Everything an attempt needs besides the spec. No DB handles, no Ray handles."""
+
+    job_id: str
+    # Bucket root URI; the adapter goes to <output_uri>/adapters/<name>/<job_id>/.
+    output_uri: str
+    # Node-local cache for pulled models and datasets (shared by jobs on the node).
+    cache_dir: Path
+    attempt: int = 1
+    # Called with {"step", "total_steps", "loss", "it_per_s"} as training goes.
+    report: ProgressFn = _ignore
+    # torch intra-op threads; fixed per job so results do not depend on the node's core count.
+    threads: int = 1
+    # Where the node is, for metadata and `status` ("host" / accelerator name).
+    node: str = ""
+    # Free-form facts recorded into the sidecar (attempt history, submit time, ...).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainOutput:
+    """What a trainer returns once it has written its adapter files into its out_dir."""
+
+    # Files the trainer wrote, relative to out_dir (the adapter itself, not the sidecar).
+    files: list[str]
+    # Final figures: loss, steps, examples seen, tokens, seconds of training ...
+    metrics: dict[str, Any]
+    # Hyper-parameters as resolved (defaults filled in), for the sidecar.
+    resolved: dict[str, Any] = field(default_factory=dict)
