@@ -1,7 +1,14 @@
 """Job specs: the contract between users, the queue and the worker. Imports neither of them."""
 
 from jobspecs.errors import LoraJobsError, SpecError
-from jobspecs.loader import json_schema, load_spec, load_spec_text, parse_spec, spec_to_dict
+from jobspecs.loader import (
+    json_schema,
+    load_spec,
+    load_spec_text,
+    parse_spec,
+    resolve_local_paths,
+    spec_to_dict,
+)
 from jobspecs.models import (
     AnyJobSpec,
     ImageJobSpec,
@@ -26,5 +33,6 @@ __all__ = [
     "load_spec",
     "load_spec_text",
     "parse_spec",
+    "resolve_local_paths",
     "spec_to_dict",
 ]

@@ -91,3 +91,27 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "lorajobs job spec"
     return schema
+
+
+def _looks_like_uri(value: str) -> bool:
+    return "://" in value
+
+
+def resolve_local_paths(spec: AnyJobSpec, base_dir: Path) -> AnyJobSpec:
+    """Make local `base_model` / `dataset` paths absolute, relative to the spec file's folder.
+
+    The worker runs in another directory (and, on a cluster, another machine), so a relative
+    path only means something where the spec was written. URIs are left alone, and so is a
+    `base_model` like `org/name` that is not an existing local path: that is a hub id.
+    """
+    update: dict[str, str] = {}
+    for field in ("base_model", "dataset"):
+        value: str = getattr(spec, field)
+        if _looks_like_uri(value):
+            continue
+        p = Path(value).expanduser()
+        candidate = p if p.is_absolute() else (base_dir / p)
+        if field == "base_model" and not candidate.exists() and not p.is_absolute():
+            continue  # a hub id such as "stabilityai/sd-turbo"
+        update[field] = str(candidate.resolve())
+    return spec.model_copy(update=update) if update else spec

@@ -1,0 +1,367 @@
+"""The `lorajobs` command line. Data goes to stdout, messages to stderr.
+
+Exit codes: 0 ok, 1 a job or operation failed, 2 bad input (nothing was changed).
+`submit`, `status`, `show`, `cancel`, `validate` and `schema` never import torch or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from jobspecs import AnyJobSpec, json_schema, load_spec, resolve_local_paths
+from jobspecs.errors import InvalidInput, LoraJobsError
+from orchestrator.settings import Settings
+
+app = typer.Typer(
+    name="lorajobs",
+    help="Train many LoRA adapters: a queue, a scheduler on Ray, and reproducible workers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+dev_app = typer.Typer(help="Developer tools (tiny offline models).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(dev_app, name="dev")
+
+out = Console(soft_wrap=True)  # stdout: data
+err = Console(stderr=True, soft_wrap=True)  # stderr: messages
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _queue(settings: Settings):  # -> Queue (imported lazily: sqlalchemy only when needed)
+    from orchestrator.db import ensure_schema, make_engine
+    from orchestrator.queue import Queue
+
+    engine = make_engine(settings)
+    ensure_schema(engine, auto=settings.database_url.startswith("sqlite"))
+    return Queue(engine)
+
+
+def _load_specs(paths: list[Path]) -> list[AnyJobSpec]:
+    """Validate every file before touching anything, so one bad file inserts nothing."""
+    specs, problems = [], []
+    for p in paths:
+        try:
+            specs.append(resolve_local_paths(load_spec(p), p.resolve().parent))
+        except InvalidInput as e:
+            problems.append(str(e))
+    if problems:
+        raise InvalidInput("\n".join(problems))
+    return specs
+
+
+# -- specs ------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(specs: list[Path] = typer.Argument(..., help="Spec files to check.")) -> None:
+    """Check spec files and report every problem; changes nothing."""
+    for spec, path in zip(_load_specs(specs), specs):
+        err.print(f"{path}: ok ({spec.kind} job '{spec.name}')")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of a job spec (for YAML editors)."""
+    print(json.dumps(json_schema(), indent=2))
+
+
+# -- queue ------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    specs: list[Path] = typer.Argument(..., help="Spec files, one job each."),
+    idempotency_key: Optional[str] = typer.Option(
+        None, "--idempotency-key", help="Submitting again with the same key returns the same job."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Run a controller here until the jobs end."),
+    as_json: bool = typer.Option(False, "--json", help="Print the jobs as JSON."),
+) -> None:
+    """Queue jobs; print their ids."""
+    if idempotency_key and len(specs) > 1:
+        raise InvalidInput("--idempotency-key takes exactly one spec file")
+    settings = _settings()
+    parsed = _load_specs(specs)
+    queue = _queue(settings)
+    jobs = []
+    for spec in parsed:
+        job, created = queue.submit(
+            spec, output_uri=spec.output or settings.bucket, idempotency_key=idempotency_key
+        )
+        jobs.append(job)
+        verb = "submitted" if created else "already submitted (same idempotency key)"
+        err.print(f"{verb}: job {job.id} ({job.kind} '{job.name}')")
+    if wait:
+        jobs = _run_controller_until_done(settings, queue, [j.id for j in jobs])
+    _print_jobs(jobs, as_json, ids_only=not wait)
+    if wait and any(j.status.value != "succeeded" for j in jobs):
+        raise typer.Exit(1)
+
+
+def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -> list[Any]:
+    from orchestrator.controller import Controller
+    from orchestrator.dispatch import RayBackend
+
+    _log_to_stderr()
+    backend = RayBackend(settings)
+    try:
+        controller = Controller(queue, backend)
+        controller.run(until=lambda: all(queue.get(i).status.is_terminal() for i in ids))
+    finally:
+        backend.shutdown()
+    return [queue.get(i) for i in ids]
+
+
+def _print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False) -> None:
+    from orchestrator import render
+
+    if as_json:
+        print(render.dumps([render.job_json(j) for j in jobs]))
+    elif ids_only:
+        for j in jobs:
+            print(j.id)
+    else:
+        out.print(render.status_table(jobs))
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of jobs."),
+    state: Optional[list[str]] = typer.Option(None, "--state", help="Only jobs in this state."),
+    owner: Optional[str] = typer.Option(None, "--owner", help="Only this owner's jobs."),
+    limit: int = typer.Option(50, "--limit", help="At most this many jobs, newest first."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until Ctrl-C."),
+) -> None:
+    """The queue: id, name, kind, state, progress, loss, speed, elapsed."""
+    from orchestrator import render
+    from orchestrator.states import JobStatus
+
+    try:
+        statuses = [JobStatus(s) for s in state] if state else None
+    except ValueError:
+        raise InvalidInput(
+            f"--state must be one of: {', '.join(s.value for s in JobStatus)}"
+        ) from None
+    queue = _queue(_settings())
+
+    def jobs() -> list[Any]:
+        return queue.list(statuses=statuses, owner=owner, limit=limit)
+
+    if not watch:
+        _print_jobs(jobs(), as_json)
+        return
+    from rich.live import Live
+
+    with Live(render.status_table(jobs()), console=out, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(2)
+                live.update(render.status_table(jobs()))
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def show(
+    job: str = typer.Argument(..., help="Job id or a unique prefix."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """One job: spec, state, result, and every event."""
+    import yaml
+
+    from orchestrator import render
+
+    queue = _queue(_settings())
+    rec = queue.get(job)
+    events = queue.events(rec.id)
+    if as_json:
+        print(render.dumps({**render.job_json(rec), "events": [render.event_json(e) for e in events]}))
+        return
+    out.print(f"[bold]{rec.id}[/]  {rec.kind} '{rec.name}'  owner={rec.owner}  priority={rec.priority}")
+    out.print(f"state: {rec.status.value}   attempt: {rec.attempt}   progress: "
+              f"{render.progress_text(rec)}   loss: {rec.loss if rec.loss is not None else '-'}")
+    if rec.failure_reason:
+        out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
+    if render.adapter_uri(rec):
+        out.print(f"adapter: {render.adapter_uri(rec)}")
+        metrics = (rec.result or {}).get("metrics", {})
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        if shown:
+            out.print("metrics: " + "  ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+    out.print("\n[bold]spec[/]")
+    out.print(yaml.safe_dump(rec.spec, sort_keys=False).rstrip(), markup=False)
+    out.print("\n[bold]events[/]")
+    out.print(render.events_table(events))
+
+
+@app.command()
+def cancel(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> None:
+    """Cancel a job: at once if queued; a running job is stopped by its controller."""
+    queue = _queue(_settings())
+    rec = queue.request_cancel(job)
+    if rec.status.value == "cancelled":
+        err.print(f"job {rec.id} cancelled")
+    else:
+        err.print(f"job {rec.id}: cancel requested; the controller stops it")
+    print(rec.id)
+
+
+@app.command()
+def fetch(
+    job: str = typer.Argument(..., help="Job id or a unique prefix."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write into."),
+) -> None:
+    """Download a finished job's adapter, verifying every file's sha256."""
+    from worker.transfer import fetch_adapter
+
+    rec = _queue(_settings()).get(job)
+    uri = (rec.result or {}).get("adapter_uri")
+    if rec.status.value != "succeeded" or not uri:
+        raise InvalidInput(f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters")
+    dest = output or Path(f"{rec.name}-{rec.id}")
+    files = fetch_adapter(uri, dest)
+    err.print(f"fetched {len(files)} files from {uri}, sha256 verified")
+    print(dest.resolve())
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+@app.command()
+def controller(
+    once: bool = typer.Option(False, "--once", help="One pass, then exit."),
+) -> None:
+    """Run the controller loop in the foreground: dispatch, track, finish, retry."""
+    from orchestrator.controller import Controller
+    from orchestrator.dispatch import RayBackend
+
+    _log_to_stderr()
+    settings = _settings()
+    queue = _queue(settings)
+    backend = RayBackend(settings)
+    try:
+        c = Controller(queue, backend)
+        if once:
+            c.step()
+        else:
+            c.run()
+    except KeyboardInterrupt:
+        err.print("controller stopped")
+    finally:
+        backend.shutdown()
+
+
+@app.command()
+def run(
+    spec_file: Path = typer.Argument(..., help="Spec file."),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="Bucket URI or folder for the adapter (default: the bucket)."
+    ),
+    job_id: Optional[str] = typer.Option(None, "--job-id", help="Id used in the output path."),
+) -> None:
+    """Train one job here, in this process: no database, no Ray. Prints the adapter's URI."""
+    import secrets
+
+    from worker.context import WorkerContext
+    from worker.entrypoint import run_job
+
+    settings = _settings()
+    (spec,) = _load_specs([spec_file])
+    bucket = output or spec.output or settings.bucket
+    if "://" not in bucket:
+        bucket = Path(bucket).resolve().as_uri()
+    last = [0.0]
+
+    def report(p: dict[str, Any]) -> None:
+        if time.monotonic() - last[0] > 1.0 or p.get("step") == p.get("total_steps"):
+            last[0] = time.monotonic()
+            err.print(f"step {p.get('step')}/{p.get('total_steps')}  loss {p.get('loss', 0):.4f}"
+                      f"  {p.get('it_per_s', 0):.1f} it/s")
+
+    ctx = WorkerContext(
+        job_id=job_id or f"run-{secrets.token_hex(6)}",
+        output_uri=bucket,
+        cache_dir=settings.cache_dir,
+        report=report,
+        threads=spec.resources.cpus,
+        node="local",
+    )
+    result = run_job(spec, ctx)
+    err.print(f"adapter written to {result['adapter_uri']}")
+    print(result["adapter_uri"])
+
+
+@app.command()
+def demo(
+    keep: bool = typer.Option(True, help="Keep the demo's jobs and files in LORAJOBS_HOME."),
+) -> None:
+    """Build tiny models and data, train one image and one text LoRA, fetch both."""
+    from orchestrator.demo import run_demo
+
+    run_demo(_settings(), out, err)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the latest version."""
+    from orchestrator.db import make_engine, upgrade
+
+    settings = _settings()
+    upgrade(make_engine(settings))
+    err.print(f"database at {settings.redacted_database_url()} is up to date")
+
+
+@dev_app.command("tiny-models")
+def tiny_models(
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write tiny-sd/ and tiny-llama/ into."),
+    seed: int = typer.Option(0, help="Seed for the random weights."),
+) -> None:
+    """Build a tiny Stable-Diffusion-style pipeline and a tiny causal LM, offline."""
+    from worker.tiny_image import build_tiny_image_model
+    from worker.tiny_text import build_tiny_text_model
+
+    image = build_tiny_image_model(out_dir / "tiny-sd", seed=seed)
+    text = build_tiny_text_model(out_dir / "tiny-llama", seed=seed)
+    print(image)
+    print(text)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+
+
+def main() -> None:
+    """Console entry point: one shared handler turns errors into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except LoraJobsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
