@@ -1,0 +1,98 @@
+"""Plain snapshots of queue rows, detached from any database session."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from jobspecs import AnyJobSpec, parse_spec
+from orchestrator.states import FailureKind, JobStatus
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A snapshot of one `jobs` row."""
+
+    id: str
+    name: str
+    kind: str
+    owner: str
+    priority: int
+    status: JobStatus
+    spec: dict[str, Any]
+    output_uri: str
+    idempotency_key: str | None
+    attempt: int
+    gpus: float
+    gpu_type: str | None
+    cpus: int
+    created_at: datetime
+    updated_at: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    failure_kind: FailureKind | None
+    failure_reason: str | None
+    cancel_requested: bool
+    step: int | None
+    total_steps: int | None
+    loss: float | None
+    it_per_s: float | None
+    node: str | None
+    result: dict[str, Any] | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+
+    def parsed_spec(self) -> AnyJobSpec:
+        """The stored spec as a validated model again (what the worker is given)."""
+        return parse_spec(self.spec, source=f"job {self.id}")
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """A snapshot of one `job_events` row: one status change."""
+
+    id: int
+    job_id: str
+    at: datetime
+    from_status: JobStatus | None
+    to_status: JobStatus
+    reason: str
+    data: dict[str, Any] | None
+
+
+def dump_json(value: Any) -> str:
+    """JSON text as stored in the database."""
+    # Canonical (sorted, compact) so that equal specs are equal strings.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def job_record(row: Any) -> JobRecord:
+    """A JobRecord from a `jobs` row (JSON columns parsed, enums restored)."""
+    m = row._mapping
+    return JobRecord(
+        **{
+            **{k: m[k] for k in m.keys()},
+            "status": JobStatus(m["status"]),
+            "spec": json.loads(m["spec"]),
+            "failure_kind": FailureKind(m["failure_kind"]) if m["failure_kind"] else None,
+            "cancel_requested": bool(m["cancel_requested"]),
+            "result": json.loads(m["result"]) if m["result"] is not None else None,
+        }
+    )
+
+
+def event_record(row: Any) -> EventRecord:
+    """An EventRecord from a `job_events` row."""
+    m = row._mapping
+    return EventRecord(
+        id=m["id"],
+        job_id=m["job_id"],
+        at=m["at"],
+        from_status=JobStatus(m["from_status"]) if m["from_status"] else None,
+        to_status=JobStatus(m["to_status"]),
+        reason=m["reason"],
+        data=json.loads(m["data"]) if m["data"] is not None else None,
+    )
