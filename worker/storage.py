@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from jobspecs.errors import InvalidInput, ObjectNotFound
 
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    key: str  # relative to the storage root
+    key: str  # relative to the storage root ("" when the root itself is one object)
     size: int
+    # Changes whenever the content may have: the S3 ETag, or mtime+size for a folder.
+    etag: str = ""
+    # Last modified, seconds since the epoch (0.0 when unknown).
+    modified: float = 0.0
 
 
 class Storage(Protocol):
@@ -62,32 +67,46 @@ class FileStorage:
     def _path(self, key: str) -> Path:
         return self.root / safe_key(key) if key else self.root
 
+    def _where(self, key: str) -> str:
+        return f"{self.uri}/{key}" if key else self.uri
+
     def put_file(self, local: Path, key: str) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Copy to a temp name then rename: a reader never sees a half-written object.
-        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        tmp = _temp_name(dest)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def put_bytes(self, data: bytes, key: str) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        tmp = _temp_name(dest)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get_file(self, key: str, local: Path) -> None:
         src = self._path(key)
         if not src.is_file():
-            raise ObjectNotFound(f"{self.uri}/{key}: no such object")
+            raise ObjectNotFound(f"{self._where(key)}: no such object")
         local.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, local)
+        tmp = _temp_name(local)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
         if not src.is_file():
-            raise ObjectNotFound(f"{self.uri}/{key}: no such object")
+            raise ObjectNotFound(f"{self._where(key)}: no such object")
         return src.read_bytes()
 
     def exists(self, key: str) -> bool:
@@ -96,20 +115,40 @@ class FileStorage:
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         if base.is_file():
-            return [ObjectInfo(safe_key(prefix), base.stat().st_size)]
+            return [_info(safe_key(prefix) if prefix else "", base)]
         if not base.is_dir():
             return []
         out = []
+        # Dot-files are skipped: they are this class's own in-flight temp files.
         for p in sorted(base.rglob("*")):
             if p.is_file() and not p.name.startswith("."):
-                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
+                out.append(_info(p.relative_to(self.root).as_posix(), p))
         return out
 
     def delete_prefix(self, prefix: str) -> int:
         objs = self.list(prefix)
         for o in objs:
-            self._path(o.key).unlink(missing_ok=True)
+            path = self._path(o.key)
+            path.unlink(missing_ok=True)
+            # Drop folders left empty, as an S3 prefix vanishes with its last object.
+            parent = path.parent
+            while parent != self.root and self.root in parent.parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+                parent = parent.parent
         return len(objs)
+
+
+def _info(key: str, path: Path) -> ObjectInfo:
+    st = path.stat()
+    return ObjectInfo(key, st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", modified=st.st_mtime)
+
+
+def _temp_name(dest: Path) -> Path:
+    # Unique per call: two threads or processes writing one key must not share a temp file.
+    return dest.with_name(f".{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def open_storage(uri: str) -> Storage:
@@ -120,7 +159,7 @@ def open_storage(uri: str) -> Storage:
 
         return S3Storage(parsed.netloc, parsed.path.lstrip("/"))
     if parsed.scheme == "file":
-        return FileStorage(Path(parsed.path))
+        return FileStorage(Path(unquote(parsed.path)))
     if parsed.scheme == "":
         return FileStorage(Path(uri))
     raise InvalidInput(f"{uri}: unsupported storage scheme {parsed.scheme!r} (use s3:// or file://)")
