@@ -1,0 +1,1 @@
+"""Dataset readers: each turns a pulled dataset path into training examples."""

@@ -1,0 +1,84 @@
+"""One attempt of one job, start to finish: pull -> train -> metadata -> upload.
+
+The same function runs inside a Ray task and in `lorajobs run`. It never touches the database
+and never imports `orchestrator`: it returns a JSON-able result and raises on failure, and the
+controller classifies the failure by exception type (`UserDataError` -> user, no retry).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jobspecs.models import AnyJobSpec
+from worker.context import WorkerContext
+from worker.pull import pull_dataset, pull_model
+from worker.sidecar import SIDECAR, write_metadata
+from worker.storage import join_uri
+from worker.trainers import get_trainer
+from worker.transfer import upload_adapter
+
+
+def adapter_uri(spec: AnyJobSpec, ctx: WorkerContext) -> str:
+    """Where this job's adapter lives: `<output_uri>/adapters/<name>/<job_id>`."""
+    return join_uri(ctx.output_uri, "adapters", spec.name, ctx.job_id)
+
+
+def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
+    """Run one attempt of `spec`.
+
+    Returns `{"adapter_uri", "files": {relpath: sha256}, "metrics", "timings"}`, plain JSON.
+    """
+    timings: dict[str, float | None] = {}
+
+    # Pull. The dataset first: it is usually the smaller of the two, and a missing one should
+    # fail before a many-GB model download.
+    # (The pull functions file entries under <cache_dir>/datasets and <cache_dir>/models.)
+    t = time.monotonic()
+    data_path = pull_dataset(spec.dataset, ctx.cache_dir)
+    model_dir = pull_model(spec.base_model, ctx.cache_dir)
+    timings["pull"] = _since(t)
+
+    train = get_trainer(spec.kind)
+    work_root = ctx.cache_dir / "work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    # A fresh folder per attempt, on the cache disk (large) rather than /tmp (often small).
+    with tempfile.TemporaryDirectory(prefix=f"{ctx.job_id}-", dir=work_root) as tmp:
+        out_dir = Path(tmp) / "adapter"
+        out_dir.mkdir()
+
+        t = time.monotonic()
+        output = train(spec, model_dir, data_path, out_dir, ctx)
+        timings["train"] = _since(t)
+
+        t = time.monotonic()
+        # The upload has not happened yet when the sidecar is written: it records None there
+        # and the real figure travels in the result.
+        sidecar = write_metadata(
+            spec,
+            ctx,
+            adapter_dir=out_dir,
+            model_dir=model_dir,
+            data_path=data_path,
+            output=output,
+            timings={**timings, "export": None, "upload": None},
+        )
+        timings["export"] = _since(t)
+
+        dest = adapter_uri(spec, ctx)
+        t = time.monotonic()
+        upload_adapter(out_dir, dest, marker=SIDECAR)
+        timings["upload"] = _since(t)
+
+    return {
+        "adapter_uri": dest,
+        "files": {rel: info["sha256"] for rel, info in sidecar["files"].items()},
+        "metrics": output.metrics,
+        "timings": timings,
+    }
+
+
+def _since(t: float) -> float:
+    return round(time.monotonic() - t, 3)

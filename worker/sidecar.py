@@ -1,0 +1,223 @@
+"""The adapter's metadata: the `lorajobs.json` sidecar and a model card `README.md`.
+
+The sidecar is built only from the spec and facts the worker measured (hashes, versions,
+hardware, timings): never from environment variables, so no credential can leak into a bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from jobspecs.loader import spec_to_dict
+from jobspecs.models import AnyJobSpec
+from worker.context import TrainOutput, WorkerContext
+from worker.transfer import sha256_file
+
+FORMAT = "lorajobs.adapter/v1"
+SIDECAR = "lorajobs.json"
+MODEL_CARD = "README.md"
+_PACKAGES = ["lorajobs", "torch", "diffusers", "transformers", "peft", "safetensors"]
+_URI_FIELDS = ("base_model", "dataset", "output")
+
+
+def canonical_json(data: Any) -> str:
+    """Sorted keys, indent 2, trailing newline: the same data always gives the same bytes."""
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def redact_uri(uri: str) -> str:
+    """Drop `user:password@` and any query string (presigned URLs carry signatures there)."""
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return uri  # a plain path or a hub id: nothing to hide
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def file_manifest(root: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """`{relpath: {"sha256", "size"}}` for every file under `root` (or `root` itself if a file)."""
+    if root.is_file():
+        return {root.name: {"sha256": sha256_file(root), "size": root.stat().st_size}}
+    out: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in exclude:
+            out[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return out
+
+
+def tree_digest(root: Path) -> str:
+    """One sha256 over a folder's (relpath, file sha256) pairs, sorted; a file's own name for a
+    single file. Hashes every byte: cheap for tiny models, worth caching per pull for big ones."""
+    h = hashlib.sha256()
+    for rel, info in sorted(file_manifest(root).items()):
+        h.update(f"{rel}\0{info['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of python and the libraries that decide the adapter's numbers and format."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware(device: str, threads: int) -> dict[str, Any]:
+    """What the attempt ran on."""
+    info: dict[str, Any] = {
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "machine": platform.machine(),
+        "gpu": None,
+        "gpu_count": 0,
+    }
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def _device_of(output: TrainOutput) -> str:
+    device = output.resolved.get("device")
+    if isinstance(device, str):
+        return device.split(":")[0]
+    import torch  # the trainer did not say: it used what the node has
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_sidecar(
+    spec: AnyJobSpec,
+    ctx: WorkerContext,
+    *,
+    adapter_dir: Path,
+    model_dir: Path,
+    data_path: Path,
+    output: TrainOutput,
+    timings: dict[str, float | None],
+) -> dict[str, Any]:
+    """The sidecar dict for an adapter folder whose files (model card included) are written."""
+    spec_dict = spec_to_dict(spec)
+    for key in _URI_FIELDS:
+        if isinstance(spec_dict.get(key), str):
+            spec_dict[key] = redact_uri(spec_dict[key])
+    return {
+        "format": FORMAT,
+        "job_id": ctx.job_id,
+        "name": spec.name,
+        "kind": spec.kind,
+        "attempt": ctx.attempt,
+        "spec": spec_dict,
+        "seed": spec.training.seed,
+        "base_model": redact_uri(spec.base_model),
+        "base_model_sha256": tree_digest(model_dir),
+        "dataset": redact_uri(spec.dataset),
+        "dataset_sha256": tree_digest(data_path),
+        "resolved": output.resolved,
+        "versions": library_versions(),
+        "hardware": hardware(_device_of(output), ctx.threads),
+        "node": ctx.node or platform.node(),
+        "metrics": output.metrics,
+        "timings": timings,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": file_manifest(adapter_dir, exclude=(SIDECAR,)),
+        "extra": ctx.extra,
+    }
+
+
+def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
+    """A short README.md: what the adapter is, what it was trained from, how to load it."""
+    base = redact_uri(spec.base_model)
+    # from_pretrained reads a hub id or a local path, not a bucket URI: point at a local copy.
+    local_base = base if "://" not in base else "path/to/base-model"
+    copy_note = [] if local_base == base else [f"# path/to/base-model: a local copy of {base}"]
+    m, r = output.metrics, output.resolved
+    library = "peft" if spec.kind == "text" else "diffusers"
+    lines = ["---", f"library_name: {library}", "tags:", "- lora", "- lorajobs"]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec.base_model):  # a hub id: the hub links it
+        lines.append(f"base_model: {spec.base_model}")
+    lines += [
+        "---",
+        "",
+        f"# {spec.name}",
+        "",
+        f"A {spec.kind} LoRA (rank {spec.lora.rank}, alpha {spec.lora.alpha:g}) trained by "
+        f"lorajobs on `{redact_uri(spec.dataset)}` for {spec.training.steps} steps "
+        f"(seed {spec.training.seed}).",
+        "",
+        f"- Base model: `{base}`",
+        f"- Target modules: {', '.join(spec.target_modules())}",
+    ]
+    if "final_loss" in m:
+        lines.append(f"- Final loss: {m['final_loss']:.4f}")
+    if "device" in r:
+        lines.append(f"- Trained on: {r['device']}")
+    lines += ["- Full record: `lorajobs.json` (spec, hashes, versions, metrics)", ""]
+    lines += ["## Load it", ""]
+    if spec.kind == "text":
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "from peft import PeftModel",
+            "",
+            *copy_note,
+            f'base = AutoModelForCausalLM.from_pretrained("{local_base}")',
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+            "```",
+        ]
+    else:
+        lines += [
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            *copy_note,
+            f'pipe = DiffusionPipeline.from_pretrained("{local_base}")',
+            'pipe.load_lora_weights("path/to/this/folder", '
+            'weight_name="pytorch_lora_weights.safetensors")',
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_metadata(
+    spec: AnyJobSpec,
+    ctx: WorkerContext,
+    *,
+    adapter_dir: Path,
+    model_dir: Path,
+    data_path: Path,
+    output: TrainOutput,
+    timings: dict[str, float | None],
+) -> dict[str, Any]:
+    """Write README.md then lorajobs.json into `adapter_dir`; return the sidecar dict.
+
+    The card goes first so the sidecar's `files` covers it.
+    """
+    (adapter_dir / MODEL_CARD).write_text(model_card(spec, output), encoding="utf-8")
+    sidecar = build_sidecar(
+        spec,
+        ctx,
+        adapter_dir=adapter_dir,
+        model_dir=model_dir,
+        data_path=data_path,
+        output=output,
+        timings=timings,
+    )
+    (adapter_dir / SIDECAR).write_text(canonical_json(sidecar), encoding="utf-8")
+    return sidecar
