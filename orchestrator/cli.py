@@ -117,6 +117,7 @@ def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -
     from orchestrator.dispatch import RayBackend
 
     _log_to_stderr()
+    _sigterm_as_interrupt()
     backend = RayBackend(settings)
     try:
         controller = Controller(queue, backend)
@@ -250,6 +251,7 @@ def controller(
     from orchestrator.dispatch import RayBackend
 
     _log_to_stderr()
+    _sigterm_as_interrupt()
     settings = _settings()
     queue = _queue(settings)
     backend = RayBackend(settings)
@@ -340,16 +342,39 @@ def tiny_models(
     print(text)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so `finally` blocks shut the local Ray down cleanly."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _log_to_stderr() -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
 
 
+def _register_commands() -> None:
+    # Each area keeps its commands in its own module (one concept per module).
+    from orchestrator import cli_cluster, cli_data, cli_train
+
+    for module in (cli_data, cli_cluster, cli_train):
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Console entry point: one shared handler turns errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click hands back `typer.Exit(code)` as a return value.
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except LoraJobsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -66,6 +66,7 @@ class Controller:
         self.config = config or ControllerConfig()
         self.id = f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.inflight: dict[str, Attempt] = {}
+        self._need: dict[str, dict[str, float]] = {}  # job id -> resources its attempt holds
         self._last_heartbeat = 0.0
         self._not_before: dict[str, float] = {}  # job id -> monotonic time of its next try
 
@@ -180,6 +181,7 @@ class Controller:
             self.inflight[job.id] = self.backend.launch(
                 job.id, job.attempt, job.spec, job.output_uri, cpus=job.cpus, gpus=job.gpus,
                 gpu_type=job.gpu_type, memory_gb=job.spec.get("resources", {}).get("memory_gb"))
+            self._need[job.id] = need
             for k, v in need.items():
                 free[k] = free.get(k, 0.0) - v
 
@@ -194,9 +196,8 @@ class Controller:
     def _free(self, totals: dict[str, float]) -> dict[str, float]:
         # Ray's availability lags a launch by a moment; what we launched ourselves we know now.
         ours: dict[str, float] = defaultdict(float)
-        for a in self.inflight.values():
-            job = self.queue.get(a.job_id)
-            for k, v in demand(job).items():
+        for job_id in self.inflight:
+            for k, v in self._need.get(job_id, {}).items():
                 ours[k] += v
         avail = self.backend.available()
         return {k: min(avail.get(k, 0.0), totals[k] - ours.get(k, 0.0)) for k in totals}

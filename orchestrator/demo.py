@@ -122,8 +122,11 @@ def run_demo(settings: Settings, out: Console, err: Console) -> None:
         fetch_adapter(j.result["adapter_uri"], dest)
         dirs[j.kind] = dest
         out.print(f"{j.kind} adapter: {dest}  (from {j.result['adapter_uri']}, sha256 verified)")
+    # from_pretrained wants a folder: for a file:// bucket that is the path; for s3:// the
+    # user pulls it first (the worker's cache holds a copy).
+    models = bucket.removeprefix("file://")
     out.print(HOW_TO_LOAD.format(
-        model_sd=f"{bucket}/models/tiny-sd", model_lm=f"{bucket}/models/tiny-llama",
+        model_sd=f"{models}/models/tiny-sd", model_lm=f"{models}/models/tiny-llama",
         image_dir=dirs["image"], text_dir=dirs["text"]))
     out.print(f"demo finished in {time.monotonic() - t0:.0f} s. Try: lorajobs status, "
               f"lorajobs show {ids[0]}")

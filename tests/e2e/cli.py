@@ -1,0 +1,86 @@
+"""Helpers to run the `lorajobs` CLI as a subprocess, the way users do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LORAJOBS = [sys.executable, "-m", "orchestrator.cli"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class CLI:
+    """A `lorajobs` with its own home, database, bucket and Ray temp dir."""
+
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAJOBS_", "AWS_"))}
+        # Ray's socket paths must stay short: a temp dir under /tmp, not pytest's deep tmp_path.
+        ray_tmp = tempfile.mkdtemp(prefix="ljray-", dir="/tmp")
+        env.update(
+            LORAJOBS_HOME=str(self.home),
+            RAY_TMPDIR=ray_tmp,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_AUTH_MODE="disabled",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        return env
+
+    def __call__(self, *args: str, timeout: float = 600, cwd: Path | None = None) -> Result:
+        p = subprocess.run(
+            [*LORAJOBS, *args],
+            capture_output=True,
+            text=True,
+            env=self.environ(),
+            timeout=timeout,
+            cwd=cwd,
+        )
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    def popen(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
+        f = open(log, "wb")  # noqa: SIM115 - closed with the process by the caller
+        return subprocess.Popen([*LORAJOBS, *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=self.environ())
+
+
+def write_spec(path: Path, kind: str, name: str, base_model: str, dataset: str, **over: Any) -> Path:
+    """A small, fast spec for the tiny models."""
+    import yaml
+
+    training: dict[str, Any] = {"steps": 20, "batch_size": 2, "learning_rate": 1e-3, "seed": 0}
+    training.update({"resolution": 64} if kind == "image" else {"max_seq_length": 64})
+    training.update(over.pop("training", {}))
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "name": name,
+        "base_model": base_model,
+        "dataset": dataset,
+        "lora": {"rank": 4, "alpha": 8},
+        "training": training,
+        "resources": {"gpus": 0, "cpus": 1},
+    }
+    spec.update(over)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

@@ -1,0 +1,114 @@
+"""Bad input through the CLI: one clear line per problem, exit code 2, nothing changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.cli import CLI, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> CLI:
+    return CLI(home=tmp_path / "home")
+
+
+def test_three_errors_reported_at_once_exit_2_nothing_inserted(cli: CLI, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "kind: text\nname: ok\nbase_model: /m\ndataset: /d\n"
+        "training: {steps: 0, learning_rate: -1}\nlora: {rank: 0}\n"
+    )
+    r = cli("submit", str(bad))
+    assert r.code == 2
+    assert "3 errors" in r.err
+    for field in ("training.steps", "training.learning_rate", "lora.rank"):
+        assert field in r.err
+    assert "Traceback" not in r.err and r.out == ""
+    assert cli("status", "--json").json() == []
+
+
+def test_one_bad_file_among_good_ones_inserts_nothing(cli: CLI, tmp_path: Path) -> None:
+    good = write_spec(tmp_path / "good.yaml", "text", "fine", "/m", "/d.jsonl")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: text\n")
+    r = cli("submit", str(good), str(bad))
+    assert r.code == 2 and "bad.yaml" in r.err
+    assert cli("status", "--json").json() == []
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("kind: text\nname: [unclosed\n", "not valid YAML at line"),
+        ("- kind: text\n- kind: image\n", "got list"),
+        ("", "got empty"),
+    ],
+)
+def test_malformed_files_give_one_line(cli: CLI, tmp_path: Path, content: str, needle: str) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_text(content)
+    r = cli("validate", str(f))
+    assert r.code == 2
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "x.yaml" in lines[0]
+
+
+def test_validate_and_schema(cli: CLI) -> None:
+    examples = sorted((Path(__file__).resolve().parents[2] / "jobspecs" / "examples").glob("*.yaml"))
+    r = cli("validate", *map(str, examples))
+    assert r.code == 0, r.err
+    schema = cli("schema").json()
+    assert schema["discriminator"]["propertyName"] == "kind"
+
+
+def test_unknown_job_is_bad_input(cli: CLI) -> None:
+    r = cli("show", "deadbeef")
+    assert r.code == 2 and "deadbeef" in r.err and "Traceback" not in r.err
+
+
+def test_idempotency_key_returns_same_job(cli: CLI, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "s.yaml", "text", "idem", "/m", "/d.jsonl")
+    a = cli("submit", str(spec), "--idempotency-key", "k1")
+    b = cli("submit", str(spec), "--idempotency-key", "k1")
+    assert a.code == b.code == 0 and a.out == b.out
+    assert len(cli("status", "--json").json()) == 1
+
+
+def test_missing_dataset_fails_as_user_error_naming_the_uri(
+    cli: CLI, tmp_path: Path, tiny_text_model: Path
+) -> None:
+    spec = write_spec(tmp_path / "s.yaml", "text", "nodata", str(tiny_text_model),
+                      "file:///nonexistent/lorajobs/data.jsonl")
+    r = cli("submit", str(spec), "--wait", "--json")
+    assert r.code == 1
+    (job,) = r.json()
+    assert job["state"] == "failed" and job["failure_kind"] == "user"
+    assert "/nonexistent/lorajobs/data.jsonl" in job["failure_reason"]
+    assert job["attempt"] == 1  # user errors are not retried
+    assert not (tmp_path / "home" / "bucket" / "adapters").exists()
+
+
+def test_missing_base_model_fails_as_user_error(
+    cli: CLI, tmp_path: Path, tiny_text_dataset: Path
+) -> None:
+    spec = write_spec(tmp_path / "s.yaml", "text", "nomodel", "/nonexistent/model",
+                      str(tiny_text_dataset))
+    r = cli("submit", str(spec), "--wait", "--json")
+    (job,) = r.json()
+    assert r.code == 1 and job["failure_kind"] == "user"
+    assert "/nonexistent/model" in job["failure_reason"]
+
+
+def test_gpu_job_on_a_cpu_only_local_ray_fails_clearly(
+    cli: CLI, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
+    spec = write_spec(tmp_path / "s.yaml", "text", "gpu", str(tiny_text_model),
+                      str(tiny_text_dataset), resources={"gpus": 1, "cpus": 1})
+    r = cli("submit", str(spec), "--wait", "--json")
+    (job,) = r.json()
+    assert r.code == 1 and job["failure_kind"] == "user"
+    assert "GPU" in job["failure_reason"] and "resources.gpus: 0" in job["failure_reason"]
