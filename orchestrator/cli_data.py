@@ -1,9 +1,166 @@
-"""CLI commands for data work; `register` adds them to the main `lorajobs` app."""
+"""CLI commands for data work; `register` adds them to the main `lorajobs` app.
+
+`data push` stages a local folder into the bucket, `adapters` lists the complete adapters there,
+`fetch` brings one back (by job id, or by adapter name through the bucket). None imports torch.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+from rich.console import Console
+
+from jobspecs.errors import InvalidInput, JobNotFound
+from orchestrator.settings import Settings
+
+_out = Console(soft_wrap=True)  # stdout: data
+_err = Console(stderr=True, soft_wrap=True)  # stderr: messages
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    data_app = typer.Typer(help="Stage local datasets and base models into the bucket.",
+                           no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+    data_app.command("push")(data_push)
+    app.command("adapters")(adapters)
+    app.command("fetch")(fetch)
+
+
+def data_push(
+    path: Path = typer.Argument(..., help="A local folder (or one file) to stage."),
+    kind: str = typer.Option("dataset", "--kind", help="dataset or model: the bucket prefix."),
+    bucket: Optional[str] = typer.Option(
+        None, "--bucket", help="Bucket URI (default: LORAJOBS_BUCKET)."
+    ),
+    concurrency: int = typer.Option(16, "--concurrency", min=1, help="Parallel uploads."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object, not the URI."),
+) -> None:
+    """Stage a folder in the bucket once, content-addressed; print its URI for a spec.
+
+    It lands at <bucket>/datasets/<digest>/ (or models/); files already there are not sent.
+    """
+    from worker.staging import KINDS, stage_path
+
+    if kind not in KINDS:
+        raise InvalidInput(f"--kind must be one of: {', '.join(KINDS)} (got {kind!r})")
+    settings = Settings.from_env()
+    target = bucket or settings.bucket
+    hashes = settings.home / "stage-hashes" / "push.json"
+    staged = stage_path(path, target, kind, concurrency=concurrency, hash_cache=hashes,
+                        console=_err)
+    if as_json:
+        print(json.dumps({
+            "uri": staged.uri, "digest": staged.digest, "files": staged.files,
+            "size": staged.size, "uploaded_files": staged.uploaded_files,
+            "uploaded_bytes": staged.uploaded_bytes, "already_staged": staged.already,
+        }, indent=2))
+    else:
+        print(staged.uri)
+
+
+def adapters(
+    name: Optional[str] = typer.Option(None, "--name", help="Only adapters with this name."),
+    bucket: Optional[str] = typer.Option(
+        None, "--bucket", help="Bucket URI (default: LORAJOBS_BUCKET)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+) -> None:
+    """List the complete adapters in the bucket, newest first.
+
+    Shows name, job, size, base model and created time; unfinished uploads are not listed.
+    """
+    from worker.transfer import list_adapters
+
+    found = list_adapters(bucket or Settings.from_env().bucket)
+    if name is not None:
+        found = [a for a in found if a["name"] == name]
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "JOB", "SIZE", "BASE MODEL", "CREATED"):
+        table.add_column(col, overflow="fold")
+    for a in found:
+        table.add_row(a["name"], a["job_id"], _human(a["size"]), a["base_model"] or "-",
+                      a["created"] or "-")
+    _out.print(table)
+
+
+def fetch(
+    ref: str = typer.Argument(
+        ..., metavar="JOB|NAME", help="Job id (or unique prefix) or adapter name."
+    ),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write into."),
+    latest: bool = typer.Option(
+        False, "--latest", help="NAME: take the newest adapter of that name."
+    ),
+) -> None:
+    """Download an adapter, verifying every file's sha256; run again to resume.
+
+    JOB is looked up in the queue, a NAME among the bucket's complete adapters.
+    Nothing is written outside the output folder.
+    """
+    from worker.transfer import fetch_adapter
+
+    settings = Settings.from_env()
+    uri, default_dir = _resolve_adapter(settings, ref, latest)
+    dest = output or Path(default_dir)
+    files = fetch_adapter(uri, dest)
+    _err.print(f"fetched {len(files)} files from {uri}, sha256 verified", markup=False,
+               highlight=False)
+    print(dest.resolve())
+
+
+def _resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, str]:
+    """(adapter URI, default folder name) for a job id/prefix or an adapter name."""
+    job_error: InvalidInput | None = None
+    if not latest:
+        try:
+            rec = _queue(settings).get(ref)
+        except JobNotFound:
+            rec = None
+        except InvalidInput as e:  # too short or ambiguous as a job id: maybe it is a name
+            rec, job_error = None, e
+        if rec is not None:
+            uri = (rec.result or {}).get("adapter_uri")
+            if rec.status.value != "succeeded" or not uri:
+                raise InvalidInput(
+                    f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters"
+                )
+            return uri, f"{rec.name}-{rec.id}"
+    from worker.transfer import list_adapters
+
+    named = [a for a in list_adapters(settings.bucket) if a["name"] == ref]
+    if not named and job_error is not None:
+        raise job_error
+    if not named:
+        raise InvalidInput(f"no job {ref!r}, and no complete adapter named {ref!r} in "
+                           f"{settings.bucket}")
+    if len(named) > 1 and not latest:
+        raise InvalidInput(f"{len(named)} adapters are named {ref!r}: pass --latest for the "
+                           "newest, or a job id (lorajobs adapters --name shows them)")
+    best: dict[str, Any] = named[0]  # newest first
+    return str(best["uri"]), f"{best['name']}-{best['job_id']}"
+
+
+def _queue(settings: Settings) -> Any:
+    from orchestrator.db import ensure_schema, make_engine
+    from orchestrator.queue import Queue
+
+    engine = make_engine(settings)
+    ensure_schema(engine, auto=settings.database_url.startswith("sqlite"))
+    return Queue(engine)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -1,9 +1,20 @@
 """Turn a spec's dataset / base-model reference into a local path, through a node-local cache.
 
-A remote prefix lands in `<cache_dir>/<kind>/<name>-<digest>/`, where the digest covers the
-listing (keys, sizes, ETags): the same data is downloaded once per node, changed data gets a new
-entry. Entries are built in a temp folder and renamed into place, so an entry that exists is
-complete; a per-entry `flock` makes concurrent pulls on one node download once.
+Entries live under `<cache_dir>/datasets/` and `<cache_dir>/models/`, of two sorts:
+- a staged entry (`<bucket>/datasets/<digest>` with its manifest, see `worker.staging`) lands
+  in `sha256-<digest>/`: keyed by content, so the same data in any bucket is one entry, found
+  without a single request once there; every file is checked against the manifest's sha256;
+- any other prefix lands in `<name>-<listing digest>/`, the digest covering keys, sizes, ETags.
+
+An entry is built in `.tmp/<entry>/` and renamed into place, so an entry that exists is
+complete. Two `flock`s per entry: `.build`, exclusive while it is built (two jobs pulling the same
+data on one node download it once), and `.lock`, shared while a job uses it (the path a pull
+returns holds it until it is garbage-collected), so eviction never removes data a job reads. A pull
+that broke off leaves its temp folder, and the next pull of that entry keeps what it finished
+(whole files, and the chunks of big ones).
+
+`LORAJOBS_CACHE_MAX_GB` caps the cache (datasets + models; unset: no cap): entries not in use
+are evicted, least recently used first. `LORAJOBS_PULL_CONCURRENCY` sets parallel downloads.
 """
 
 from __future__ import annotations
@@ -11,25 +22,35 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from jobspecs.errors import InvalidInput, StorageError, UserDataError
+from jobspecs.errors import InvalidInput, UserDataError
+from worker.staging import read_manifest, staged_parts
 from worker.storage import ObjectInfo, Storage, open_storage, safe_key
+from worker.transfer import DEFAULT_CHUNK, Wanted, download_files
 
-DEFAULT_CONCURRENCY = 8
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 16
 # `org/name` or `org/name@revision`, as the Hugging Face hub names repositories.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[\w./-]+)?$")
+_KINDS = ("datasets", "models")
 
 
-def pull_dataset(uri: str, cache_dir: Path, *, concurrency: int = DEFAULT_CONCURRENCY) -> Path:
+def pull_dataset(
+    uri: str, cache_dir: Path, *, concurrency: int | None = None, max_bytes: int | None = None
+) -> Path:
     """Local path of a dataset: a local folder/file (as is) or an `s3://` prefix/object (cached)."""
     local = _local_path(uri)
     if local is not None:
@@ -40,11 +61,13 @@ def pull_dataset(uri: str, cache_dir: Path, *, concurrency: int = DEFAULT_CONCUR
     return pull_to_cache(
         open_storage(bucket), key, cache_dir / "datasets", uri=uri,
         missing=f"dataset {uri}: not found (no objects under this prefix)",
-        concurrency=concurrency,
+        concurrency=concurrency, max_bytes=max_bytes, scope=[cache_dir / k for k in _KINDS],
     )
 
 
-def pull_model(ref: str, cache_dir: Path, *, concurrency: int = DEFAULT_CONCURRENCY) -> Path:
+def pull_model(
+    ref: str, cache_dir: Path, *, concurrency: int | None = None, max_bytes: int | None = None
+) -> Path:
     """Local folder of a base model: a local folder, an `s3://` / `file://` URI, or a hub id."""
     missing = f"base model {ref}: not found"
     local = _local_path(ref)
@@ -58,7 +81,7 @@ def pull_model(ref: str, cache_dir: Path, *, concurrency: int = DEFAULT_CONCURRE
     bucket, key = _split_remote(ref)
     return pull_to_cache(
         open_storage(bucket), key, cache_dir / "models", uri=ref, missing=missing,
-        concurrency=concurrency,
+        concurrency=concurrency, max_bytes=max_bytes, scope=[cache_dir / k for k in _KINDS],
     )
 
 
@@ -69,65 +92,295 @@ def pull_to_cache(
     *,
     uri: str,
     missing: str,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int | None = None,
+    max_bytes: int | None = None,
+    scope: Sequence[Path] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Path:
     """Mirror `key` (one object, or every object below a prefix) of `storage` into the cache.
 
-    Returns the entry folder, or the file inside it when `key` is a single object. Raises
+    Returns the entry folder, or the file inside it when `key` names one file. Raises
     `UserDataError(missing)` when nothing is there; storage errors (auth included) propagate.
+    `max_bytes` (default: `LORAJOBS_CACHE_MAX_GB`) caps the entries under `scope` (default:
+    `cache_root`); `concurrency` (default: `LORAJOBS_PULL_CONCURRENCY`) the parallel downloads;
+    files above `chunk_size` are fetched in ranged chunks.
     """
+    concurrency = concurrency or pull_concurrency_from_env()
+    max_bytes = cache_limit_from_env() if max_bytes is None else max_bytes
+    roots = list(scope or [cache_root])
+    cache_root.mkdir(parents=True, exist_ok=True)
+
+    staged = staged_parts(key)
+    if staged is not None:
+        # Named by content: the cache is checked (and locked) before any request, and the
+        # manifest is read only by the one pull that builds the entry.
+        plan = _Plan(f"sha256-{staged[1]}", staged[2], None)
+        found = _pull(storage, key, cache_root, plan, roots, uri=uri, missing=missing,
+                      concurrency=concurrency, max_bytes=max_bytes, chunk_size=chunk_size)
+        if found is not None:
+            return found
+        # No manifest there: a prefix that only looks staged. Pull it by its listing.
+    plan = _listing_plan(storage, key, uri, missing)
+    found = _pull(storage, key, cache_root, plan, roots, uri=uri, missing=missing,
+                  concurrency=concurrency, max_bytes=max_bytes, chunk_size=chunk_size)
+    assert found is not None  # a listing plan always knows its files
+    return found
+
+
+def _pull(
+    storage: Storage, key: str, cache_root: Path, plan: _Plan, roots: list[Path], *, uri: str,
+    missing: str, concurrency: int, max_bytes: int | None, chunk_size: int,
+) -> Path | None:
+    """The entry of `plan`, built if need be; None if its manifest turned out to be missing."""
+    entry = cache_root / plan.name
+    result = entry / plan.sub if plan.sub else entry
+    # Held from here on: eviction skips this entry while we build it and while the job uses it.
+    lease = _Lease(cache_root / ".locks" / f"{plan.name}.lock")
+    try:
+        built = False
+        if not entry.is_dir():
+            with _locked(cache_root / ".locks" / f"{plan.name}.build"):
+                if not entry.is_dir():  # nobody finished it while we waited
+                    wanted = plan.wanted
+                    if wanted is None:
+                        wanted = _manifest_wanted(storage, key, uri, missing)
+                        if wanted is None:
+                            lease.close()
+                            return None
+                    if max_bytes:  # make room first: the disk may be tight
+                        evict(roots, max_bytes, incoming=sum(w.size for w in wanted))
+                    _build(storage, wanted, cache_root, entry, uri, concurrency, chunk_size)
+                    built = True
+        try:
+            os.utime(entry)  # last use, for LRU eviction
+        except OSError:
+            pass
+        if not result.exists():
+            raise UserDataError(missing)
+        if built and max_bytes:  # only a build grows the cache; our entry is safe (leased)
+            evict(roots, max_bytes)
+    except BaseException:
+        lease.close()
+        raise
+    return _leased(result, lease)
+
+
+def release(path: Path) -> None:
+    """Drop the in-use mark a pulled path holds (it also goes when the path is collected)."""
+    finalizer = getattr(path, "_lease_finalizer", None)
+    if finalizer is not None:
+        finalizer()
+
+
+def pull_concurrency_from_env() -> int:
+    raw = os.environ.get("LORAJOBS_PULL_CONCURRENCY", "").strip()
+    if not raw:
+        return DEFAULT_CONCURRENCY
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidInput(f"LORAJOBS_PULL_CONCURRENCY={raw!r}: expected a whole number >= 1")
+    return int(raw)
+
+
+def cache_limit_from_env() -> int | None:
+    """`LORAJOBS_CACHE_MAX_GB` in bytes (GB = 10^9), or None when unset."""
+    raw = os.environ.get("LORAJOBS_CACHE_MAX_GB", "").strip()
+    if not raw:
+        return None
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise InvalidInput(f"LORAJOBS_CACHE_MAX_GB={raw!r}: expected a number of GB > 0")
+    return int(gb * 1e9)
+
+
+# -- eviction --------------------------------------------------------------------------------
+
+
+def evict(roots: Sequence[Path], max_bytes: int, *, incoming: int = 0) -> list[str]:
+    """Remove entries (and leftover temp folders) not in use, least recently used first, until
+    what stays plus `incoming` fits in `max_bytes`. Returns the names removed."""
+    roots = [r for r in roots if r.is_dir()]
+    if not roots:
+        return []
+    removed: list[str] = []
+    with _locked(roots[0] / ".locks" / "evict.lock"):
+        for root in roots:  # what an eviction that died half-way renamed away
+            if (root / ".trash").is_dir():
+                for old in (root / ".trash").iterdir():
+                    shutil.rmtree(old, ignore_errors=True)
+        found = []  # (last use, size, path, its lock file, its root)
+        for root in roots:
+            for folder in (root, root / ".tmp"):
+                if not folder.is_dir():
+                    continue
+                for p in folder.iterdir():
+                    if p.is_dir() and not p.name.startswith("."):
+                        found.append((p.stat().st_mtime, _du(p), p, root))
+        used = sum(f[1] for f in found)
+        for _mtime, size, path, root in sorted(found, key=lambda f: f[0]):
+            if used + incoming <= max_bytes:
+                break
+            trash = root / ".trash" / f"{path.name}-{uuid.uuid4().hex[:8]}"
+            locks = root / ".locks"
+            with _try_exclusive(locks / f"{path.name}.lock") as unused, _try_exclusive(
+                locks / f"{path.name}.build"
+            ) as idle:
+                if not (unused and idle) or not path.is_dir():
+                    continue  # in use, or being built: never evicted
+                trash.parent.mkdir(exist_ok=True)
+                os.rename(path, trash)  # gone at once for every reader; deleted below
+            shutil.rmtree(trash, ignore_errors=True)
+            used -= size
+            removed.append(path.name)
+            log.info("cache: evicted %s (%d bytes)", path, size)
+        if used + incoming > max_bytes:
+            log.warning("cache: %d bytes in use exceed LORAJOBS_CACHE_MAX_GB (%d bytes)",
+                        used + incoming, max_bytes)
+    return removed
+
+
+# -- building an entry -----------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    name: str  # the entry folder's name
+    sub: str  # the file inside the entry that the reference names ("" for the folder)
+    wanted: list[Wanted] | None  # None: known to be in the cache, not read yet
+
+
+def _manifest_wanted(storage: Storage, key: str, uri: str, missing: str) -> list[Wanted] | None:
+    """What to download for a staged entry, from its manifest; None when it has none."""
+    staged = staged_parts(key)
+    assert staged is not None
+    entry_key, digest, sub = staged
+    files = read_manifest(storage, entry_key, digest)
+    if files is None:
+        return None
+    if sub and sub not in files and not any(r.startswith(sub + "/") for r in files):
+        raise UserDataError(missing)
+    return [
+        Wanted(key=f"{entry_key}/{rel}", rel=_safe_rel(rel, uri), size=f["size"],
+               sha256=f["sha256"])
+        for rel, f in sorted(files.items())
+    ]
+
+
+def _listing_plan(storage: Storage, key: str, uri: str, missing: str) -> _Plan:
+    """What to download for any other prefix (or object): what a listing shows."""
     objs = storage.list(key)
     if not objs:
         raise UserDataError(missing)
     files = _relative_paths(objs, key, uri)
     single = len(objs) == 1 and objs[0].key == key and key != ""
-    entry = cache_root / _entry_name(uri, key, objs)
-    result = entry / files[0][1] if single else entry
-    if entry.is_dir():  # renamed into place only once complete
-        return result
-
-    cache_root.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_root / ".locks" / f"{entry.name}.lock"):
-        if entry.is_dir():  # another job on this node finished it while we waited
-            return result
-        tmp_root = cache_root / ".tmp"
-        tmp_root.mkdir(exist_ok=True)
-        # We hold the entry's lock, so any temp folder for it is a crashed pull's leftover.
-        for stale in tmp_root.glob(f"{entry.name}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = tmp_root / f"{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _download_all(storage, files, tmp, uri, concurrency)
-            os.rename(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return result
+    wanted = [Wanted(key=o.key, rel=rel, size=o.size, etag=o.etag) for o, rel in files]
+    return _Plan(_entry_name(uri, key, objs), files[0][1] if single else "", wanted)
 
 
-def _download_all(
-    storage: Storage,
-    files: list[tuple[ObjectInfo, str]],
-    dest: Path,
-    uri: str,
-    concurrency: int,
+def _build(
+    storage: Storage, wanted: list[Wanted], cache_root: Path, entry: Path, uri: str,
+    concurrency: int, chunk_size: int,
 ) -> None:
-    def one(item: tuple[ObjectInfo, str]) -> None:
-        obj, rel = item
-        path = dest / rel
-        storage.get_file(obj.key, path)
-        # The listing fixed the cache key; an object replaced since then must not hide in it.
-        if path.stat().st_size != obj.size:
-            raise StorageError(f"{uri}: {rel} changed while it was downloaded; pull again")
+    """Download into `.tmp/<entry>` (resuming what a broken-off pull left) and rename it in."""
+    t0 = time.monotonic()
+    tmp = cache_root / ".tmp" / entry.name  # we hold the entry's lock: nobody else is here
+    resuming = tmp.is_dir()
+    tmp.mkdir(parents=True, exist_ok=True)
+    todo = wanted
+    if resuming:  # what a broken-off pull finished has the right size (big files: verified)
+        todo = [w for w in wanted if not _finished(tmp / w.rel, w.size)]
+    moved = download_files(storage, todo, tmp, concurrency=concurrency, chunk_size=chunk_size,
+                           where=uri.rstrip("/"), private=True)
+    if resuming:  # its leftovers: partial files and records, objects since deleted
+        keep = {w.rel for w in wanted}
+        for dirpath, _dirs, names in os.walk(tmp):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if os.path.relpath(path, tmp).replace(os.sep, "/") not in keep:
+                    os.unlink(path)
+    os.rename(tmp, entry)
+    log.info("pulled %s: %d files (%d resumed), %d bytes in %.1f s", uri, len(wanted),
+             len(wanted) - len(todo), moved, time.monotonic() - t0)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+
+def _finished(path: Path, size: int) -> bool:
     try:
-        futures = [pool.submit(one, f) for f in files]
-        for fut in as_completed(futures):
-            fut.result()  # the first failure stops the pull
-    finally:
-        # On failure, queued downloads are dropped instead of run for nothing.
-        pool.shutdown(wait=True, cancel_futures=True)
+        return path.is_file() and path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# -- locks and leases ------------------------------------------------------------------------
+
+
+class _Lease:
+    """A shared `flock` on an entry's `.lock` file: the entry is in use. Only eviction takes it
+    exclusively (without waiting). Separate opens are separate lock owners, so this works
+    between threads and processes alike; the kernel drops it if the holder dies."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+class _LeasedPath(type(Path())):  # type: ignore[misc]
+    """A path into the cache that keeps its entry marked in use for as long as it lives."""
+
+
+def _leased(path: Path, lease: _Lease) -> Path:
+    out = _LeasedPath(path)
+    out._lease_finalizer = weakref.finalize(out, lease.close)  # type: ignore[attr-defined]
+    return out
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive `flock` on `path`, blocking."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def _try_exclusive(path: Path) -> Iterator[bool]:
+    """An exclusive `flock` if nobody holds one of any kind; yields whether we got it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# -- names and paths -------------------------------------------------------------------------
 
 
 def _relative_paths(objs: list[ObjectInfo], key: str, uri: str) -> list[tuple[ObjectInfo, str]]:
@@ -140,11 +393,15 @@ def _relative_paths(objs: list[ObjectInfo], key: str, uri: str) -> list[tuple[Ob
             rel = o.key[len(key.rstrip("/")) + 1 :]
         else:
             rel = o.key
-        try:
-            out.append((o, safe_key(rel)))
-        except InvalidInput:
-            raise UserDataError(f"{uri}: refusing unsafe object key {o.key!r}") from None
+        out.append((o, _safe_rel(rel, uri)))
     return out
+
+
+def _safe_rel(rel: str, uri: str) -> str:
+    try:
+        return safe_key(rel)
+    except InvalidInput:
+        raise UserDataError(f"{uri}: refusing unsafe object key {rel!r}") from None
 
 
 def _entry_name(uri: str, key: str, objs: list[ObjectInfo]) -> str:
@@ -153,19 +410,6 @@ def _entry_name(uri: str, key: str, objs: list[ObjectInfo]) -> str:
     # A readable stem makes `ls` of the cache useful; the digest makes it unique.
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key.rstrip("/").rsplit("/", 1)[-1] or "root")[:48]
     return f"{stem}-{digest}"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive `flock` on `path`: excludes other processes and other threads alike
-    (each `open` is its own lock owner). The kernel drops it if the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _local_path(ref: str) -> Path | None:

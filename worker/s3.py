@@ -3,6 +3,13 @@
 Credentials come only from the standard AWS chain (env, config/credentials files, instance
 roles); the endpoint from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (botocore reads both) or the
 config file. Every failure leaves as one `StorageError` line that never holds a secret.
+
+Downloads into memory (whole objects and ranges: what pulls and fetches use) take a fast path:
+botocore presigns the GET (endpoint, addressing style, region, credentials as for any call) and
+a plain urllib3 pool sends it, about a third of the CPU of a full botocore call, which is what
+bounds a pull of many small files. Anything but a clean 200/206 with the announced length falls
+back to the normal botocore call, so retries, redirects and error messages are botocore's.
+`LORAJOBS_S3_FAST_GET=0` turns it off; it is off when an HTTP(S) proxy is configured.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,14 +27,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 from jobspecs.errors import InvalidInput, ObjectNotFound, StorageAuthError, StorageError
-from worker.storage import ObjectInfo, safe_key
+from worker.storage import BytesCallback, ObjectInfo, safe_key
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
-# Below this size one PUT/GET; above it multipart, which also retries part by part.
-MULTIPART_THRESHOLD = 64 * 1024 * 1024
-MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+# Below this size one PUT; above it multipart (parts in parallel, each retried on its own).
+# The AWS CLI uses 8 MiB for both; a larger threshold keeps mid-size files to one request.
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 8 * 1024 * 1024
 
 _AUTH_CODES = {
     "AccessDenied",
@@ -64,6 +74,7 @@ class S3Storage:
         multipart_chunksize: int = MULTIPART_CHUNKSIZE,
         max_concurrency: int = 8,
         list_page_size: int = 1000,
+        max_pool_connections: int = 64,
     ):
         if not bucket:
             raise InvalidInput("s3:// URI without a bucket name")
@@ -74,7 +85,10 @@ class S3Storage:
         self._chunksize = multipart_chunksize
         self._concurrency = max_concurrency
         self._page_size = list_page_size
+        self._pool = max_pool_connections
+        self._attempts = 5
         self._client: Any = None
+        self._http: Any = None  # urllib3 pool of the fast GET path (None: off)
         self._transfer_config: Any = None
         self._lock = threading.Lock()
 
@@ -103,6 +117,7 @@ class S3Storage:
         attempts = os.environ.get("AWS_MAX_ATTEMPTS", "5")
         if not attempts.isdigit() or int(attempts) < 1:
             raise InvalidInput(f"AWS_MAX_ATTEMPTS={attempts!r}: expected a whole number >= 1")
+        self._attempts = int(attempts)
         # Transient failures (throttling, 5xx, dropped connections) are retried with backoff.
         retries: dict[str, Any] = {
             "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -113,7 +128,8 @@ class S3Storage:
             retries=retries,
             connect_timeout=10,
             read_timeout=120,
-            max_pool_connections=max(10, self._concurrency * 2),
+            # Pulls run many GETs at once on one client: one pooled connection each.
+            max_pool_connections=max(self._pool, self._concurrency * 2),
         )
         style = os.environ.get("LORAJOBS_S3_ADDRESSING", "auto").strip().lower() or "auto"
         if style not in ("auto", "path", "virtual"):
@@ -133,7 +149,26 @@ class S3Storage:
             multipart_chunksize=self._chunksize,
             max_concurrency=self._concurrency,
         )
+        self._http = self._fast_pool(base["max_pool_connections"])
         return client
+
+    @staticmethod
+    def _fast_pool(size: int) -> Any:
+        """The urllib3 pool of the fast GET path, or None where it must not be used."""
+        if os.environ.get("LORAJOBS_S3_FAST_GET", "1").strip().lower() in ("0", "false", "no"):
+            return None
+        proxies = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+        if any(os.environ.get(v) for v in proxies):
+            return None  # botocore knows the proxy rules (NO_PROXY, ...); keep it simple
+        import urllib3
+        from botocore.httpsession import get_cert_path
+
+        return urllib3.PoolManager(
+            maxsize=size,
+            ca_certs=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True),
+            timeout=urllib3.Timeout(connect=10, read=120),
+            retries=False,
+        )
 
     @staticmethod
     def _build(session: Any, region: str, base: dict[str, Any], style: str, custom: bool) -> Any:
@@ -241,20 +276,29 @@ class S3Storage:
 
     # -- the Storage protocol ---------------------------------------------------------------
 
-    def put_file(self, local: Path, key: str) -> None:
+    def put_file(self, local: Path, key: str, *, callback: BytesCallback = None) -> None:
+        """Upload a file: one PUT when small, multipart above the threshold. S3 makes an
+        object visible only once its PUT (or CompleteMultipartUpload) succeeds."""
         full = self._key(key)
         with self._errors(full):
-            self.client.upload_file(
-                str(local), self.bucket, full, Config=self._transfer_config_()
-            )
+            config = self._transfer_config_()
+            size = local.stat().st_size
+            if size < self._threshold:
+                # s3transfer costs a thread pool and a future per call: too much per small file.
+                with open(local, "rb") as body:
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=body)
+                if callback is not None:
+                    callback(size)
+                return
+            self.client.upload_file(str(local), self.bucket, full, Config=config, Callback=callback)
 
-    def get_file(self, key: str, local: Path) -> None:
+    def get_file(self, key: str, local: Path, *, callback: BytesCallback = None) -> None:
         full = self._key(key)
         local.parent.mkdir(parents=True, exist_ok=True)
         with self._errors(full):
             # s3transfer writes a temp file and renames it: no half file under `local`.
             self.client.download_file(
-                self.bucket, full, str(local), Config=self._transfer_config_()
+                self.bucket, full, str(local), Config=self._transfer_config_(), Callback=callback
             )
 
     def put_bytes(self, data: bytes, key: str) -> None:
@@ -265,8 +309,73 @@ class S3Storage:
     def get_bytes(self, key: str) -> bytes:
         full = self._key(key)
         with self._errors(full):
-            resp = self.client.get_object(Bucket=self.bucket, Key=full)
-            return bytes(resp["Body"].read())
+            return self._read(full)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes from offset `start` (fewer only at the end of the object)."""
+        full = self._key(key)
+        if length <= 0:
+            return b""
+        with self._errors(full):
+            return self._read(full, Range=f"bytes={start}-{start + length - 1}")
+
+    def _read(self, full: str, **kwargs: Any) -> bytes:
+        """GET an object (or a range) into memory. botocore retries the request itself; a
+        connection that breaks while the body streams is retried here, with the same budget."""
+        if self.client is not None and self._http is not None:
+            data = self._fast_get(full, kwargs.get("Range"))
+            if data is not None:
+                return data
+        for attempt in range(1, self._attempts + 1):
+            resp = self.client.get_object(Bucket=self.bucket, Key=full, **kwargs)
+            try:
+                return bytes(resp["Body"].read())
+            except _stream_errors():
+                if attempt >= self._attempts:
+                    raise
+                log.debug("s3 body of %s broke off; retrying", self._where(full), exc_info=True)
+                time.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))  # full jitter
+        raise AssertionError("unreachable")
+
+    def _fast_get(self, full: str, byte_range: str | None) -> bytes | None:
+        """The happy path of a GET without botocore's per-call machinery; None on anything
+        unusual (the caller then asks botocore, which retries and explains errors)."""
+        try:
+            url = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=900
+            )
+            headers = {"Range": byte_range} if byte_range else {}
+            # decode_content=False: bytes as stored, even for objects with a Content-Encoding.
+            resp = self._http.request("GET", url, headers=headers, redirect=False,
+                                      decode_content=False, preload_content=True)
+        except Exception:  # noqa: BLE001 - any trouble: the botocore path decides
+            log.debug("fast GET of %s failed; using botocore", self._where(full), exc_info=True)
+            return None
+        if resp.status != (206 if byte_range else 200):
+            return None
+        data = bytes(resp.data)
+        announced = resp.headers.get("Content-Length")
+        if announced is None or not announced.isdigit() or int(announced) != len(data):
+            return None
+        return data
+
+    def abort_incomplete_uploads(self, prefix: str = "") -> int:
+        """Abort multipart uploads under `prefix` that never completed (their parts cost
+        storage and are never visible as objects). Returns how many were aborted."""
+        full = self._key(prefix.rstrip("/")) if prefix.strip("/") else self.prefix
+        n = 0
+        with self._errors(full):
+            # `a/j/`, not `a/j`: the uploads of a sibling `a/j2` are not ours to abort.
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=f"{full}/" if full else ""
+            )
+            for page in pages:
+                for up in page.get("Uploads", []) or []:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                    )
+                    n += 1
+        return n
 
     def exists(self, key: str) -> bool:
         full = self._key(key)
@@ -348,6 +457,19 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         s3t.S3DownloadFailedError,
         OSError,
     )
+
+
+@functools.cache
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What reading a response body raises when the connection breaks mid-way."""
+    from botocore import exceptions as bex
+    from urllib3.exceptions import HTTPError
+
+    found = [bex.ReadTimeoutError, bex.ConnectionClosedError, bex.IncompleteReadError, HTTPError]
+    streaming = getattr(bex, "ResponseStreamingError", None)  # botocore >= 1.29
+    if streaming is not None:
+        found.append(streaming)
+    return (*found, ConnectionError)
 
 
 def _root_cause(e: BaseException) -> BaseException:

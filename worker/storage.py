@@ -11,7 +11,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 from urllib.parse import unquote, urlparse
 
 from jobspecs.errors import InvalidInput, ObjectNotFound
@@ -27,15 +27,20 @@ class ObjectInfo:
     modified: float = 0.0
 
 
+# Called with a number of bytes just moved (progress bars); may be called from any thread.
+BytesCallback = Optional[Callable[[int], None]]
+
+
 class Storage(Protocol):
     """What the worker and the CLI need from a bucket."""
 
     uri: str
 
-    def put_file(self, local: Path, key: str) -> None: ...
-    def get_file(self, key: str, local: Path) -> None: ...
+    def put_file(self, local: Path, key: str, *, callback: BytesCallback = None) -> None: ...
+    def get_file(self, key: str, local: Path, *, callback: BytesCallback = None) -> None: ...
     def put_bytes(self, data: bytes, key: str) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def delete_prefix(self, prefix: str) -> int: ...
@@ -70,7 +75,7 @@ class FileStorage:
     def _where(self, key: str) -> str:
         return f"{self.uri}/{key}" if key else self.uri
 
-    def put_file(self, local: Path, key: str) -> None:
+    def put_file(self, local: Path, key: str, *, callback: BytesCallback = None) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Copy to a temp name then rename: a reader never sees a half-written object.
@@ -80,6 +85,8 @@ class FileStorage:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+        if callback is not None:
+            callback(dest.stat().st_size)
 
     def put_bytes(self, data: bytes, key: str) -> None:
         dest = self._path(key)
@@ -91,7 +98,7 @@ class FileStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get_file(self, key: str, local: Path) -> None:
+    def get_file(self, key: str, local: Path, *, callback: BytesCallback = None) -> None:
         src = self._path(key)
         if not src.is_file():
             raise ObjectNotFound(f"{self._where(key)}: no such object")
@@ -102,12 +109,23 @@ class FileStorage:
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+        if callback is not None:
+            callback(local.stat().st_size)
 
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
         if not src.is_file():
             raise ObjectNotFound(f"{self._where(key)}: no such object")
         return src.read_bytes()
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes from offset `start` (fewer only at the end of the object)."""
+        src = self._path(key)
+        if not src.is_file():
+            raise ObjectNotFound(f"{self._where(key)}: no such object")
+        with open(src, "rb") as f:
+            f.seek(start)
+            return f.read(length)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

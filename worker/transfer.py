@@ -1,4 +1,5 @@
-"""Moving adapters between a worker's folder, the bucket and a user's machine.
+"""Moving files between a bucket and local folders: adapters up and down, and the verified,
+resumable, parallel download engine that fetches and pulls share.
 
 An adapter lives at `<bucket>/adapters/<name>/<job_id>/`. Its marker (the `lorajobs.json`
 sidecar) is written last and lists every other file with its sha256 and size, so an adapter is
@@ -9,18 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound
-from worker.storage import open_storage
+from jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
+from worker.storage import BytesCallback, Storage, open_storage
 
 MARKER = "lorajobs.json"
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = 16
+# Files above this size are fetched in ranged chunks of this size: in parallel, and resumable.
+DEFAULT_CHUNK = 8 * 1024 * 1024
 _SHA256 = frozenset("0123456789abcdef")
 
 
@@ -39,11 +46,14 @@ def upload_adapter(
     *,
     marker: str = MARKER,
     concurrency: int = DEFAULT_CONCURRENCY,
+    storage: Storage | None = None,
 ) -> None:
     """Upload every file under `local_dir` to `dest_uri`, the marker last.
 
     A marker already at `dest_uri` (a previous upload) is removed first, so a broken re-upload
-    never looks complete; objects there that this upload does not contain are removed too.
+    never looks complete; objects there that this upload does not contain are removed too, and
+    so are multipart uploads a broken attempt left behind. `storage` (rooted at `dest_uri`)
+    overrides the one `open_storage` would make, e.g. to tune multipart sizes.
     """
     root = local_dir.resolve()
     files = _local_files(root)
@@ -55,11 +65,14 @@ def upload_adapter(
         path = _inside(root, rel, str(local_dir), marker)
         if not path.is_file() or path.stat().st_size != want["size"]:
             raise IntegrityError(f"{path}: listed in {marker} but missing or of another size")
-    storage = open_storage(dest_uri)
+    storage = storage or open_storage(dest_uri)
     if storage.exists(marker):
         storage.delete_prefix(marker)
+    abort = getattr(storage, "abort_incomplete_uploads", None)
+    if abort is not None:  # S3: parts of a broken attempt are invisible but cost storage
+        abort("")
     others = [rel for rel in files if rel != marker]
-    _parallel(lambda rel: storage.put_file(root / rel, rel), others, concurrency)
+    run_parallel(lambda rel: storage.put_file(root / rel, rel), others, concurrency)
     wanted = set(files)
     for obj in storage.list(""):
         if obj.key not in wanted:  # leftovers of an earlier, different attempt
@@ -73,13 +86,18 @@ def fetch_adapter(
     *,
     marker: str = MARKER,
     concurrency: int = DEFAULT_CONCURRENCY,
+    storage: Storage | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_bytes: BytesCallback = None,
 ) -> list[Path]:
     """Download a complete adapter into `out_dir`, verifying every file's sha256.
 
-    Files already there with the right digest are kept (a broken fetch resumes). Returns the
-    paths written or kept, the marker last.
+    Every path the marker lists is checked to land inside `out_dir` before a byte is written.
+    Files already there with the right digest are kept, and a large file whose download broke
+    off resumes from the chunks it has, so running a failed fetch again finishes it. The marker
+    is written last: a folder with it is complete. Returns the paths, the marker last.
     """
-    storage = open_storage(adapter_uri)
+    storage = storage or open_storage(adapter_uri)
     try:
         raw = storage.get_bytes(marker)
     except ObjectNotFound:
@@ -92,31 +110,214 @@ def fetch_adapter(
     # A marker from an earlier fetch must not vouch for files this one may not finish.
     (root / marker).unlink(missing_ok=True)
 
-    def one(rel: str) -> None:
+    def have(rel: str) -> bool:
         dest, want = targets[rel], files[rel]
-        if dest.is_file() and not dest.is_symlink() and dest.stat().st_size == want["size"]:
-            if sha256_file(dest) == want["sha256"]:
-                return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            storage.get_file(rel, tmp)
-            got = sha256_file(tmp)
-            if got != want["sha256"]:
-                raise IntegrityError(
-                    f"{adapter_uri.rstrip('/')}/{rel}: sha256 mismatch "
-                    f"(marker says {want['sha256'][:12]}…, got {got[:12]}…)"
-                )
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        return (
+            dest.is_file()
+            and not dest.is_symlink()
+            and dest.stat().st_size == want["size"]
+            and sha256_file(dest) == want["sha256"]
+        )
 
-    _parallel(one, sorted(files), concurrency)
+    kept: dict[str, bool] = {}
+    run_parallel(lambda rel: kept.__setitem__(rel, have(rel)), sorted(files), concurrency)
+    wanted = [
+        Wanted(key=rel, rel=rel, size=files[rel]["size"], sha256=files[rel]["sha256"])
+        for rel in sorted(files)
+        if not kept[rel]
+    ]
+    download_files(
+        storage, wanted, root, concurrency=concurrency, chunk_size=chunk_size,
+        on_bytes=on_bytes, where=adapter_uri.rstrip("/"),
+    )
     marker_path = root / marker
     tmp = marker_path.with_name(f".{marker}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(raw)
     os.replace(tmp, marker_path)
     return [targets[rel] for rel in sorted(files)] + [marker_path]
+
+
+# -- the download engine ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One object to download: from `key` in a storage to `rel` under a destination folder."""
+
+    key: str
+    rel: str  # '/'-separated, already checked to stay inside the destination
+    size: int
+    sha256: str | None = None  # verified when known (manifests, markers)
+    etag: str = ""  # ties a resumable partial download to one version of the object
+
+
+def download_files(
+    storage: Storage,
+    wanted: list[Wanted],
+    dest: Path,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_bytes: BytesCallback = None,
+    where: str = "",
+    private: bool = False,
+) -> int:
+    """Download `wanted` into `dest`, in parallel; returns the bytes transferred.
+
+    Each file appears under its own name only once complete and verified (size, and sha256 when
+    known). Small files take one GET each; a file above `chunk_size` is fetched in ranged chunks
+    (in parallel with everything else) into `.<name>.partial`, with the chunks done recorded in
+    `.<name>.partial.json`: a download that broke off resumes from there. The first failure
+    stops the rest and is raised. `private`: nobody reads `dest` until it is renamed into place
+    as a whole, so small files skip the temp-name-and-rename (a write cut short leaves a file of
+    the wrong size, which a resume does not trust).
+    """
+    if chunk_size < 1:
+        raise InvalidInput(f"chunk size must be positive (got {chunk_size})")
+    moved = [0]
+    count_lock = threading.Lock()
+
+    def count(n: int) -> None:
+        with count_lock:
+            moved[0] += n
+        if on_bytes is not None:
+            on_bytes(n)
+
+    for parent in sorted({os.path.dirname(w.rel) for w in wanted}):
+        os.makedirs(dest / parent, exist_ok=True)
+    big = [_Chunked(w, dest, chunk_size, where) for w in wanted if w.size > chunk_size]
+    small = [w for w in wanted if w.size <= chunk_size]
+    root = str(dest)
+
+    def one_small(w: Wanted) -> None:
+        data = storage.get_bytes(w.key)
+        count(len(data))
+        if w.sha256 is not None:
+            got = hashlib.sha256(data).hexdigest()
+            if got != w.sha256:
+                raise _mismatch(where, w.rel, w.sha256, got)
+        elif len(data) != w.size:
+            raise _changed(where, w.rel, w.size, len(data))
+        path = os.path.join(root, w.rel)
+        if private:
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        head, name = os.path.split(path)
+        tmp = os.path.join(head, f".{name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+    def one_chunk(item: tuple[_Chunked, int]) -> None:
+        f, i = item
+        start = i * chunk_size
+        length = min(chunk_size, f.w.size - start)
+        data = storage.get_range(f.w.key, start, length)
+        count(len(data))
+        if len(data) != length:
+            f.discard()
+            if f.w.sha256 is not None:
+                raise IntegrityError(f"{where}/{f.w.rel}: sha256 mismatch (the object is shorter "
+                                     f"than the {f.w.size} bytes recorded)")
+            raise _changed(where, f.w.rel, f.w.size, start + len(data))
+        f.write(i, data)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        # Chunks of big files first: they then overlap with the long tail of small files.
+        futures = [pool.submit(one_chunk, (f, i)) for f in big for i in f.todo]
+        futures += [pool.submit(one_small, w) for w in small]
+        for fut in as_completed(futures):
+            fut.result()
+        # Verify the big files (in parallel: hashlib releases the GIL) and rename them.
+        for fut in as_completed([pool.submit(f.finish) for f in big]):
+            fut.result()
+    finally:
+        # On failure queued work is dropped; chunks already written stay for a resume.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in big:
+            f.close()
+    return moved[0]
+
+
+class _Chunked:
+    """A big file being downloaded in chunks, resumable through its `.partial.json` record."""
+
+    def __init__(self, w: Wanted, dest: Path, chunk: int, where: str):
+        self.w, self.where = w, where
+        self.path = dest / w.rel
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.record = self.path.with_name(f".{self.path.name}.partial.json")
+        self.ident = {"key": w.key, "size": w.size, "sha256": w.sha256, "etag": w.etag,
+                      "chunk": chunk}
+        self.lock = threading.Lock()
+        self.done: set[int] = set()
+        try:
+            rec = json.loads(self.record.read_text())
+            if rec.get("id") == self.ident and self.partial.stat().st_size == w.size:
+                self.done = {i for i in rec.get("done", []) if isinstance(i, int)}
+        except (OSError, ValueError, AttributeError):
+            pass
+        if not self.done:
+            self.partial.unlink(missing_ok=True)
+            self.record.unlink(missing_ok=True)
+        self.todo = [i for i in range(math.ceil(w.size / chunk)) if i not in self.done]
+        self.fd: int | None = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, w.size)
+        self.offset_of = lambda i: i * chunk
+
+    def write(self, i: int, data: bytes) -> None:
+        assert self.fd is not None
+        view, offset = memoryview(data), self.offset_of(i)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+        with self.lock:  # record a chunk only once its bytes are written
+            self.done.add(i)
+            tmp = self.record.with_name(self.record.name + f".{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps({"id": self.ident, "done": sorted(self.done)}))
+            os.replace(tmp, self.record)
+
+    def finish(self) -> None:
+        self.close()
+        if self.w.sha256 is not None:
+            got = sha256_file(self.partial)
+            if got != self.w.sha256:
+                # Start over next time: these bytes are not the object the manifest names.
+                self.discard()
+                raise _mismatch(self.where, self.w.rel, self.w.sha256, got)
+        os.replace(self.partial, self.path)
+        self.record.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        with self.lock:
+            self.done = set()
+            self.partial.unlink(missing_ok=True)
+            self.record.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _changed(where: str, rel: str, want: int, got: int) -> StorageError:
+    return StorageError(
+        f"{where}/{rel}: changed while it was downloaded (expected {want} bytes, got {got}); "
+        "pull again"
+    )
+
+
+def _mismatch(where: str, rel: str, want: str, got: str) -> IntegrityError:
+    return IntegrityError(
+        f"{where}/{rel}: sha256 mismatch (expected {want[:12]}…, got {got[:12]}…)"
+    )
 
 
 def delete_adapter(adapter_uri: str, *, marker: str = MARKER) -> int:
@@ -241,7 +442,8 @@ def _inside(root: Path, rel: str, uri: str, marker: str) -> Path:
     return target
 
 
-def _parallel(fn: Callable[[str], None], items: list[str], concurrency: int) -> None:
+def run_parallel(fn: Callable[[Any], None], items: Sequence[Any], concurrency: int) -> None:
+    """Run `fn` over `items` on a thread pool; the first error stops the rest and is raised."""
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     try:
         for fut in as_completed([pool.submit(fn, it) for it in items]):

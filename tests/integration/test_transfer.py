@@ -105,17 +105,18 @@ def _put_dataset(uri: str, n: int = 12) -> None:
 
 
 def _count_gets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record each object download (the real one still happens)."""
+    """Record each object GET (whole or ranged); the real one still happens."""
     seen: list[str] = []
-    real = S3Storage.get_file
     lock = threading.Lock()
+    for name in ("get_file", "get_bytes", "get_range"):
+        real = getattr(S3Storage, name)
 
-    def counting(self: S3Storage, key: str, local: Path) -> None:
-        with lock:
-            seen.append(key)
-        real(self, key, local)
+        def counting(self: S3Storage, key: str, *args, _real=real, **kwargs):  # type: ignore[no-untyped-def]
+            with lock:
+                seen.append(key)
+            return _real(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(S3Storage, "get_file", counting)
+        monkeypatch.setattr(S3Storage, name, counting)
     return seen
 
 
@@ -170,13 +171,15 @@ from worker.s3 import S3Storage
 from worker.pull import pull_dataset
 n = 0
 lock = threading.Lock()
-real = S3Storage.get_file
-def counting(self, key, local):
-    global n
-    with lock:
-        n += 1
-    real(self, key, local)
-S3Storage.get_file = counting
+def wrap(real):
+    def counting(self, key, *args):
+        global n
+        with lock:
+            n += 1
+        return real(self, key, *args)
+    return counting
+for name in ("get_file", "get_bytes", "get_range"):
+    setattr(S3Storage, name, wrap(getattr(S3Storage, name)))
 path = pull_dataset(sys.argv[1], Path(sys.argv[2]))
 print(json.dumps({"path": str(path), "gets": n}))
 """

@@ -50,23 +50,40 @@ ADAPTER = {"adapter_model.safetensors": b"\x00" * 1000 + b"w", "adapter_config.j
 
 
 class CountingStorage:
-    """A real FileStorage that counts downloads (how many transfers a pull made)."""
+    """A real FileStorage that counts downloads (requests and bytes a pull made) and can
+    break off after `fail_after` requests, as a dropped connection would."""
 
     def __init__(self, inner: FileStorage, fail_after: int | None = None):
         self.inner, self.uri = inner, inner.uri
         self.gets = 0
+        self.bytes = 0
         self.fail_after = fail_after
         self._lock = threading.Lock()
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         return self.inner.list(prefix)
 
-    def get_file(self, key: str, local: Path) -> None:
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def _request(self) -> None:
         with self._lock:
             self.gets += 1
             if self.fail_after is not None and self.gets > self.fail_after:
                 raise StorageError("connection dropped")
-        self.inner.get_file(key, local)
+
+    def _got(self, data: bytes) -> bytes:
+        with self._lock:
+            self.bytes += len(data)
+        return data
+
+    def get_bytes(self, key: str) -> bytes:
+        self._request()
+        return self._got(self.inner.get_bytes(key))
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        self._request()
+        return self._got(self.inner.get_range(key, start, length))
 
 
 # -- keys and URIs ---------------------------------------------------------------------------
