@@ -7,9 +7,10 @@ description (it becomes the JSON Schema users' editors show) and unknown keys ar
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import WithJsonSchema
 
 # Names become object keys (`adapters/<name>/<job_id>/`): keep them to a safe alphabet so a name
 # can never climb out of its prefix or need quoting.
@@ -41,6 +42,16 @@ class LoraSettings(_Strict):
         min_length=1,
         description="Module names (suffixes) to adapt. Default: attention projections for the kind.",
     )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: learn a per-output magnitude on top of the LoRA direction (PEFT's "
+        "use_dora). Costs ~2x a LoRA step; such adapters have no kohya export and cannot be merged.",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, which "
+        "keeps high ranks learning (PEFT's use_rslora).",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -50,11 +61,68 @@ class LoraSettings(_Strict):
 
 
 class _Training(_Strict):
-    steps: int = Field(..., ge=1, le=10_000_000, description="Optimizer steps to train.")
-    batch_size: int = Field(1, ge=1, le=4096, description="Examples per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate.")
+    steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Optimizer steps to train (or give epochs)."
+    )
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Passes over the dataset (or give steps): steps = epochs x ceil(examples / "
+        "(batch_size x gradient_accumulation_steps)).",
+    )
+    batch_size: int = Field(1, ge=1, le=4096, description="Examples per forward pass (micro-batch).")
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Micro-batches whose gradients add up to one optimizer step; the effective "
+        "batch is batch_size x this.",
+    )
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="Learning-rate shape after warmup: constant, linear decay to 0, or cosine "
+        "decay to 0 (the transformers schedules of the same names).",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=10_000_000, description="Steps of linear warmup from 0 to learning_rate."
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
+    max_grad_norm: float = Field(
+        1.0, ge=0.0, description="Clip the gradient's global L2 norm to this; 0 turns clipping off."
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw",
+        description="adamw (torch), or adamw8bit (bitsandbytes; needs it installed and a GPU, "
+        "else the job fails as a user error).",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "bf16",
+        description="On a GPU: the frozen base model's dtype and autocast (LoRA weights and the "
+        "optimizer stay fp32; fp16 adds loss scaling). On the CPU jobs always run fp32, so one "
+        "spec runs anywhere; the sidecar records what was used.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    checkpoint_every: int = Field(
+        500,
+        ge=0,
+        le=10_000_000,
+        description="Save a resumable checkpoint to <bucket>/jobs/<job_id>/checkpoints/ every N "
+        "steps (0: never). A retried or re-run job resumes from the latest one.",
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="How many of the latest checkpoints to keep in the bucket."
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for weights, data order and noise.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "_Training":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps or epochs")
+        return self
 
 
 class ImageTraining(_Training):
@@ -101,6 +169,131 @@ class Resources(_Strict):
         return v
 
 
+class ImageData(_Strict):
+    """How an image dataset is read, captioned and bucketed (`data:` on an image job)."""
+
+    format: Literal["auto", "captions", "kohya", "imagefolder"] = Field(
+        "auto",
+        description=(
+            "Dataset layout. captions: images with same-name .txt captions; kohya: folders named "
+            "N_concept (N repeats, concept is the caption when a .txt is missing); imagefolder: "
+            "Hugging Face metadata.jsonl with file_name + text/caption; auto: detect."
+        ),
+    )
+    caption_column: str | None = Field(
+        None,
+        min_length=1,
+        description="imagefolder: the metadata.jsonl caption field. Default: text, else caption.",
+    )
+    require_captions: bool = Field(
+        False, description="Fail, naming the image, when an image has no caption (else: '')."
+    )
+    trigger_word: str | None = Field(
+        None, min_length=1, description="Prepended to every caption as 'trigger, caption'."
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="Chance of an empty caption per sample per epoch (seeded)."
+    )
+    shuffle_tags: bool = Field(
+        False, description="Shuffle comma-separated caption tags per sample per epoch (seeded)."
+    )
+    keep_tokens: int = Field(
+        0, ge=0, le=1000, description="With shuffle_tags: the first N tags keep their place."
+    )
+    bucketing: bool = Field(
+        False,
+        description="Aspect-ratio bucketing: each image goes to the bucket closest to its aspect; "
+        "every batch comes from one bucket. Off: every image is a centre-cropped square.",
+    )
+    min_resolution: int | None = Field(
+        None, ge=8, le=8192, description="Smallest bucket side, pixels. Default: resolution / 2."
+    )
+    max_resolution: int | None = Field(
+        None, ge=8, le=8192, description="Largest bucket side, pixels. Default: resolution * 2."
+    )
+    bucket_step: int = Field(
+        64, ge=8, le=1024, multiple_of=8, description="Bucket sides are multiples of this (pixels)."
+    )
+    flip_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of a horizontal flip, per sample per epoch."
+    )
+    crop: Literal["center", "random"] = Field(
+        "center", description="Where the crop to the bucket falls: the centre, or random (seeded)."
+    )
+
+
+class TextData(_Strict):
+    """How a text dataset is read, templated, masked and packed (`data:` on a text job)."""
+
+    format: Literal["auto", "text", "completion", "alpaca", "chat"] = Field(
+        "auto",
+        description=(
+            "Row format. text: {text}; completion: {prompt, completion}; alpaca: {instruction, "
+            "input?, output}; chat: {messages: [{role, content}]}; auto: detect from the first row."
+        ),
+    )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        description="chat: a built-in template name (chatml) or a Jinja template. "
+        "Default: the tokenizer's own.",
+    )
+    train_on_prompt: bool = Field(
+        False,
+        description="Also train on prompt / instruction / user / system tokens. Default: loss only "
+        "on completion and assistant tokens.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack examples into max_seq_length blocks (no padding; attention and positions "
+        "reset at each example boundary).",
+    )
+    validation_split: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of examples held out for eval loss (seeded)."
+    )
+    validation: str | None = Field(
+        None,
+        min_length=1,
+        description="A validation JSONL file/folder (path or URI); excludes validation_split.",
+    )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "TextData":
+        if self.validation is not None and self.validation_split > 0:
+            raise ValueError("set validation or validation_split, not both")
+        return self
+
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"
+                          r"(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as '45s', '90m', '2h', '1h30m', '1d' or a bare number."""
+    t = text.strip().lower().replace(" ", "")
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    m = _DURATION_RE.match(t)
+    if not t or m is None or not any(m.groups()):
+        raise ValueError("must be seconds or a duration such as '90m', '2h', '1h30m'")
+    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return d * 86400 + h * 3600 + mi * 60 + s
+
+
+# Stored as seconds; written by users as seconds or a duration string.
+MaxRuntime = Annotated[
+    Optional[float],
+    Field(gt=0),
+    WithJsonSchema(
+        {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
+                   {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?[dhms]\s*)+$"},
+                   {"type": "null"}]}
+    ),
+]
+
+
 class _JobSpec(_Strict):
     name: str = Field(
         ...,
@@ -121,6 +314,17 @@ class _JobSpec(_Strict):
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape.")
     resources: Resources = Field(default_factory=Resources, description="What a node must offer.")
+    max_runtime: MaxRuntime = Field(
+        None,
+        description="Longest one attempt may run, from dispatch: seconds or a duration such as "
+        "'90m', '2h', '1h30m'. The job fails (user error, no retry) when it is exceeded. "
+        "Default: no limit.",
+    )
+
+    @field_validator("max_runtime", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        return parse_duration(v) if isinstance(v, str) else v
 
     @field_validator("name")
     @classmethod
@@ -141,6 +345,9 @@ class ImageJobSpec(_JobSpec):
 
     kind: Literal["image"] = Field(description="Job kind: an image (diffusion) LoRA.")
     training: ImageTraining = Field(..., description="Training settings.")
+    data: ImageData = Field(
+        default_factory=ImageData, description="Dataset layout, captions, buckets, augmentation."
+    )
 
 
 class TextJobSpec(_JobSpec):
@@ -148,6 +355,9 @@ class TextJobSpec(_JobSpec):
 
     kind: Literal["text"] = Field(description="Job kind: a text (causal LM) LoRA.")
     training: TextTraining = Field(..., description="Training settings.")
+    data: TextData = Field(
+        default_factory=TextData, description="Row format, chat template, loss mask, packing, eval."
+    )
 
 
 JobSpec = Annotated[Union[ImageJobSpec, TextJobSpec], Field(discriminator="kind")]

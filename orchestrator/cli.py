@@ -33,7 +33,8 @@ dev_app = typer.Typer(help="Developer tools (tiny offline models).", no_args_is_
 app.add_typer(db_app, name="db")
 app.add_typer(dev_app, name="dev")
 
-out = Console(soft_wrap=True)  # stdout: data
+# stdout: data. Piped output gets a wide console so tables are not cut to 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)  # stderr: messages
 
 
@@ -96,6 +97,10 @@ def submit(
         raise InvalidInput("--idempotency-key takes exactly one spec file")
     settings = _settings()
     parsed = _load_specs(specs)
+    # Local data bound for an object-store bucket is uploaded first (content-addressed, once).
+    from worker.staging import stage_local_inputs
+
+    parsed = stage_local_inputs(parsed, settings.bucket, home=settings.home, console=err)
     queue = _queue(settings)
     jobs = []
     for spec in parsed:
@@ -105,6 +110,7 @@ def submit(
         jobs.append(job)
         verb = "submitted" if created else "already submitted (same idempotency key)"
         err.print(f"{verb}: job {job.id} ({job.kind} '{job.name}')")
+        _print_estimate(job)
     if wait:
         jobs = _run_controller_until_done(settings, queue, [j.id for j in jobs])
     _print_jobs(jobs, as_json, ids_only=not wait)
@@ -112,15 +118,25 @@ def submit(
         raise typer.Exit(1)
 
 
+def _print_estimate(job: Any) -> None:
+    from orchestrator.cli_cluster import cost_estimate
+
+    estimate = cost_estimate(job)
+    if estimate.low_per_hour is not None:
+        err.print(f"  estimated cost: {estimate.text()}", markup=False)
+
+
 def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -> list[Any]:
+    from orchestrator.config import ControllerConfig
     from orchestrator.controller import Controller
     from orchestrator.dispatch import RayBackend
 
     _log_to_stderr()
     _sigterm_as_interrupt()
+    config = ControllerConfig.from_env()
     backend = RayBackend(settings)
     try:
-        controller = Controller(queue, backend)
+        controller = Controller(queue, backend, config)
         controller.run(until=lambda: all(queue.get(i).status.is_terminal() for i in ids))
     finally:
         backend.shutdown()
@@ -189,12 +205,21 @@ def show(
     queue = _queue(_settings())
     rec = queue.get(job)
     events = queue.events(rec.id)
+    from orchestrator.cli_cluster import cost_estimate
+
+    attempts = render.attempts(events)
+    estimate = cost_estimate(rec)
     if as_json:
-        print(render.dumps({**render.job_json(rec), "events": [render.event_json(e) for e in events]}))
+        print(render.dumps({**render.job_json(rec), "events": [render.event_json(e) for e in events],
+                            "attempts": attempts, "cost_estimate": estimate.as_dict()}))
         return
     out.print(f"[bold]{rec.id}[/]  {rec.kind} '{rec.name}'  owner={rec.owner}  priority={rec.priority}")
     out.print(f"state: {rec.status.value}   attempt: {rec.attempt}   progress: "
               f"{render.progress_text(rec)}   loss: {rec.loss if rec.loss is not None else '-'}")
+    out.print(f"node: {rec.node or '-'}   gpu: {render.gpu_text(rec)}   eta: "
+              f"{render.fmt_duration(render.eta_s(rec))}   cost: "
+              + (f"${rec.cost_usd:.4f} so far" if rec.cost_usd is not None else "-")
+              + f"   estimate: {estimate.text()}", markup=False)
     if rec.failure_reason:
         out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
     if render.adapter_uri(rec):
@@ -205,6 +230,8 @@ def show(
             out.print("metrics: " + "  ".join(f"{k}={v}" for k, v in sorted(shown.items())))
     out.print("\n[bold]spec[/]")
     out.print(yaml.safe_dump(rec.spec, sort_keys=False).rstrip(), markup=False)
+    out.print("\n[bold]attempts[/]")
+    out.print(render.attempts_table(attempts))
     out.print("\n[bold]events[/]")
     out.print(render.events_table(events))
 
@@ -221,24 +248,6 @@ def cancel(job: str = typer.Argument(..., help="Job id or a unique prefix.")) ->
     print(rec.id)
 
 
-@app.command()
-def fetch(
-    job: str = typer.Argument(..., help="Job id or a unique prefix."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write into."),
-) -> None:
-    """Download a finished job's adapter, verifying every file's sha256."""
-    from worker.transfer import fetch_adapter
-
-    rec = _queue(_settings()).get(job)
-    uri = (rec.result or {}).get("adapter_uri")
-    if rec.status.value != "succeeded" or not uri:
-        raise InvalidInput(f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters")
-    dest = output or Path(f"{rec.name}-{rec.id}")
-    files = fetch_adapter(uri, dest)
-    err.print(f"fetched {len(files)} files from {uri}, sha256 verified")
-    print(dest.resolve())
-
-
 # -- running ------------------------------------------------------------------------------------
 
 
@@ -247,6 +256,7 @@ def controller(
     once: bool = typer.Option(False, "--once", help="One pass, then exit."),
 ) -> None:
     """Run the controller loop in the foreground: dispatch, track, finish, retry."""
+    from orchestrator.config import ControllerConfig
     from orchestrator.controller import Controller
     from orchestrator.dispatch import RayBackend
 
@@ -254,9 +264,10 @@ def controller(
     _sigterm_as_interrupt()
     settings = _settings()
     queue = _queue(settings)
+    config = ControllerConfig.from_env()
     backend = RayBackend(settings)
     try:
-        c = Controller(queue, backend)
+        c = Controller(queue, backend, config)
         if once:
             c.step()
         else:

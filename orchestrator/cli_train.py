@@ -1,9 +1,197 @@
-"""CLI commands for train work; `register` adds them to the main `lorajobs` app."""
+"""CLI commands for train work; `register` adds them to the main `lorajobs` app.
+
+`merge` (compose adapters), `export --merge` (a text adapter folded into a full model) and
+`reproduce` (re-run a finished job from its sidecar and compare hashes). Each takes adapters as
+a folder, a `file://` / `s3://` URI, or a job id (or unique prefix) of a succeeded job.
+"""
 
 from __future__ import annotations
 
+import json
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+from jobspecs.errors import InvalidInput
+
+
+def _adapter_dir(ref: str, scratch: Path) -> Path:
+    """A local folder holding the adapter `ref` names (downloaded, verified, if need be)."""
+    from urllib.parse import unquote, urlparse
+
+    local = Path(ref)
+    if local.is_dir():
+        return local
+    if ref.startswith("file://"):
+        path = Path(unquote(urlparse(ref).path))
+        if path.is_dir():
+            return path
+        raise InvalidInput(f"{ref}: no such adapter folder")
+    if "://" not in ref:  # a job id (or a unique prefix of one)
+        from orchestrator.cli import _queue, _settings
+
+        rec = _queue(_settings()).get(ref)
+        uri = (rec.result or {}).get("adapter_uri")
+        if rec.status.value != "succeeded" or not uri:
+            raise InvalidInput(
+                f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters"
+            )
+        ref = uri
+        if ref.startswith("file://"):
+            return _adapter_dir(ref, scratch)
+    from worker.transfer import fetch_adapter
+
+    dest = scratch / secrets.token_hex(4)
+    fetch_adapter(ref, dest)
+    return dest
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def merge(
+    adapters: list[str] = typer.Argument(..., help="Two or more adapters: folders, URIs or jobs."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", "-w", help="Comma-separated weights, one per adapter (default: all 1)."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter."),
+) -> None:
+    """Compose adapters into one: exactly their weighted sum, by concatenating ranks."""
+    from worker.merge import merge_adapters
+
+    try:
+        ws = [float(w) for w in weights.split(",")] if weights else [1.0] * len(adapters)
+    except ValueError:
+        raise InvalidInput(f"--weights {weights!r}: expected numbers like 0.7,0.5") from None
+    with tempfile.TemporaryDirectory(prefix="lorajobs-merge-") as tmp:
+        dirs = [_adapter_dir(a, Path(tmp)) for a in adapters]
+        summary = merge_adapters(dirs, ws, output)
+    record = {
+        "format": "lorajobs.merged/v1",
+        "sources": [{"adapter": a, "weight": w} for a, w in zip(adapters, ws)],
+        **summary,
+    }
+    (output / "lorajobs-merge.json").write_text(
+        json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    _say(f"merged {len(adapters)} {summary['kind']} adapters into rank {summary['rank']} "
+         f"({summary['modules']} modules)")
+    print(output.resolve())
+
+
+def export(
+    adapter: str = typer.Argument(..., help="A text adapter: folder, URI or job id."),
+    merge_base: bool = typer.Option(
+        False, "--merge", help="Fold the adapter into its base model: a plain transformers folder."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write into."),
+    base_model: Optional[str] = typer.Option(
+        None, "--base-model", help="Base model folder/URI (default: the one the sidecar names)."
+    ),
+) -> None:
+    """Export an adapter; `--merge` writes a full merged model (text adapters)."""
+    if not merge_base:
+        raise InvalidInput("export: nothing to do (only --merge is supported)")
+    from orchestrator.cli import _settings
+    from worker.merge import merge_into_base
+    from worker.pull import pull_model
+
+    with tempfile.TemporaryDirectory(prefix="lorajobs-export-") as tmp:
+        folder = _adapter_dir(adapter, Path(tmp))
+        if base_model is None:
+            sidecar = folder / "lorajobs.json"
+            if sidecar.is_file():
+                base_model = json.loads(sidecar.read_text(encoding="utf-8")).get("base_model")
+            else:
+                config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+                base_model = config.get("base_model_name_or_path")
+        if not base_model:
+            raise InvalidInput(f"{adapter}: base model unknown; pass --base-model")
+        base_dir = pull_model(base_model, _settings().cache_dir)
+        merge_into_base(folder, base_dir, output)
+    _say(f"merged model written to {output}")
+    print(output.resolve())
+
+
+def reproduce(
+    job: str = typer.Argument(..., help="A finished job: job id, adapter folder or URI."),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="Bucket/folder for the re-run (default: a temp folder)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Re-run a finished job from its sidecar here, in-process; exit 0 if the adapter's sha256
+    matches the recorded one, 1 if not."""
+    from jobspecs.loader import parse_spec
+    from orchestrator.cli import _settings
+    from worker.context import WorkerContext
+    from worker.entrypoint import run_job
+
+    settings = _settings()
+    with tempfile.TemporaryDirectory(prefix="lorajobs-repro-") as tmp:
+        folder = _adapter_dir(job, Path(tmp))
+        sidecar_path = folder / "lorajobs.json"
+        if not sidecar_path.is_file():
+            raise InvalidInput(f"{job}: no lorajobs.json: not a lorajobs adapter")
+        sidecar: dict[str, Any] = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        spec = parse_spec(sidecar["spec"], f"{job} lorajobs.json")
+        threads = int(sidecar.get("resolved", {}).get("threads")
+                      or sidecar.get("hardware", {}).get("threads") or spec.resources.cpus)
+        recorded = {f: info["sha256"] for f, info in sidecar["files"].items()}
+        compare = sidecar.get("deterministic_files") or [
+            f for f in ("adapter_config.json", "adapter_model.safetensors",
+                        "pytorch_lora_weights.safetensors") if f in recorded
+        ]
+        device = sidecar.get("hardware", {}).get("device")
+        bucket = output or Path(tmp, "bucket").as_uri()
+        if "://" not in bucket:
+            bucket = Path(bucket).resolve().as_uri()
+        ctx = WorkerContext(
+            # A fresh id: never resume from the original job's checkpoints.
+            job_id=f"repro-{secrets.token_hex(6)}",
+            output_uri=bucket,
+            cache_dir=settings.cache_dir,
+            threads=threads,
+            node="local",
+        )
+        _say(f"re-running {sidecar.get('name')} (job {sidecar.get('job_id')}) with "
+             f"{threads} thread(s)")
+        result = run_job(spec, ctx)
+    here = "cuda" if _has_cuda() else "cpu"
+    rows = {
+        f: {"recorded": recorded.get(f), "reproduced": result["files"].get(f),
+            "match": recorded.get(f) is not None and recorded.get(f) == result["files"].get(f)}
+        for f in compare
+    }
+    ok = bool(rows) and all(r["match"] for r in rows.values())
+    report = {"job_id": sidecar.get("job_id"), "match": ok, "files": rows,
+              "recorded_device": device, "device": here, "threads": threads}
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        for f, r in rows.items():
+            print(f"{'match   ' if r['match'] else 'MISMATCH'}  {f}  {r['reproduced']}")
+    if not ok:
+        if device and device != here:
+            _say(f"recorded on {device}, re-run on {here}: bitwise equality is not expected")
+        _say("reproduce: sha256 MISMATCH")
+        raise typer.Exit(1)
+    _say("reproduce: sha256 match")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.command()(merge)
+    app.command()(export)
+    app.command()(reproduce)

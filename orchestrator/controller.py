@@ -1,31 +1,43 @@
-"""The controller loop: dispatch what fits, record progress, finish, retry, cancel, reap.
+"""The controller loop: progress, finish, cancel, reconcile, dispatch what fits, autoscale.
 
-One iteration (`step`) reads the queue, talks to Ray and writes back through `Queue.transition`
-— the only writer of status. Several controllers may run at once: compare-and-set on every
-status change and a lease per dispatched job keep them from stepping on each other, and a job
-whose controller died (its lease expired) goes back to the queue.
+One pass (`step`) reads the database and Ray and writes back through `Queue.transition` / the
+scheduling round — the only writers of status. The controller keeps nothing in memory that
+matters: what it launched is in the database with its lease, and a controller started after a
+crash (or next to another one) finds every job there (`orchestrator.reconcile`). Several
+controllers may run at once: scheduling rounds are serialised, every status change is a
+compare-and-set, and each job is leased to the controller that launched it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any
 
 from jobspecs.errors import InvalidTransition
+from orchestrator import reconcile
+from orchestrator.autoscale import Autoscaler
+from orchestrator.config import ControllerConfig
+from orchestrator.cost import attempt_cost, hourly_rate
 from orchestrator.dispatch import INFRA, USER, Attempt, RayBackend
 from orchestrator.queue import JobRecord, Queue
-from orchestrator.retry import RetryPolicy, decide
+from orchestrator.retry import decide
+from orchestrator.scheduler import Hold, Node, Round, Shape, node_views
 from orchestrator.states import JobStatus
 
 log = logging.getLogger("lorajobs.controller")
 
 ACTIVE = (JobStatus.dispatched, JobStatus.running)
+#: A node whose attempt was lost is not given new work for this long (Ray may list it a while).
+SUSPECT_NODE_S = 60.0
+#: For this long after one of our attempts ended on a node, its free capacity is taken from the
+#: database (exact at once) rather than from Ray (which lags).
+FRESH_S = 3.0
 
 
 def _now() -> datetime:
@@ -33,62 +45,58 @@ def _now() -> datetime:
 
 
 def _aware(t: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back naive; they were written as UTC.
     return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
-
-
-def demand(job: JobRecord) -> dict[str, float]:
-    """The Ray resources one attempt of `job` takes."""
-    need = {"CPU": float(job.cpus), "GPU": float(job.gpus)}
-    if job.gpu_type:
-        need[f"accelerator_type:{job.gpu_type}"] = 0.001
-    return {k: v for k, v in need.items() if v > 0}
-
-
-def fits(need: dict[str, float], free: dict[str, float]) -> bool:
-    return all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
-
-
-@dataclass
-class ControllerConfig:
-    poll_s: float = 0.5
-    lease_s: float = 30.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    max_claim: int = 256
 
 
 class Controller:
     """Drives jobs from `queued` to a terminal state on a Ray backend."""
 
-    def __init__(self, queue: Queue, backend: RayBackend, config: ControllerConfig | None = None):
+    def __init__(self, queue: Queue, backend: RayBackend, config: ControllerConfig | None = None,
+                 *, clock: Callable[[], datetime] = _now):
         self.queue = queue
         self.backend = backend
         self.config = config or ControllerConfig()
-        self.id = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        self._clock = clock
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        # The lease names this controller's Ray driver too, so a successor can tell a dead
+        # controller (its tasks died with it) from a slow one.
+        self.lease = reconcile.lease_owner(self.id, backend.driver_id())
         self.inflight: dict[str, Attempt] = {}
-        self._need: dict[str, dict[str, float]] = {}  # job id -> resources its attempt holds
+        self._suspect: dict[str, float] = {}  # node id -> monotonic time it is trusted again
+        self._freed: dict[str, float] = {}  # node id -> monotonic time an attempt there ended
         self._last_heartbeat = 0.0
-        self._not_before: dict[str, float] = {}  # job id -> monotonic time of its next try
+        enabled = self.config.autoscale == "auto" and not backend.local
+        self.autoscaler = Autoscaler(backend) if enabled else None
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        """Step until `until()` is true (forever when None)."""
-        log.info("controller %s started", self.id)
+        """Step until `until()` is true (forever when None). A failing pass (database or Ray
+        briefly unreachable) is logged and retried; nothing is lost, it is all in the database."""
+        log.info("controller %s started", self.lease)
         while True:
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - keep serving; the next pass starts from the DB
+                log.exception("controller pass failed; retrying")
+                time.sleep(min(5.0, self.config.poll_s * 4))
             if until is not None and until():
                 return
-            time.sleep(self.config.poll_s)
+            # Sleep until the next pass, or less if an attempt ends: a finished job is recorded
+            # (and its GPU given out again) at once, not up to a poll later.
+            self.backend.wait(list(self.inflight.values()), self.config.poll_s)
 
     def step(self) -> None:
         """One pass; each phase is safe to repeat and safe against another controller."""
         self._apply_progress()
         self._collect_finished()
-        self._apply_cancels()
-        self._reap_orphans()
+        active = self.queue.list(statuses=ACTIVE)
+        self._heartbeat(active)
+        self._apply_cancels(active)
+        self._enforce_max_runtime(active)
+        self._reconcile(active)
         self._dispatch()
-        self._heartbeat()
+        self._autoscale()
 
     # -- phases -----------------------------------------------------------------------------
 
@@ -97,8 +105,8 @@ class Controller:
             attempt = self.inflight.get(job_id)
             if attempt is None or attempt.attempt != p.get("attempt"):
                 continue  # a stale report from an attempt we no longer own
-            job = self.queue.get(job_id)
-            if job.status == JobStatus.dispatched:
+            if not attempt.running:
+                attempt.running = True
                 self._try(job_id, JobStatus.dispatched, JobStatus.running,
                           f"training on {p.get('node') or 'a worker'}", node=p.get("node"))
             self.queue.record_progress(
@@ -112,109 +120,209 @@ class Controller:
 
     def _collect_finished(self) -> None:
         for attempt in self.backend.finished(list(self.inflight.values())):
-            del self.inflight[attempt.job_id]
+            self._forget(attempt.job_id)
             out = self.backend.outcome(attempt)
             job = self.queue.get(attempt.job_id)
+            if job.status not in ACTIVE or job.lease_owner != self.lease:
+                continue  # settled meanwhile (cancelled, or taken over): not ours to record
             if out.get("ok"):
-                self._try(job.id, ACTIVE, JobStatus.succeeded,
-                          f"adapter uploaded to {out.get('adapter_uri')}",
-                          result=out, node=out.get("node"),
-                          step=job.total_steps or job.step)
+                self._succeed(job, out, f"adapter uploaded to {out.get('adapter_uri')}")
+                continue
+            if out.get("node_lost") and attempt.node_id:
+                self._suspect[attempt.node_id] = time.monotonic() + SUSPECT_NODE_S
+            self._lost(job, out.get("kind", "internal"), out.get("error", "failed"))
+
+    def _heartbeat(self, active: list[JobRecord]) -> None:
+        mine = {j.id for j in active if j.lease_owner == self.lease}
+        for job_id in [j for j in self.inflight if j not in mine]:
+            # Another controller took the job over (we were too slow to renew): stop ours.
+            log.warning("job %s is no longer leased to us; stopping our attempt", job_id)
+            self.backend.cancel(self._forget(job_id), wait_s=0)
+        if not self.inflight or time.monotonic() - self._last_heartbeat < self.config.lease_s / 3:
+            return
+        self.queue.renew_leases(self.lease, list(self.inflight), self._lease_until())
+        self._last_heartbeat = time.monotonic()
+
+    def _apply_cancels(self, active: list[JobRecord]) -> None:
+        for job in active:
+            if job.cancel_requested and job.id in self.inflight:
+                self.backend.cancel(self._forget(job.id))
+                # The worker may have been killed mid-upload: nothing of it may stay visible.
+                self._delete_partial_adapter(job)
+                self._end(job, JobStatus.cancelled, "cancelled by user")
+
+    def _enforce_max_runtime(self, active: list[JobRecord]) -> None:
+        now = self._clock()
+        for job in active:
+            started = _aware(job.dispatched_at)
+            if job.id not in self.inflight or not job.max_runtime_s or started is None:
+                continue
+            if now - started > timedelta(seconds=job.max_runtime_s):
+                self.backend.cancel(self._forget(job.id))
+                self._delete_partial_adapter(job)
+                error = f"exceeded max_runtime of {job.max_runtime_s:g} s"
+                self._end(job, JobStatus.failed, f"user error: {error}",
+                          failure_kind=USER, failure_reason=error)
+
+    def _reconcile(self, active: list[JobRecord]) -> None:
+        now = self._clock()
+        alive: dict[str, bool | None] = {}
+
+        def driver_alive(driver: str) -> bool | None:  # one question to Ray per driver and pass
+            if driver not in alive:
+                alive[driver] = self.backend.driver_alive(driver)
+            return alive[driver]
+
+        for job in active:
+            if job.id in self.inflight:
+                continue
+            if job.lease_owner != self.lease:
+                v = reconcile.verdict(job, now=now, grace_s=self.config.takeover_grace_s,
+                                      driver_alive=driver_alive)
+                if v != reconcile.TAKE:
+                    continue
+            owner = job.lease_owner or "none"
+            log.warning("job %s: its controller (%s) is gone; taking it over", job.id, owner)
+            guard = {"lease_owner_was": job.lease_owner}
+            if job.cancel_requested:
+                self._delete_partial_adapter(job)
+                self._end(job, JobStatus.cancelled, "cancelled by user (after controller loss)",
+                          **guard)
             else:
-                self._fail_or_retry(job, out.get("kind", "internal"), out.get("error", "failed"))
-
-    def _fail_or_retry(self, job: JobRecord, kind: str, error: str) -> None:
-        retries = job.attempt - 1
-        decision = decide(self.config.retry, kind, retries)
-        if decision.retry:
-            self._not_before[job.id] = time.monotonic() + decision.delay_s
-            self._try(job.id, ACTIVE, JobStatus.queued,
-                      f"attempt {job.attempt} lost ({kind}): {error}; retrying",
-                      attempt=job.attempt + 1, failure_kind=kind, failure_reason=error,
-                      lease_owner=None, lease_expires_at=None)
-        else:
-            self._try(job.id, ACTIVE, JobStatus.failed, f"{kind} error: {error}",
-                      failure_kind=kind, failure_reason=error)
-
-    def _apply_cancels(self) -> None:
-        for job in self.queue.list(statuses=ACTIVE):
-            if not job.cancel_requested:
-                continue
-            attempt = self.inflight.pop(job.id, None)
-            if attempt is None and not self._orphaned(job) and job.lease_owner != self.id:
-                continue  # another live controller owns it and will stop it
-            if attempt is not None:
-                self.backend.cancel(attempt)
-            # The worker may have been killed mid-upload: make sure nothing of it stays visible.
-            self._delete_partial_adapter(job)
-            self._try(job.id, ACTIVE, JobStatus.cancelled, "cancelled by user")
-
-    def _reap_orphans(self) -> None:
-        for job in self.queue.list(statuses=ACTIVE):
-            if job.id in self.inflight or not self._orphaned(job):
-                continue
-            log.warning("job %s: its controller's lease expired; requeueing", job.id)
-            self._fail_or_retry(job, INFRA, f"controller {job.lease_owner} lost its lease")
+                self._lost(job, INFRA, f"controller {owner.split(' ')[0]} lost", charge=False,
+                           **guard)
 
     def _dispatch(self) -> None:
-        totals = self.backend.totals()
-        free = self._free(totals)
-        now = time.monotonic()
-        for job in self.queue.claim_queued(self.config.max_claim):
-            if self._not_before.get(job.id, 0.0) > now:
-                continue
-            need = demand(job)
-            if self.backend.local and not fits(need, totals):
-                self._try(job.id, JobStatus.queued, JobStatus.failed,
-                          _unschedulable(need, totals), failure_kind=USER,
-                          failure_reason=_unschedulable(need, totals))
-                continue
-            if not fits(need, free):
-                continue
-            try:
-                job = self.queue.transition(
-                    job.id, expected=JobStatus.queued, to=JobStatus.dispatched,
-                    reason=f"dispatched (attempt {job.attempt}) by {self.id}",
-                    lease_owner=self.id, lease_expires_at=self._lease_until())
-            except InvalidTransition:
-                continue  # cancelled, or another controller took it first
-            self.inflight[job.id] = self.backend.launch(
-                job.id, job.attempt, job.spec, job.output_uri, cpus=job.cpus, gpus=job.gpus,
-                gpu_type=job.gpu_type, memory_gb=job.spec.get("resources", {}).get("memory_gb"))
-            self._need[job.id] = need
-            for k, v in need.items():
-                free[k] = free.get(k, 0.0) - v
-
-    def _heartbeat(self) -> None:
-        if time.monotonic() - self._last_heartbeat < self.config.lease_s / 3 or not self.inflight:
+        if not self.queue.has_queued():
             return
-        self.queue.renew_leases(self.id, list(self.inflight), self._lease_until())
-        self._last_heartbeat = time.monotonic()
+        view = self.backend.cluster()
+        now_mono = time.monotonic()
+        skip = view.draining | {n for n, t in self._suspect.items() if t > now_mono}
+        available = view.available
+        if available is not None:
+            # Ray's view of a node lags an attempt's end by up to a second; the database knows
+            # at once. Where one of ours just ended, trust the database alone for a moment.
+            fresh = {n for n, t in self._freed.items() if now_mono - t < FRESH_S}
+            available = {n: view.totals[n] if n in fresh else a for n, a in available.items()
+                         if n in view.totals}
+        rounds: list[Round] = []
+
+        def start(holds: list[Hold]) -> Round:
+            nodes = node_views(view.totals, holds, available, exclude=skip)
+            rounds.append(Round(nodes, holds, self.config.policy, self._clock()))
+            return rounds[-1]
+
+        claimed = self.queue.schedule(
+            start, per_class=self.config.per_class, aging_s=self.config.policy.aging_s,
+            lease_owner=self.lease, lease_expires_at=self._lease_until())
+        for job in claimed:
+            self._launch(job)
+        if self.backend.local and rounds and not skip:
+            # One machine, no autoscaler: a job no node can ever run would wait forever.
+            for job_id in rounds[0].plan.never_fits:
+                reason = _unschedulable(self.queue.get(job_id), rounds[0].nodes)
+                self._try(job_id, JobStatus.queued, JobStatus.failed, reason,
+                          failure_kind=USER, failure_reason=reason)
+
+    def _launch(self, job: JobRecord) -> None:
+        shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+        rate = self._rate(job)
+        extra: dict[str, Any] = {"placement": {"accelerator": job.accelerator or "cpu",
+                                               "attempt": job.attempt}}
+        if rate is not None:
+            extra["cost"] = {"usd_per_hour": rate, "accelerator": job.accelerator or "cpu",
+                             "earlier_attempts_usd": job.cost_usd or 0.0}
+        try:
+            self.inflight[job.id] = self.backend.launch(
+                job.id, job.attempt, job.spec, job.output_uri, shape=shape, node_id=job.node_id,
+                extra=extra)
+        except Exception as err:  # noqa: BLE001 - Ray refused the task: try again later
+            log.warning("job %s: launch failed: %s", job.id, err)
+            self._lost(job, INFRA, f"launch failed: {type(err).__name__}: {err}")
+
+    def _autoscale(self) -> None:
+        if self.autoscaler is not None and self.autoscaler.due():
+            self.autoscaler.update(self.queue.demand())
+
+    # -- ending attempts --------------------------------------------------------------------
+
+    def _succeed(self, job: JobRecord, out: dict[str, Any], reason: str, **guard: Any) -> None:
+        spend = self._spend(job)
+        result = {**out, "cost_usd": spend[1], "accelerator": job.accelerator}
+        self._end(job, JobStatus.succeeded, reason, spend=spend, result=result,
+                  node=out.get("node"), step=job.total_steps or job.step, **guard)
+
+    def _lost(self, job: JobRecord, kind: str, error: str, *, charge: bool = True,
+              **guard: Any) -> None:
+        """An attempt ended without an adapter: retry within the kind's budget, or fail.
+        `charge=False` (the controller was lost): always retried, budget untouched."""
+        if kind == INFRA:
+            done = reconcile.completed_result(job)
+            if done is not None:
+                # It finished uploading before it was lost: record it, never run it again.
+                self._succeed(job, done, "adapter found complete in the bucket", **guard)
+                return
+        retries = getattr(job, f"{kind}_retries", 0) if charge else 0
+        decision = decide(self.config.retry, kind, retries) if charge else None
+        failure = {"failure_kind": kind, "failure_reason": error}
+        info = {"kind": kind, "error": error}
+        if decision is not None and not decision.retry:
+            self._end(job, JobStatus.failed, f"{kind} error: {error}", info, **failure, **guard)
+            return
+        delay = decision.delay_s if decision is not None else 0.0
+        fields: dict[str, Any] = {
+            "attempt": job.attempt + 1,
+            "not_before": self._clock() + timedelta(seconds=delay),
+            **failure,
+        }
+        if charge:
+            fields[f"{kind}_retries"] = retries + 1
+        self._end(job, JobStatus.queued, f"attempt {job.attempt} lost ({kind}): {error}; retrying"
+                  + (f" in {delay:g} s" if delay else ""), info, **fields, **guard)
+
+    def _end(self, job: JobRecord, to: JobStatus, reason: str,
+             info: dict[str, Any] | None = None, *,
+             spend: tuple[float | None, float | None] | None = None, **fields: Any) -> bool:
+        """End the current attempt: `to`, with its cost added and its facts in the event."""
+        spent, total = spend or self._spend(job)
+        data = {**self._attempt_data(job, spent), **(info or {})}
+        return self._try(job.id, ACTIVE, to, reason, data=data, cost_usd=total, **fields)
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _free(self, totals: dict[str, float]) -> dict[str, float]:
-        # Ray's availability lags a launch by a moment; what we launched ourselves we know now.
-        ours: dict[str, float] = defaultdict(float)
-        for job_id in self.inflight:
-            for k, v in self._need.get(job_id, {}).items():
-                ours[k] += v
-        avail = self.backend.available()
-        return {k: min(avail.get(k, 0.0), totals[k] - ours.get(k, 0.0)) for k in totals}
+    def _forget(self, job_id: str) -> Attempt:
+        """Drop an attempt we no longer track; its node has capacity back (or soon will)."""
+        attempt = self.inflight.pop(job_id)
+        if attempt.node_id:
+            self._freed[attempt.node_id] = time.monotonic()
+        return attempt
+
+    def _rate(self, job: JobRecord) -> float | None:
+        return hourly_rate(self.config.prices, gpus=job.gpus, cpus=job.cpus,
+                           accelerator=job.accelerator)
+
+    def _spend(self, job: JobRecord) -> tuple[float | None, float | None]:
+        """(this attempt's cost, the job's total so far) as the attempt ends now."""
+        started = _aware(job.dispatched_at)
+        seconds = (self._clock() - started).total_seconds() if started else 0.0
+        spent = attempt_cost(self._rate(job), seconds)
+        if spent is None:
+            return None, job.cost_usd
+        return spent, round((job.cost_usd or 0.0) + spent, 6)
+
+    @staticmethod
+    def _attempt_data(job: JobRecord, spent: float | None) -> dict[str, Any]:
+        return {"attempt": job.attempt, "node_id": job.node_id, "node": job.node,
+                "accelerator": job.accelerator, "cost_usd": spent}
 
     def _lease_until(self) -> datetime:
-        return _now() + timedelta(seconds=self.config.lease_s)
-
-    def _orphaned(self, job: JobRecord) -> bool:
-        expires = _aware(job.lease_expires_at)
-        return job.lease_owner != self.id and (expires is None or expires < _now())
+        return self._clock() + timedelta(seconds=self.config.lease_s)
 
     def _delete_partial_adapter(self, job: JobRecord) -> None:
-        from worker.storage import join_uri
         from worker.transfer import delete_adapter
 
         try:
-            delete_adapter(join_uri(job.output_uri, "adapters", job.name, job.id))
+            delete_adapter(reconcile.adapter_uri(job))
         except Exception as err:  # noqa: BLE001 - cancel must still complete
             log.warning("job %s: could not remove a partial adapter: %s", job.id, err)
 
@@ -229,8 +337,11 @@ class Controller:
             return False
 
 
-def _unschedulable(need: dict[str, float], totals: dict[str, float]) -> str:
-    missing = ", ".join(f"{k}={v:g} (cluster has {totals.get(k, 0):g})"
-                        for k, v in need.items() if totals.get(k, 0.0) + 1e-9 < v)
+def _unschedulable(job: JobRecord, nodes: list[Node]) -> str:
+    shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+    need = shape.ray_resources()
+    most = {k: max((n.total.get(k, 0.0) for n in nodes), default=0.0) for k in need}
+    missing = ", ".join(f"{k}={v:g} (largest node has {most[k]:g})"
+                        for k, v in need.items() if most[k] + 1e-9 < v)
     hint = " — set resources.gpus: 0 to train on the CPU" if "GPU" in missing else ""
-    return f"no node can ever run this job: needs {missing}{hint}"
+    return f"no node can ever run this job: needs {missing or shape.describe()}{hint}"

@@ -146,12 +146,25 @@ class JobRow(Base):
     result: Mapped[str | None] = mapped_column(Text)  # JSON of the worker's result dict
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # 0002: scheduling and fault recovery.
+    memory_gb: Mapped[float | None] = mapped_column(Float)
+    max_runtime_s: Mapped[float | None] = mapped_column(Float)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())  # backoff after a failure
+    infra_retries: Mapped[int] = mapped_column(Integer, server_default="0")
+    user_retries: Mapped[int] = mapped_column(Integer, server_default="0")
+    internal_retries: Mapped[int] = mapped_column(Integer, server_default="0")
+    node_id: Mapped[str | None] = mapped_column(String(64))  # Ray node of the current attempt
+    accelerator: Mapped[str | None] = mapped_column(String(64))  # that node's GPU type
+    cost_usd: Mapped[float | None] = mapped_column(Float)  # all attempts so far
 
     __table_args__ = (
         # The scheduler's query: queued jobs by priority, oldest first.
         Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
         # Per-owner limits and `lorajobs status --owner`.
         Index("ix_jobs_owner_status", "owner", "status"),
+        # Covers the scheduling round's candidate query (see Queue._class_heads).
+        Index("ix_jobs_scheduling_class", "status", "priority", "owner", "gpus", "gpu_type",
+              "cpus", "memory_gb", "created_at", "id", "not_before"),
         Index("ix_jobs_created_at", "created_at"),
         CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status"),
     )

@@ -1,7 +1,19 @@
-"""Ray side of the controller: start Ray, launch one attempt of a job as a task, collect it.
+"""Ray side of the controller: connect, read the cluster, launch one attempt as a task, collect.
 
 This is the only module that imports Ray. The task body imports the worker lazily, so the
 controller process never loads torch; the worker never sees the database.
+
+Attempts are plain Ray tasks, pinned to the node the scheduler chose (node affinity, not soft).
+A task is owned by the controller process that launched it, and Ray kills a dead owner's tasks
+at once (fate-sharing; `tests/integration/test_cluster_faults.py` checks it on a cluster), so a
+SIGKILLed controller leaves no attempt running behind it: its successor finds the jobs by their
+expired leases and requeues them or, when the adapter is already complete in the bucket, marks
+them succeeded without running them again (`orchestrator.reconcile`). Tasks rather than detached
+actors, because task workers are reused (torch stays imported between jobs on a node): actors
+would survive the controller but pay a fresh process per attempt. Through a Ray client
+(`ray://`) the driver is a proxy on the head that keeps its tasks for Ray's reconnect grace
+period (30 s) after the controller dies; the job table cannot be read from a client, so a
+successor waits for the lease (`LORAJOBS_LEASE_S`, 30 s) — keep the lease at least that long.
 """
 
 from __future__ import annotations
@@ -10,17 +22,28 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelledError
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    RayError,
+    RayTaskError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from orchestrator.scheduler import Shape
 from orchestrator.settings import Settings
 
 # Failure kinds as the worker reports them; `infra` is decided here, from Ray's own errors.
 USER, INFRA, INTERNAL = "user", "infra", "internal"
+NAMESPACE = "lorajobs"
+_HEAD_RESOURCE = "node:__internal_head__"
+PROGRESS_LOG_EVERY_S = 2.0
 
 
 def ray_environment(tmp_root: str | None = None) -> None:
@@ -32,9 +55,10 @@ def ray_environment(tmp_root: str | None = None) -> None:
     os.environ.setdefault("RAY_TMPDIR", tmp_root or tempfile.gettempdir())
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ProgressBoard:
-    """Latest progress per job, written by workers and drained by the controller."""
+    """Latest progress per job, written by workers and drained by the controller that owns it.
+    Restarted by Ray if its node dies (handles stay valid; only unread reports are lost)."""
 
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, Any]] = {}
@@ -46,50 +70,113 @@ class ProgressBoard:
         out, self._latest = self._latest, {}
         return out
 
+    def request_resources(self, bundles: list[dict[str, float]]) -> None:
+        # Called here, inside the cluster, because a controller connected through the Ray
+        # client (ray://) has no GCS client and the SDK call fails there.
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+
 
 @ray.remote(max_retries=0)
 def run_attempt(
-    spec: dict[str, Any], job_id: str, attempt: int, output_uri: str, board: Any
+    spec: dict[str, Any],
+    job_id: str,
+    attempt: int,
+    output_uri: str,
+    board: Any,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One attempt of one job on a worker node. Returns {"ok": bool, ...}; never raises for
-    errors the worker understands, so the controller needs no exception pickling to classify."""
+    errors the worker understands, so the controller needs no exception pickling to classify.
+    Its log (logging, stdout/stderr, progress) streams to `<bucket>/jobs/<id>/logs/`."""
     import traceback
 
     from jobspecs import parse_spec
-    from jobspecs.errors import LoraJobsError, StorageAuthError, UserDataError
-    from worker.context import WorkerContext
+    from jobspecs.errors import (
+        LoraJobsError,
+        ObjectNotFound,
+        StorageAuthError,
+        StorageError,
+        UserDataError,
+    )
+    from orchestrator.worklog import AttemptLog
+    from worker.context import Preempted, WorkerContext
     from worker.entrypoint import run_job
 
+    started = time.monotonic()
     node = socket.gethostname()
-    cache = Path(os.environ.get("LORAJOBS_CACHE_DIR", Path.home() / ".lorajobs" / "cache"))
+    node_id = ray.get_runtime_context().get_node_id()
+    cache = Settings.from_env().cache_dir  # this node's: LORAJOBS_CACHE_DIR or its home's
     parsed = parse_spec(spec, f"job {job_id}")
-    last_sent = [0.0]
+    extra = dict(extra or {})
+    cost = extra.get("cost")
+    with AttemptLog(output_uri, job_id, attempt) as log:
+        log.line(f"job {job_id} attempt {attempt}: {parsed.kind} '{parsed.name}' on {node} "
+                 f"(Ray node {node_id[:12]}), {parsed.resources.cpus} threads")
+        last_sent, last_logged = [0.0], [0.0]
 
-    def report(p: dict[str, Any]) -> None:
-        # Fire and forget; the trainer already rate-limits, this guards against chatty ones.
-        now = time.monotonic()
-        if now - last_sent[0] >= 0.2 or p.get("step") == p.get("total_steps"):
-            last_sent[0] = now
-            board.report.remote(job_id, attempt, {**p, "node": node})
+        def report(p: dict[str, Any]) -> None:
+            now = time.monotonic()
+            final = p.get("step") == p.get("total_steps")
+            if final and isinstance(cost, dict) and cost.get("usd_per_hour") is not None:
+                # The sidecar is written right after the last step: record what this attempt
+                # cost up to here (the database keeps the final figure, upload included).
+                this = cost["usd_per_hour"] * (now - started) / 3600.0
+                cost["this_attempt_usd"] = round(this, 6)
+                cost["total_usd"] = round(this + (cost.get("earlier_attempts_usd") or 0.0), 6)
+            # Fire and forget; the trainer already rate-limits, this guards against chatty ones.
+            if now - last_sent[0] >= 0.2 or final:
+                last_sent[0] = now
+                board.report.remote(job_id, attempt, {**p, "node": node})
+            if now - last_logged[0] >= PROGRESS_LOG_EVERY_S or final:
+                last_logged[0] = now
+                loss, speed = p.get("loss"), p.get("it_per_s")
+                log.line(f"step {p.get('step')}/{p.get('total_steps')}"
+                         + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                         + (f"  {speed:.2f} it/s" if isinstance(speed, (int, float)) else ""))
 
-    ctx = WorkerContext(
-        job_id=job_id,
-        output_uri=output_uri,
-        cache_dir=cache,
-        attempt=attempt,
-        report=report,
-        threads=parsed.resources.cpus,
-        node=node,
-    )
-    try:
-        return {"ok": True, "node": node, **run_job(parsed, ctx)}
-    except (UserDataError, StorageAuthError) as err:
-        return {"ok": False, "kind": USER, "error": str(err), "node": node}
-    except LoraJobsError as err:
-        return {"ok": False, "kind": INTERNAL, "error": str(err), "node": node}
-    except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
-        traceback.print_exc()
-        return {"ok": False, "kind": INTERNAL, "error": f"{type(err).__name__}: {err}", "node": node}
+        ctx = WorkerContext(
+            job_id=job_id,
+            output_uri=output_uri,
+            cache_dir=cache,
+            attempt=attempt,
+            report=report,
+            threads=parsed.resources.cpus,
+            node=node,
+            extra=extra,
+        )
+        base = {"node": node, "ray_node_id": node_id}
+        try:
+            out = {"ok": True, **base, **run_job(parsed, ctx)}
+            log.line(f"adapter uploaded to {out.get('adapter_uri')}")
+        except Preempted as err:
+            out = {"ok": False, "kind": INFRA, "error": str(err), **base}
+        except (UserDataError, StorageAuthError, ObjectNotFound) as err:
+            out = {"ok": False, "kind": USER, "error": str(err), **base}
+        except StorageError as err:  # endpoint down, 5xx after botocore's own retries
+            out = {"ok": False, "kind": INFRA, "error": str(err), **base}
+        except LoraJobsError as err:
+            out = {"ok": False, "kind": INTERNAL, "error": str(err), **base}
+        except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
+            traceback.print_exc()
+            out = {"ok": False, "kind": INTERNAL, "error": f"{type(err).__name__}: {err}", **base}
+        finally:
+            _release_gpu_memory()
+        out["attempt_seconds"] = round(time.monotonic() - started, 3)
+        if not out["ok"]:
+            log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
+    return out
+
+
+def _release_gpu_memory() -> None:
+    # Task workers are reused between jobs: give cached CUDA blocks back so that jobs packed on
+    # the same GPU from other processes can have them.
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -100,6 +187,18 @@ class Attempt:
     attempt: int
     ref: Any
     started: float
+    node_id: str | None = None
+    #: Its first progress report has been seen (the job moved to running).
+    running: bool = False
+
+
+@dataclass
+class ClusterView:
+    """Live nodes: Ray's totals and availability per node, and nodes being drained."""
+
+    totals: dict[str, dict[str, float]]
+    available: dict[str, dict[str, float]] | None
+    draining: set[str] = field(default_factory=set)
 
 
 class RayBackend:
@@ -110,45 +209,100 @@ class RayBackend:
         self.local = settings.ray_address is None
         ray_environment()
         if not ray.is_initialized():
+            common: dict[str, Any] = {
+                "namespace": NAMESPACE,
+                "log_to_driver": False,
+                "configure_logging": False,
+                "runtime_env": {"env_vars": _worker_env()},
+            }
             if self.local:
-                ray.init(
-                    include_dashboard=False,
-                    num_gpus=_local_gpu_count(),
-                    object_store_memory=128 * 1024**2,
-                    log_to_driver=False,
-                    configure_logging=False,
-                    runtime_env={"env_vars": _worker_env(settings)},
-                )
+                ray.init(include_dashboard=False, num_gpus=_local_gpu_count(),
+                         object_store_memory=128 * 1024**2, **common)
             else:
-                ray.init(
-                    address=settings.ray_address,
-                    log_to_driver=False,
-                    configure_logging=False,
-                    runtime_env={"env_vars": _worker_env(settings)},
-                )
-        self.board = ProgressBoard.remote()
+                ray.init(address=settings.ray_address, **common)
+        self.board = ProgressBoard.options(**self._near_head()).remote()
+        # Wait for it here, at start-up, rather than in the first pass with jobs waiting.
+        ray.get(self.board.drain.remote(), timeout=120)
 
-    def totals(self) -> dict[str, float]:
-        return dict(ray.cluster_resources())
+    def _near_head(self) -> dict[str, Any]:
+        # Keep the board off GPU nodes that come and go: on the head, which lives as long as the
+        # cluster. (Soft node affinity was seen to land it on a worker node.)
+        if any(_HEAD_RESOURCE in r for r in self.cluster().totals.values()):
+            return {"resources": {_HEAD_RESOURCE: 0.001}}
+        return {}
 
-    def available(self) -> dict[str, float]:
-        return dict(ray.available_resources())
+    # -- identity ---------------------------------------------------------------------------
+
+    def driver_id(self) -> str:
+        """This process's identity in Ray: `<session>/<job id>` (recorded with its leases)."""
+        return f"{_session_name()}/{ray.get_runtime_context().get_job_id()}"
+
+    def driver_alive(self, driver_id: str) -> bool | None:
+        """Whether the Ray driver `driver_id` is still connected: True / False, or None when
+        this Ray cannot tell (another Ray instance: a local Ray dies with its controller; a Ray
+        client connection, which has no access to the job table)."""
+        session, _, job = driver_id.partition("/")
+        try:
+            if session == "unknown" or session != _session_name():
+                return None
+            for entry in ray._private.state.state.job_table():
+                if entry["JobID"] == job:
+                    return not entry["IsDead"]
+        except Exception:  # noqa: BLE001 - private API; without it, leases decide alone
+            return None
+        return False
+
+    # -- the cluster ------------------------------------------------------------------------
+
+    def cluster(self) -> ClusterView:
+        import ray._private.state as state
+
+        try:
+            totals = state.total_resources_per_node()
+            available = state.available_resources_per_node()
+            available = {n: r for n, r in available.items() if n in totals}
+        except Exception:  # noqa: BLE001 - private API: fall back to the public node list
+            totals = {n["NodeID"]: dict(n["Resources"]) for n in ray.nodes() if n["Alive"]}
+            available = None
+        try:
+            draining = set(state.state.get_draining_nodes())
+        except Exception:  # noqa: BLE001
+            draining = set()
+        return ClusterView(totals, available, draining)
+
+    def request_resources(self, bundles: list[dict[str, float]]) -> None:
+        """Tell Ray's autoscaler the shapes to make room for (replaces the previous request)."""
+        ray.get(self.board.request_resources.remote(bundles), timeout=30)
+
+    # -- attempts ---------------------------------------------------------------------------
 
     def launch(self, job_id: str, attempt: int, spec: dict[str, Any], output_uri: str,
-               *, cpus: int, gpus: float, gpu_type: str | None,
-               memory_gb: float | None) -> Attempt:
-        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus, "name": f"lorajobs:{job_id}"}
-        if gpu_type:
-            # Ray labels GPU nodes with `accelerator_type:<TYPE>`; asking for a sliver of it
-            # pins the task to such a node without limiting how many share it.
-            options["resources"] = {f"accelerator_type:{gpu_type}": 0.001}
-        if memory_gb:
-            options["memory"] = int(memory_gb * 1024**3)
-        ref = run_attempt.options(**options).remote(spec, job_id, attempt, output_uri, self.board)
-        return Attempt(job_id, attempt, ref, time.monotonic())
+               *, shape: Shape, node_id: str | None,
+               extra: dict[str, Any] | None = None) -> Attempt:
+        need = shape.ray_resources()
+        options: dict[str, Any] = {
+            "num_cpus": need.pop("CPU", 0.0),
+            "num_gpus": need.pop("GPU", 0.0),
+            "name": f"lorajobs:{job_id}:{attempt}",
+        }
+        if "memory" in need:
+            options["memory"] = need.pop("memory")
+        if need:
+            options["resources"] = need
+        if node_id is not None:
+            # Where the scheduler placed it; if that node is gone, Ray says so at once
+            # (TaskUnschedulableError) instead of running it somewhere unplanned.
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ref = run_attempt.options(**options).remote(
+            spec, job_id, attempt, output_uri, self.board, extra or {}
+        )
+        return Attempt(job_id, attempt, ref, time.monotonic(), node_id)
 
     def progress(self) -> dict[str, dict[str, Any]]:
-        return ray.get(self.board.drain.remote())
+        try:
+            return ray.get(self.board.drain.remote(), timeout=10)
+        except (RayError, GetTimeoutError):
+            return {}  # the board is restarting: reports resume with the next ones
 
     def finished(self, attempts: list[Attempt]) -> list[Attempt]:
         if not attempts:
@@ -156,6 +310,13 @@ class RayBackend:
         by_ref = {a.ref: a for a in attempts}
         ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
         return [by_ref[r] for r in ready]
+
+    def wait(self, attempts: list[Attempt], timeout: float) -> None:
+        """Return when any of `attempts` ends, or after `timeout` seconds."""
+        if not attempts:
+            time.sleep(timeout)
+            return
+        ray.wait([a.ref for a in attempts], num_returns=1, timeout=timeout)
 
     def outcome(self, attempt: Attempt) -> dict[str, Any]:
         """The task's result dict, or a failure dict built from Ray's error."""
@@ -165,20 +326,33 @@ class RayBackend:
             return {"ok": False, "kind": INFRA, "error": "task cancelled", "cancelled": True}
         except RayTaskError as err:  # the task raised outside our guard: a bug of ours
             return {"ok": False, "kind": INTERNAL, "error": str(err).splitlines()[-1]}
+        except (NodeDiedError, TaskUnschedulableError) as err:
+            return {"ok": False, "kind": INFRA, "error": _first_line(err), "node_lost": True}
         except (RayError, GetTimeoutError) as err:
-            # Worker crashed, node died or was preempted, object lost: the attempt is lost, not
-            # the job. Retried with resume.
-            return {"ok": False, "kind": INFRA, "error": f"{type(err).__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else 'lost'}"}
+            # Worker crashed, out of memory, object lost: the attempt is lost, not the job.
+            return {"ok": False, "kind": INFRA, "error": _first_line(err)}
 
-    def cancel(self, attempt: Attempt, wait_s: float = 10.0) -> None:
-        """Stop a running attempt and wait until its worker is gone (so it writes nothing)."""
+    def cancel(self, attempt: Attempt, wait_s: float = 10.0) -> bool:
+        """Stop a running attempt and wait until its worker is gone (so it writes nothing and
+        its resources are free). Returns whether it ended within `wait_s`."""
         ray.cancel(attempt.ref, force=True)
-        ray.wait([attempt.ref], timeout=wait_s)
+        ready, _ = ray.wait([attempt.ref], timeout=wait_s)
+        return bool(ready)
 
     def shutdown(self) -> None:
         if self.local and ray.is_initialized():
             ray.shutdown()
+
+
+def _session_name() -> str:
+    # Private, but stable for years; absent with a Ray client (`ray://`) connection.
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return str(getattr(node, "session_name", None) or "unknown")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'lost'}"
 
 
 def _local_gpu_count() -> int:
@@ -189,11 +363,15 @@ def _local_gpu_count() -> int:
         return 0
 
 
-def _worker_env(settings: Settings) -> dict[str, str]:
+def _worker_env() -> dict[str, str]:
     """Non-secret settings the workers need. Credentials stay in the node's own environment
     (or instance role) and never travel through Ray."""
-    env = {"LORAJOBS_CACHE_DIR": str(settings.cache_dir), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAJOBS_S3_ADDRESSING"):
+    # The cache is a node's own: forward its settings only when set explicitly, so a worker
+    # image's default (e.g. /var/cache/lorajobs) is not overridden by the controller's home.
+    env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAJOBS_S3_ADDRESSING",
+                "LORAJOBS_HOME", "LORAJOBS_CACHE_DIR", "LORAJOBS_CACHE_MAX_GB",
+                "LORAJOBS_PULL_CONCURRENCY", "LORAJOBS_S3_FAST_GET"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -1,6 +1,6 @@
 """The job queue: submit, look up, list, claim, and change status with a compare-and-set.
 
-`Queue._transition` is the only code in lorajobs that writes `jobs.status`; every change it makes
+`Queue._apply` is the only code in lorajobs that writes `jobs.status`; every change it makes
 appends a `job_events` row in the same transaction. Everything returned is a frozen record,
 detached from any session, so callers never hold a database connection by accident.
 
@@ -13,20 +13,28 @@ In both cases the UPDATE also repeats the status it read (compare-and-set) as a 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from jobspecs import AnyJobSpec, spec_to_dict
 from jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
+from orchestrator.claiming import Claiming
 from orchestrator.db import JobEventRow, JobRow, new_job_id, utcnow, write_engine
-from orchestrator.records import EventRecord, JobRecord, dump_json, event_record, job_record
+from orchestrator.records import (
+    Change,
+    EventRecord,
+    JobRecord,
+    dump_json,
+    event_record,
+    job_record,
+)
 from orchestrator.states import ALLOWED, FailureKind, JobStatus
 
-__all__ = ["EventRecord", "JobRecord", "Queue"]
+__all__ = ["Change", "EventRecord", "JobRecord", "Queue"]
 
 JOBS = JobRow.__table__
 EVENTS = JobEventRow.__table__
@@ -38,8 +46,11 @@ _HEX_RE = re.compile(r"^[0-9a-f]+$")
 _SETTABLE = frozenset(
     {"failure_kind", "failure_reason", "attempt", "result", "node", "cancel_requested"}
     | {"lease_owner", "lease_expires_at", "step", "total_steps", "loss", "it_per_s"}
+    | {"not_before", "infra_retries", "user_retries", "internal_retries", "node_id"}
+    | {"accelerator", "cost_usd"}
 )
 _ACTIVE = (JobStatus.dispatched.value, JobStatus.running.value)
+_UNSET: Any = object()
 
 
 def _statuses(value: JobStatus | str | Iterable[JobStatus | str]) -> frozenset[JobStatus]:
@@ -63,7 +74,28 @@ def _column_values(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class Queue:
+def _stamped(values: dict[str, Any], to: JobStatus, now: datetime) -> dict[str, Any]:
+    """`values` plus what entering `to` always sets: status, timestamps, cleared columns."""
+    values = {**values, "status": to.value, "updated_at": now}
+    if to is JobStatus.dispatched:
+        values["dispatched_at"] = now
+    elif to is JobStatus.running:
+        values["started_at"] = now
+    elif to is JobStatus.queued:
+        # A new attempt starts clean; the events keep the history of the old one.
+        values.update(dispatched_at=None, started_at=None, finished_at=None)
+        for column in ("failure_kind", "failure_reason", "lease_owner", "lease_expires_at"):
+            values.setdefault(column, None)
+        for column in ("node_id", "accelerator"):
+            values.setdefault(column, None)
+    if to.is_terminal():
+        values["finished_at"] = now
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_expires_at", None)
+    return values
+
+
+class Queue(Claiming):
     """All reads and writes of jobs and their events, on one engine."""
 
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow):
@@ -105,6 +137,8 @@ class Queue:
                             gpus=float(spec.resources.gpus),
                             gpu_type=spec.resources.gpu_type,
                             cpus=spec.resources.cpus,
+                            memory_gb=spec.resources.memory_gb,
+                            max_runtime_s=getattr(spec, "max_runtime", None),
                             created_at=now,
                             updated_at=now,
                             cancel_requested=False,
@@ -204,19 +238,23 @@ class Queue:
         to: JobStatus,
         reason: str,
         data: dict[str, Any] | None = None,
+        lease_owner_was: str | None = _UNSET,
         **fields: Any,
     ) -> JobRecord:
         """Move a job from one of `expected` to `to`, setting `fields` and appending an event.
 
-        Raises InvalidTransition (and writes nothing) if the job is not in `expected`, or if
-        `to` is not allowed from where it is. Entering dispatched / running / a terminal state
-        stamps `dispatched_at` / `started_at` / `finished_at` (terminal also drops the lease);
-        going back to queued clears those stamps, and the failure and lease columns unless
-        `fields` sets them. `fields`: failure_kind, failure_reason, attempt, result, node,
-        cancel_requested, lease_owner, lease_expires_at, step, total_steps, loss, it_per_s.
+        Raises InvalidTransition (and writes nothing) if the job is not in `expected`, if `to`
+        is not allowed from where it is, or (when `lease_owner_was` is given) if its lease is not
+        held by `lease_owner_was`. Entering dispatched / running / a terminal state stamps
+        `dispatched_at` / `started_at` / `finished_at` (terminal also drops the lease); going
+        back to queued clears those stamps, the placement, and the failure and lease columns
+        unless `fields` sets them. `fields`: any of `_SETTABLE`.
         """
         with self._writer.begin() as conn:
-            return self._transition(conn, job_id, expected, to, reason, data, fields)
+            (job,) = self._apply(
+                conn, [Change(job_id, reason, fields, data)], expected, to, lease_owner_was
+            )
+            return job
 
     def _transition(
         self,
@@ -228,51 +266,99 @@ class Queue:
         data: dict[str, Any] | None,
         fields: dict[str, Any],
     ) -> JobRecord:
+        (job,) = self._apply(conn, [Change(job_id, reason, fields, data)], expected, to)
+        return job
+
+    def _apply(
+        self,
+        conn: Connection,
+        changes: Sequence[Change],
+        expected: JobStatus | Collection[JobStatus],
+        to: JobStatus,
+        lease_owner_was: str | None = _UNSET,
+    ) -> list[JobRecord]:
+        """The one writer of `jobs.status`: all of `changes` (one job each) or none of them.
+
+        Each row is locked and its status read first; the UPDATE then repeats that status
+        (compare-and-set) and every change appends its event, in the caller's transaction.
+        """
         to = JobStatus(to)
         wanted = _statuses(expected)
-        values = _column_values(fields)
-        if not reason:
-            raise ValueError("a status change needs a reason")
-        row = conn.execute(
-            select(JOBS.c.status).where(JOBS.c.id == job_id).with_for_update()
-        ).first()
-        if row is None:
-            raise JobNotFound(f"no job {job_id!r}")
-        current = JobStatus(row.status)
-        if current not in wanted:
-            names = "/".join(sorted(s.value for s in wanted))
-            raise InvalidTransition(
-                f"job {job_id} is {current}, not {names}: cannot move it to {to}"
+        ids = [c.job_id for c in changes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("one change per job")
+        if not ids:
+            return []
+        current_of = {
+            r.id: (JobStatus(r.status), r.lease_owner)
+            for r in conn.execute(
+                select(JOBS.c.id, JOBS.c.status, JOBS.c.lease_owner)
+                .where(JOBS.c.id.in_(ids))
+                .with_for_update()
             )
-        if to not in ALLOWED[current]:
-            raise InvalidTransition(f"job {job_id}: {current} -> {to} is not an allowed change")
-
+        }
         now = self._clock()
-        values.update(status=to.value, updated_at=now)
-        if to is JobStatus.dispatched:
-            values["dispatched_at"] = now
-        elif to is JobStatus.running:
-            values["started_at"] = now
-        elif to is JobStatus.queued:
-            # A new attempt starts clean; the events keep the history of the old one.
-            values.update(dispatched_at=None, started_at=None, finished_at=None)
-            for column in ("failure_kind", "failure_reason", "lease_owner", "lease_expires_at"):
-                values.setdefault(column, None)
-        if to.is_terminal():
-            values["finished_at"] = now
-            values.setdefault("lease_owner", None)
-            values.setdefault("lease_expires_at", None)
+        planned: list[tuple[Change, JobStatus, dict[str, Any]]] = []
+        for change in changes:
+            if not change.reason:
+                raise ValueError("a status change needs a reason")
+            values = _column_values(change.fields)
+            if change.job_id not in current_of:
+                raise JobNotFound(f"no job {change.job_id!r}")
+            current, lease_owner = current_of[change.job_id]
+            if current not in wanted:
+                names = "/".join(sorted(s.value for s in wanted))
+                raise InvalidTransition(
+                    f"job {change.job_id} is {current}, not {names}: cannot move it to {to}"
+                )
+            if to not in ALLOWED[current]:
+                raise InvalidTransition(
+                    f"job {change.job_id}: {current} -> {to} is not an allowed change"
+                )
+            if lease_owner_was is not _UNSET and lease_owner != lease_owner_was:
+                raise InvalidTransition(
+                    f"job {change.job_id}: its lease is held by {lease_owner}, not "
+                    f"{lease_owner_was}: not moved to {to}"
+                )
+            planned.append((change, current, _stamped(values, to, now)))
 
-        # Compare-and-set on the status just read: a no-op if anything moved it meanwhile.
-        result = conn.execute(
-            update(JOBS)
-            .where(JOBS.c.id == job_id, JOBS.c.status == current.value)
-            .values(**values)
+        # One executemany per (status read, columns set): usually one for the whole batch.
+        groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
+        for change, current, values in planned:
+            key = (current.value, tuple(sorted(values)))
+            groups.setdefault(key, []).append(
+                {"b_id": change.job_id, **{f"v_{k}": v for k, v in values.items()}}
+            )
+        for (status, columns), params in groups.items():
+            stmt = (
+                update(JOBS)
+                # Compare-and-set on the status just read: a no-op if anything moved it meanwhile.
+                .where(JOBS.c.id == bindparam("b_id", type_=JOBS.c.id.type), JOBS.c.status == status)
+                .values({c: bindparam(f"v_{c}", type_=JOBS.c[c].type) for c in columns})
+            )
+            result = conn.execute(stmt, params)
+            if result.rowcount != len(params):
+                raise InvalidTransition(
+                    f"job {params[0]['b_id']} changed status concurrently: not moved to {to}"
+                )
+        conn.execute(
+            insert(EVENTS),
+            [
+                {
+                    "job_id": change.job_id,
+                    "at": now,
+                    "from_status": current.value,
+                    "to_status": to.value,
+                    "reason": change.reason,
+                    "data": dump_json(change.data) if change.data is not None else None,
+                }
+                for change, current, _ in planned
+            ],
         )
-        if result.rowcount != 1:
-            raise InvalidTransition(f"job {job_id} changed status concurrently: not moved to {to}")
-        self._append_event(conn, job_id, now, current, to, reason, data)
-        return self._get_exact(conn, job_id)
+        by_id = {
+            r.id: job_record(r) for r in conn.execute(select(JOBS).where(JOBS.c.id.in_(ids)))
+        }
+        return [by_id[i] for i in ids]
 
     def _append_event(
         self,
@@ -295,55 +381,7 @@ class Queue:
             )
         )
 
-    # ---- scheduling --------------------------------------------------------------------
-
-    def _candidates(self, limit: int) -> Select[Any]:
-        query = (
-            select(JOBS)
-            .where(JOBS.c.status == JobStatus.queued.value)
-            .order_by(JOBS.c.priority.desc(), JOBS.c.created_at.asc(), JOBS.c.id.asc())
-            .limit(limit)
-        )
-        # Rows another controller is claiming right now are skipped, not waited for.
-        return query.with_for_update(skip_locked=True) if self._postgres else query
-
-    def claim_queued(self, limit: int) -> list[JobRecord]:
-        """Queued jobs in the order the scheduler should consider them (read only: moving one
-        to dispatched is `dispatch`, whose compare-and-set lets only one controller win)."""
-        with self.engine.begin() as conn:
-            return [job_record(r) for r in conn.execute(self._candidates(limit))]
-
-    def dispatch(self, job_id: str, *, reason: str = "dispatched", **fields: Any) -> JobRecord:
-        """queued → dispatched; InvalidTransition if another controller got there first."""
-        return self.transition(
-            job_id, expected=JobStatus.queued, to=JobStatus.dispatched, reason=reason, **fields
-        )
-
-    def claim(
-        self,
-        limit: int,
-        *,
-        choose: Callable[[list[JobRecord]], Iterable[JobRecord]] | None = None,
-        reason: str = "dispatched",
-        **fields: Any,
-    ) -> list[JobRecord]:
-        """Pick and dispatch jobs in one transaction: up to `limit` queued candidates (best
-        first) are passed to `choose` (the scheduler policy; default: all of them) and the
-        ones it returns move to dispatched. Two controllers never receive the same job."""
-        with self._writer.begin() as conn:
-            candidates = [job_record(r) for r in conn.execute(self._candidates(limit))]
-            chosen = list(choose(candidates)) if choose is not None else candidates
-            known = {c.id for c in candidates}
-            claimed = []
-            for job in chosen:
-                if job.id not in known:
-                    raise ValueError(f"choose() returned job {job.id}, which was not a candidate")
-                claimed.append(
-                    self._transition(
-                        conn, job.id, JobStatus.queued, JobStatus.dispatched, reason, None, fields
-                    )
-                )
-            return claimed
+    # ---- leases ------------------------------------------------------------------------
 
     def renew_leases(self, owner: str, job_ids: Collection[str], until: datetime) -> int:
         """Extend `owner`'s lease on its active jobs to `until` (the controller's heartbeat).
@@ -420,16 +458,46 @@ class Queue:
                     return self._get_exact(conn, job.id)
         raise InvalidTransition(f"job {ref}: status kept changing, cancel not recorded; try again")
 
+    def set_priority(self, ref: str, priority: int) -> JobRecord:
+        """Reprioritise a job that is still queued (its spec's priority changes with it). Not a
+        status change, but recorded as an event (queued -> queued) so `show` lists it."""
+        if not -100 <= priority <= 100:
+            raise InvalidInput(f"priority must be between -100 and 100 (got {priority})")
+        job = self.get(ref)
+        if job.status is not JobStatus.queued:
+            raise InvalidInput(
+                f"job {job.id} is {job.status}: only queued jobs can be reprioritised"
+            )
+        spec = {**job.spec, "priority": priority}
+        with self._writer.begin() as conn:
+            result = conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == job.id, JOBS.c.status == JobStatus.queued.value)
+                .values(priority=priority, spec=dump_json(spec), updated_at=self._clock())
+            )
+            if result.rowcount != 1:
+                raise InvalidTransition(f"job {job.id} was dispatched meanwhile: priority kept")
+            self._append_event(conn, job.id, self._clock(), JobStatus.queued, JobStatus.queued,
+                               f"priority {job.priority} -> {priority}",
+                               {"priority": priority, "was": job.priority})
+            return self._get_exact(conn, job.id)
+
     def retry(self, ref: str, *, reason: str = "retried by user") -> JobRecord:
         """Manual retry: failed → queued as a new attempt (resumes from its last checkpoint)."""
         job = self.get(ref)
         if job.status is not JobStatus.failed:
             raise InvalidInput(f"job {job.id} is {job.status}: only failed jobs can be retried")
+        # A manual retry starts with fresh budgets; the events keep the history.
         return self.transition(
             job.id,
             expected=JobStatus.failed,
             to=JobStatus.queued,
             reason=reason,
+            data={"attempt": job.attempt + 1, "manual": True},
             attempt=job.attempt + 1,
             cancel_requested=False,
+            not_before=None,
+            infra_retries=0,
+            user_retries=0,
+            internal_retries=0,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +44,15 @@ class JobRecord:
     result: dict[str, Any] | None
     lease_owner: str | None
     lease_expires_at: datetime | None
+    memory_gb: float | None = None
+    max_runtime_s: float | None = None
+    not_before: datetime | None = None
+    infra_retries: int = 0
+    user_retries: int = 0
+    internal_retries: int = 0
+    node_id: str | None = None
+    accelerator: str | None = None
+    cost_usd: float | None = None
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""
@@ -96,3 +105,13 @@ def event_record(row: Any) -> EventRecord:
         reason=m["reason"],
         data=json.loads(m["data"]) if m["data"] is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One status change to make: which job, why, and the columns to set along with it."""
+
+    job_id: str
+    reason: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None

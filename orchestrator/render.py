@@ -47,6 +47,70 @@ def adapter_uri(job: JobRecord) -> str | None:
     return (job.result or {}).get("adapter_uri")
 
 
+def eta_s(job: JobRecord) -> float | None:
+    """Seconds left at the current speed, for an active job that reports progress."""
+    if job.status.is_terminal() or not job.total_steps or not job.it_per_s:
+        return None
+    return max(0.0, (job.total_steps - (job.step or 0)) / job.it_per_s)
+
+
+def gpu_text(job: JobRecord) -> str:
+    """The GPU type the job got (or asked for), 'cpu' for CPU jobs."""
+    if not job.gpus:
+        return "cpu"
+    kind = job.accelerator or job.gpu_type or "any"
+    return kind if job.gpus == 1 else f"{job.gpus:g}x {kind}"
+
+
+def attempts(events: list[EventRecord]) -> list[dict[str, Any]]:
+    """Every attempt of a job, rebuilt from its events: when and where it ran, how it ended,
+    what it cost."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for e in events:
+        data = e.data or {}
+        if e.to_status.value == "dispatched":
+            current = {
+                "attempt": len(out) + 1,
+                "dispatched_at": _aware(e.at).isoformat(),  # type: ignore[union-attr]
+                "node_id": data.get("node_id"),
+                "accelerator": data.get("accelerator"),
+                "started_at": None, "ended_at": None, "outcome": None, "reason": None,
+                "node": None, "cost_usd": None,
+            }
+            out.append(current)
+        elif current is not None and e.to_status.value == "running":
+            current["started_at"] = _aware(e.at).isoformat()  # type: ignore[union-attr]
+        elif current is not None:
+            current.update(
+                ended_at=_aware(e.at).isoformat(),  # type: ignore[union-attr]
+                outcome="requeued" if e.to_status.value == "queued" else e.to_status.value,
+                reason=e.reason,
+                cost_usd=data.get("cost_usd"),
+            )
+            current["attempt"] = data.get("attempt", current["attempt"])
+            current["node"] = data.get("node") or current["node"]
+            current = None
+    return out
+
+
+def attempts_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ATTEMPT", "DISPATCHED", "NODE", "GPU", "OUTCOME", "COST", "REASON"):
+        table.add_column(col)
+    for a in rows:
+        table.add_row(
+            str(a["attempt"]),
+            a["dispatched_at"][:19].replace("T", " "),
+            a["node"] or (a["node_id"] or "-")[:12],
+            a["accelerator"] or "-",
+            a["outcome"] or "running",
+            f"${a['cost_usd']:.4f}" if a["cost_usd"] is not None else "-",
+            a["reason"] or "",
+        )
+    return table
+
+
 def job_json(job: JobRecord) -> dict[str, Any]:
     """The stable JSON shape of a job for `--json` (adds `state`, the user-facing name)."""
     out: dict[str, Any] = {}
@@ -60,6 +124,7 @@ def job_json(job: JobRecord) -> dict[str, Any]:
     out["state"] = out["status"]
     out["adapter_uri"] = adapter_uri(job)
     out["elapsed_s"] = elapsed_s(job)
+    out["eta_s"] = eta_s(job)
     return out
 
 
@@ -89,7 +154,8 @@ STATE_STYLE = {
 
 def status_table(jobs: list[JobRecord]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("ID", "NAME", "KIND", "STATE", "PROGRESS", "LOSS", "IT/S", "ELAPSED", "ATTEMPT", "OWNER"):
+    for col in ("ID", "NAME", "KIND", "STATE", "PROGRESS", "LOSS", "IT/S", "ETA", "ELAPSED",
+                "NODE", "GPU", "ATTEMPT", "OWNER"):
         table.add_column(col, no_wrap=True)
     for j in jobs:
         state = j.status.value
@@ -101,7 +167,10 @@ def status_table(jobs: list[JobRecord]) -> Table:
             progress_text(j),
             f"{j.loss:.4f}" if j.loss is not None else "-",
             f"{j.it_per_s:.1f}" if j.it_per_s else "-",
+            fmt_duration(eta_s(j)),
             fmt_duration(elapsed_s(j)),
+            j.node or "-",
+            gpu_text(j),
             str(j.attempt),
             j.owner,
         )

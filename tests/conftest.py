@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.seaweed",
     "tests.plugins.models",
+    "tests.plugins.cluster",
 ]

@@ -141,7 +141,9 @@ def test_wrong_s3_credentials_give_a_clear_line(
     tmp_path: Path, s3_env: Any, tiny_text_model: Path, tiny_text_dataset: Path
 ) -> None:
     data = _stage(s3_env, tiny_text_dataset, "datasets/patterns")
-    spec = write_spec(tmp_path / "s.yaml", "text", "badcreds", str(tiny_text_model), data)
+    # Remote inputs only: `submit` would stage a local path first, and stop there (exit 2).
+    model = _stage(s3_env, tiny_text_model, "models/tiny-llama")
+    spec = write_spec(tmp_path / "s.yaml", "text", "badcreds", model, data)
     env = {**s3_env.server.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret-0123456789"}
     cli = CLI(home=tmp_path / "home", env={**env, "LORAJOBS_BUCKET": s3_env.uri})
 

@@ -1,0 +1,258 @@
+"""The scheduling half of the queue: reading candidates and claiming them for a controller.
+
+`Claiming` is mixed into `orchestrator.queue.Queue` (one concept per module, one object for the
+callers): the round that reads what active jobs hold and the best queued candidates, lets the
+scheduling policy place them and dispatches the placed ones in one transaction; the demand the
+autoscaler is told; and the older per-call claim helpers. Status still changes only through
+`Queue._apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Select,
+    String,
+    func,
+    literal,
+    or_,
+    select,
+    type_coerce,
+)
+
+from orchestrator.db import JobRow, UTCDateTime
+from orchestrator.records import Change, JobRecord, job_record
+from orchestrator.scheduler import Candidate, Hold, Placement, Shape
+from orchestrator.states import JobStatus
+
+JOBS = JobRow.__table__
+_ACTIVE = (JobStatus.dispatched.value, JobStatus.running.value)
+# Arbitrary constant: PostgreSQL advisory lock held by the controller running a scheduling round,
+# so that two controllers never count the same free GPU twice.
+_SCHEDULE_LOCK_KEY = 0x6C6A7363686564  # "ljsched"
+
+
+class RoundPlanner(Protocol):
+    """The scheduling policy's side of a round (`orchestrator.scheduler.Round`)."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def offer(self, candidates: list[Candidate]) -> list[Placement]: ...
+
+
+class Claiming:
+    """Scheduling reads and claims; see `orchestrator.queue.Queue` for the rest."""
+
+    engine: Engine
+    _writer: Engine
+    _clock: Callable[[], datetime]
+    _postgres: bool
+
+    def transition(self, job_id: str, **kw: Any) -> JobRecord:  # implemented by Queue
+        raise NotImplementedError
+
+    def _apply(self, conn: Connection, changes: Sequence[Change], expected: Any,
+               to: JobStatus, lease_owner_was: Any = ...) -> list[JobRecord]:
+        raise NotImplementedError  # implemented by Queue
+
+    def _candidates(self, limit: int) -> Select[Any]:
+        query = (
+            select(JOBS)
+            .where(JOBS.c.status == JobStatus.queued.value)
+            .order_by(JOBS.c.priority.desc(), JOBS.c.created_at.asc(), JOBS.c.id.asc())
+            .limit(limit)
+        )
+        # Rows another controller is claiming right now are skipped, not waited for.
+        return query.with_for_update(skip_locked=True) if self._postgres else query
+
+    def claim_queued(self, limit: int) -> list[JobRecord]:
+        """Queued jobs in the order the scheduler should consider them (read only: moving one
+        to dispatched is `dispatch`, whose compare-and-set lets only one controller win)."""
+        with self.engine.begin() as conn:
+            return [job_record(r) for r in conn.execute(self._candidates(limit))]
+
+    def dispatch(self, job_id: str, *, reason: str = "dispatched", **fields: Any) -> JobRecord:
+        """queued → dispatched; InvalidTransition if another controller got there first."""
+        return self.transition(
+            job_id, expected=JobStatus.queued, to=JobStatus.dispatched, reason=reason, **fields
+        )
+
+    def claim(
+        self,
+        limit: int,
+        *,
+        choose: Callable[[list[JobRecord]], Iterable[JobRecord]] | None = None,
+        reason: str = "dispatched",
+        **fields: Any,
+    ) -> list[JobRecord]:
+        """Pick and dispatch jobs in one transaction: up to `limit` queued candidates (best
+        first) are passed to `choose` (the scheduler policy; default: all of them) and the
+        ones it returns move to dispatched. Two controllers never receive the same job."""
+        with self._writer.begin() as conn:
+            candidates = [job_record(r) for r in conn.execute(self._candidates(limit))]
+            chosen = list(choose(candidates)) if choose is not None else candidates
+            known = {c.id for c in candidates}
+            for job in chosen:
+                if job.id not in known:
+                    raise ValueError(f"choose() returned job {job.id}, which was not a candidate")
+            changes = [Change(job.id, reason, fields) for job in chosen]
+            return self._apply(conn, changes, JobStatus.queued, JobStatus.dispatched)
+
+    def schedule(
+        self,
+        start: Callable[[list[Hold]], RoundPlanner],
+        *,
+        per_class: int,
+        aging_s: float,
+        lease_owner: str,
+        lease_expires_at: datetime,
+        page_size: int = 1024,
+    ) -> list[JobRecord]:
+        """One scheduling round in one transaction: read what active jobs hold, start the
+        policy's round on it (`start(holds)`), offer it the queued candidates best first, page
+        by page until it is done or they run out, and dispatch what it placed.
+
+        Candidates are the oldest `per_class` queued jobs (not in backoff) of every (priority,
+        owner, resource shape) class. Within a class jobs are interchangeable for the policy
+        (same priority, same limits, same fit; aging only grows with age), so no job beyond the
+        first `per_class` of its class could be chosen before them, and a class that cannot run
+        (a GPU type with no node, an owner at its limit) never hides another class behind it.
+        Pages come in the policy's order (effective priority with `aging_s`, then age), so a
+        round that fills up early reads one page, not the whole queue.
+
+        On PostgreSQL rounds of different controllers are serialised by an advisory lock (a
+        controller that finds it taken skips its round) so free capacity is never counted twice,
+        and the chosen rows are claimed with FOR UPDATE SKIP LOCKED; on SQLite the transaction
+        holds the write lock. Either way the compare-and-set in `_apply` is the last guard.
+        """
+        now = self._clock()
+        with self._writer.begin() as conn:
+            if self._postgres and not conn.execute(
+                select(func.pg_try_advisory_xact_lock(_SCHEDULE_LOCK_KEY))
+            ).scalar_one():
+                return []
+            planner = start(self._holds(conn))
+            placements: list[Placement] = []
+            known: set[str] = set()
+            offset = 0
+            while not planner.done:
+                page = self._class_heads(conn, per_class, now, aging_s, page_size, offset)
+                known.update(c.id for c in page)
+                placements += planner.offer(page)
+                if len(page) < page_size:
+                    break
+                offset += page_size
+            if not placements:
+                return []
+            ids = [p.job_id for p in placements]
+            if not known.issuperset(ids) or len(set(ids)) != len(ids):
+                raise ValueError("the planner must place each candidate at most once")
+            if self._postgres:
+                # Rows another transaction is changing right now (a cancel) are skipped.
+                locked = set(
+                    conn.execute(
+                        select(JOBS.c.id)
+                        .where(JOBS.c.id.in_(ids), JOBS.c.status == JobStatus.queued.value)
+                        .with_for_update(skip_locked=True)
+                    ).scalars()
+                )
+                placements = [p for p in placements if p.job_id in locked]
+            changes = [
+                Change(
+                    p.job_id,
+                    p.reason or f"dispatched by {lease_owner}",
+                    {
+                        "lease_owner": lease_owner,
+                        "lease_expires_at": lease_expires_at,
+                        "node_id": p.node_id,
+                        "accelerator": p.accelerator,
+                        "node": None,
+                    },
+                    p.data,
+                )
+                for p in placements
+            ]
+            return self._apply(conn, changes, JobStatus.queued, JobStatus.dispatched)
+
+    def _holds(self, conn: Connection) -> list[Hold]:
+        rows = conn.execute(
+            select(JOBS.c.id, JOBS.c.owner, JOBS.c.node_id, JOBS.c.gpus, JOBS.c.cpus,
+                   JOBS.c.memory_gb).where(JOBS.c.status.in_(_ACTIVE))
+        )
+        return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb) for r in rows]
+
+    def _age_s(self, now: datetime) -> Any:
+        """SQL: seconds since `created_at` (what aging adds to a job's priority)."""
+        if self._postgres:
+            return func.extract("epoch", literal(now, UTCDateTime()) - JOBS.c.created_at)
+        stamp = now.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ")
+        return (func.julianday(stamp) - func.julianday(JOBS.c.created_at)) * 86400.0
+
+    def _class_heads(self, conn: Connection, per_class: int, now: datetime, aging_s: float,
+                     limit: int, offset: int) -> list[Candidate]:
+        # created_at comes back raw and is parsed below: the generic timestamp type costs more
+        # than the rest of a row when a round reads thousands.
+        raw_type = DateTime(timezone=True) if self._postgres else String()
+        cols = (JOBS.c.id, JOBS.c.owner, JOBS.c.priority,
+                type_coerce(JOBS.c.created_at, raw_type).label("created_at"), JOBS.c.gpus,
+                JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb)
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=(JOBS.c.priority, JOBS.c.owner, JOBS.c.gpus, JOBS.c.gpu_type,
+                              JOBS.c.cpus, JOBS.c.memory_gb),
+                order_by=(JOBS.c.created_at, JOBS.c.id),
+            )
+            .label("rank")
+        )
+        effective = JOBS.c.priority + (self._age_s(now) / aging_s if aging_s > 0 else 0)
+        ranked = (
+            select(*cols, rank, effective.label("effective"),
+                   JOBS.c.created_at.label("created_sort"))
+            .where(
+                JOBS.c.status == JobStatus.queued.value,
+                or_(JOBS.c.not_before.is_(None), JOBS.c.not_before <= now),
+            )
+            .subquery()
+        )
+        rows = conn.execute(
+            select(*(ranked.c[c.name] for c in cols))
+            .where(ranked.c.rank <= per_class)
+            .order_by(ranked.c.effective.desc(), ranked.c.created_sort, ranked.c.id)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        utc, parse = timezone.utc, datetime.fromisoformat
+        return [
+            Candidate(id_, owner, prio,
+                      created if self._postgres else parse(created).replace(tzinfo=utc),
+                      gpus, gpu_type, cpus, mem)
+            for id_, owner, prio, created, gpus, gpu_type, cpus, mem in rows
+        ]
+
+    def has_queued(self) -> bool:
+        """Whether any job is waiting (cheap: the scheduling index answers it)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(JOBS.c.id).where(JOBS.c.status == JobStatus.queued.value).limit(1)
+            ).first() is not None
+
+    def demand(self) -> list[tuple[Shape, bool, int]]:
+        """(shape, queued?, how many) over queued and active jobs: what the autoscaler is told."""
+        shape = (JOBS.c.gpus, JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb)
+        queued = (JOBS.c.status == JobStatus.queued.value).label("queued")
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(*shape, queued, func.count())
+                .where(JOBS.c.status.in_((JobStatus.queued.value, *_ACTIVE)))
+                .group_by(*shape, queued)
+            ).all()
+        return [(Shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb), bool(r.queued), int(r[5]))
+                for r in rows]
