@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from jobspecs.errors import LoraJobsError
+
+if TYPE_CHECKING:
+    from worker.checkpoint import CheckpointStore
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -35,6 +40,20 @@ class WorkerContext:
     node: str = ""
     # Free-form facts recorded into the sidecar (attempt history, submit time, ...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where this job's checkpoints live; None: no checkpoints (trainer unit tests).
+    # `run_job` sets it to <output_uri>/jobs/<job_id>/checkpoints/.
+    checkpoints: CheckpointStore | None = None
+    # Bucket root whose `cache/latents/` shares image encodings between jobs on the same data;
+    # None: node-local cache only. `run_job` sets it to output_uri.
+    latent_cache_uri: str | None = None
+    # TEST HOOK (env LORAJOBS_STOP_AFTER_STEP): after this step, checkpoint and raise
+    # `Preempted`, as a preempted node would stop. Never set in production.
+    stop_after_step: int | None = None
+
+
+class Preempted(LoraJobsError):
+    """The attempt stopped before the end (node preempted, or the stop test hook); its last
+    checkpoint is in the bucket and the next attempt resumes from it."""
 
 
 @dataclass
@@ -47,3 +66,6 @@ class TrainOutput:
     metrics: dict[str, Any]
     # Hyper-parameters as resolved (defaults filled in), for the sidecar.
     resolved: dict[str, Any] = field(default_factory=dict)
+    # The files whose bytes are a pure function of (spec, data, base model, threads): what
+    # `lorajobs reproduce` compares. Others (kohya file with its timestamps) are not.
+    deterministic: list[str] = field(default_factory=list)

@@ -7,12 +7,14 @@ controller classifies the failure by exception type (`UserDataError` -> user, no
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from jobspecs.models import AnyJobSpec
+from worker.checkpoint import CheckpointStore
 from worker.context import WorkerContext
 from worker.pull import pull_dataset, pull_model
 from worker.sidecar import SIDECAR, write_metadata
@@ -26,12 +28,24 @@ def adapter_uri(spec: AnyJobSpec, ctx: WorkerContext) -> str:
     return join_uri(ctx.output_uri, "adapters", spec.name, ctx.job_id)
 
 
+# TEST HOOK, not a feature: `LORAJOBS_STOP_AFTER_STEP=N` makes an attempt checkpoint after step
+# N and stop with `Preempted`, as a preempted node would; the resume tests use it to split one
+# job across two processes.
+STOP_AFTER_STEP_ENV = "LORAJOBS_STOP_AFTER_STEP"
+
+
 def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
-    """Run one attempt of `spec`.
+    """Run one attempt of `spec`, resuming from the job's latest checkpoint if it has one.
 
     Returns `{"adapter_uri", "files": {relpath: sha256}, "metrics", "timings"}`, plain JSON.
     """
     timings: dict[str, float | None] = {}
+    if ctx.checkpoints is None:
+        ctx.checkpoints = CheckpointStore.for_job(ctx.output_uri, ctx.job_id)
+    if ctx.latent_cache_uri is None:
+        ctx.latent_cache_uri = ctx.output_uri
+    if ctx.stop_after_step is None and os.environ.get(STOP_AFTER_STEP_ENV, "").strip():
+        ctx.stop_after_step = int(os.environ[STOP_AFTER_STEP_ENV])
 
     # Pull. The dataset first: it is usually the smaller of the two, and a missing one should
     # fail before a many-GB model download.

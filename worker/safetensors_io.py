@@ -39,7 +39,7 @@ def save_canonical(
         t = tensors[name].detach().to("cpu").contiguous()
         if t.dtype not in _DTYPES:
             raise TypeError(f"tensor {name}: unsupported dtype {t.dtype}")
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {
             "dtype": _DTYPES[t.dtype],
             "shape": list(t.shape),

@@ -137,38 +137,72 @@ def build_sidecar(
         "timings": timings,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": file_manifest(adapter_dir, exclude=(SIDECAR,)),
+        # What `lorajobs reproduce` compares: files whose bytes the same spec, data, base model
+        # and thread count always reproduce (the kohya file carries timestamps: not these).
+        "deterministic_files": sorted(output.deterministic),
         "extra": ctx.extra,
     }
 
 
 def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
-    """A short README.md: what the adapter is, what it was trained from, how to load it."""
+    """README.md: what the adapter is, how it was trained, how it did, how to load it.
+
+    Built from the spec and the trainer's figures only (no times), so it repeats with the run.
+    """
     base = redact_uri(spec.base_model)
     # from_pretrained reads a hub id or a local path, not a bucket URI: point at a local copy.
     local_base = base if "://" not in base else "path/to/base-model"
     copy_note = [] if local_base == base else [f"# path/to/base-model: a local copy of {base}"]
     m, r = output.metrics, output.resolved
+    steps = m.get("steps", spec.training.steps)
     library = "peft" if spec.kind == "text" else "diffusers"
     lines = ["---", f"library_name: {library}", "tags:", "- lora", "- lorajobs"]
+    if spec.kind == "image":
+        lines.append("- text-to-image")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec.base_model):  # a hub id: the hub links it
         lines.append(f"base_model: {spec.base_model}")
+    trigger = r.get("trigger_phrase")
+    if trigger:
+        lines.append(f"instance_prompt: {json.dumps(trigger)}")
     lines += [
         "---",
         "",
         f"# {spec.name}",
         "",
         f"A {spec.kind} LoRA (rank {spec.lora.rank}, alpha {spec.lora.alpha:g}) trained by "
-        f"lorajobs on `{redact_uri(spec.dataset)}` for {spec.training.steps} steps "
+        f"lorajobs on `{redact_uri(spec.dataset)}` for {steps} steps "
         f"(seed {spec.training.seed}).",
         "",
-        f"- Base model: `{base}`",
-        f"- Target modules: {', '.join(spec.target_modules())}",
     ]
+    if trigger:
+        lines += [f"Trigger phrase: `{trigger}`", ""]
+    if "loss.png" in output.files:
+        lines += ["![training loss](loss.png)", ""]
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    lines.append(f"| base model | `{base}` |")
+    lines.append(f"| target modules | {', '.join(spec.target_modules())} |")
+    for key in (
+        "rank", "alpha", "dropout", "use_dora", "use_rslora", "steps", "epochs", "batch_size",
+        "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+        "weight_decay", "max_grad_norm", "optimizer", "mixed_precision", "gradient_checkpointing",
+        "resolution", "max_seq_length", "prediction_type", "seed", "device", "threads",
+    ):
+        if key in r:
+            lines.append(f"| {key} | {r[key]} |")
+    lines.append("")
+    results = [f"- First loss: {m['first_loss']:.4f}"] if "first_loss" in m else []
     if "final_loss" in m:
-        lines.append(f"- Final loss: {m['final_loss']:.4f}")
-    if "device" in r:
-        lines.append(f"- Trained on: {r['device']}")
-    lines += ["- Full record: `lorajobs.json` (spec, hashes, versions, metrics)", ""]
+        results.append(f"- Final loss: {m['final_loss']:.4f}")
+    for key, label in (("images", "Training images"), ("examples", "Training examples"),
+                       ("tokens", "Tokens seen")):
+        if key in m:
+            results.append(f"- {label}: {m[key]}")
+    if results:
+        lines += ["## Results", "", *results, ""]
+    lines += ["## Files", ""]
+    for name in output.files:
+        lines.append(f"- `{name}`")
+    lines += [f"- `{SIDECAR}`: the full record (spec, hashes, versions, hardware, metrics)", ""]
     lines += ["## Load it", ""]
     if spec.kind == "text":
         lines += [
@@ -180,6 +214,8 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
             f'base = AutoModelForCausalLM.from_pretrained("{local_base}")',
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
             "```",
+            "",
+            "A merged full model: `lorajobs export <job or this folder> --merge -o merged/`.",
         ]
     else:
         lines += [
@@ -192,6 +228,13 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
             'weight_name="pytorch_lora_weights.safetensors")',
             "```",
         ]
+        kohya = r.get("kohya_file")
+        if kohya:
+            lines += [
+                "",
+                f"A1111 / Forge / ComfyUI: copy `{kohya}` (kohya format, `ss_*` metadata) into "
+                "the LoRA models folder.",
+            ]
     return "\n".join(lines) + "\n"
 
 

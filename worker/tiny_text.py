@@ -24,6 +24,15 @@ _ADJECTIVES = ["red", "blue", "green", "quiet", "bright", "old"]
 _NOUNS = ["apples", "boxes", "trains", "flowers", "stones", "songs"]
 _PLACES = ["in the garden", "at home", "near the river", "on monday", ""]
 
+# A minimal chat template (role: content, EOS after each assistant reply) so chat datasets work
+# with the tiny tokenizer. It renders turn by turn (a conversation's prefix renders as a prefix),
+# which is what locating the assistant tokens for the loss mask needs.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
 
 def _sentence(rng: random.Random) -> str:
     words = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_ADJECTIVES), rng.choice(_NOUNS)]
@@ -96,6 +105,7 @@ def build_tiny_text_model(out: Path, *, seed: int = 0) -> Path:
         pad_token=PAD,
         model_max_length=256,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -70,7 +70,9 @@ def test_trains_and_writes_a_diffusers_lora(
 ) -> None:
     result, reports = _train(_spec(), tiny_image_model, tiny_image_dataset, tmp_path)
 
-    assert result.files == [WEIGHTS_NAME]
+    assert result.files == [WEIGHTS_NAME, "tiny.safetensors", "loss.png"]  # + kohya file
+    assert result.deterministic == [WEIGHTS_NAME]
+    assert result.metrics["resumed_from_step"] == 0
     assert math.isfinite(result.metrics["first_loss"])
     assert math.isfinite(result.metrics["final_loss"])
     assert result.metrics["steps"] == 4 and result.metrics["images"] == 8

@@ -53,9 +53,11 @@ def test_two_runs_give_identical_adapter_bytes(
     digests = []
     for run in ("a", "b"):
         out = train(_spec(25), tiny_text_model, tiny_text_dataset, tmp_path / run, _ctx(tmp_path))
-        assert sorted(out.files) == FILES
-        assert sorted(p.name for p in (tmp_path / run).iterdir()) == FILES  # no PEFT README
-        digests.append({f: sha256_file(tmp_path / run / f) for f in FILES})
+        assert sorted(out.files) == [*FILES, "loss.png"]
+        assert sorted(out.deterministic) == FILES
+        # No PEFT README (the worker writes its own), and the loss curve.
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == [*FILES, "loss.png"]
+        digests.append({f: sha256_file(tmp_path / run / f) for f in [*FILES, "loss.png"]})
     assert digests[0] == digests[1]
 
 

@@ -11,7 +11,6 @@ from PIL import Image
 
 from jobspecs.errors import UserDataError
 from worker.datasets.images import ImageCaptionDataset, image_files
-from worker.trainers.image import BatchOrder
 
 
 def _png(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> Path:
@@ -100,20 +99,3 @@ def test_caption_must_be_utf8(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes(b"caf\xe9")
     with pytest.raises(UserDataError, match="a.txt"):
         ImageCaptionDataset(tmp_path, resolution=16)
-
-
-def test_batch_order_is_a_pure_function_of_seed_and_step() -> None:
-    order = BatchOrder(n=5, batch_size=2, seed=7)
-    stream = [i for step in range(10) for i in order.batch(step)]
-    # Every epoch (5 consecutive positions) is a permutation of the dataset.
-    for epoch in range(4):
-        assert sorted(stream[epoch * 5 : epoch * 5 + 5]) == list(range(5))
-    # A fresh instance (a resumed run) positions any step on its own, without replaying.
-    assert BatchOrder(n=5, batch_size=2, seed=7).batch(7) == stream[14:16]
-    other_seed = BatchOrder(n=5, batch_size=2, seed=8)
-    assert [i for step in range(10) for i in other_seed.batch(step)] != stream
-
-
-def test_batch_larger_than_dataset_spans_epochs() -> None:
-    batch = BatchOrder(n=3, batch_size=7, seed=0).batch(0)
-    assert len(batch) == 7 and set(batch) == {0, 1, 2}

@@ -1,8 +1,9 @@
-"""Image datasets: a folder of images with same-name `.txt` captions (the kohya convention).
+"""Image files: listing, captions, decoding, resizing and cropping (the kohya `.txt` convention).
 
-`photo.png` is captioned by `photo.txt` next to it; subfolders are read too. Images are resized
-(shorter side to the resolution), center-cropped to a square and scaled to [-1, 1], the range
-a diffusion VAE expects. Every problem is a `UserDataError` naming the file.
+`photo.png` is captioned by `photo.txt` next to it; subfolders are read too. `ImageCaptionDataset`
+resizes (shorter side to the resolution), center-crops to a square and scales to [-1, 1], the
+range a diffusion VAE expects. Bucketed, multi-format training sets are built on these helpers
+in `image_dataset.py`. Every problem is a `UserDataError` naming the file.
 """
 
 from __future__ import annotations
@@ -64,22 +65,59 @@ def read_caption(image: Path) -> str:
         raise UserDataError(f"{path}: caption is not valid UTF-8 (byte {err.start})") from None
 
 
-def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """Decode, resize the shorter side to `resolution`, center-crop, scale to [-1, 1]."""
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image upright (EXIF rotation applied), alpha composited onto white, as RGB."""
     try:
         with Image.open(path) as raw:
             raw.load()
             img = ImageOps.exif_transpose(raw)  # phones store rotation in EXIF
     except Exception as err:  # decoders raise many types (OSError, SyntaxError, struct.error)
         raise UserDataError(f"{path}: cannot be decoded as an image ({err})") from None
-    img = _to_rgb(img)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    return _to_rgb(img)
+
+
+def resize_and_crop(
+    img: Image.Image, width: int, height: int, top_left: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize `img` to cover `width` x `height`, then crop to it; returns (image, (top, left)).
+
+    The crop is centred unless `top_left` (in the resized image, clamped to fit) is given.
+    """
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
     img = img.resize(size, Image.Resampling.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    if top_left is None:
+        top, left = (img.height - height) // 2, (img.width - width) // 2
+    else:
+        top = min(max(top_left[0], 0), img.height - height)
+        left = min(max(top_left[1], 0), img.width - width)
+    return img.crop((left, top, left + width, top + height)), (top, left)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) float32 tensor in [-1, 1], the range a diffusion VAE expects."""
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def load_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """Decode, resize the shorter side to `resolution`, center-crop, scale to [-1, 1]."""
+    img, _ = resize_and_crop(open_rgb(path), resolution, resolution)
+    return to_tensor(img)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is shown (EXIF rotation applied); checks it is decodable."""
+    _check_decodable(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            # EXIF orientations 5-8 are quarter turns: the displayed image is transposed.
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+    except Exception as err:  # decoders raise many types (OSError, SyntaxError, struct.error)
+        raise UserDataError(f"{path}: cannot be decoded as an image ({err})") from None
+    return width, height
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

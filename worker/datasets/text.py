@@ -1,17 +1,18 @@
-"""Text datasets: JSONL rows with a `text` field, in one file or a folder of `*.jsonl` files.
+"""Plain text datasets: JSONL rows with a `text` field, in one file or a folder of `*.jsonl`.
 
 Every problem is a `UserDataError` that names the file and the line, so the user can fix the
-data without reading a traceback. Tokenising happens once, before training.
+data without reading a traceback. The other row formats (prompt/completion, alpaca, chat), loss
+masks and packing live in `text_formats.py`, `chat.py`, `packing.py` and `text_dataset.py`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobspecs.errors import UserDataError
+from worker.datasets.jsonl import JsonRow, read_rows
 
 
 @dataclass(frozen=True)
@@ -35,41 +36,19 @@ def jsonl_files(path: Path) -> list[Path]:
     raise UserDataError(f"dataset {path}: not found")
 
 
-def _parse_line(raw: bytes, source: str, line: int) -> TextExample | None:
-    where = f"{source}: line {line}"
-    try:
-        # utf-8-sig: a byte-order mark at the start of a file is common and harmless.
-        text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
-    except UnicodeDecodeError as err:
-        raise UserDataError(f"{where}: invalid UTF-8 at byte {err.start}") from None
-    if not text.strip():
-        return None  # blank lines (often a trailing one) are not examples
-    try:
-        row: Any = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserDataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(row, dict):
-        raise UserDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "text" not in row:
-        raise UserDataError(f"{where}: missing the 'text' field")
-    if not isinstance(row["text"], str):
-        raise UserDataError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
-    return TextExample(row["text"], source, line)
+def _text_example(row: JsonRow) -> TextExample:
+    if "text" not in row.data:
+        raise UserDataError(f"{row.where}: missing the 'text' field")
+    if not isinstance(row.data["text"], str):
+        raise UserDataError(
+            f"{row.where}: 'text' must be a string, got {type(row.data['text']).__name__}"
+        )
+    return TextExample(row.data["text"], row.source, row.line)
 
 
 def read_jsonl(path: Path) -> list[TextExample]:
-    """All examples of one JSONL file, in file order."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserDataError(f"{path}: cannot read ({err.strerror})") from None
-    # Split on bytes, not text: a bad byte then fails its own line, not the whole file.
-    out = []
-    for i, raw in enumerate(data.split(b"\n"), start=1):
-        ex = _parse_line(raw.rstrip(b"\r"), str(path), i)
-        if ex is not None:
-            out.append(ex)
-    return out
+    """All `text` examples of one JSONL file, in file order."""
+    return [_text_example(row) for row in read_rows(path)]
 
 
 def load_text_examples(path: Path) -> list[TextExample]:

@@ -1,14 +1,14 @@
 """Text LoRA trainer: PEFT LoRA on a transformers causal LM, trained on JSONL text.
 
-Reads top to bottom: threads + seeds -> tokenizer + model -> LoRA -> tokenised data -> train
-loop -> PEFT export made byte-deterministic. Same spec + same data + same thread count on CPU
-gives the same adapter bytes.
+Reads top to bottom: threads + seeds -> data -> tokenizer + model -> LoRA -> tokenised data ->
+train loop (`TrainLoop`: accumulation, schedule, checkpoints, resume) -> PEFT export made
+byte-deterministic, plus `loss.png`. Same spec + same data + same thread count on CPU gives the
+same adapter bytes.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,23 @@ import torch
 from jobspecs.errors import UserDataError
 from jobspecs.models import TextJobSpec
 from worker.context import TrainOutput, WorkerContext
-from worker.datasets.text import load_text_examples, tokenize_examples
+from worker.datasets.text_dataset import TextTrainSet, build_text_dataset
+from worker.plots import draw_loss_curve
 from worker.safetensors_io import save_canonical
+from worker.trainers.common import (
+    TrainLoop,
+    build_optimizer,
+    loss_curve,
+    pick_device,
+    resolve_precision,
+    seed_everything,
+    spec_fingerprint,
+    total_steps,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MAX_GRAD_NORM = 1.0  # what the usual LoRA recipes clip to; keeps high learning rates stable
-REPORT_EVERY_S = 0.5
+LOSS_PNG = "loss.png"
 CURVE_POINTS = 20
 
 
@@ -40,29 +50,40 @@ def train(
 
     # 1. Threads and seeds: the thread count changes float reduction order, so it is fixed per job.
     torch.set_num_threads(ctx.threads)
-    torch.manual_seed(tr.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 base weights on GPUs that have it (LoRA weights stay fp32, PEFT upcasts them).
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    seed_everything(tr.seed)
+    device = pick_device()
+    precision = resolve_precision(tr.mixed_precision, device)
+    dtype = precision.base_dtype
 
-    # 2. Data first: a bad dataset should fail before the (possibly large) model loads.
-    examples = load_text_examples(data_path)
-
-    # 3. Tokenizer and model, from the pulled folder only.
+    # 2. Tokenizer, then the data: a bad dataset fails before the (possibly large) model loads.
     if not (model_dir / "config.json").is_file():
         raise UserDataError(
             f"base model {spec.base_model}: no config.json (not a transformers model folder)"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserDataError(
+            f"base model {spec.base_model}: cannot load: {_first_line(err)}"
+        ) from None
+    validation_path = None
+    if spec.data.validation is not None:
+        from worker.pull import pull_dataset
+
+        validation_path = pull_dataset(spec.data.validation, ctx.cache_dir)
+    ds = build_text_dataset(data_path, spec, tokenizer, validation_path=validation_path)
+
+    # 3. The model, from the pulled folder only.
+    try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserDataError(f"base model {spec.base_model}: cannot load: {first_line}") from None
-    # Padded positions are masked out of attention and loss, so any id will do as padding.
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        raise UserDataError(
+            f"base model {spec.base_model}: cannot load: {_first_line(err)}"
+        ) from None
     model.config.use_cache = False  # no KV cache while training: it only costs memory
+    if tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: give checkpoints a grad path
 
     # 4. LoRA.
     lora_config = LoraConfig(
@@ -71,6 +92,8 @@ def train(
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
         target_modules=spec.target_modules(),
+        use_dora=spec.lora.use_dora,
+        use_rslora=spec.lora.use_rslora,
     )
     try:
         model = get_peft_model(model, lora_config)
@@ -79,76 +102,100 @@ def train(
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    optimizer = build_optimizer(params, tr, device)
 
-    # 5. Tokenise once. A one-token sequence predicts nothing; a batch of only those has no loss.
-    sequences = [s for s in tokenize_examples(examples, tokenizer, tr.max_seq_length) if len(s) > 1]
-    if not sequences:
-        raise UserDataError(f"dataset {spec.dataset}: no example is longer than one token")
+    # 5. Train. Batches (padded, or packed when data.packing) are a pure function of the step.
+    total = total_steps(tr, len(ds))
 
-    # 6. Train.
-    losses: list[float] = []
-    tokens = 0
-    orders: dict[int, list[int]] = {}
-    t_train = time.monotonic()
-    last_report, last_step = t_train, 0
-    for step in range(1, tr.steps + 1):
-        idx = _batch_indices(step - 1, tr.batch_size, len(sequences), tr.seed, orders)
-        input_ids, attention_mask, labels = _pad_batch([sequences[i] for i in idx], pad_id)
-        out = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            labels=labels.to(device),
-        )
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
-        tokens += int(attention_mask.sum())
+    def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
+        """The LM loss of micro-batch `k` (its rows: a function of k and the seed)."""
+        batch = ds.batch(k)
+        inputs = {name: t.to(device) for name, t in batch.model_inputs().items()}
+        out = model(**inputs, use_cache=False)
+        return out.loss, {"tokens": batch.num_tokens, "label_tokens": batch.num_label_tokens,
+                          "capacity": batch.capacity}
 
-        now = time.monotonic()
-        if now - last_report >= REPORT_EVERY_S or step == tr.steps:
-            it_per_s = (step - last_step) / max(now - last_report, 1e-9)
-            ctx.report(
-                {"step": step, "total_steps": tr.steps, "loss": losses[-1], "it_per_s": it_per_s}
-            )
-            last_report, last_step = now, step
-    train_seconds = time.monotonic() - t_train
+    loop = TrainLoop(
+        tr,
+        model=model,
+        optimizer=optimizer,
+        precision=precision,
+        device=device,
+        ctx=ctx,
+        total=total,
+        generators={},
+        fingerprint=spec_fingerprint(spec, ctx.threads),
+    )
+    result = loop.run(micro_loss)
+    losses = result.losses
+    eval_loss = _eval_loss(model, ds, device, precision) if ds.validation else None
 
     # 7. Export: PEFT's folder, then rewritten so the bytes depend only on the tensors.
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    _canonicalise_peft_folder(out_dir, spec.base_model)
+    model_type = str(getattr(model.config, "model_type", "causal-lm"))
+    header = {  # the kohya / modelspec keys that apply to a text LoRA; no times: deterministic
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{model_type}/lora",
+        "modelspec.implementation": "https://github.com/huggingface/peft",
+        "modelspec.title": spec.name,
+        "ss_base_model_version": model_type,
+        "ss_network_dim": str(spec.lora.rank),
+        "ss_network_alpha": repr(float(spec.lora.alpha)),
+        "ss_output_name": spec.name,
+        "ss_steps": str(total),
+        "ss_seed": str(tr.seed),
+        "ss_learning_rate": repr(float(tr.learning_rate)),
+    }
+    _canonicalise_peft_folder(out_dir, spec.base_model, header)
+    draw_loss_curve(losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
 
     return TrainOutput(
-        files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS],
+        files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOSS_PNG],
+        deterministic=[ADAPTER_CONFIG, ADAPTER_WEIGHTS],
         metrics={
             "first_loss": losses[0],
             "final_loss": losses[-1],
             "loss_curve": loss_curve(losses, CURVE_POINTS),
-            "steps": tr.steps,
-            "examples": len(sequences),
-            "examples_seen": tr.steps * tr.batch_size,
-            "tokens": tokens,
-            "train_seconds": round(train_seconds, 3),
+            "steps": total,
+            "examples": len(ds.examples),
+            "validation_examples": len(ds.validation),
+            "eval_loss": eval_loss,
+            "examples_seen": total * tr.batch_size * tr.gradient_accumulation_steps,
+            "tokens": result.counters.get("tokens", 0),
+            "label_tokens": result.counters.get("label_tokens", 0),
+            # Real tokens / tokens computed: what padding wastes (packing brings it near 1).
+            "useful_fraction": round(
+                result.counters.get("tokens", 0) / max(1, result.counters.get("capacity", 0)), 4
+            ),
+            "resumed_from_step": result.resumed_from_step,
+            "train_seconds": round(result.train_seconds, 3),
             "total_seconds": round(time.monotonic() - t_start, 3),
         },
         resolved={
             "rank": spec.lora.rank,
             "alpha": spec.lora.alpha,
             "dropout": spec.lora.dropout,
+            "use_dora": spec.lora.use_dora,
+            "use_rslora": spec.lora.use_rslora,
             "target_modules": spec.target_modules(),
-            "steps": tr.steps,
+            "steps": total,
             "batch_size": tr.batch_size,
+            "gradient_accumulation_steps": tr.gradient_accumulation_steps,
             "learning_rate": tr.learning_rate,
+            "lr_scheduler": tr.lr_scheduler,
+            "warmup_steps": tr.warmup_steps,
             "weight_decay": tr.weight_decay,
             "max_seq_length": tr.max_seq_length,
             "seed": tr.seed,
-            "optimizer": "adamw",
-            "max_grad_norm": MAX_GRAD_NORM,
-            "lr_schedule": "constant",
-            "epochs": round(tr.steps * tr.batch_size / len(sequences), 3),
+            "optimizer": tr.optimizer,
+            "max_grad_norm": tr.max_grad_norm,
+            "mixed_precision": precision.used,
+            "mixed_precision_requested": precision.requested,
+            "gradient_checkpointing": tr.gradient_checkpointing,
+            "epochs": round(total * tr.batch_size * tr.gradient_accumulation_steps / len(ds), 3),
+            "packing": spec.data.packing,
+            "data_format": spec.data.format,
             "trainable_params": sum(p.numel() for p in params),
             "device": device.type,
             "dtype": str(dtype).removeprefix("torch."),
@@ -157,58 +204,37 @@ def train(
     )
 
 
-def _batch_indices(
-    batch_no: int, batch_size: int, n: int, seed: int, orders: dict[int, list[int]]
-) -> list[int]:
-    """Example indices of one batch. The order within an epoch is a pure function of
-    (seed, epoch), so the step number alone positions the data (what resume needs)."""
-    out = []
-    for k in range(batch_no * batch_size, (batch_no + 1) * batch_size):
-        epoch, pos = divmod(k, n)
-        if epoch not in orders:
-            order = list(range(n))
-            random.Random(f"lorajobs-text:{seed}:{epoch}").shuffle(order)
-            orders.clear()  # only the current epoch (and the next) are ever needed
-            orders[epoch] = order
-        out.append(orders[epoch][pos])
-    return out
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _pad_batch(
-    seqs: list[list[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence in the batch; labels are -100 on padding."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        row = torch.tensor(s, dtype=torch.long)
-        input_ids[i, : len(s)] = row
-        attention_mask[i, : len(s)] = 1
-        labels[i, : len(s)] = row
-    return input_ids, attention_mask, labels
+@torch.no_grad()
+def _eval_loss(model: Any, ds: TextTrainSet, device: torch.device, precision: Any) -> float:
+    """Mean loss per label token over the validation set (dropout off; draws no random)."""
+    model.eval()
+    total = weight = 0.0
+    for batch in ds.eval_batches():
+        inputs = {name: t.to(device) for name, t in batch.model_inputs().items()}
+        with precision.context(device):
+            loss = model(**inputs, use_cache=False).loss
+        total += float(loss) * batch.num_label_tokens
+        weight += batch.num_label_tokens
+    model.train()
+    return round(total / max(weight, 1.0), 6)
 
 
-def loss_curve(losses: list[float], points: int) -> list[float]:
-    """Mean loss over up to `points` equal windows of steps: short, and less noisy than samples."""
-    n = len(losses)
-    k = min(points, n)
-    bounds = [round(i * n / k) for i in range(k + 1)]
-    return [
-        round(sum(losses[a:b]) / (b - a), 6) for a, b in zip(bounds, bounds[1:]) if b > a
-    ]
-
-
-def _canonicalise_peft_folder(out_dir: Path, base_model: str) -> None:
+def _canonicalise_peft_folder(out_dir: Path, base_model: str, header: dict[str, str]) -> None:
     """Rewrite PEFT's files so that identical tensors give identical bytes."""
     from safetensors import safe_open
+
+    from worker.kohya import tensor_data_sha256
 
     weights = out_dir / ADAPTER_WEIGHTS
     with safe_open(str(weights), framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_canonical(tensors, weights, metadata)
+    header = {**header, "modelspec.hash_sha256": "0x" + tensor_data_sha256(tensors)}
+    save_canonical(tensors, weights, {**metadata, **header})
 
     config_path = out_dir / ADAPTER_CONFIG
     config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))

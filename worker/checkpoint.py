@@ -1,0 +1,114 @@
+"""Resumable checkpoints in the bucket: `<bucket>/jobs/<job_id>/checkpoints/step-N/`.
+
+A checkpoint is two data files and a marker, written in that order:
+
+- `tensors.safetensors` — every tensor: LoRA weights, optimizer state, RNG states (a torch RNG
+  state is a uint8 tensor, so it travels as one);
+- `state.json` — everything else: step, scheduler, python/numpy RNG, loss history, counters;
+- `COMPLETE` — written last. A folder without it (the node died mid-upload) is ignored.
+
+Nothing is pickled and nothing is read with `torch.load`: a checkpoint comes from a bucket, and
+unpickling a file from a bucket runs whatever code it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.storage import Storage, join_uri, open_storage
+
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+MARKER = "COMPLETE"
+if TYPE_CHECKING:  # torch only where checkpoints are written or read
+    import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint's content: tensors by name and a JSON-able state."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+class CheckpointStore:
+    """The checkpoints of one job, under `<root>/jobs/<job_id>/checkpoints/`."""
+
+    def __init__(self, storage: Storage, prefix: str) -> None:
+        self.storage = storage
+        self.prefix = prefix.strip("/")
+
+    @classmethod
+    def for_job(cls, output_uri: str, job_id: str) -> CheckpointStore:
+        """The store for `job_id` in the bucket `output_uri`."""
+        return cls(open_storage(output_uri), f"jobs/{job_id}/checkpoints")
+
+    @property
+    def uri(self) -> str:
+        return join_uri(self.storage.uri, self.prefix)
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        done = []
+        for obj in self.storage.list(self.prefix + "/"):
+            rel = obj.key[len(self.prefix) + 1 :].split("/")
+            if len(rel) == 2 and rel[1] == MARKER and (m := _STEP_DIR.match(rel[0])):
+                done.append(int(m.group(1)))
+        return sorted(done)
+
+    def latest(self) -> int | None:
+        """The step of the latest complete checkpoint, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, ckpt: Checkpoint, keep: int) -> None:
+        """Write `ckpt` (marker last), then drop all but the latest `keep` checkpoints."""
+        from worker.safetensors_io import save_canonical
+
+        key = f"{self.prefix}/step-{ckpt.step}"
+        with tempfile.TemporaryDirectory(prefix="lorajobs-ckpt-") as tmp:
+            local = Path(tmp) / TENSORS
+            save_canonical(ckpt.tensors, local)
+            self.storage.put_file(local, f"{key}/{TENSORS}")
+        state = json.dumps(ckpt.state, sort_keys=True, allow_nan=True).encode()
+        self.storage.put_bytes(state, f"{key}/{STATE}")
+        self.storage.put_bytes(f"step {ckpt.step}\n".encode(), f"{key}/{MARKER}")
+        self.prune(keep)
+
+    def load(self, step: int) -> Checkpoint:
+        """Read the checkpoint of `step` (which must be complete)."""
+        from safetensors.torch import load_file
+
+        key = f"{self.prefix}/step-{step}"
+        with tempfile.TemporaryDirectory(prefix="lorajobs-ckpt-") as tmp:
+            local = Path(tmp) / TENSORS
+            self.storage.get_file(f"{key}/{TENSORS}", local)
+            tensors = load_file(str(local))  # safetensors: data only, never code
+        state = json.loads(self.storage.get_bytes(f"{key}/{STATE}"))
+        return Checkpoint(step, tensors, state)
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the latest `keep` complete checkpoints, and any incomplete older one."""
+        complete = self.steps()
+        keep_steps = set(complete[-keep:]) if keep > 0 else set()
+        newest = complete[-1] if complete else -1
+        seen: set[int] = set()
+        for obj in self.storage.list(self.prefix + "/"):
+            m = _STEP_DIR.match(obj.key[len(self.prefix) + 1 :].split("/")[0])
+            if m:
+                seen.add(int(m.group(1)))
+        for step in sorted(seen):
+            # An incomplete folder newer than the newest complete one may be in flight: keep it.
+            if step not in keep_steps and step < newest:
+                # Marker first: a half-deleted checkpoint must not look complete.
+                self.storage.delete_prefix(f"{self.prefix}/step-{step}/{MARKER}")
+                self.storage.delete_prefix(f"{self.prefix}/step-{step}/")

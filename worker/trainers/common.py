@@ -1,0 +1,364 @@
+"""What the image and text trainers share: device and precision, step count, optimizer, LR
+schedule, and the training loop itself (accumulation, clipping, progress, checkpoints, resume).
+
+A trainer supplies one function, `micro_loss(k)` — the loss of global micro-batch `k` — and
+`TrainLoop.run` does the rest. Every random number the loop can consume is captured in a
+checkpoint (python, numpy, torch, CUDA and the trainer's own generators), and the data position
+is the step number, so a resumed run is bitwise the run that was interrupted (on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from jobspecs.errors import InvalidInput, UserDataError
+from worker.checkpoint import Checkpoint
+from worker.context import Preempted, WorkerContext
+
+REPORT_EVERY_S = 0.5
+
+# micro_loss(k) -> (loss of micro-batch k, counters to add up, e.g. {"tokens": 123})
+MicroLoss = Callable[[int], tuple[torch.Tensor, dict[str, int]]]
+
+
+# -- device, precision, steps ----------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    """The node's first GPU if it has one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs. LoRA weights and optimizer state are fp32 in every mode."""
+
+    requested: str  # the spec's mixed_precision
+    used: str  # what actually ran: "no" on the CPU whatever was asked
+    base_dtype: torch.dtype  # the frozen base model's weights
+    autocast: torch.dtype | None  # autocast dtype of the forward pass, None for fp32
+    scale_loss: bool  # fp16 needs loss scaling
+
+    def context(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """Mixed precision is a GPU feature: on the CPU a job runs fp32 (and records so), which keeps
+    one spec runnable on a laptop (`lorajobs run`) and on a GPU node alike."""
+    if device.type != "cuda" or requested == "no":
+        return Precision(requested, "no", torch.float32, None, False)
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        requested_used = "fp16"  # pre-Ampere GPUs: the nearest thing that is fast there
+    else:
+        requested_used = requested
+    if requested_used == "bf16":
+        return Precision(requested, "bf16", torch.bfloat16, torch.bfloat16, False)
+    return Precision(requested, "fp16", torch.float16, torch.float16, True)
+
+
+def total_steps(cfg: Any, examples: int, batches_per_epoch: int | None = None) -> int:
+    """Optimizer steps of the job: `steps`, or `epochs` full passes over `examples` (or over
+    `batches_per_epoch` micro-batches, where the dataset plans its own batches, e.g. buckets)."""
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    batches = batches_per_epoch or max(1, math.ceil(examples / cfg.batch_size))
+    return int(cfg.epochs) * max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """LR multiplier for 0-based optimizer step `step`, as transformers' schedules define it
+    (`get_{constant,linear,cosine}_schedule_with_warmup`): linear warmup from 0, then the shape."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown lr_scheduler {schedule!r}")
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: Any, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' 8-bit AdamW where it can run (its kernels need CUDA)."""
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+            where = "no GPU" if device.type != "cuda" else "bitsandbytes is not installed"
+            raise UserDataError(
+                f"training.optimizer adamw8bit: needs bitsandbytes and a CUDA GPU ({where}); "
+                "use optimizer: adamw"
+            )
+        import bitsandbytes as bnb
+
+        opt: torch.optim.Optimizer = bnb.optim.AdamW8bit(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        return opt
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global generator a trainer or a library may draw from."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def spec_fingerprint(spec: Any, threads: int) -> str:
+    """A digest of everything in the spec that changes the numbers: a checkpoint is only
+    resumed by the spec (and thread count) that wrote it."""
+    data = spec.model_dump(mode="json", exclude={"name", "owner", "priority", "output"})
+    data["resources"] = {"cpus": threads}
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        data["training"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# -- loss curves ----------------------------------------------------------------------------
+
+
+def window_means(losses: list[float], every: int) -> list[float]:
+    """Mean of each run of `every` steps (the last one may be shorter), summed in step order."""
+    out = []
+    for a in range(0, len(losses), every):
+        window = 0.0
+        for v in losses[a : a + every]:
+            window += v
+        out.append(window / len(losses[a : a + every]))
+    return out
+
+
+def loss_curve(losses: list[float], points: int) -> list[float]:
+    """Mean loss over up to `points` equal windows of steps: short, and less noisy than samples."""
+    n = len(losses)
+    k = min(points, n)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [round(sum(losses[a:b]) / (b - a), 6) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopResult:
+    """What a finished loop hands back to its trainer."""
+
+    losses: list[float]  # one per optimizer step, from step 1 (resumed steps included)
+    counters: dict[str, int]
+    resumed_from_step: int
+    train_seconds: float  # this attempt's training time
+    lr_last: float = 0.0
+
+
+class TrainLoop:
+    """Optimizer steps over micro-batches, with everything that makes them resumable.
+
+    `model`'s trainable parameters are the LoRA weights: they, the optimizer state, the
+    schedule position, every RNG and the loss history go into each checkpoint.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        device: torch.device,
+        ctx: WorkerContext,
+        total: int,
+        generators: dict[str, torch.Generator],
+        fingerprint: str,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.optimizer = optimizer
+        self.precision = precision
+        self.device = device
+        self.ctx = ctx
+        self.total = total
+        self.accum = cfg.gradient_accumulation_steps
+        self.generators = generators
+        self.fingerprint = fingerprint
+        self.scaler = torch.amp.GradScaler(device.type) if precision.scale_loss else None
+        self.losses: list[float] = []
+        self.counters: dict[str, int] = {}
+        self.step = 0
+
+    def run(self, micro_loss: MicroLoss) -> LoopResult:
+        """Resume if the job has a checkpoint, then train up to `total` steps."""
+        resumed = self._resume()
+        started = last_report = time.monotonic()
+        last_step = self.step
+        lr = 0.0
+        while self.step < self.total:
+            lr = self.cfg.learning_rate * lr_factor(
+                self.cfg.lr_scheduler, self.step, self.total, self.cfg.warmup_steps
+            )
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self._one_step(micro_loss)
+            self.step += 1
+            if not math.isfinite(loss):
+                raise InvalidInput(
+                    f"training.learning_rate {self.cfg.learning_rate}: loss became {loss} "
+                    f"at step {self.step}"
+                )
+            self.losses.append(loss)
+
+            now = time.monotonic()
+            if now - last_report >= REPORT_EVERY_S or self.step == self.total:
+                rate = (self.step - last_step) / max(now - last_report, 1e-9)
+                self.ctx.report(
+                    {"step": self.step, "total_steps": self.total, "loss": loss, "it_per_s": rate}
+                )
+                last_report, last_step = now, self.step
+            every = self.cfg.checkpoint_every
+            stop = self.ctx.stop_after_step == self.step and self.step < self.total
+            if self.ctx.checkpoints is not None and (stop or (every and self.step % every == 0)):
+                self.ctx.checkpoints.save(self._capture(), keep=self.cfg.keep_checkpoints)
+            if stop:
+                raise Preempted(f"stopped after step {self.step} (LORAJOBS_STOP_AFTER_STEP)")
+        return LoopResult(
+            losses=self.losses,
+            counters=self.counters,
+            resumed_from_step=resumed,
+            train_seconds=time.monotonic() - started,
+            lr_last=lr,
+        )
+
+    def _one_step(self, micro_loss: MicroLoss) -> float:
+        total_loss = 0.0
+        for i in range(self.accum):
+            with self.precision.context(self.device):
+                loss, counts = micro_loss(self.step * self.accum + i)
+            scaled = loss / self.accum if self.accum > 1 else loss
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            total_loss += float(loss.detach())
+            for k, v in counts.items():
+                self.counters[k] = self.counters.get(k, 0) + int(v)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss / self.accum
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _capture(self) -> Checkpoint:
+        tensors: dict[str, torch.Tensor] = {
+            f"param/{n}": p.detach().cpu().clone() for n, p in self.named
+        }
+        opt = self.optimizer.state_dict()
+        opt_json: dict[str, dict[str, Any]] = {}
+        for pid, st in opt["state"].items():
+            opt_json[str(pid)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim/{pid}/{k}"] = v.detach().cpu().clone()
+                else:
+                    opt_json[str(pid)][k] = v
+        tensors["rng/torch"] = torch.get_rng_state()
+        for name, gen in self.generators.items():
+            tensors[f"rng/gen/{name}"] = gen.get_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{i}"] = s
+        np_state = np.random.get_state()
+        tensors["rng/numpy"] = torch.from_numpy(np.asarray(np_state[1]).astype(np.int64))
+        py_version, py_internal, py_gauss = random.getstate()
+        state = {
+            "format": "lorajobs.checkpoint/v1",
+            "step": self.step,
+            "total_steps": self.total,
+            "fingerprint": self.fingerprint,
+            "losses": self.losses,
+            "counters": self.counters,
+            "optimizer": {"state": opt_json, "param_groups": opt["param_groups"]},
+            "scheduler": {
+                "kind": self.cfg.lr_scheduler,
+                "warmup_steps": self.cfg.warmup_steps,
+                "base_lr": self.cfg.learning_rate,
+                "step": self.step,
+            },
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": {
+                "python": [py_version, list(py_internal), py_gauss],
+                "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            },
+        }
+        return Checkpoint(self.step, tensors, state)
+
+    def _resume(self) -> int:
+        store = self.ctx.checkpoints
+        step = store.latest() if store is not None else None
+        if store is None or step is None:
+            return 0
+        ckpt = store.load(step)
+        st, t = ckpt.state, ckpt.tensors
+        if st.get("fingerprint") != self.fingerprint:
+            raise InvalidInput(
+                f"job {self.ctx.job_id}: the checkpoints under {store.uri} were written by a "
+                "different spec or thread count; use another job id, or delete them"
+            )
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(t[f"param/{n}"].to(p.device, p.dtype))
+        opt_state: dict[int, dict[str, Any]] = {}
+        for pid, rest in st["optimizer"]["state"].items():
+            opt_state[int(pid)] = dict(rest)
+        for key, v in t.items():
+            if key.startswith("optim/"):
+                _, pid, name = key.split("/", 2)
+                opt_state.setdefault(int(pid), {})[name] = v
+        groups = [
+            {k: tuple(v) if k == "betas" else v for k, v in g.items()}
+            for g in st["optimizer"]["param_groups"]
+        ]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        if self.scaler is not None and st.get("grad_scaler"):
+            self.scaler.load_state_dict(st["grad_scaler"])
+        torch.set_rng_state(t["rng/torch"])
+        for name, gen in self.generators.items():
+            gen.set_state(t[f"rng/gen/{name}"])
+        cuda_states = [t[k] for k in sorted(t) if k.startswith("rng/cuda/")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        name, pos, has_gauss, cached = st["rng"]["numpy"]
+        np.random.set_state(
+            (name, t["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached)
+        )
+        version, internal, gauss = st["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        self.step = int(st["step"])
+        self.losses = [float(v) for v in st["losses"]]
+        self.counters = {k: int(v) for k, v in st["counters"].items()}
+        return self.step
