@@ -77,38 +77,18 @@ class FileStorage:
 
     def put_file(self, local: Path, key: str, *, callback: BytesCallback = None) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Copy to a temp name then rename: a reader never sees a half-written object.
-        tmp = _temp_name(dest)
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_atomically(dest, lambda tmp: shutil.copyfile(local, tmp))
         if callback is not None:
             callback(dest.stat().st_size)
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_name(dest)
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_atomically(self._path(key), lambda tmp: tmp.write_bytes(data))
 
     def get_file(self, key: str, local: Path, *, callback: BytesCallback = None) -> None:
         src = self._path(key)
         if not src.is_file():
             raise ObjectNotFound(f"{self._where(key)}: no such object")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_name(local)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_atomically(local, lambda tmp: shutil.copyfile(src, tmp))
         if callback is not None:
             callback(local.stat().st_size)
 
@@ -162,6 +142,17 @@ class FileStorage:
 def _info(key: str, path: Path) -> ObjectInfo:
     st = path.stat()
     return ObjectInfo(key, st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", modified=st.st_mtime)
+
+
+def _write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temp name then rename: a reader never sees a half-written file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(dest)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _temp_name(dest: Path) -> Path:
