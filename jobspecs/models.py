@@ -131,6 +131,35 @@ class ImageTraining(_Training):
     resolution: int = Field(
         512, ge=32, le=4096, multiple_of=8, description="Square training resolution in pixels."
     )
+    train_text_encoder: bool = Field(
+        False,
+        description="Also put LoRA on the text encoder(s) (attention projections q/k/v/out_proj; "
+        "both encoders on SDXL). Caption embeddings are then computed every step, not cached.",
+    )
+    text_encoder_learning_rate: float | None = Field(
+        None, gt=0, le=1.0, description="Peak learning rate of the text-encoder LoRA. "
+        "Default: learning_rate.",
+    )
+    noise_offset: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Add this much per-channel constant noise (the 'offset noise' trick): lets "
+        "the model learn very dark and very bright images. Typical: 0.05-0.1. 0: off.",
+    )
+    min_snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Min-SNR loss weighting (Hang et al. 2023): weight each timestep's loss by "
+        "min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction). Typical: 5. Default: off.",
+    )
+
+    @model_validator(mode="after")
+    def _te_lr_needs_te(self) -> "ImageTraining":
+        if self.text_encoder_learning_rate is not None and not self.train_text_encoder:
+            raise ValueError("text_encoder_learning_rate needs train_text_encoder: true")
+        return self
 
 
 class TextTraining(_Training):
@@ -219,6 +248,31 @@ class ImageData(_Strict):
     )
     crop: Literal["center", "random"] = Field(
         "center", description="Where the crop to the bucket falls: the centre, or random (seeded)."
+    )
+
+
+class Samples(_Strict):
+    """Validation images rendered during and after training (`samples:` on an image job)."""
+
+    prompts: list[str] = Field(
+        ..., min_length=1, max_length=16, description="One grid cell (image) per prompt."
+    )
+    every: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="Render every N optimizer steps as well as at the end (0: only at the end).",
+    )
+    negative_prompt: str | None = Field(None, description="Negative prompt for every sample.")
+    num_inference_steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample.")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance.")
+    resolution: int | None = Field(
+        None, ge=32, le=4096, multiple_of=8,
+        description="Square sample size in pixels. Default: training.resolution.",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1,
+        description="Seed of the sample noise: the same for every render, so grids compare.",
     )
 
 
@@ -347,6 +401,11 @@ class ImageJobSpec(_JobSpec):
     training: ImageTraining = Field(..., description="Training settings.")
     data: ImageData = Field(
         default_factory=ImageData, description="Dataset layout, captions, buckets, augmentation."
+    )
+    samples: Samples | None = Field(
+        None,
+        description="Validation prompts rendered every N steps and at the end into grid PNGs "
+        "(samples/step-N.png, samples.png) uploaded with the adapter. Default: none.",
     )
 
 

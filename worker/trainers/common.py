@@ -95,9 +95,13 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
 
 
 def build_optimizer(
-    params: list[torch.nn.Parameter], cfg: Any, device: torch.device
+    params: list[torch.nn.Parameter] | list[dict[str, Any]], cfg: Any, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW from torch, or bitsandbytes' 8-bit AdamW where it can run (its kernels need CUDA)."""
+    """AdamW from torch, or bitsandbytes' 8-bit AdamW where it can run (its kernels need CUDA).
+
+    `params` is a list of parameters, or of param groups; a group may carry its own peak
+    learning rate as `"peak_lr"` (the text-encoder LoRA's), which the schedule then scales.
+    """
     if cfg.optimizer == "adamw8bit":
         if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
             where = "no GPU" if device.type != "cuda" else "bitsandbytes is not installed"
@@ -204,18 +208,24 @@ class TrainLoop:
         self.counters: dict[str, int] = {}
         self.step = 0
 
-    def run(self, micro_loss: MicroLoss) -> LoopResult:
-        """Resume if the job has a checkpoint, then train up to `total` steps."""
+    def run(
+        self, micro_loss: MicroLoss, on_step: Callable[[int], None] | None = None
+    ) -> LoopResult:
+        """Resume if the job has a checkpoint, then train up to `total` steps.
+
+        `on_step(step)` runs after each optimizer step (step counts from 1), before that step's
+        checkpoint: the image trainer renders validation samples from it. It must not draw from
+        the global RNGs (it would change the training that follows).
+        """
         resumed = self._resume()
         started = last_report = time.monotonic()
         last_step = self.step
         lr = 0.0
         while self.step < self.total:
-            lr = self.cfg.learning_rate * lr_factor(
-                self.cfg.lr_scheduler, self.step, self.total, self.cfg.warmup_steps
-            )
+            factor = lr_factor(self.cfg.lr_scheduler, self.step, self.total, self.cfg.warmup_steps)
+            lr = self.cfg.learning_rate * factor
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group.get("peak_lr", self.cfg.learning_rate) * factor
             loss = self._one_step(micro_loss)
             self.step += 1
             if not math.isfinite(loss):
@@ -224,6 +234,8 @@ class TrainLoop:
                     f"at step {self.step}"
                 )
             self.losses.append(loss)
+            if on_step is not None:
+                on_step(self.step)
 
             now = time.monotonic()
             if now - last_report >= REPORT_EVERY_S or self.step == self.total:
