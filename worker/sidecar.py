@@ -55,13 +55,32 @@ def file_manifest(root: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, dic
     return out
 
 
-def tree_digest(root: Path) -> str:
-    """One sha256 over a folder's (relpath, file sha256) pairs, sorted; a file's own name for a
-    single file. Hashes every byte: cheap for tiny models, worth caching per pull for big ones."""
-    h = hashlib.sha256()
-    for rel, info in sorted(file_manifest(root).items()):
-        h.update(f"{rel}\0{info['sha256']}\n".encode())
-    return h.hexdigest()
+def tree_digest(root: Path, *, hash_cache: Path | None = None) -> str:
+    """The content digest of a file or folder: `worker.staging.manifest_digest` over its
+    (relpath, size, sha256), hidden names skipped. It equals the `<digest>` a staged copy has
+    in the bucket (`models/<digest>/`, `datasets/<digest>/`), so the two can be matched.
+
+    Hashing a 70B model's folder takes minutes, so it is avoided where the answer is known:
+    a staged entry pulled into the node cache is named `sha256-<digest>` (the pull verified
+    every file against that manifest), and otherwise hashes are reused from `hash_cache` while
+    a file keeps its size, mtime and inode.
+    """
+    from worker.staging import local_manifest, manifest_digest
+
+    m = _PULLED_ENTRY.match(root.name)
+    if m is not None and root.is_dir():
+        return m.group(1)
+    return manifest_digest(local_manifest(root, hash_cache=hash_cache))
+
+
+# The node-cache folder of a staged entry (worker.pull): named by its manifest digest.
+_PULLED_ENTRY = re.compile(r"^sha256-([0-9a-f]{64})$")
+
+
+def hash_cache_for(cache_dir: Path, root: Path) -> Path:
+    """The node-local file that remembers the hashes of the files under `root`."""
+    name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+    return cache_dir / "hashes" / f"{name}.json"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -126,9 +145,13 @@ def build_sidecar(
         "spec": spec_dict,
         "seed": spec.training.seed,
         "base_model": redact_uri(spec.base_model),
-        "base_model_sha256": tree_digest(model_dir),
+        "base_model_sha256": tree_digest(
+            model_dir, hash_cache=hash_cache_for(ctx.cache_dir, model_dir)
+        ),
         "dataset": redact_uri(spec.dataset),
-        "dataset_sha256": tree_digest(data_path),
+        "dataset_sha256": tree_digest(
+            data_path, hash_cache=hash_cache_for(ctx.cache_dir, data_path)
+        ),
         "resolved": output.resolved,
         "versions": library_versions(),
         "hardware": hardware(_device_of(output), ctx.threads),

@@ -167,3 +167,34 @@ def test_build_sidecar_excludes_an_existing_sidecar(job: dict[str, Any]) -> None
         timings={},
     )
     assert SIDECAR not in sidecar["files"]
+
+
+def test_digest_is_the_staged_digest_and_reuses_known_hashes(
+    job: dict[str, Any], tmp_path: Path
+) -> None:
+    from worker.staging import local_manifest, manifest_digest
+
+    model = job["model"]
+    assert tree_digest(model) == manifest_digest(local_manifest(model))  # = models/<digest>/
+
+    # With a hash cache, a file whose size, mtime and inode are unchanged is not read again:
+    # same-size new bytes with the old mtime put back are (knowingly) not noticed ...
+    cache = tmp_path / "hashes.json"
+    first = tree_digest(model, hash_cache=cache)
+    target = model / "config.json"
+    st = target.stat()
+    target.write_bytes(b"x" * st.st_size)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert tree_digest(model, hash_cache=cache) == first
+    # ... while without the cache, or once the mtime moves, the new bytes count.
+    assert tree_digest(model) != first
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert tree_digest(model, hash_cache=cache) != first
+
+
+def test_a_pulled_staged_entry_is_known_by_its_name(tmp_path: Path) -> None:
+    digest = "ab" * 32
+    entry = tmp_path / f"sha256-{digest}"
+    entry.mkdir()
+    (entry / "weights.bin").write_bytes(b"verified against the manifest on the way in")
+    assert tree_digest(entry) == digest
