@@ -3,8 +3,8 @@
 `Claiming` is mixed into `orchestrator.queue.Queue` (one concept per module, one object for the
 callers): the round that reads what active jobs hold and the best queued candidates, lets the
 scheduling policy place them and dispatches the placed ones in one transaction; the demand the
-autoscaler is told; and the older per-call claim helpers. Status still changes only through
-`Queue._apply`.
+autoscaler is told; why queued jobs wait (published by the controller, read by the CLI); and
+the older per-call claim helpers. Status still changes only through `Queue._apply`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ from sqlalchemy import (
     type_coerce,
 )
 
-from orchestrator.db import JobRow, UTCDateTime
+from orchestrator.db import JobRow, SchedulerStateRow, UTCDateTime
 from orchestrator.records import Change, JobRecord, job_record
 from orchestrator.scheduler import Candidate, Hold, Placement, Shape
 from orchestrator.states import JobStatus
+from orchestrator.waiting import WaitSummary
 
 JOBS = JobRow.__table__
+STATE = SchedulerStateRow.__table__
+_WAITING = "waiting"
 _ACTIVE = (JobStatus.dispatched.value, JobStatus.running.value)
 # Arbitrary constant: PostgreSQL advisory lock held by the controller running a scheduling round,
 # so that two controllers never count the same free GPU twice.
@@ -256,3 +259,23 @@ class Claiming:
             ).all()
         return [(Shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb), bool(r.queued), int(r[5]))
                 for r in rows]
+
+    def record_waiting(self, summary: WaitSummary) -> None:
+        """Publish why queued jobs wait (the last round's summary): one row, replaced."""
+        if self._postgres:
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        values = {"updated_at": summary.at, "data": summary.to_json()}
+        stmt = upsert(STATE).values(name=_WAITING, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=[STATE.c.name], set_=values)
+        with self._writer.begin() as conn:
+            conn.execute(stmt)
+
+    def waiting(self) -> WaitSummary | None:
+        """The last published summary of why queued jobs wait; None if none was."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(STATE.c.updated_at, STATE.c.data).where(STATE.c.name == _WAITING)
+            ).first()
+        return None if row is None else WaitSummary.from_json(row.data, at=row.updated_at)

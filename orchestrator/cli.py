@@ -143,16 +143,30 @@ def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -
     return [queue.get(i) for i in ids]
 
 
-def _print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False) -> None:
+def _print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False,
+                reasons: dict[str, str | None] | None = None) -> None:
     from orchestrator import render
 
+    reasons = reasons or {}
     if as_json:
-        print(render.dumps([render.job_json(j) for j in jobs]))
+        print(render.dumps([render.job_json(j, reasons.get(j.id)) for j in jobs]))
     elif ids_only:
         for j in jobs:
             print(j.id)
     else:
-        out.print(render.status_table(jobs))
+        out.print(render.status_table(jobs, reasons))
+
+
+def _wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
+    """Why each queued job of `jobs` waits (from the last scheduling round's summary)."""
+    from orchestrator import waiting
+    from orchestrator.db import utcnow
+
+    queued = [j for j in jobs if j.status.value == "queued"]
+    if not queued:
+        return {}
+    summary, now = queue.waiting(), utcnow()
+    return {j.id: waiting.reason(j, summary, now) for j in queued}
 
 
 @app.command()
@@ -163,7 +177,7 @@ def status(
     limit: int = typer.Option(50, "--limit", help="At most this many jobs, newest first."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until Ctrl-C."),
 ) -> None:
-    """The queue: id, name, kind, state, progress, loss, speed, elapsed."""
+    """The queue: id, name, kind, state, progress, loss, speed, elapsed; why queued jobs wait."""
     from orchestrator import render
     from orchestrator.states import JobStatus
 
@@ -178,16 +192,21 @@ def status(
     def jobs() -> list[Any]:
         return queue.list(statuses=statuses, owner=owner, limit=limit)
 
+    def table() -> Any:
+        listed = jobs()
+        return render.status_table(listed, _wait_reasons(queue, listed))
+
     if not watch:
-        _print_jobs(jobs(), as_json)
+        listed = jobs()
+        _print_jobs(listed, as_json, reasons=_wait_reasons(queue, listed))
         return
     from rich.live import Live
 
-    with Live(render.status_table(jobs()), console=out, refresh_per_second=1) as live:
+    with Live(table(), console=out, refresh_per_second=1) as live:
         try:
             while True:
                 time.sleep(2)
-                live.update(render.status_table(jobs()))
+                live.update(table())
         except KeyboardInterrupt:
             pass
 
@@ -197,7 +216,7 @@ def show(
     job: str = typer.Argument(..., help="Job id or a unique prefix."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """One job: spec, state, result, and every event."""
+    """One job: spec, state, why it waits (if queued), result, and every event."""
     import yaml
 
     from orchestrator import render
@@ -209,8 +228,10 @@ def show(
 
     attempts = render.attempts(events)
     estimate = cost_estimate(rec)
+    wait_reason = _wait_reasons(queue, [rec]).get(rec.id)
     if as_json:
-        print(render.dumps({**render.job_json(rec), "events": [render.event_json(e) for e in events],
+        print(render.dumps({**render.job_json(rec, wait_reason),
+                            "events": [render.event_json(e) for e in events],
                             "attempts": attempts, "cost_estimate": estimate.as_dict()}))
         return
     out.print(f"[bold]{rec.id}[/]  {rec.kind} '{rec.name}'  owner={rec.owner}  priority={rec.priority}")
@@ -220,6 +241,8 @@ def show(
               f"{render.fmt_duration(render.eta_s(rec))}   cost: "
               + (f"${rec.cost_usd:.4f} so far" if rec.cost_usd is not None else "-")
               + f"   estimate: {estimate.text()}", markup=False)
+    if wait_reason:
+        out.print(f"waiting: {wait_reason}", markup=False)
     if rec.failure_reason:
         out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
     if render.adapter_uri(rec):

@@ -109,7 +109,7 @@ def fetch(
     from worker.transfer import fetch_adapter
 
     settings = Settings.from_env()
-    uri, default_dir = _resolve_adapter(settings, ref, latest)
+    uri, default_dir = resolve_adapter(settings, ref, latest)
     dest = output or Path(default_dir)
     files = fetch_adapter(uri, dest)
     _err.print(f"fetched {len(files)} files from {uri}, sha256 verified", markup=False,
@@ -117,8 +117,9 @@ def fetch(
     print(dest.resolve())
 
 
-def _resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, str]:
-    """(adapter URI, default folder name) for a job id/prefix or an adapter name."""
+def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, str]:
+    """(adapter URI, default folder name) for a job id/prefix or an adapter name: the job's
+    row in the queue names its adapter; a name is looked up among the bucket's complete ones."""
     job_error: InvalidInput | None = None
     if not latest:
         try:

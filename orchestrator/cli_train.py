@@ -2,7 +2,8 @@
 
 `merge` (compose adapters), `export --merge` (a text adapter folded into a full model) and
 `reproduce` (re-run a finished job from its sidecar and compare hashes). Each takes adapters as
-a folder, a `file://` / `s3://` URI, or a job id (or unique prefix) of a succeeded job.
+a folder, a `file://` / `s3://` URI, a job id (or unique prefix) of a succeeded job, or an
+adapter name, found as `lorajobs fetch` finds them.
 """
 
 from __future__ import annotations
@@ -20,33 +21,30 @@ from jobspecs.errors import InvalidInput
 
 
 def _adapter_dir(ref: str, scratch: Path) -> Path:
-    """A local folder holding the adapter `ref` names (downloaded, verified, if need be)."""
+    """A local folder holding the adapter `ref` names: a folder, or a `file://` adapter, as it
+    is; a job id (or unique prefix) or an adapter name resolved as `lorajobs fetch` does (the
+    job's row names its adapter); anything remote downloaded into `scratch`, sha256-verified."""
     from urllib.parse import unquote, urlparse
 
-    local = Path(ref)
-    if local.is_dir():
-        return local
-    if ref.startswith("file://"):
-        path = Path(unquote(urlparse(ref).path))
-        if path.is_dir():
-            return path
-        raise InvalidInput(f"{ref}: no such adapter folder")
-    if "://" not in ref:  # a job id (or a unique prefix of one)
-        from orchestrator.cli import _queue, _settings
-
-        rec = _queue(_settings()).get(ref)
-        uri = (rec.result or {}).get("adapter_uri")
-        if rec.status.value != "succeeded" or not uri:
-            raise InvalidInput(
-                f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters"
-            )
-        ref = uri
-        if ref.startswith("file://"):
-            return _adapter_dir(ref, scratch)
+    from orchestrator.cli_data import resolve_adapter
+    from orchestrator.settings import Settings
     from worker.transfer import fetch_adapter
 
+    if Path(ref).is_dir():
+        return Path(ref)
+    if "://" in ref:
+        uri = ref
+    elif "/" in ref or ref.startswith("."):
+        raise InvalidInput(f"{ref}: no such adapter folder")
+    else:
+        uri, _ = resolve_adapter(Settings.from_env(), ref, latest=False)
+    if uri.startswith("file://"):
+        path = Path(unquote(urlparse(uri).path))
+        if path.is_dir():
+            return path
+        raise InvalidInput(f"{uri}: no such adapter folder")
     dest = scratch / secrets.token_hex(4)
-    fetch_adapter(ref, dest)
+    fetch_adapter(uri, dest)
     return dest
 
 
@@ -98,11 +96,14 @@ def export(
     if not merge_base:
         raise InvalidInput("export: nothing to do (only --merge is supported)")
     from orchestrator.cli import _settings
-    from worker.merge import merge_into_base
+    from worker.merge import adapter_kind, merge_into_base
     from worker.pull import pull_model
 
     with tempfile.TemporaryDirectory(prefix="lorajobs-export-") as tmp:
         folder = _adapter_dir(adapter, Path(tmp))
+        if adapter_kind(folder) != "text":  # before pulling a base model for nothing
+            raise InvalidInput(f"{adapter}: an image adapter: export --merge builds full "
+                               "models from text adapters only")
         if base_model is None:
             sidecar = folder / "lorajobs.json"
             if sidecar.is_file():

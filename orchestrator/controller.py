@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from jobspecs.errors import InvalidTransition
-from orchestrator import reconcile
+from orchestrator import reconcile, waiting
 from orchestrator.autoscale import Autoscaler
 from orchestrator.config import ControllerConfig
 from orchestrator.cost import attempt_cost, hourly_rate
@@ -65,6 +65,7 @@ class Controller:
         self._suspect: dict[str, float] = {}  # node id -> monotonic time it is trusted again
         self._freed: dict[str, float] = {}  # node id -> monotonic time an attempt there ended
         self._last_heartbeat = 0.0
+        self._waiting: waiting.WaitSummary | None = None  # the summary last published
         enabled = self.config.autoscale == "auto" and not backend.local
         self.autoscaler = Autoscaler(backend) if enabled else None
 
@@ -217,12 +218,25 @@ class Controller:
             lease_owner=self.lease, lease_expires_at=self._lease_until())
         for job in claimed:
             self._launch(job)
+        if rounds:
+            self._publish_waiting(rounds[0])
         if self.backend.local and rounds and not skip:
             # One machine, no autoscaler: a job no node can ever run would wait forever.
             for job_id in rounds[0].plan.never_fits:
                 reason = _unschedulable(self.queue.get(job_id), rounds[0].nodes)
                 self._try(job_id, JobStatus.queued, JobStatus.failed, reason,
                           failure_kind=USER, failure_reason=reason)
+
+    def _publish_waiting(self, rnd: Round) -> None:
+        """Tell `status` why queued jobs wait: when the round's reasons changed, and every
+        `waiting.REFRESH_S` anyway (its age shows that a controller is scheduling)."""
+        summary = waiting.summarize(rnd, self._clock())
+        last = self._waiting
+        if (last is not None and last.same_as(summary)
+                and (summary.at - last.at).total_seconds() < waiting.REFRESH_S):
+            return
+        self.queue.record_waiting(summary)
+        self._waiting = summary
 
     def _launch(self, job: JobRecord) -> None:
         shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
@@ -249,8 +263,12 @@ class Controller:
     def _succeed(self, job: JobRecord, out: dict[str, Any], reason: str, **guard: Any) -> None:
         spend = self._spend(job)
         result = {**out, "cost_usd": spend[1], "accelerator": job.accelerator}
-        self._end(job, JobStatus.succeeded, reason, spend=spend, result=result,
-                  node=out.get("node"), step=job.total_steps or job.step, **guard)
+        ended = self._end(job, JobStatus.succeeded, reason, spend=spend, result=result,
+                          node=out.get("node"), step=job.total_steps or job.step, **guard)
+        if ended and out.get("recovered_from_sidecar"):
+            # The worker deletes the checkpoints once its adapter is complete; one lost between
+            # its upload and that clean-up left them behind.
+            self._discard_checkpoints(job)
 
     def _lost(self, job: JobRecord, kind: str, error: str, *, charge: bool = True,
               **guard: Any) -> None:
@@ -317,6 +335,16 @@ class Controller:
 
     def _lease_until(self) -> datetime:
         return self._clock() + timedelta(seconds=self.config.lease_s)
+
+    def _discard_checkpoints(self, job: JobRecord) -> None:
+        from worker.checkpoint import discard_after_success
+        from worker.transfer import MARKER
+
+        try:
+            discard_after_success(job.output_uri, job.id, reconcile.adapter_uri(job),
+                                  adapter_marker=MARKER)
+        except Exception as err:  # noqa: BLE001 - the job succeeded; this is housekeeping
+            log.warning("job %s: could not remove its checkpoints: %s", job.id, err)
 
     def _delete_partial_adapter(self, job: JobRecord) -> None:
         from worker.transfer import delete_adapter

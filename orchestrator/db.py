@@ -189,6 +189,17 @@ class JobEventRow(Base):
     data: Mapped[str | None] = mapped_column(Text)  # JSON
 
 
+class SchedulerStateRow(Base):
+    """What the controllers publish for the CLI, one row per name (0003). `waiting`: why queued
+    jobs wait, as the last scheduling round found (`orchestrator.waiting`)."""
+
+    __tablename__ = "scheduler_state"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    data: Mapped[str] = mapped_column(Text)  # JSON
+
+
 def normalize_url(url: str) -> str:
     """Pin PostgreSQL URLs to the psycopg 3 driver (the one lorajobs installs)."""
     for prefix in ("postgres://", "postgresql://"):

@@ -371,7 +371,8 @@ def _worker_env() -> dict[str, str]:
     env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAJOBS_S3_ADDRESSING",
                 "LORAJOBS_HOME", "LORAJOBS_CACHE_DIR", "LORAJOBS_CACHE_MAX_GB",
-                "LORAJOBS_PULL_CONCURRENCY", "LORAJOBS_S3_FAST_GET"):
+                "LORAJOBS_PULL_CONCURRENCY", "LORAJOBS_S3_FAST_GET",
+                "LORAJOBS_KEEP_CHECKPOINTS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

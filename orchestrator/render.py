@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from rich.table import Table
 
+from orchestrator import waiting
 from orchestrator.queue import EventRecord, JobRecord
 
 
@@ -111,8 +113,9 @@ def attempts_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def job_json(job: JobRecord) -> dict[str, Any]:
-    """The stable JSON shape of a job for `--json` (adds `state`, the user-facing name)."""
+def job_json(job: JobRecord, wait_reason: str | None = None) -> dict[str, Any]:
+    """The stable JSON shape of a job for `--json` (adds `state`, the user-facing name, and
+    for a queued job `wait_reason`, why it is not running yet)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(job):
         v = getattr(job, f.name)
@@ -125,6 +128,7 @@ def job_json(job: JobRecord) -> dict[str, Any]:
     out["adapter_uri"] = adapter_uri(job)
     out["elapsed_s"] = elapsed_s(job)
     out["eta_s"] = eta_s(job)
+    out["wait_reason"] = wait_reason
     return out
 
 
@@ -152,11 +156,14 @@ STATE_STYLE = {
 }
 
 
-def status_table(jobs: list[JobRecord]) -> Table:
+def status_table(jobs: list[JobRecord],
+                 reasons: Mapping[str, str | None] | None = None) -> Table:
+    """The `status` table; `reasons`: why each queued job waits (a short form is shown)."""
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("ID", "NAME", "KIND", "STATE", "PROGRESS", "LOSS", "IT/S", "ETA", "ELAPSED",
-                "NODE", "GPU", "ATTEMPT", "OWNER"):
+                "NODE", "GPU", "ATTEMPT", "OWNER", "WAITING"):
         table.add_column(col, no_wrap=True)
+    reasons = reasons or {}
     for j in jobs:
         state = j.status.value
         table.add_row(
@@ -173,6 +180,7 @@ def status_table(jobs: list[JobRecord]) -> Table:
             gpu_text(j),
             str(j.attempt),
             j.owner,
+            waiting.short(reasons.get(j.id)),
         )
     return table
 

@@ -78,6 +78,22 @@ class Candidate:
     def shape(self) -> Shape:
         return Shape(self.gpus, self.gpu_type, self.cpus, self.memory_gb)
 
+    @property
+    def class_key(self) -> ClassKey:
+        return class_key(self.priority, self.owner, self.gpus, self.gpu_type, self.cpus,
+                         self.memory_gb)
+
+
+#: (priority, owner, gpus, gpu_type, cpus, memory_gb): jobs of one class are interchangeable
+#: for the policy (same order but for age, same limits, same fit), so they wait for one reason.
+ClassKey = tuple[int, str, float, str | None, int, float | None]
+
+
+def class_key(priority: int, owner: str, gpus: float, gpu_type: str | None, cpus: int,
+              memory_gb: float | None) -> ClassKey:
+    return (int(priority), owner, float(gpus), gpu_type, int(cpus),
+            None if memory_gb is None else float(memory_gb))
+
 
 @dataclass(frozen=True)
 class Hold:
@@ -222,6 +238,9 @@ class Plan:
     placements: list[Placement] = field(default_factory=list)
     #: Job id -> why it was not placed this round.
     waiting: dict[str, str] = field(default_factory=dict)
+    #: Job class -> why its first job offered and not placed waits (the rest of the class,
+    #: offered or not, waits for the same reason).
+    waiting_classes: dict[ClassKey, str] = field(default_factory=dict)
     #: Jobs no current node could run even if it were empty.
     never_fits: set[str] = field(default_factory=set)
 
@@ -270,16 +289,26 @@ class Round:
     def done(self) -> bool:
         """Nothing more can be placed: the round is full, or no node has a CPU free (every job
         needs one)."""
+        return self.stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why no further candidate can be placed this round (None: some still could)."""
         if len(self.plan.placements) >= self.policy.max_per_round:
-            return True
-        return not any(n.free.get("CPU", 0.0) >= 1 - _EPS for n in self.nodes)
+            return f"the scheduler dispatches at most {self.policy.max_per_round} jobs a round"
+        if not self.nodes:
+            return "no node is up (or every node is draining)"
+        if not any(n.free.get("CPU", 0.0) >= 1 - _EPS for n in self.nodes):
+            return "every node is busy (no CPU free)"
+        return None
 
     def offer(self, candidates: Iterable[Candidate]) -> list[Placement]:
         """Consider `candidates` (best first after earlier offers); return the new placements."""
         out = self.plan
         first = len(out.placements)
         limits, aging_s = self.policy.limits, self.policy.aging_s
-        for job in ordered((c for c in candidates if c.id not in self._seen), self.now, aging_s):
+        batch = ordered((c for c in candidates if c.id not in self._seen), self.now, aging_s)
+        for job in batch:
             self._seen.add(job.id)
             if len(out.placements) >= self.policy.max_per_round:
                 out.waiting[job.id] = "round full"
@@ -304,6 +333,9 @@ class Round:
                 job.id, node.id, accelerator,
                 data={"node_id": node.id, "accelerator": accelerator, "effective_priority": eff},
             ))
+        for job in batch:
+            if job.id in out.waiting:
+                out.waiting_classes.setdefault(job.class_key, out.waiting[job.id])
         return out.placements[first:]
 
     def _best_node(self, job: Candidate) -> Node | None:

@@ -7,6 +7,11 @@ A checkpoint is two data files and a marker, written in that order:
 - `state.json` — everything else: step, scheduler, python/numpy RNG, loss history, counters;
 - `COMPLETE` — written last. A folder without it (the node died mid-upload) is ignored.
 
+Once the job's adapter is complete in the bucket its checkpoints are deleted
+(`discard_after_success`): they only serve a retry, and they can be large. A failed, stopped or
+cancelled attempt keeps them, so the next attempt resumes. `LORAJOBS_KEEP_CHECKPOINTS=1` keeps
+them after success too.
+
 Nothing is pickled and nothing is read with `torch.load`: a checkpoint comes from a bucket, and
 unpickling a file from a bucket runs whatever code it holds.
 """
@@ -14,17 +19,20 @@ unpickling a file from a bucket runs whatever code it holds.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobspecs.errors import ObjectNotFound
 from worker.storage import Storage, join_uri, open_storage
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 MARKER = "COMPLETE"
+KEEP_ENV = "LORAJOBS_KEEP_CHECKPOINTS"
 if TYPE_CHECKING:  # torch only where checkpoints are written or read
     import torch
 
@@ -84,6 +92,16 @@ class CheckpointStore:
         self.storage.put_bytes(f"step {ckpt.step}\n".encode(), f"{key}/{MARKER}")
         self.prune(keep)
 
+    def clear(self) -> int:
+        """Delete every checkpoint of the job, markers first (a half-deleted checkpoint must
+        not look complete). Returns the number of objects removed."""
+        objects = self.storage.list(self.prefix + "/")
+        removed = 0
+        for obj in objects:
+            if obj.key.rsplit("/", 1)[-1] == MARKER:
+                removed += self.storage.delete_prefix(obj.key)
+        return removed + self.storage.delete_prefix(self.prefix + "/")
+
     def load(self, step: int) -> Checkpoint:
         """Read the checkpoint of `step` (which must be complete)."""
         from safetensors.torch import load_file
@@ -112,3 +130,25 @@ class CheckpointStore:
                 # Marker first: a half-deleted checkpoint must not look complete.
                 self.storage.delete_prefix(f"{self.prefix}/step-{step}/{MARKER}")
                 self.storage.delete_prefix(f"{self.prefix}/step-{step}/")
+
+
+def keep_after_success() -> bool:
+    """Whether `LORAJOBS_KEEP_CHECKPOINTS` asks to keep checkpoints after a job succeeds."""
+    return os.environ.get(KEEP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def discard_after_success(output_uri: str, job_id: str, adapter_uri: str,
+                          *, adapter_marker: str) -> int:
+    """Delete `job_id`'s checkpoints in `output_uri`, but only once its adapter at `adapter_uri`
+    is complete: its marker (the sidecar, uploaded last) is there and names this job. Anything
+    less (an upload cut short, another job's adapter) keeps them, so a retry can still resume.
+    Returns the number of objects removed (0 when kept, or when there were none)."""
+    if keep_after_success():
+        return 0
+    try:
+        meta = json.loads(open_storage(adapter_uri).get_bytes(adapter_marker))
+    except (ObjectNotFound, ValueError):
+        return 0
+    if not isinstance(meta, dict) or meta.get("job_id") != job_id:
+        return 0
+    return CheckpointStore.for_job(output_uri, job_id).clear()

@@ -7,20 +7,24 @@ controller classifies the failure by exception type (`UserDataError` -> user, no
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from jobspecs.errors import StorageError
 from jobspecs.models import AnyJobSpec
-from worker.checkpoint import CheckpointStore
+from worker.checkpoint import CheckpointStore, discard_after_success
 from worker.context import WorkerContext
 from worker.pull import pull_dataset, pull_model
 from worker.sidecar import SIDECAR, write_metadata
 from worker.storage import join_uri
 from worker.trainers import get_trainer
 from worker.transfer import upload_adapter
+
+log = logging.getLogger("lorajobs.worker")
 
 
 def adapter_uri(spec: AnyJobSpec, ctx: WorkerContext) -> str:
@@ -37,7 +41,9 @@ STOP_AFTER_STEP_ENV = "LORAJOBS_STOP_AFTER_STEP"
 def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
     """Run one attempt of `spec`, resuming from the job's latest checkpoint if it has one.
 
-    Returns `{"adapter_uri", "files": {relpath: sha256}, "metrics", "timings"}`, plain JSON.
+    Returns `{"adapter_uri", "files": {relpath: sha256}, "metrics", "timings",
+    "checkpoints_removed"}`, plain JSON. Once the adapter is complete its checkpoints are
+    deleted (`worker.checkpoint.discard_after_success`); a failed attempt keeps them.
     """
     timings: dict[str, float | None] = {}
     if ctx.checkpoints is None:
@@ -86,11 +92,17 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         upload_adapter(out_dir, dest, marker=SIDECAR)
         timings["upload"] = _since(t)
 
+    try:
+        removed = discard_after_success(ctx.output_uri, ctx.job_id, dest, adapter_marker=SIDECAR)
+    except StorageError as err:  # the adapter is complete: a failed clean-up fails nothing
+        log.warning("job %s: checkpoints not removed: %s", ctx.job_id, err)
+        removed = 0
     return {
         "adapter_uri": dest,
         "files": {rel: info["sha256"] for rel, info in sidecar["files"].items()},
         "metrics": output.metrics,
         "timings": timings,
+        "checkpoints_removed": removed,
     }
 
 

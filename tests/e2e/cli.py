@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.plugins.specs import write_spec
+
+__all__ = ["CLI", "LORAJOBS", "Result", "write_spec"]
+
 LORAJOBS = [sys.executable, "-m", "orchestrator.cli"]
 
 
@@ -63,24 +67,3 @@ class CLI:
         f = open(log, "wb")  # noqa: SIM115 - closed with the process by the caller
         return subprocess.Popen([*LORAJOBS, *args], stdout=f, stderr=subprocess.STDOUT,
                                 env=self.environ())
-
-
-def write_spec(path: Path, kind: str, name: str, base_model: str, dataset: str, **over: Any) -> Path:
-    """A small, fast spec for the tiny models."""
-    import yaml
-
-    training: dict[str, Any] = {"steps": 20, "batch_size": 2, "learning_rate": 1e-3, "seed": 0}
-    training.update({"resolution": 64} if kind == "image" else {"max_seq_length": 64})
-    training.update(over.pop("training", {}))
-    spec: dict[str, Any] = {
-        "kind": kind,
-        "name": name,
-        "base_model": base_model,
-        "dataset": dataset,
-        "lora": {"rank": 4, "alpha": 8},
-        "training": training,
-        "resources": {"gpus": 0, "cpus": 1},
-    }
-    spec.update(over)
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path

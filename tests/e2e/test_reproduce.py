@@ -6,34 +6,23 @@ as a preempted node would; the next `lorajobs run` with the same job id resumes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.cli import CLI, write_spec
+from tests.e2e.cli import CLI
+from tests.plugins.specs import WEIGHTS, adapter_path, sha256, tiny_inputs, write_spec
 
 pytestmark = pytest.mark.slow
-
-WEIGHTS = {"image": "pytorch_lora_weights.safetensors", "text": "adapter_model.safetensors"}
-
-
-def _adapter(uri: str) -> Path:
-    return Path(uri.strip().removeprefix("file://"))
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("kind", ["image", "text"])
 def test_stop_after_10_then_resume_in_a_new_process_equals_20_straight(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    model = request.getfixturevalue(f"tiny_{kind}_model")
-    data = request.getfixturevalue(f"tiny_{kind}_dataset")
+    model, data = tiny_inputs(request, kind)
     spec = write_spec(tmp_path / "s.yaml", kind, f"resume-{kind}", str(model), str(data),
                       # (accumulation is covered in-process: tests/integration/test_resume.py)
                       training={"steps": 20, "checkpoint_every": 5, "lr_scheduler": "cosine",
@@ -53,8 +42,8 @@ def test_stop_after_10_then_resume_in_a_new_process_equals_20_straight(
     second = cli("run", str(spec), "-o", str(bucket), "--job-id", "split")
     assert second.code == 0, second.err[-3000:]
 
-    a, b = _adapter(straight.out), _adapter(second.out)
-    assert _sha(a / WEIGHTS[kind]) == _sha(b / WEIGHTS[kind])
+    a, b = adapter_path(straight.out), adapter_path(second.out)
+    assert sha256(a / WEIGHTS[kind]) == sha256(b / WEIGHTS[kind])
     sidecar = json.loads((b / "lorajobs.json").read_text())
     assert sidecar["metrics"]["resumed_from_step"] == 10
     assert json.loads((a / "lorajobs.json").read_text())["metrics"]["resumed_from_step"] == 0
@@ -64,14 +53,13 @@ def test_stop_after_10_then_resume_in_a_new_process_equals_20_straight(
 def test_reproduce_reports_a_match_and_a_mismatch(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    model = request.getfixturevalue(f"tiny_{kind}_model")
-    data = request.getfixturevalue(f"tiny_{kind}_dataset")
+    model, data = tiny_inputs(request, kind)
     spec = write_spec(tmp_path / "s.yaml", kind, f"repro-{kind}", str(model), str(data),
                       training={"steps": 6})
     cli = CLI(home=tmp_path / "home")
     run = cli("run", str(spec), "-o", str(tmp_path / "bucket"), "--job-id", "orig")
     assert run.code == 0, run.err[-3000:]
-    adapter = _adapter(run.out)
+    adapter = adapter_path(run.out)
     sidecar = json.loads((adapter / "lorajobs.json").read_text())
     assert WEIGHTS[kind] in sidecar["deterministic_files"]
 

@@ -1,6 +1,7 @@
 """Scheduling on a simulated multi-node Ray cluster: two 1-GPU nodes and six jobs of three
 owners — at most two run at once, priorities and per-owner limits hold, a job asking for a GPU
-type waits until a node of that type joins, and the autoscaler is told the demand throughout."""
+type waits until a node of that type joins, and the autoscaler is told the demand throughout;
+fractional jobs share a GPU; `status` / `show` say why each queued job waits."""
 
 from __future__ import annotations
 
@@ -132,3 +133,57 @@ def test_fractional_jobs_share_one_gpu(
     overlap = max(sum(s[1] <= t < s[2] for s in spans) for _, t, _ in spans)
     assert overlap == 2, "two half-GPU jobs run together on the one GPU, never more"
     assert {j.accelerator for j in done} == {"L4"}
+
+
+def test_status_and_show_say_why_jobs_wait(
+    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
+    """One A100 node: the running job's owner is capped, an H100 job has no node, a third
+    owner's job waits for the busy GPU; `status` and `show` (the CLI) say so."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    sim_cluster.add_gpu_node("A100")
+    config = ControllerConfig(
+        poll_s=0.2, lease_s=10,
+        policy=Policy(aging_s=0, limits=OwnerLimits(per_owner_jobs={"acme": 1})),
+    )
+    home = tmp_path / "home"
+    queue, ctl = start_controller(sim_cluster, home, config)
+    out = f"file://{tmp_path / 'bucket'}"
+
+    def submit(name: str, owner: str, **kw: Any) -> JobRecord:
+        spec = text_job(name, tiny_text_model, tiny_text_dataset, owner=owner, **kw)
+        return queue.submit(spec, output_uri=out)[0]
+
+    running = submit("acme-1", "acme", priority=10)
+    capped = submit("acme-2", "acme", priority=10)
+    typed = submit("h100-job", "carol", gpu_type="H100")
+    busy = submit("bob-1", "bob")
+    drive(ctl, lambda: queue.get(running.id).status.value in ACTIVE, timeout=60)
+    assert [queue.get(j.id).status for j in (capped, typed, busy)] == [JobStatus.queued] * 3
+
+    cli = CliRunner(env={"LORAJOBS_HOME": str(home)})
+    shown = {j.id: cli.invoke(app, ["show", j.id[:6], "--json"]) for j in (capped, typed, busy)}
+    assert all(r.exit_code == 0 for r in shown.values()), [r.output for r in shown.values()]
+    why = {i: json.loads(r.stdout)["wait_reason"] for i, r in shown.items()}
+    assert why[capped.id] == "owner acme is at its limit of 1 jobs"
+    assert why[typed.id] == "no node has 1 GPU H100, 1 CPU"
+    assert why[busy.id] == "waiting for 1 GPU, 1 CPU to free up"
+
+    plain = cli.invoke(app, ["show", typed.id])
+    assert plain.exit_code == 0 and "waiting: no node has 1 GPU H100, 1 CPU" in plain.stdout
+    table = cli.invoke(app, ["status"])
+    assert table.exit_code == 0 and "WAITING" in table.stdout
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:] if line.strip()}
+    assert "owner acme is at its limit of 1 jobs" in rows[capped.id]
+    assert "no node has 1 GPU H100, 1 CPU" in rows[typed.id]
+    listed = json.loads(cli.invoke(app, ["status", "--json"]).stdout)
+    assert {j["id"]: j["wait_reason"] for j in listed} == {running.id: None, **why}
+
+    # Once the GPU is free the capped owner's next job runs, and its reason is gone.
+    drive(ctl, lambda: queue.get(running.id).status.is_terminal()
+          and queue.get(capped.id).status.value in ACTIVE, timeout=120)
+    after = json.loads(cli.invoke(app, ["show", capped.id, "--json"]).stdout)
+    assert after["wait_reason"] is None

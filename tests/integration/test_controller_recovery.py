@@ -151,6 +151,24 @@ def test_a_finished_attempt_whose_controller_died_is_recorded_not_rerun(
     assert queue.events(job.id)[-1].reason == "adapter found complete in the bucket"
 
 
+def test_checkpoints_a_finished_attempt_left_go_when_it_is_recorded(
+    queue: Queue, bucket: str
+) -> None:
+    """A worker lost between its upload and its clean-up leaves checkpoints: the controller
+    that records the adapter removes them; an unfinished job keeps its own for the retry."""
+    from worker.checkpoint import Checkpoint, CheckpointStore
+
+    done = orphan(queue, queue.submit(spec("done"), output_uri=bucket)[0])
+    lost = orphan(queue, queue.submit(spec("lost"), output_uri=bucket)[0])
+    for job in (done, lost):
+        CheckpointStore.for_job(bucket, job.id).save(Checkpoint(5, {}, {"step": 5}), keep=1)
+    complete_adapter(bucket, done)
+    controller(queue, FakeRay()).step()
+    assert queue.get(done.id).status is S and queue.get(lost.id).attempt == 2
+    assert CheckpointStore.for_job(bucket, done.id).steps() == []
+    assert CheckpointStore.for_job(bucket, lost.id).steps() == [5]
+
+
 def test_an_unfinished_attempt_is_requeued_without_charging_the_job_and_runs_again(
     queue: Queue, bucket: str
 ) -> None:

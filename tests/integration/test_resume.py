@@ -6,21 +6,21 @@ tests/e2e/test_reproduce.py.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from jobspecs import parse_spec
 from jobspecs.errors import InvalidInput
-from jobspecs.models import ImageJobSpec, TextJobSpec
+from jobspecs.models import AnyJobSpec
+from tests.plugins.specs import WEIGHTS, sha256, spec_dict, tiny_inputs
 from worker.checkpoint import CheckpointStore
 from worker.context import Preempted, WorkerContext
 from worker.trainers import get_trainer
 
 pytestmark = pytest.mark.slow
 
-WEIGHTS = {"image": "pytorch_lora_weights.safetensors", "text": "adapter_model.safetensors"}
 # Everything the resume must carry: dropout (global RNG), accumulation, a warmup + cosine
 # schedule (the LR position), the image trainer's noise generator, AdamW moments.
 TRAINING: dict[str, Any] = {
@@ -30,14 +30,9 @@ TRAINING: dict[str, Any] = {
 }
 
 
-def _spec(kind: str, **training: Any) -> ImageJobSpec | TextJobSpec:
-    extra = {"resolution": 64} if kind == "image" else {"max_seq_length": 64}
-    cls = ImageJobSpec if kind == "image" else TextJobSpec
-    return cls.model_validate({
-        "kind": kind, "name": "r", "base_model": "m", "dataset": "d",
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1},
-        "training": {**TRAINING, **extra, **training},
-    })
+def _spec(kind: str, **training: Any) -> AnyJobSpec:
+    return parse_spec(spec_dict(kind, "r", "m", "d", lora={"rank": 4, "alpha": 8, "dropout": 0.1},
+                                training={**TRAINING, **training}))
 
 
 def _ctx(bucket: Path, job: str, stop: int | None = None) -> WorkerContext:
@@ -47,16 +42,11 @@ def _ctx(bucket: Path, job: str, stop: int | None = None) -> WorkerContext:
     )
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("kind", ["image", "text"])
 def test_resume_gives_the_same_adapter_as_a_straight_run(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    model = request.getfixturevalue(f"tiny_{kind}_model")
-    data = request.getfixturevalue(f"tiny_{kind}_dataset")
+    model, data = tiny_inputs(request, kind)
     train = get_trainer(kind)
     bucket = tmp_path / "bucket"
     spec = _spec(kind)
@@ -71,10 +61,11 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(
     resumed = train(spec, model, data, tmp_path / "second", _ctx(bucket, "split"))
 
     assert resumed.metrics["resumed_from_step"] == 10
-    assert _sha(tmp_path / "second" / WEIGHTS[kind]) == _sha(tmp_path / "straight" / WEIGHTS[kind])
+    second, straight_dir = tmp_path / "second", tmp_path / "straight"
+    assert sha256(second / WEIGHTS[kind]) == sha256(straight_dir / WEIGHTS[kind])
     # The loss history travels in the checkpoint: the curve (and loss.png) are whole too.
     assert resumed.metrics["loss_curve"] == straight.metrics["loss_curve"]
-    assert _sha(tmp_path / "second" / "loss.png") == _sha(tmp_path / "straight" / "loss.png")
+    assert sha256(second / "loss.png") == sha256(straight_dir / "loss.png")
     assert store.steps() == [16, 20]
 
 
