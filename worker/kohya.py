@@ -2,8 +2,11 @@
 
 kohya's sd-scripts trains SD 1.x/2.x LoRAs on the diffusers UNet, so its keys are the diffusers
 module paths with '.' turned into '_': `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`
-and a scalar `.alpha` per module (scale = alpha / rank). diffusers' `load_lora_weights` reads
-such files back (tested).
+and a scalar `.alpha` per module (scale = alpha / rank). Text-encoder modules are
+`lora_te_<path>` (SD 1.x/2.x's one encoder) or `lora_te1_` / `lora_te2_` (SDXL's two), their
+paths starting `text_model_` as in kohya's files. SDXL UNet modules keep their diffusers paths
+too (kohya's own SDXL files use the original `input_blocks` names); diffusers, ComfyUI and
+A1111 read both spellings. diffusers' `load_lora_weights` reads these files back (tested).
 
 Determinism: `pytorch_lora_weights.safetensors` carries only metadata that is a function of the
 spec and the data, so its bytes repeat run after run. The kohya file also carries the real
@@ -23,8 +26,10 @@ from typing import Any
 import torch
 
 _DIFFUSERS_SUFFIXES = {
-    ".lora.down.weight": ".lora_down.weight",
+    ".lora.down.weight": ".lora_down.weight",  # UNet modules
     ".lora.up.weight": ".lora_up.weight",
+    ".lora_linear_layer.down.weight": ".lora_down.weight",  # text-encoder modules
+    ".lora_linear_layer.up.weight": ".lora_up.weight",
 }
 
 
@@ -34,23 +39,32 @@ def kohya_alpha(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha * math.sqrt(rank) if use_rslora else alpha
 
 
+def kohya_prefixes(sdxl: bool) -> dict[str, str]:
+    """diffusers component → kohya key prefix."""
+    if sdxl:
+        return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
 def diffusers_to_kohya(
-    state: dict[str, torch.Tensor], alpha: float, use_rslora: bool = False
+    state: dict[str, torch.Tensor], alpha: float, use_rslora: bool = False, sdxl: bool = False
 ) -> dict[str, torch.Tensor]:
-    """`unet.<path>.lora.{down,up}.weight` → kohya `lora_unet_<path_>` tensors, plus alphas."""
+    """`unet.<path>.lora.{down,up}.weight` and `text_encoder[_2].<path>.lora_linear_layer.*` →
+    kohya `lora_unet_` / `lora_te[12]_<path_>` tensors, plus alphas."""
+    prefixes = kohya_prefixes(sdxl)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if "lora_magnitude_vector" in key:
             raise ValueError("DoRA adapters have no kohya export")
-        prefix, _, rest = key.partition(".")
-        if prefix != "unet":
-            raise ValueError(f"{key}: only UNet LoRA weights can be exported")
+        component, _, rest = key.partition(".")
+        if component not in prefixes:
+            raise ValueError(f"{key}: no kohya name for component {component!r}")
         for src, dst in _DIFFUSERS_SUFFIXES.items():
             if rest.endswith(src):
                 module = rest[: -len(src)]
-                name = "lora_unet_" + module.replace(".", "_")
+                name = prefixes[component] + module.replace(".", "_")
                 out[name + dst] = value.detach().to("cpu", torch.float32).contiguous()
-                if src == ".lora.down.weight":
+                if dst == ".lora_down.weight":
                     rank = value.shape[0]
                     out[name + ".alpha"] = torch.tensor(kohya_alpha(rank, alpha, use_rslora))
                 break
@@ -93,10 +107,14 @@ def header_metadata(
     dataset: str,
     trigger: str | None,
     tensors_sha256: str,
+    text_encoder_lr: float | None = None,
     started_at: float | None = None,
     finished_at: float | None = None,
 ) -> dict[str, str]:
-    """kohya `ss_*` and `modelspec.*` keys. With times: the kohya file's; without: deterministic."""
+    """kohya `ss_*` and `modelspec.*` keys. With times: the kohya file's; without: deterministic.
+
+    `text_encoder_lr`: the text-encoder LoRA's learning rate where one was trained, else None.
+    """
     ss_version, arch = base_model_version(unet_config)
     tags: Counter[str] = Counter()
     for caption in captions:
@@ -113,8 +131,8 @@ def header_metadata(
         "ss_seed": str(seed),
         "ss_learning_rate": _num(learning_rate),
         "ss_unet_lr": _num(learning_rate),
-        "ss_text_encoder_lr": "0",
-        "ss_network_train_unet_only": "True",
+        "ss_text_encoder_lr": _num(text_encoder_lr) if text_encoder_lr is not None else "0",
+        "ss_network_train_unet_only": str(text_encoder_lr is None),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_tag_frequency": json.dumps({folder: dict(sorted(tags.items()))}, sort_keys=True),
         "ss_datasets": json.dumps(

@@ -201,6 +201,8 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
         lines += [f"Trigger phrase: `{trigger}`", ""]
     if "loss.png" in output.files:
         lines += ["![training loss](loss.png)", ""]
+    if "samples.png" in output.files:  # validation prompts rendered with the final adapter
+        lines += ["![validation samples](samples.png)", ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
     lines.append(f"| base model | `{base}` |")
     lines.append(f"| target modules | {', '.join(spec.target_modules())} |")

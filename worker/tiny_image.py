@@ -1,4 +1,4 @@
-"""A tiny Stable-Diffusion-1.x-style pipeline and a synthetic image set, built offline.
+"""Tiny Stable-Diffusion-1.x and SDXL pipelines and a synthetic image set, built offline.
 
 Real architectures with random weights: tests and the demo train real LoRAs on them in seconds,
 and nothing comes from a model hub. Both builders are deterministic given the seed.
@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
 # Enough words for a byte-level BPE to learn merges that cover the synthetic captions.
 _CORPUS = [
@@ -104,64 +105,39 @@ def _build_tokenizer(max_merges: int = 400) -> "CLIPTokenizer":
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_MAX_LENGTH, **specials)
 
 
+# The tiny UNet's shape, SD-1.x and SDXL alike (64 px images, 32x32x4 latents).
+_UNET_SHAPE = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    # Attention only at the 16x16 level: at 32x32 self-attention over 1024 tokens makes a CPU
+    # step ~4x slower for no benefit to tests.
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+
 def build_tiny_image_model(out: Path, *, seed: int = 0) -> Path:
     """Write a tiny SD-1.x pipeline (64 px images, 32x32 latents) to `out` and return it.
 
     Reloads with `StableDiffusionPipeline.from_pretrained(out, local_files_only=True)`.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = _build_tokenizer()
     # Each component is seeded on its own so adding or reordering one never changes another.
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        # Attention only at the 16x16 level: at 32x32 self-attention over 1024 tokens makes a
-        # CPU step ~4x slower for no benefit to tests.
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = UNet2DConditionModel(**_UNET_SHAPE, cross_attention_dim=32)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae(scaling_factor=0.18215)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=_MAX_LENGTH,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=32, projection_dim=32))
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -184,6 +160,104 @@ def build_tiny_image_model(out: Path, *, seed: int = 0) -> Path:
     out = Path(out)
     pipe.save_pretrained(out)
     return out
+
+
+def build_tiny_sdxl_model(out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny SDXL pipeline (64 px images, 32x32 latents) to `out` and return it.
+
+    SDXL's architecture in miniature: two text encoders (a CLIPTextModel and a
+    CLIPTextModelWithProjection of another width, so their hidden states concatenate to the
+    UNet's cross-attention width), a UNet with `text_time` added conditioning (pooled text
+    embeds + six size/crop ids), linear transformer projections, and SDXL's VAE scaling factor
+    and Euler scheduler. Reloads with
+    `StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)`.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _build_tokenizer()
+    hidden_1, hidden_2, projection = 32, 48, 40
+    time_embed_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **_UNET_SHAPE,
+        cross_attention_dim=hidden_1 + hidden_2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # (original h, w, crop top, left, target h, w) embedded, plus text_encoder_2's pool.
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE factor
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, hidden_size=hidden_1, projection_dim=32))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_config(tokenizer, hidden_size=hidden_2, projection_dim=projection)
+    )
+    scheduler = EulerDiscreteScheduler(  # as SDXL base ships; training reads it as DDPM
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=_build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out
+
+
+def _tiny_vae(*, scaling_factor: float) -> "AutoencoderKL":
+    """A 2-block VAE: 64 px images to 32x32x4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _clip_config(
+    tokenizer: "CLIPTokenizer", *, hidden_size: int, projection_dim: int
+) -> "CLIPTextConfig":
+    """A 2-layer CLIP text encoder config over `tokenizer`'s vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_LENGTH,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def make_image_dataset(out: Path, *, n: int = 8, size: int = 64, seed: int = 0) -> Path:

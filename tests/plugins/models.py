@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 
-# --- image: a tiny Stable-Diffusion-1.x pipeline and a learnable set of coloured shapes ---
+# --- image: tiny Stable-Diffusion-1.x and SDXL pipelines and a learnable set of shapes ---
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,14 @@ def tiny_image_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.tiny_image import build_tiny_image_model
 
     return build_tiny_image_model(tmp_path_factory.mktemp("tiny-image-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline folder (two text encoders, text_time UNet), random weights, seed 0."""
+    from worker.tiny_image import build_tiny_sdxl_model
+
+    return build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl-model"), seed=0)
 
 
 @pytest.fixture(scope="session")

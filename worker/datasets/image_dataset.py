@@ -10,6 +10,7 @@ Integration contract (what the image trainer calls):
     plan = ds.plan(step)                          # the same without decoding (pixels is None)
     ds.load(record, flipped)                      # deterministic pixels for latent caching
                                                   # (centre crop only: see cache_plan)
+    ds.size_conditioning(plan)                    # SDXL time ids per item (flip-aware crop)
 
 An `ImageBatch` holds `pixels` (B, 3, H, W) float32 in [-1, 1], `captions` (final text: trigger,
 shuffle and dropout applied), and per item `records`, `flipped`, `original_sizes` (h, w) and
@@ -38,7 +39,13 @@ from worker.datasets.buckets import (
 )
 from worker.datasets.captions import caption_for, sample_rng
 from worker.datasets.image_sources import ImageRecord, read_image_records
-from worker.datasets.images import image_size, open_rgb, resize_and_crop, to_tensor
+from worker.datasets.images import (
+    cover_size,
+    image_size,
+    open_rgb,
+    resize_and_crop,
+    to_tensor,
+)
 
 
 @dataclass(frozen=True)
@@ -160,13 +167,31 @@ class ImageTrainSet:
             return False
         return p >= 1 or sample_rng("flip", self.seed, epoch, item).random() < p
 
+    def size_conditioning(self, plan: ImageBatch) -> list[tuple[int, int, int, int, int, int]]:
+        """SDXL's size and crop conditioning per item of `plan`: (original height, width, crop
+        top, crop left, target height, width).
+
+        The crop is where the training image starts in the resized source *as the model sees
+        it*: for a flipped item, the left edge of the crop in the flipped image (as kohya's
+        sd-scripts and diffusers' SDXL script, which flip before cropping, both give it).
+        """
+        th, tw = plan.target_size
+        out = []
+        for (h, w), (top, left), flip in zip(
+            plan.original_sizes, plan.crops_top_left, plan.flipped
+        ):
+            if flip:
+                rw, _ = cover_size(w, h, tw, th)
+                left = rw - tw - left
+            out.append((h, w, top, left, th, tw))
+        return out
+
     def _crop(
         self, epoch: int, item: int, size: tuple[int, int], bucket: Bucket
     ) -> tuple[int, int]:
         """(top, left) of the crop in the resized image."""
-        (w, h), (bw, bh) = size, bucket
-        scale = max(bw / w, bh / h)
-        rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+        bw, bh = bucket
+        rw, rh = cover_size(*size, bw, bh)
         if self.data.crop == "center":
             return (rh - bh) // 2, (rw - bw) // 2
         rng = sample_rng("crop", self.seed, epoch, item)

@@ -83,15 +83,19 @@ def resize_and_crop(
 
     The crop is centred unless `top_left` (in the resized image, clamped to fit) is given.
     """
-    scale = max(width / img.width, height / img.height)
-    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    img = img.resize(size, Image.Resampling.BICUBIC)
+    img = img.resize(cover_size(img.width, img.height, width, height), Image.Resampling.BICUBIC)
     if top_left is None:
         top, left = (img.height - height) // 2, (img.width - width) // 2
     else:
         top = min(max(top_left[0], 0), img.height - height)
         left = min(max(top_left[1], 0), img.width - width)
     return img.crop((left, top, left + width, top + height)), (top, left)
+
+
+def cover_size(w: int, h: int, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a `w` x `h` image scaled to just cover `width` x `height`."""
+    scale = max(width / w, height / h)
+    return max(width, round(w * scale)), max(height, round(h * scale))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -12,9 +12,11 @@ Integration contract (image trainer):
     cache.upload(storage)            # after the first job encodes, for the next job on this data
 
 Latents vary per step (so are not cacheable) with `data.crop: random`; caption embeddings vary
-with caption dropout, tag shuffling, or when the text encoder trains (a `train_text_encoder`
-flag on `lora` or `training`). Flipping is cacheable: both variants are stored
-(`CachePlan.flips`), and the batch's `flipped` says which to read.
+with caption dropout, tag shuffling, or when the text encoder trains
+(`training.train_text_encoder`). Flipping is cacheable: both variants are stored
+(`CachePlan.flips`), and the batch's `flipped` says which to read. SDXL's size and crop
+conditioning is not cached: it is recomputed from the plan, the same for a cached (centre-crop)
+latent as for a fresh one. The encoder id a trainer passes names the VAE weights and dtype.
 """
 
 from __future__ import annotations
@@ -49,19 +51,13 @@ class CachePlan:
     flips: tuple[bool, ...]  # the flip variants to cache per record
 
 
-def _trains_text_encoder(spec: ImageJobSpec) -> bool:
-    return any(
-        bool(getattr(part, "train_text_encoder", False)) for part in (spec.lora, spec.training)
-    )
-
-
 def cache_plan(spec: ImageJobSpec) -> CachePlan:
     """Which encodings of `spec`'s dataset never change between steps."""
     data = spec.data
     flips = (False,) if data.flip_p <= 0 else (True,) if data.flip_p >= 1 else (False, True)
     return CachePlan(
         latents=data.crop == "center",
-        text=not captions_vary(data) and not _trains_text_encoder(spec),
+        text=not captions_vary(data) and not spec.training.train_text_encoder,
         flips=flips,
     )
 

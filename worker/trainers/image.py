@@ -1,9 +1,11 @@
-"""The image trainer: a LoRA on a Stable-Diffusion-style UNet, written as diffusers loads it.
+"""The image trainer: a LoRA on a Stable-Diffusion-style UNet (SD-1.x/2.x or SDXL), and
+optionally on its text encoder(s), written as diffusers loads it.
 
 Reads top to bottom: threads and seeds → dataset (formats, captions, buckets: worker.datasets)
-→ frozen base model → LoRA → work done once (VAE latents per image and flip, cached on the node
-and in the bucket; caption embeddings), unless the spec makes them vary per step → denoising
-loop (`TrainLoop`: accumulation, schedule, checkpoints, resume) → exports:
+→ frozen base model (worker.trainers.image_models) → LoRA → work done once (VAE latents per
+image and flip, cached on the node and in the bucket; caption embeddings), unless the spec makes
+them vary per step or trains the text encoders → denoising loop (`TrainLoop`: accumulation,
+schedule, checkpoints, resume) with optional offset noise and min-SNR weighting → exports:
 `pytorch_lora_weights.safetensors` (diffusers; byte-for-byte the same for the same spec and
 thread count), `<name>.safetensors` (kohya, for A1111 / ComfyUI) and `loss.png`. The entrypoint
 writes the model card and sidecar and uploads; this module only trains and exports.
@@ -11,7 +13,6 @@ writes the model card and sidecar and uploads; this module only trains and expor
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from jobspecs.errors import InvalidInput, UserDataError
-from jobspecs.models import ImageJobSpec
+from jobspecs.models import ImageJobSpec, LoraSettings
 from worker.context import TrainOutput, WorkerContext
 from worker.datasets.image_dataset import ImageTrainSet, build_image_dataset
 from worker.datasets.latent_cache import (
@@ -38,6 +39,7 @@ from worker.kohya import (
 )
 from worker.plots import draw_loss_curve
 from worker.safetensors_io import save_canonical
+from worker.samples import SampleRenderer
 from worker.trainers.common import (
     TrainLoop,
     build_optimizer,
@@ -48,25 +50,35 @@ from worker.trainers.common import (
     total_steps,
     window_means,
 )
+from worker.trainers.image_models import (
+    TEXT_ENCODER_TARGETS,
+    Conditioning,
+    Encoders,
+    add_text_encoder_lora,
+    checkpoint_text_encoder,
+    freeze,
+    load_image_base,
+    lora_state,
+    save_diffusers,
+)
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LOSS_PNG = "loss.png"
-# The safetensors header key diffusers reads the LoRA config from (diffusers.loaders.lora_base
-# LORA_ADAPTER_METADATA_KEY); without it, alpha is lost on load and the LoRA plays at scale 1.
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
 def train(
     spec: ImageJobSpec, model_dir: Path, data_dir: Path, out_dir: Path, ctx: WorkerContext
 ) -> TrainOutput:
     """Train the spec's LoRA on `data_dir` over the base model in `model_dir`, into `out_dir`."""
-    # Imported here so importing this module (the registry, unit tests) costs torch alone.
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     cfg = spec.training
     started_at = time.time()
+    if cfg.train_text_encoder and spec.lora.use_dora:
+        # transformers' adapter loader (which diffusers' load_lora_weights uses for text
+        # encoders) drops DoRA magnitudes: the adapter would not load back as trained.
+        raise InvalidInput(
+            "lora.use_dora: DoRA text-encoder weights do not load back into diffusers "
+            "pipelines; use plain LoRA with training.train_text_encoder, or train the UNet only"
+        )
     # Results depend on the thread count (float reduction order), so it is part of the job.
     torch.set_num_threads(ctx.threads)
     device = pick_device()
@@ -77,59 +89,66 @@ def train(
     ds = build_image_dataset(data_dir, spec)
     cache = cache_plan(spec)
 
-    unet = _load(UNet2DConditionModel, model_dir, "unet")
-    vae = _load(AutoencoderKL, model_dir, "vae")
-    text_encoder = _load(CLIPTextModel, model_dir, "text_encoder")
-    tokenizer = _load(CLIPTokenizer, model_dir, "tokenizer")
-    noise_scheduler = _load(DDPMScheduler, model_dir, "scheduler")
-    if unet.config.get("addition_embed_type") is not None:
-        raise UserDataError(
-            f"base model {model_dir}: SDXL-style UNets (extra conditioning) are not supported yet"
-        )
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
-        model.to(device, dtype=base_dtype)
-    if base_dtype == torch.float16:
-        vae.to(dtype=torch.float32)  # SD VAEs overflow in fp16; it runs once per image anyway
-    vae.eval()
-    text_encoder.eval()
+    base = load_image_base(model_dir)
+    freeze(base, device, base_dtype)
+    unet, noise_scheduler = base.unet, base.scheduler
 
+    # LoRA: the UNet's first, then each text encoder's, all from the seeded global generator
+    # (the gaussian init draws from it), so a UNet-only job's LoRA is the same with or without
+    # the text-encoder code path.
     target_modules = spec.target_modules()
-    lora_config = LoraConfig(
-        r=spec.lora.rank,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=target_modules,
-        init_lora_weights="gaussian",
-        use_dora=spec.lora.use_dora,
-        use_rslora=spec.lora.use_rslora,
-    )
-    seed_everything(cfg.seed)  # the gaussian LoRA init draws from the global generator
+    seed_everything(cfg.seed)
     try:
-        unet.add_adapter(lora_config)
+        unet.add_adapter(_lora_config(spec.lora, target_modules))
     except ValueError as err:  # PEFT's "Target modules ... not found in the base model"
         raise InvalidInput(f"lora.target_modules {target_modules}: {err}") from None
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+    trained: dict[str, Any] = {"unet": unet}  # diffusers component name → model with LoRA
+    if cfg.train_text_encoder:
+        for name, te in base.text_encoders.items():
+            add_text_encoder_lora(te, _lora_config(spec.lora, TEXT_ENCODER_TARGETS))
+            trained[name] = te
+    lora_params = {name: [p for p in m.parameters() if p.requires_grad]
+                   for name, m in trained.items()}
+    for params in lora_params.values():
+        for p in params:
+            p.data = p.data.float()
+    for name, module in trained.items():
+        if cfg.gradient_checkpointing:
+            if name == "unet":
+                module.enable_gradient_checkpointing()
+            else:
+                checkpoint_text_encoder(module)
+        module.train()
+    # Validation grids (`samples:`), rendered by the training modules; the folder is checked now.
+    renderer = SampleRenderer.for_spec(
+        spec, model_dir, out_dir, unet=unet, precision=precision, device=device,
+        text_encoders={k: m for k, m in trained.items() if k != "unet"},
+    )
 
     # Work done once: VAE latents per (image, flip) and caption embeddings per caption, unless
-    # the spec makes them vary per step (random crop; caption dropout / tag shuffling).
-    encoder = _Encoder(vae, text_encoder, tokenizer, device, base_dtype)
-    latents = _cached_latents(ds, cache, encoder, spec, model_dir, ctx) if cache.latents else None
-    embeddings = _caption_embeddings(ds, spec, encoder) if cache.text else {}
-    del vae, text_encoder
+    # the spec makes them vary per step (random crop; caption dropout / tag shuffling; a text
+    # encoder that trains).
+    encoders = Encoders(base, device, base_dtype)
+    latents = _cached_latents(ds, cache, encoders, spec, model_dir, ctx) if cache.latents else None
+    embeddings = _caption_embeddings(ds, spec, encoders) if cache.text else {}
     if cache.latents:
-        encoder.vae = None  # not needed again: free the memory for the training loop
+        encoders.vae = base.vae = None  # not needed again: free the memory for the loop
     if cache.text:
-        encoder.text_encoder = None
+        encoders.text_encoders = None
+        base.text_encoders = {}
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    optimizer = build_optimizer(lora_params, cfg, device)
+    te_lr = cfg.text_encoder_learning_rate or cfg.learning_rate
+    if cfg.train_text_encoder:
+        optimizer = build_optimizer(
+            [{"params": ps, "peak_lr": cfg.learning_rate if name == "unet" else te_lr}
+             for name, ps in lora_params.items()],
+            cfg,
+            device,
+        )
+    else:
+        optimizer = build_optimizer(lora_params["unet"], cfg, device)
     prediction_type = noise_scheduler.config.prediction_type
     num_timesteps = noise_scheduler.config.num_train_timesteps
     # Noise and timesteps come from their own CPU generator so they do not depend on the device
@@ -144,23 +163,51 @@ def train(
         if latents is not None:
             clean = torch.stack([latents[r, f] for r, f in zip(plan.records, plan.flipped)])
         else:
-            clean = encoder.latents(ds.batch(k).pixels)
+            clean = encoders.latents(ds.batch(k).pixels)
         if cache.text:
-            context = torch.stack([embeddings[c] for c in plan.captions])
+            cond = Conditioning.stack([embeddings[c] for c in plan.captions])
+        elif cfg.train_text_encoder:
+            cond = encoders.condition(list(plan.captions))  # with gradients into the LoRA
         else:
-            context = encoder.captions(list(plan.captions))
-        clean, context = clean.to(device), context.to(device, base_dtype)
-        noise = torch.randn(clean.shape, generator=noise_gen).to(device)
+            cond = encoders.captions(list(plan.captions))
+        clean, context = clean.to(device), cond.context.to(device, base_dtype)
+        noise = torch.randn(clean.shape, generator=noise_gen)
+        if cfg.noise_offset > 0:  # only then: the draw would shift every later one
+            noise = noise + cfg.noise_offset * torch.randn(
+                (clean.shape[0], clean.shape[1], 1, 1), generator=noise_gen
+            )
+        noise = noise.to(device)
         timesteps = torch.randint(0, num_timesteps, (len(plan.records),), generator=noise_gen)
         timesteps = timesteps.to(device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        pred = unet(noisy.to(base_dtype), timesteps, encoder_hidden_states=context).sample
+        added = None
+        if base.sdxl:
+            assert cond.pooled is not None
+            added = {
+                "text_embeds": cond.pooled.to(device, base_dtype),
+                "time_ids": torch.tensor(ds.size_conditioning(plan), dtype=base_dtype,
+                                         device=device),
+            }
+        pred = unet(
+            noisy.to(base_dtype), timesteps, encoder_hidden_states=context,
+            added_cond_kwargs=added,
+        ).sample
         target = _target(prediction_type, noise_scheduler, clean, noise, timesteps)
-        return F.mse_loss(pred.float(), target.float()), {"images": len(plan.records)}
+        if cfg.min_snr_gamma is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            per_item = F.mse_loss(pred.float(), target.float(), reduction="none")
+            per_item = per_item.mean(dim=list(range(1, per_item.ndim)))
+            snr = snr_at(noise_scheduler.alphas_cumprod, timesteps.cpu()).to(device)
+            loss = (per_item * min_snr_weights(snr, cfg.min_snr_gamma, prediction_type)).mean()
+        return loss, {"images": len(plan.records)}
 
+    # One module for the loop: its trainable parameters are what checkpoints hold. A UNet-only
+    # job passes the UNet itself, so its checkpoints keep their parameter names.
+    model = unet if len(trained) == 1 else torch.nn.ModuleDict(trained)
     loop = TrainLoop(
         cfg,
-        model=unet,
+        model=model,
         optimizer=optimizer,
         precision=precision,
         device=device,
@@ -169,12 +216,14 @@ def train(
         generators={"noise": noise_gen},
         fingerprint=spec_fingerprint(spec, ctx.threads),
     )
-    result = loop.run(micro_loss)
+    result = loop.run(micro_loss, on_step=renderer.on_step if renderer else None)
     finished_at = time.time()
 
     # Export: diffusers file (deterministic header), kohya file (adds times), loss curve.
     curve_every = max(1, total // 50)
-    state = _lora_state(unet)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in trained.items():
+        state.update(lora_state(module, name))
     tensors_sha = tensor_data_sha256(state)
     meta_args: dict[str, Any] = dict(
         name=spec.name,
@@ -190,17 +239,20 @@ def train(
         dataset=spec.dataset,
         trigger=_trigger(spec),
         tensors_sha256=tensors_sha,
+        text_encoder_lr=te_lr if cfg.train_text_encoder else None,
     )
-    _save_diffusers(unet, state, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
+    save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
     files = [WEIGHTS_NAME]
     kohya_name = f"{spec.name}.safetensors"
     if not spec.lora.use_dora:  # kohya's format has no DoRA magnitudes
-        kohya = diffusers_to_kohya(state, spec.lora.alpha, spec.lora.use_rslora)
+        kohya = diffusers_to_kohya(state, spec.lora.alpha, spec.lora.use_rslora, base.sdxl)
         meta = header_metadata(**meta_args, started_at=started_at, finished_at=finished_at)
         save_canonical(kohya, out_dir / kohya_name, {"format": "pt", **meta})
         files.append(kohya_name)
     draw_loss_curve(result.losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
     files.append(LOSS_PNG)
+    sample_files, sample_metrics = renderer.finish(total) if renderer else ([], {})
+    files += sample_files
 
     losses = result.losses
     return TrainOutput(
@@ -219,14 +271,21 @@ def train(
             "text_cached": cache.text,
             "resumed_from_step": result.resumed_from_step,
             "train_seconds": result.train_seconds,
+            **sample_metrics,
         },
         resolved={
+            "model_family": base.family,
             "rank": spec.lora.rank,
             "alpha": spec.lora.alpha,
             "dropout": spec.lora.dropout,
             "use_dora": spec.lora.use_dora,
             "use_rslora": spec.lora.use_rslora,
             "target_modules": target_modules,
+            "train_text_encoder": cfg.train_text_encoder,
+            "text_encoder_learning_rate": te_lr if cfg.train_text_encoder else None,
+            "text_encoder_target_modules": (
+                TEXT_ENCODER_TARGETS if cfg.train_text_encoder else None
+            ),
             "resolution": cfg.resolution,
             "batch_size": cfg.batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -239,6 +298,8 @@ def train(
             "mixed_precision": precision.used,
             "mixed_precision_requested": precision.requested,
             "gradient_checkpointing": cfg.gradient_checkpointing,
+            "noise_offset": cfg.noise_offset,
+            "min_snr_gamma": cfg.min_snr_gamma,
             "steps": total,
             "epochs": round(total * cfg.gradient_accumulation_steps / ds.steps_per_epoch, 3),
             "bucketing": spec.data.bucketing,
@@ -254,60 +315,59 @@ def train(
     )
 
 
+def _lora_config(lora: LoraSettings, target_modules: list[str]) -> Any:
+    """The spec's LoRA settings on `target_modules`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        init_lora_weights="gaussian",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+    )
+
+
+def snr_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of each timestep, fp32."""
+    a = alphas_cumprod.to(torch.float32)[timesteps]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) per sample, as diffusers' training scripts
+    apply them: min(SNR, γ) / SNR for epsilon, min(SNR, γ) / (SNR + 1) for v-prediction, and
+    min(SNR, γ) for a model that predicts the clean sample."""
+    if prediction_type == "epsilon":
+        # = min(SNR, γ) / SNR, but 1 rather than 0/0 where SNR is 0 (zero-terminal-SNR schedules)
+        return torch.clamp(gamma / snr, max=1.0)
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1.0)
+    if prediction_type == "sample":
+        return torch.clamp(snr, max=gamma)
+    raise UserDataError(f"base model scheduler: unsupported prediction_type {prediction_type!r}")
+
+
 def _trigger(spec: ImageJobSpec) -> str | None:
     """The trigger word of the spec's `data:` section, where it has one."""
     data = getattr(spec, "data", None)
     return getattr(data, "trigger_word", None) if data is not None else None
 
 
-def _load(cls: Any, model_dir: Path, subfolder: str) -> Any:
-    try:
-        return cls.from_pretrained(model_dir, subfolder=subfolder, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserDataError(f"base model {model_dir}: cannot load {subfolder} ({err})") from None
-
-
-class _Encoder:
-    """The frozen VAE and text encoder, turning pixels and captions into UNet inputs."""
-
-    def __init__(self, vae: Any, text_encoder: Any, tokenizer: Any, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
-        self.device, self.dtype = device, dtype
-
-    @torch.no_grad()
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latents as the UNet sees them (scaled), on the CPU, fp32."""
-        scale = self.vae.config.scaling_factor
-        shift = self.vae.config.get("shift_factor") or 0.0
-        # The distribution's mean rather than a sample: deterministic, and the VAE's std is tiny.
-        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
-        return ((z - shift) * scale).float().cpu()
-
-    @torch.no_grad()
-    def captions(self, captions: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states of `captions`, on the CPU, fp32."""
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0].float().cpu()
-
-
 def _cached_latents(
     ds: ImageTrainSet,
     plan: CachePlan,
-    encoder: _Encoder,
+    encoder: Encoders,
     spec: ImageJobSpec,
     model_dir: Path,
     ctx: WorkerContext,
 ) -> dict[tuple[int, bool], torch.Tensor]:
     """Latents of every (image, flip), encoded once per dataset + VAE: from the node cache,
     else the bucket's (`<bucket>/cache/latents/<key>/`), else encoded here and shared."""
-    vae_id = _vae_digest(model_dir)
+    # The VAE's weights and the dtype it runs in (bf16 latents are not fp32 latents).
+    vae_id = f"{_vae_digest(model_dir)}:{str(encoder.vae.dtype).removeprefix('torch.')}"
     key = cache_key(spec, dataset_digest(ds), vae_id)
     cache = LatentCache(ctx.cache_dir / "latents", key)
     storage = None
@@ -335,8 +395,8 @@ def _cached_latents(
 
 
 def _caption_embeddings(
-    ds: ImageTrainSet, spec: ImageJobSpec, encoder: _Encoder
-) -> dict[str, torch.Tensor]:
+    ds: ImageTrainSet, spec: ImageJobSpec, encoder: Encoders
+) -> dict[str, Conditioning]:
     """Embeddings of every caption the job will use, when captions do not vary per step (so
     each image's caption, trigger word included, is the same in every epoch)."""
     from worker.datasets.captions import caption_for
@@ -378,28 +438,3 @@ def _target(
     if prediction_type == "sample":
         return clean
     raise UserDataError(f"base model scheduler: unsupported prediction_type {prediction_type!r}")
-
-
-def _lora_state(unet: Any) -> dict[str, torch.Tensor]:
-    """The UNet LoRA in diffusers' key format (`unet.<module>.lora.{down,up}.weight`), fp32."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return {f"unet.{k}": v.detach().to("cpu", torch.float32) for k, v in state.items()}
-
-
-def _save_diffusers(
-    unet: Any, tensors: dict[str, torch.Tensor], path: Path, extra: dict[str, str]
-) -> None:
-    """Write the UNet LoRA as diffusers' `save_lora_weights` would, but byte-deterministic."""
-    # The adapter config, prefixed by component, as diffusers packs it. Sets become sorted lists
-    # (diffusers makes them lists in set order, which differs per process).
-    config = unet.peft_config["default"].to_dict()
-    packed = {f"unet.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    metadata = {
-        **extra,
-        "format": "pt",
-        ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True),
-    }
-    save_canonical(tensors, path, metadata)
