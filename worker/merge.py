@@ -33,9 +33,14 @@ class Adapter:
 
     kind: str  # "text" (PEFT folder) or "image" (diffusers file)
     source: Path
-    modules: dict[str, tuple[Any, Any]]  # module path -> (down [r, in...], up [out, r...])
+    # Module path -> (down [r, in...], up [out, r...]). Image paths carry their component
+    # (`unet.`, `text_encoder.`, `text_encoder_2.`); text paths are PEFT's, unprefixed.
+    modules: dict[str, tuple[Any, Any]]
     scales: dict[str, float]
-    config: dict[str, Any]  # PEFT config (text) or the unprefixed diffusers LoRA config (image)
+    # Per component ("" for a text adapter): the PEFT config, as packed in the file.
+    configs: dict[str, dict[str, Any]]
+    # Module path -> the (down, up) key suffixes it was stored with, kept on write.
+    tags: dict[str, tuple[str, str]]
 
 
 def adapter_kind(folder: Path) -> str:
@@ -63,42 +68,68 @@ def _scale(module: str, rank: int, config: dict[str, Any]) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+# The (down, up) key suffixes of LoRA weights: PEFT's, and the two diffusers writes (UNet
+# layers; text-encoder layers in its older "lora_linear_layer" naming).
+_TAGS = [
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+]
+_TEXT_PREFIX = "base_model.model."
+
+
 def load_adapter(folder: Path) -> Adapter:
     """Read an adapter folder of either kind."""
     from safetensors import safe_open
 
     kind = adapter_kind(folder)
-    if kind == "text":
-        config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-        path, prefix = folder / PEFT_WEIGHTS, "base_model.model."
-        down_tag, up_tag = ".lora_A.weight", ".lora_B.weight"
-    else:
-        path, prefix = folder / DIFFUSERS_WEIGHTS, "unet."
-        down_tag, up_tag = ".lora.down.weight", ".lora.up.weight"
+    path = folder / (PEFT_WEIGHTS if kind == "text" else DIFFUSERS_WEIGHTS)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         header = f.metadata() or {}
-    if kind == "image":
+    if kind == "text":
+        configs = {"": json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))}
+    else:
         if DIFFUSERS_META_KEY not in header:
             raise InvalidInput(f"{path}: no {DIFFUSERS_META_KEY} header (alpha unknown)")
-        packed = json.loads(header[DIFFUSERS_META_KEY])
-        config = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
-    if config.get("use_dora"):
+        configs = {}
+        for key, value in json.loads(header[DIFFUSERS_META_KEY]).items():
+            component, _, field = key.partition(".")
+            configs.setdefault(component, {})[field] = value
+    if any(c.get("use_dora") for c in configs.values()):
         raise InvalidInput(f"{folder}: DoRA adapters cannot be merged exactly by concatenation")
     modules: dict[str, tuple[Any, Any]] = {}
+    tags: dict[str, tuple[str, str]] = {}
+    ups = {k for k in tensors if any(k.endswith(up) for _, up in _TAGS)}
     for key in sorted(tensors):
-        if key.endswith(down_tag):
-            module = key[: -len(down_tag)]
-            up_key = module + up_tag
-            if up_key not in tensors:
-                raise InvalidInput(f"{path}: {key} has no matching {up_tag}")
-            modules[module.removeprefix(prefix)] = (tensors[key].float(), tensors[up_key].float())
-        elif not key.endswith(up_tag):
+        if key in ups:
+            continue
+        tag = next(((d, u) for d, u in _TAGS if key.endswith(d)), None)
+        if tag is None:
             raise InvalidInput(f"{path}: {key} is not a plain LoRA weight (bias, DoRA, embedding?)")
+        module = key[: -len(tag[0])]
+        if module + tag[1] not in tensors:
+            raise InvalidInput(f"{path}: {key} has no matching {tag[1]}")
+        name = module.removeprefix(_TEXT_PREFIX) if kind == "text" else module
+        if kind == "image" and name.partition(".")[0] not in configs:
+            raise InvalidInput(f"{path}: {key} belongs to no component of {DIFFUSERS_META_KEY}")
+        modules[name] = (tensors[key].float(), tensors[module + tag[1]].float())
+        tags[name] = tag
     if not modules:
         raise InvalidInput(f"{path}: no LoRA weights")
-    scales = {m: _scale(m, down.shape[0], config) for m, (down, _) in modules.items()}
-    return Adapter(kind, folder, modules, scales, config)
+    scales = {}
+    for m, (down, _) in modules.items():
+        component, inner = _split(kind, m)
+        scales[m] = _scale(inner, down.shape[0], configs[component])
+    return Adapter(kind, folder, modules, scales, configs, tags)
+
+
+def _split(kind: str, module: str) -> tuple[str, str]:
+    """(component, path inside it) of a module path: ("", path) for text adapters."""
+    if kind == "text":
+        return "", module
+    component, _, inner = module.partition(".")
+    return component, inner
 
 
 def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict[str, Any]:
@@ -136,45 +167,53 @@ def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict
                 downs.append(torch.zeros((r, *ref_down.shape[1:]), dtype=torch.float32))
                 ups.append(torch.zeros((ref_up.shape[0], r, *ref_up.shape[2:])))
         merged[name] = (torch.cat(downs, dim=0), torch.cat(ups, dim=1))
-    ranks = {n: d.shape[0] for n, (d, _) in merged.items()}
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {n: r for n, r in sorted(ranks.items()) if r != rank}
-    targets = sorted(set().union(*(_targets(a.config) for a in adapters)))
+
+    # One config per component, each with the rank most of its modules have.
+    components = sorted({_split(kind, n)[0] for n in merged})
+    configs: dict[str, dict[str, Any]] = {}
+    for component in components:
+        ranks = {inner: merged[n][0].shape[0]
+                 for n in merged for c, inner in [_split(kind, n)] if c == component}
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        # Pattern keys match module paths by suffix: `text_model.` is dropped so they match a
+        # text encoder that transformers 5 loads without that level, and one that has it.
+        pattern = {inner.removeprefix("text_model."): r
+                   for inner, r in sorted(ranks.items()) if r != rank}
+        sources = [a.configs[component] for a in adapters if component in a.configs]
+        configs[component] = {
+            **sources[0],
+            "r": rank,
+            "lora_alpha": rank,  # scale 1: weights and scales are folded into the up matrices
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_dropout": 0.0,
+            "target_modules": sorted(set().union(*(_targets(c) for c in sources))),
+        }
+    tag_of = {n: next(a.tags[n] for a in adapters if n in a.tags) for n in merged}
 
     out.mkdir(parents=True, exist_ok=True)
-    base_cfg = dict(adapters[0].config)
-    new_cfg = {
-        **base_cfg,
-        "r": rank,
-        "lora_alpha": rank,  # scale 1: the weights and scales are folded into the up matrices
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_dropout": 0.0,
-        "target_modules": targets,
-    }
+    tensors = {}
+    prefix = _TEXT_PREFIX if kind == "text" else ""
+    for n, (d, u) in merged.items():
+        down_tag, up_tag = tag_of[n]
+        tensors[f"{prefix}{n}{down_tag}"] = d.contiguous()
+        tensors[f"{prefix}{n}{up_tag}"] = u.contiguous()
     if kind == "text":
-        tensors = {}
-        for n, (d, u) in merged.items():
-            tensors[f"base_model.model.{n}.lora_A.weight"] = d.contiguous()
-            tensors[f"base_model.model.{n}.lora_B.weight"] = u.contiguous()
         save_canonical(tensors, out / PEFT_WEIGHTS, {"format": "pt"})
         (out / PEFT_CONFIG).write_text(
-            json.dumps(new_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            json.dumps(configs[""], indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
         files = [PEFT_CONFIG, PEFT_WEIGHTS]
     else:
-        tensors = {}
-        for n, (d, u) in merged.items():
-            tensors[f"unet.{n}.lora.down.weight"] = d.contiguous()
-            tensors[f"unet.{n}.lora.up.weight"] = u.contiguous()
-        packed = {f"unet.{k}": v for k, v in new_cfg.items()}
+        packed = {f"{c}.{k}": v for c, cfg in configs.items() for k, v in cfg.items()}
         meta = {"format": "pt", DIFFUSERS_META_KEY: json.dumps(packed, indent=2, sort_keys=True)}
         save_canonical(tensors, out / DIFFUSERS_WEIGHTS, meta)
         files = [DIFFUSERS_WEIGHTS]
-    return {"kind": kind, "rank": rank, "rank_pattern": pattern, "modules": len(merged),
-            "files": files}
+    main = configs.get("unet") or configs[components[0]]  # what the summary line reports
+    return {"kind": kind, "rank": main["r"], "rank_pattern": main["rank_pattern"],
+            "modules": len(merged), "components": [c for c in components if c], "files": files}
 
 
 def _rank_of(adapter: Adapter) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from jobspecs.models import ImageJobSpec, TextJobSpec
+from tests.plugins.lora_outputs import text_encoder_output, text_logits, unet_output
 from worker.context import WorkerContext
 from worker.merge import merge_adapters
 from worker.trainers import get_trainer
@@ -49,32 +49,13 @@ def text_adapters(
 def test_text_merge_equals_the_weighted_stack(
     text_adapters: list[Path], tiny_text_model: Path, tmp_path: Path
 ) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     summary = merge_adapters(text_adapters, WEIGHTS, tmp_path / "merged")
     assert summary["kind"] == "text" and summary["rank"] == 6  # 4 + 2, concatenated
 
-    ids = torch.tensor([[1, 5, 9, 17, 33, 2, 8, 40, 3]])
-
-    def fresh() -> Any:
-        return AutoModelForCausalLM.from_pretrained(tiny_text_model, local_files_only=True).eval()
-
     # Reference: both adapters active at once in PEFT, each up-matrix scaled by its weight.
-    stacked = PeftModel.from_pretrained(fresh(), text_adapters[0], adapter_name="a")
-    stacked.load_adapter(text_adapters[1], adapter_name="b")
-    with torch.no_grad():
-        for name, module in stacked.named_modules():
-            for adapter, w in zip(("a", "b"), WEIGHTS):
-                if hasattr(module, "lora_B") and adapter in module.lora_B:
-                    module.lora_B[adapter].weight.mul_(w)
-    stacked.base_model.set_adapter(["a", "b"])
-    merged = PeftModel.from_pretrained(fresh(), tmp_path / "merged").eval()
-    with torch.no_grad():
-        plain = fresh()(ids).logits
-        want = stacked.eval()(ids).logits
-        got = merged(ids).logits
-    assert (want - plain).abs().max().item() > 1e-3  # the stack does something
+    want = text_logits(tiny_text_model, text_adapters, WEIGHTS)
+    got = text_logits(tiny_text_model, [tmp_path / "merged"])
+    assert (want - text_logits(tiny_text_model)).abs().max().item() > 1e-3  # it does something
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -100,30 +81,38 @@ def image_adapters(
 def test_image_merge_equals_the_weighted_stack(
     image_adapters: list[Path], tiny_image_model: Path, tmp_path: Path
 ) -> None:
-    from diffusers import StableDiffusionPipeline
-
     summary = merge_adapters(image_adapters, WEIGHTS, tmp_path / "merged")
     assert summary["kind"] == "image" and summary["rank"] == 6
 
-    gen = torch.Generator().manual_seed(0)
-    sample, context = torch.randn((1, 4, 32, 32), generator=gen), torch.randn((1, 77, 32), generator=gen)
-
-    def unet_out(pipe: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return pipe.unet(sample, torch.tensor([400]), encoder_hidden_states=context).sample
-
-    def pipe() -> Any:
-        return StableDiffusionPipeline.from_pretrained(tiny_image_model, local_files_only=True)
-
-    stacked = pipe()
-    stacked.load_lora_weights(image_adapters[0], adapter_name="a")
-    stacked.load_lora_weights(image_adapters[1], adapter_name="b")
-    stacked.set_adapters(["a", "b"], adapter_weights=WEIGHTS)
-    merged = pipe()
-    merged.load_lora_weights(tmp_path / "merged")
-    plain, want, got = unet_out(pipe()), unet_out(stacked), unet_out(merged)
-    assert (want - plain).abs().max().item() > 1e-4
+    want = unet_output(tiny_image_model, image_adapters, WEIGHTS)
+    got = unet_output(tiny_image_model, [tmp_path / "merged"])
+    assert (want - unet_output(tiny_image_model)).abs().max().item() > 1e-4
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_image_merge_with_text_encoder_lora_equals_the_weighted_stack(
+    tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    """Adapters that also train the text encoder: each component merges on its own config."""
+    folders = []
+    for i, lora in enumerate([{"rank": 4, "alpha": 8.0},
+                              {"rank": 2, "alpha": 1.0, "use_rslora": True}]):
+        spec = ImageJobSpec(
+            kind="image", name=f"te{i}", base_model="m", dataset="d", lora=lora,
+            training={"steps": 3, "batch_size": 2, "resolution": 64, "learning_rate": 2e-2,
+                      "seed": i, "train_text_encoder": True},
+        )
+        get_trainer("image")(spec, tiny_image_model, tiny_image_dataset, tmp_path / f"a{i}",
+                             _ctx(tmp_path))
+        folders.append(tmp_path / f"a{i}")
+    summary = merge_adapters(folders, WEIGHTS, tmp_path / "merged")
+    assert summary["components"] == ["text_encoder", "unet"] and summary["rank"] == 6
+
+    for output in (unet_output, text_encoder_output):
+        want = output(tiny_image_model, folders, WEIGHTS)
+        got = output(tiny_image_model, [tmp_path / "merged"])
+        assert (want - output(tiny_image_model)).abs().max().item() > 1e-4
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_merge_refuses_mixed_kinds_and_bad_weights(
