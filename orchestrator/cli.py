@@ -363,17 +363,18 @@ def db_upgrade() -> None:
 
 @dev_app.command("tiny-models")
 def tiny_models(
-    out_dir: Path = typer.Option(..., "--out", help="Folder to write tiny-sd/ and tiny-llama/ into."),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Folder to write tiny-sd/, tiny-sdxl/ and tiny-llama/ into."
+    ),
     seed: int = typer.Option(0, help="Seed for the random weights."),
 ) -> None:
-    """Build a tiny Stable-Diffusion-style pipeline and a tiny causal LM, offline."""
-    from worker.tiny_image import build_tiny_image_model
+    """Build tiny SD-1.x and SDXL pipelines and a tiny causal LM, offline."""
+    from worker.tiny_image import build_tiny_image_model, build_tiny_sdxl_model
     from worker.tiny_text import build_tiny_text_model
 
-    image = build_tiny_image_model(out_dir / "tiny-sd", seed=seed)
-    text = build_tiny_text_model(out_dir / "tiny-llama", seed=seed)
-    print(image)
-    print(text)
+    print(build_tiny_image_model(out_dir / "tiny-sd", seed=seed))
+    print(build_tiny_sdxl_model(out_dir / "tiny-sdxl", seed=seed))
+    print(build_tiny_text_model(out_dir / "tiny-llama", seed=seed))
 
 
 def _sigterm_as_interrupt() -> None:
