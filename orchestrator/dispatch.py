@@ -93,15 +93,9 @@ def run_attempt(
     import traceback
 
     from jobspecs import parse_spec
-    from jobspecs.errors import (
-        LoraJobsError,
-        ObjectNotFound,
-        StorageAuthError,
-        StorageError,
-        UserDataError,
-    )
+    from jobspecs.errors import LoraJobsError
     from orchestrator.worklog import AttemptLog
-    from worker.context import Preempted, WorkerContext
+    from worker.context import WorkerContext
     from worker.entrypoint import run_job
 
     started = time.monotonic()
@@ -150,14 +144,8 @@ def run_attempt(
         try:
             out = {"ok": True, **base, **run_job(parsed, ctx)}
             log.line(f"adapter uploaded to {out.get('adapter_uri')}")
-        except Preempted as err:
-            out = {"ok": False, "kind": INFRA, "error": str(err), **base}
-        except (UserDataError, StorageAuthError, ObjectNotFound) as err:
-            out = {"ok": False, "kind": USER, "error": str(err), **base}
-        except StorageError as err:  # endpoint down, 5xx after botocore's own retries
-            out = {"ok": False, "kind": INFRA, "error": str(err), **base}
         except LoraJobsError as err:
-            out = {"ok": False, "kind": INTERNAL, "error": str(err), **base}
+            out = {"ok": False, "kind": failure_kind(err), "error": str(err), **base}
         except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
             traceback.print_exc()
             out = {"ok": False, "kind": INTERNAL, "error": f"{type(err).__name__}: {err}", **base}
@@ -167,6 +155,26 @@ def run_attempt(
         if not out["ok"]:
             log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
     return out
+
+
+def failure_kind(err: BaseException) -> str:
+    """How the controller treats an attempt that raised `err`: user errors (bad data, a spec the
+    model refuses, a loss that blew up, wrong credentials, a missing object) are not retried;
+    infra errors (preemption, storage outages) are; anything else is a bug of ours."""
+    from jobspecs.errors import (
+        InvalidInput,
+        ObjectNotFound,
+        StorageAuthError,
+        StorageError,
+        UserDataError,
+    )
+    from worker.context import Preempted
+
+    if isinstance(err, (UserDataError, InvalidInput, StorageAuthError, ObjectNotFound)):
+        return USER
+    if isinstance(err, (Preempted, StorageError)):  # storage: endpoint down, 5xx after retries
+        return INFRA
+    return INTERNAL
 
 
 def _release_gpu_memory() -> None:

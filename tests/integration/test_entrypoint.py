@@ -161,3 +161,70 @@ def test_registry_is_lazy_and_knows_both_kinds() -> None:
     # The control plane names trainers without paying for torch.
     code = "import sys, worker.trainers; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def _write_bad_data(root: Path, case: str) -> Path:
+    """A dataset with one thing wrong (`case`), written under `root`; returns its path."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    if case.startswith("image"):
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "a.png")
+        (root / "a.txt").write_text("a red square")
+        if case == "image-undecodable":
+            (root / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
+            (root / "b.txt").write_text("broken")
+        elif case == "image-caption-missing":
+            Image.new("RGB", (64, 64), (30, 30, 200)).save(root / "b.png")
+        elif case == "image-empty":
+            for p in list(root.iterdir()):
+                p.unlink()
+        return root
+    path = root / "train.jsonl"
+    if case == "text-invalid-utf8":
+        path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    elif case == "text-chat-no-assistant":
+        path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    elif case == "text-empty":
+        path.write_text("\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("image-undecodable", r"b\.png"),
+        ("image-empty", r"datasets/data: no images"),
+        ("image-caption-missing", r"b\.png"),
+        ("text-invalid-utf8", r"train\.jsonl: line 2"),
+        ("text-chat-no-assistant", r"train\.jsonl: line 1.*no assistant turn"),
+        ("text-empty", r"train\.jsonl"),
+    ],
+)
+def test_bad_data_fails_as_a_user_error_naming_the_file_and_uploads_nothing(
+    case: str, needle: str, bucket: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Each kind of bad data the issue lists: one user error naming the file (and the line for
+    JSONL), classified `user` (never retried), with nothing in the bucket."""
+    from orchestrator.dispatch import failure_kind
+
+    kind = case.split("-")[0]
+    model = request.getfixturevalue(f"tiny_{kind}_model")
+    data = _write_bad_data(bucket / "datasets" / "data", case)
+    spec_dict = {
+        "kind": kind, "name": f"bad-{case}", "base_model": str(model),
+        "dataset": data.as_uri(), "lora": {"rank": 4, "alpha": 8},
+        "training": {"steps": 4, "checkpoint_every": 1,
+                     **({"resolution": 64} if kind == "image" else {"max_seq_length": 64})},
+    }
+    if case == "image-caption-missing":
+        spec_dict["data"] = {"require_captions": True}
+    if case == "text-chat-no-assistant":
+        spec_dict["data"] = {"format": "chat", "chat_template": "chatml"}
+    spec = (ImageJobSpec if kind == "image" else TextJobSpec).model_validate(spec_dict)
+
+    with pytest.raises(UserDataError, match=needle) as info:
+        run_job(spec, _ctx(bucket, tmp_path, f"job-{case}", []))
+    assert "\n" not in str(info.value)  # one line
+    assert failure_kind(info.value) == "user"
+    assert not (bucket / "adapters").exists() and not (bucket / "jobs").exists()
