@@ -3,9 +3,7 @@ off (the default) leaves a run as it was."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import pytest
 
 from jobspecs import parse_spec
 from jobspecs.models import ImageJobSpec
+from tests.plugins.pipelines import v_prediction_copy
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 from worker.context import TrainOutput, WorkerContext
 from worker.trainers.image import train
@@ -61,10 +60,7 @@ def test_noise_offset_and_min_snr_change_the_adapter_and_repeat(
 def test_min_snr_on_a_v_prediction_model(
     tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
 ) -> None:
-    model = shutil.copytree(tiny_image_model, tmp_path / "model-v")
-    config_path = model / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    model = v_prediction_copy(tiny_image_model, tmp_path / "model-v")
 
     plain, _ = _run(_spec(), model, tiny_image_dataset, tmp_path / "plain")
     weighted, result = _run(_spec(min_snr_gamma=5.0), model, tiny_image_dataset, tmp_path / "w")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from safetensors import safe_open
 
 from jobspecs.errors import InvalidInput
 from jobspecs.models import ImageJobSpec
+from tests.plugins.pipelines import pipeline, render, v_prediction_copy
 from worker.context import TrainOutput, WorkerContext
 from worker.trainers.image import WEIGHTS_NAME, train
 from worker.tiny_image import build_tiny_image_model
@@ -119,28 +119,15 @@ def test_loss_falls_on_a_learnable_set(learned: tuple[Path, TrainOutput]) -> Non
 def test_adapter_loads_into_a_pipeline_with_its_alpha(
     learned: tuple[Path, TrainOutput], tiny_image_model: Path
 ) -> None:
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     out, _ = learned
 
     def generate(with_lora: bool) -> np.ndarray:
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_image_model, local_files_only=True)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = pipeline(tiny_image_model, out if with_lora else None)
         if with_lora:
-            pipe.load_lora_weights(out)
             (config,) = pipe.unet.peft_config.values()
             # Alpha survives the round trip: without the header metadata it loads as alpha = r.
             assert config.lora_alpha == 8.0 and config.r == 4
-        image = pipe(
-            "a photo of a red circle",
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images[0]
-        return np.asarray(image)
+        return render(pipe)
 
     base, base_again, adapted = generate(False), generate(False), generate(True)
     assert np.array_equal(base, base_again)  # the comparison itself is deterministic
@@ -150,10 +137,7 @@ def test_adapter_loads_into_a_pipeline_with_its_alpha(
 def test_v_prediction_models_train_on_velocity(
     tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
 ) -> None:
-    model = shutil.copytree(tiny_image_model, tmp_path / "model-v")
-    config_path = model / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    model = v_prediction_copy(tiny_image_model, tmp_path / "model-v")
 
     result, _ = _train(_spec(steps=2), model, tiny_image_dataset, tmp_path / "out")
 

@@ -69,3 +69,16 @@ def keep_components(src: Path, dst: Path, prefixes: tuple[str, ...]) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dst / src.name), metadata=meta)
     return dst
+
+
+def v_prediction_copy(model: Path, dst: Path) -> Path:
+    """A copy of the pipeline folder `model` whose scheduler predicts velocity (v-prediction,
+    as SD 2.x does) instead of noise: same weights, other training target."""
+    import shutil
+
+    out = Path(shutil.copytree(model, dst))
+    config_path = out / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    return out
+
