@@ -52,8 +52,8 @@ class WorkerContext:
 
 
 class Preempted(LoraJobsError):
-    """The attempt stopped before the end (node preempted, or the stop test hook); its last
-    checkpoint is in the bucket and the next attempt resumes from it."""
+    """The attempt stopped before the end (a SIGTERM preemption notice, or the stop test
+    hook); its last checkpoint is in the bucket and the next attempt resumes from it."""
 
 
 @dataclass

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from jobspecs.models import TextJobSpec
-from worker.datasets.packing import IGNORE, TokenizedExample, collate_padded, pack
+from worker.datasets.packing import (
+    IGNORE,
+    TokenizedExample,
+    UnitTable,
+    collate_padded,
+    pack,
+)
 from worker.datasets.text_dataset import build_text_dataset
 
 
@@ -44,6 +50,33 @@ def test_pack_keeps_every_token_and_label_and_respects_the_block_size() -> None:
     # Best-fit decreasing gets close to the lower bound on blocks.
     total = sum(len(e) for e in examples)
     assert len(blocks) <= -(-total // 64) + 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_batches_from_the_unit_table_are_the_units_padded_row_by_row(packed: bool) -> None:
+    """Gathered batches equal the plain construction: each unit in its row, then padding
+    (pad id, label -100, mask 0 or a position run from 0), and counts of the real tokens and
+    of the labels after the causal shift."""
+    examples = _examples(seed=3)
+    units = pack(examples, 48) if packed else examples
+    table = UnitTable(units, packed=packed)
+    for idx in ([0], [5, 1, 2], [len(units) - 1, 0, len(units) - 1, 3]):
+        b = table.batch(idx, pad_id=7)
+        width = max(len(units[i]) for i in idx)
+        assert b.input_ids.shape == (len(idx), width) and b.input_ids.dtype == torch.long
+        for row, i in enumerate(idx):
+            u, n = units[i], len(units[i])
+            assert b.input_ids[row].tolist() == list(u.input_ids) + [7] * (width - n)
+            assert b.labels[row].tolist() == list(u.labels) + [IGNORE] * (width - n)
+            if packed:
+                assert b.attention_mask is None and b.position_ids is not None
+                assert b.position_ids[row].tolist() == (list(u.position_ids)
+                                                        + list(range(width - n)))
+            else:
+                assert b.position_ids is None and b.attention_mask is not None
+                assert b.attention_mask[row].tolist() == [1] * n + [0] * (width - n)
+        assert b.num_tokens == sum(len(units[i]) for i in idx)
+        assert b.num_label_tokens == int((b.labels[:, 1:] != IGNORE).sum())
 
 
 def test_pack_is_deterministic() -> None:

@@ -19,7 +19,9 @@ tokens (so causal attention never sees it), with labels -100 and its own positio
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
+from typing import Iterable, Sequence, cast
 
 import torch
 
@@ -109,37 +111,66 @@ class TextBatch:
         return self.input_ids.numel()
 
 
-def collate_padded(examples: list[TokenizedExample], pad_id: int) -> TextBatch:
+class UnitTable:
+    """Every unit (example or packed block) of a set, laid end to end in flat tensors, built
+    once: a batch is then a dozen tensor ops whatever its size, where building it from the
+    tuples costs a Python-to-tensor conversion per row and field every step (1.5x the time
+    for padded batches of 4 on the tiny model, 3x for packed ones). Token counts per unit are
+    kept too, so a batch's counts need no reductions. Stored as int32: about a tenth of what
+    the tuples of Python ints take already."""
+
+    def __init__(self, units: Sequence[TokenizedExample | PackedBlock], packed: bool) -> None:
+        if not units:
+            raise ValueError("no units to batch")
+        self.packed = packed
+        self.lengths = [len(u) for u in units]
+        # transformers shifts labels left by one: a row's first label never carries loss.
+        self.label_counts = [sum(1 for lab in u.labels[1:] if lab != IGNORE) for u in units]
+        self.starts = list(itertools.accumulate(self.lengths, initial=0))[:-1]
+        self.input_ids = _flat(u.input_ids for u in units)
+        self.labels = _flat(u.labels for u in units)
+        self.position_ids = (
+            _flat(cast(PackedBlock, u).position_ids for u in units) if packed else None
+        )
+
+    def batch(self, idx: Sequence[int], pad_id: int) -> TextBatch:
+        """Units `idx` as one batch, right-padded to the longest: padding has labels -100 and
+        attention_mask 0 (padded mode), or its own position run from 0 (packed mode)."""
+        lengths = [self.lengths[i] for i in idx]
+        width = max(lengths)
+        n = torch.tensor(lengths)[:, None]
+        cols = torch.arange(width)
+        real = cols < n  # (B, T): the units' own tokens
+        # Each row reads its unit's span; padding columns read anything (clamped) and are masked.
+        at = (torch.tensor([self.starts[i] for i in idx])[:, None] + cols).clamp_(
+            max=self.input_ids.numel() - 1
+        )
+        input_ids = torch.where(real, self.input_ids[at], pad_id).long()
+        labels = torch.where(real, self.labels[at], IGNORE).long()
+        attention_mask = position_ids = None
+        if self.position_ids is not None:
+            position_ids = torch.where(real, self.position_ids[at], cols - n).long()
+        else:
+            attention_mask = real.long()
+        return TextBatch(
+            input_ids,
+            labels,
+            attention_mask,
+            position_ids,
+            sum(lengths),
+            sum(self.label_counts[i] for i in idx),
+        )
+
+
+def _flat(seqs: Iterable[tuple[int, ...]]) -> torch.Tensor:
+    return torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.int32)
+
+
+def collate_padded(examples: Sequence[TokenizedExample], pad_id: int) -> TextBatch:
     """Right-pad to the longest example; attention_mask 0 and labels -100 on padding."""
-    width = max(len(e) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        input_ids[i, : len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[i, : len(e)] = 1
-        labels[i, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
-    return TextBatch(
-        input_ids, labels, attention_mask, None, int(attention_mask.sum()), _label_count(labels)
-    )
+    return UnitTable(examples, packed=False).batch(range(len(examples)), pad_id)
 
 
-def collate_packed(blocks: list[PackedBlock], pad_id: int) -> TextBatch:
+def collate_packed(blocks: Sequence[PackedBlock], pad_id: int) -> TextBatch:
     """Stack blocks, padding to the longest; padding gets its own position run and no loss."""
-    width = max(len(b) for b in blocks)
-    input_ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(blocks), width), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((len(blocks), width), dtype=torch.long)
-    for i, b in enumerate(blocks):
-        n = len(b)
-        input_ids[i, :n] = torch.tensor(b.input_ids, dtype=torch.long)
-        labels[i, :n] = torch.tensor(b.labels, dtype=torch.long)
-        position_ids[i, :n] = torch.tensor(b.position_ids, dtype=torch.long)
-        position_ids[i, n:] = torch.arange(width - n)
-    tokens = sum(len(b) for b in blocks)
-    return TextBatch(input_ids, labels, None, position_ids, tokens, _label_count(labels))
-
-
-def _label_count(labels: torch.Tensor) -> int:
-    # transformers shifts labels left by one: the first column never carries loss.
-    return int((labels[:, 1:] != IGNORE).sum())
+    return UnitTable(blocks, packed=True).batch(range(len(blocks)), pad_id)

@@ -31,6 +31,7 @@ from worker.datasets.packing import (
     PackedBlock,
     TextBatch,
     TokenizedExample,
+    UnitTable,
     collate_packed,
     collate_padded,
     pack,
@@ -173,6 +174,8 @@ class TextTrainSet:
         self.batch_size, self.seed, self.max_len = batch_size, seed, max_len
         self.packing, self.pad_id, self.dropped = packing, pad_id, dropped
         self.blocks: list[PackedBlock] = pack(examples, max_len) if packing else []
+        # Built once: each step's batch is gathered from it (see UnitTable).
+        self._table = UnitTable(self.blocks if packing else examples, packed=packing)
         self._orders: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -194,10 +197,7 @@ class TextTrainSet:
 
     def batch(self, step: int) -> TextBatch:
         """The batch of 0-based `step`."""
-        idx = self.indices(step)
-        if self.packing:
-            return collate_packed([self.blocks[i] for i in idx], self.pad_id)
-        return collate_padded([self.examples[i] for i in idx], self.pad_id)
+        return self._table.batch(self.indices(step), self.pad_id)
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[TextBatch]:
         """The validation set in order, packed like training; nothing when there is none."""

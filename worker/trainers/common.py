@@ -1,5 +1,6 @@
 """What the image and text trainers share: device and precision, step count, optimizer, LR
-schedule, and the training loop itself (accumulation, clipping, progress, checkpoints, resume).
+schedule, and the training loop itself (accumulation, clipping, progress, checkpoints, resume,
+a checkpoint on SIGTERM).
 
 A trainer supplies one function, `micro_loss(k)` — the loss of global micro-batch `k` — and
 `TrainLoop.run` does the rest. Every random number the loop can consume is captured in a
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import random
 import time
@@ -25,8 +27,10 @@ import torch
 from jobspecs.errors import InvalidInput, UserDataError
 from worker.checkpoint import Checkpoint
 from worker.context import Preempted, WorkerContext
+from worker.trainers.preemption import PreemptionNotice
 
 REPORT_EVERY_S = 0.5
+log = logging.getLogger(__name__)
 
 # micro_loss(k) -> (loss of micro-batch k, counters to add up, e.g. {"tokens": 123})
 MicroLoss = Callable[[int], tuple[torch.Tensor, dict[str, int]]]
@@ -38,6 +42,21 @@ MicroLoss = Callable[[int], tuple[torch.Tensor, dict[str, int]]]
 def pick_device() -> torch.device:
     """The node's first GPU if it has one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's host tensors on `device`, without making the host wait for the device.
+
+    A copy from pageable memory waits for every kernel already queued (it would undo what
+    `TrainLoop` gains by reading losses late); from pinned memory with `non_blocking` it is
+    queued like a kernel, and the caching host allocator keeps the source until it is done.
+    """
+    if device.type != "cuda":
+        return tensors
+    return {
+        k: t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu" else t
+        for k, t in tensors.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,10 @@ def seed_everything(seed: int) -> None:
 def spec_fingerprint(spec: Any, threads: int) -> str:
     """A digest of everything in the spec that changes the numbers: a checkpoint is only
     resumed by the spec (and thread count) that wrote it."""
-    data = spec.model_dump(mode="json", exclude={"name", "owner", "priority", "output"})
+    # Samples only render the weights (tests/integration/test_samples.py shows the adapter is
+    # the same with and without them), so a changed sample prompt may still resume.
+    ignored = {"name", "owner", "priority", "output", "samples", "max_runtime"}
+    data = spec.model_dump(mode="json", exclude=ignored)
     data["resources"] = {"cpus": threads}
     for key in ("checkpoint_every", "keep_checkpoints"):
         data["training"].pop(key, None)
@@ -205,6 +227,7 @@ class TrainLoop:
         self.fingerprint = fingerprint
         self.scaler = torch.amp.GradScaler(device.type) if precision.scale_loss else None
         self.losses: list[float] = []
+        self._unread: list[list[torch.Tensor]] = []  # losses of steps not yet in `losses`
         self.counters: dict[str, int] = {}
         self.step = 0
 
@@ -216,40 +239,14 @@ class TrainLoop:
         `on_step(step)` runs after each optimizer step (step counts from 1), before that step's
         checkpoint: the image trainer renders validation samples from it. It must not draw from
         the global RNGs (it would change the training that follows).
-        """
-        resumed = self._resume()
-        started = last_report = time.monotonic()
-        last_step = self.step
-        lr = 0.0
-        while self.step < self.total:
-            factor = lr_factor(self.cfg.lr_scheduler, self.step, self.total, self.cfg.warmup_steps)
-            lr = self.cfg.learning_rate * factor
-            for group in self.optimizer.param_groups:
-                group["lr"] = group.get("peak_lr", self.cfg.learning_rate) * factor
-            loss = self._one_step(micro_loss)
-            self.step += 1
-            if not math.isfinite(loss):
-                raise InvalidInput(
-                    f"training.learning_rate {self.cfg.learning_rate}: loss became {loss} "
-                    f"at step {self.step}"
-                )
-            self.losses.append(loss)
-            if on_step is not None:
-                on_step(self.step)
 
-            now = time.monotonic()
-            if now - last_report >= REPORT_EVERY_S or self.step == self.total:
-                rate = (self.step - last_step) / max(now - last_report, 1e-9)
-                self.ctx.report(
-                    {"step": self.step, "total_steps": self.total, "loss": loss, "it_per_s": rate}
-                )
-                last_report, last_step = now, self.step
-            every = self.cfg.checkpoint_every
-            stop = self.ctx.stop_after_step == self.step and self.step < self.total
-            if self.ctx.checkpoints is not None and (stop or (every and self.step % every == 0)):
-                self.ctx.checkpoints.save(self._capture(), keep=self.cfg.keep_checkpoints)
-            if stop:
-                raise Preempted(f"stopped after step {self.step} (LORAJOBS_STOP_AFTER_STEP)")
+        A SIGTERM (a preemption notice) ends the loop after the current step: it checkpoints
+        that step and raises `Preempted`.
+        """
+        with PreemptionNotice() as notice:
+            resumed = self._resume()
+            started = time.monotonic()
+            lr = self._train(micro_loss, on_step, notice)
         return LoopResult(
             losses=self.losses,
             counters=self.counters,
@@ -258,8 +255,53 @@ class TrainLoop:
             lr_last=lr,
         )
 
-    def _one_step(self, micro_loss: MicroLoss) -> float:
-        total_loss = 0.0
+    def _train(
+        self,
+        micro_loss: MicroLoss,
+        on_step: Callable[[int], None] | None,
+        notice: PreemptionNotice,
+    ) -> float:
+        last_report = time.monotonic()
+        last_step = self.step
+        lr = 0.0
+        while self.step < self.total:
+            factor = lr_factor(self.cfg.lr_scheduler, self.step, self.total, self.cfg.warmup_steps)
+            lr = self.cfg.learning_rate * factor
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.get("peak_lr", self.cfg.learning_rate) * factor
+            self._unread.append(self._one_step(micro_loss))
+            self.step += 1
+            if on_step is not None:
+                on_step(self.step)
+
+            now = time.monotonic()
+            report = now - last_report >= REPORT_EVERY_S or self.step == self.total
+            every, store = self.cfg.checkpoint_every, self.ctx.checkpoints
+            stop = self.ctx.stop_after_step == self.step and self.step < self.total
+            save = store is not None and (
+                stop or notice.received or bool(every and self.step % every == 0)
+            )
+            if report or save or stop or notice.received:
+                self._read_losses()
+            if report:
+                rate = (self.step - last_step) / max(now - last_report, 1e-9)
+                self.ctx.report({"step": self.step, "total_steps": self.total,
+                                 "loss": self.losses[-1], "it_per_s": rate})
+                last_report, last_step = now, self.step
+            if save and store is not None:
+                store.save(self._capture(), keep=self.cfg.keep_checkpoints)
+            if stop:
+                raise Preempted(f"stopped after step {self.step} (LORAJOBS_STOP_AFTER_STEP)")
+            if notice.received:
+                where = "checkpointed" if save else "no checkpoint store"
+                log.warning("SIGTERM: stopped after step %d (%s)", self.step, where)
+                raise Preempted(f"stopped after step {self.step}: SIGTERM ({where})")
+        self._read_losses()
+        return lr
+
+    def _one_step(self, micro_loss: MicroLoss) -> list[torch.Tensor]:
+        """One optimizer step; its micro-batches' losses, detached and not yet read."""
+        losses = []
         for i in range(self.accum):
             with self.precision.context(self.device):
                 loss, counts = micro_loss(self.step * self.accum + i)
@@ -268,7 +310,7 @@ class TrainLoop:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
-            total_loss += float(loss.detach())
+            losses.append(loss.detach())
             for k, v in counts.items():
                 self.counters[k] = self.counters.get(k, 0) + int(v)
         if self.scaler is not None:
@@ -281,7 +323,30 @@ class TrainLoop:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_loss / self.accum
+        return losses
+
+    def _read_losses(self) -> None:
+        """Move the steps' losses to the host, into `losses`; raise on the first non-finite one.
+
+        Reading a loss waits for the device to finish the step. Done every step, that wait
+        leaves a GPU idle while the host prepares the next batch; done at reports and
+        checkpoints only, the host runs ahead. The sum is the same float64 sum, in the same
+        order, as reading each loss at once: the values are identical.
+        """
+        first = len(self.losses) + 1
+        for n, parts in enumerate(self._unread, start=first):
+            total = 0.0
+            for part in parts:
+                total += float(part)
+            loss = total / self.accum
+            if not math.isfinite(loss):
+                self._unread.clear()
+                raise InvalidInput(
+                    f"training.learning_rate {self.cfg.learning_rate}: loss became {loss} "
+                    f"at step {n}"
+                )
+            self.losses.append(loss)
+        self._unread.clear()
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from worker.trainers.common import (
     resolve_precision,
     seed_everything,
     spec_fingerprint,
+    to_device,
     total_steps,
     window_means,
 )
@@ -170,24 +171,25 @@ def train(
             cond = encoders.condition(list(plan.captions))  # with gradients into the LoRA
         else:
             cond = encoders.captions(list(plan.captions))
-        clean, context = clean.to(device), cond.context.to(device, base_dtype)
         noise = torch.randn(clean.shape, generator=noise_gen)
         if cfg.noise_offset > 0:  # only then: the draw would shift every later one
             noise = noise + cfg.noise_offset * torch.randn(
                 (clean.shape[0], clean.shape[1], 1, 1), generator=noise_gen
             )
-        noise = noise.to(device)
         timesteps = torch.randint(0, num_timesteps, (len(plan.records),), generator=noise_gen)
-        timesteps = timesteps.to(device)
+        host = {"clean": clean, "context": cond.context, "noise": noise, "timesteps": timesteps}
+        if base.sdxl:
+            assert cond.pooled is not None
+            host["pooled"] = cond.pooled
+            host["time_ids"] = torch.tensor(ds.size_conditioning(plan), dtype=base_dtype)
+        # One queued copy per tensor: the host does not wait for the device's previous step.
+        on = to_device(host, device)
+        clean, noise, timesteps = on["clean"], on["noise"], on["timesteps"]
+        context = on["context"].to(base_dtype)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         added = None
         if base.sdxl:
-            assert cond.pooled is not None
-            added = {
-                "text_embeds": cond.pooled.to(device, base_dtype),
-                "time_ids": torch.tensor(ds.size_conditioning(plan), dtype=base_dtype,
-                                         device=device),
-            }
+            added = {"text_embeds": on["pooled"].to(base_dtype), "time_ids": on["time_ids"]}
         pred = unet(
             noisy.to(base_dtype), timesteps, encoder_hidden_states=context,
             added_cond_kwargs=added,
@@ -198,7 +200,9 @@ def train(
         else:
             per_item = F.mse_loss(pred.float(), target.float(), reduction="none")
             per_item = per_item.mean(dim=list(range(1, per_item.ndim)))
-            snr = snr_at(noise_scheduler.alphas_cumprod, timesteps.cpu()).to(device)
+            # On the device (add_noise moved alphas_cumprod there): no read-back. Indexing and
+            # one IEEE division: the same values as on the CPU.
+            snr = snr_at(noise_scheduler.alphas_cumprod, timesteps)
             loss = (per_item * min_snr_weights(snr, cfg.min_snr_gamma, prediction_type)).mean()
         return loss, {"images": len(plan.records)}
 

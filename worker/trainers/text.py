@@ -29,6 +29,7 @@ from worker.trainers.common import (
     resolve_precision,
     seed_everything,
     spec_fingerprint,
+    to_device,
     total_steps,
 )
 
@@ -110,8 +111,7 @@ def train(
     def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
         """The LM loss of micro-batch `k` (its rows: a function of k and the seed)."""
         batch = ds.batch(k)
-        inputs = {name: t.to(device) for name, t in batch.model_inputs().items()}
-        out = model(**inputs, use_cache=False)
+        out = model(**to_device(batch.model_inputs(), device), use_cache=False)
         return out.loss, {"tokens": batch.num_tokens, "label_tokens": batch.num_label_tokens,
                           "capacity": batch.capacity}
 
@@ -214,9 +214,8 @@ def _eval_loss(model: Any, ds: TextTrainSet, device: torch.device, precision: An
     model.eval()
     total = weight = 0.0
     for batch in ds.eval_batches():
-        inputs = {name: t.to(device) for name, t in batch.model_inputs().items()}
         with precision.context(device):
-            loss = model(**inputs, use_cache=False).loss
+            loss = model(**to_device(batch.model_inputs(), device), use_cache=False).loss
         total += float(loss) * batch.num_label_tokens
         weight += batch.num_label_tokens
     model.train()
