@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -11,7 +10,7 @@ from sqlalchemy import Engine, func, select, text
 
 from jobspecs import AnyJobSpec, parse_spec
 from jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound
-from orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine
+from orchestrator.db import JobEventRow, JobRow
 from orchestrator.queue import JobRecord, Queue
 from orchestrator.states import FailureKind, JobStatus
 
@@ -33,11 +32,8 @@ def make_spec(name: str = "demo", **over: Any) -> AnyJobSpec:
 
 
 @pytest.fixture
-def engine(any_db_url: str) -> Iterator[Engine]:
-    eng = make_engine(any_db_url)
-    ensure_schema(eng, auto=True)
-    yield eng
-    eng.dispose()
+def engine(any_db_engine: Engine) -> Engine:
+    return any_db_engine
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ backoff, bulk claims with events), demand for the autoscaler, lease-guarded tran
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -13,7 +12,7 @@ from sqlalchemy import Engine, text, update
 
 from jobspecs import parse_spec
 from jobspecs.errors import InvalidInput, InvalidTransition
-from orchestrator.db import JobRow, current_revision, ensure_schema, head_revision, make_engine, upgrade
+from orchestrator.db import JobRow, current_revision, head_revision, make_engine, upgrade
 from orchestrator.queue import Queue
 from orchestrator.scheduler import Candidate, Hold, Placement, Shape
 from orchestrator.states import JobStatus
@@ -30,11 +29,8 @@ def spec(name: str, **over: Any) -> Any:
 
 
 @pytest.fixture
-def engine(any_db_url: str) -> Iterator[Engine]:
-    eng = make_engine(any_db_url)
-    ensure_schema(eng, auto=True)
-    yield eng
-    eng.dispose()
+def engine(any_db_engine: Engine) -> Engine:
+    return any_db_engine
 
 
 def test_a_round_sees_class_heads_and_claims_in_one_go(engine: Engine) -> None:

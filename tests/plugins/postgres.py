@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,3 +261,14 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'db' / 'lorajobs.db'}"
     return str(request.getfixturevalue("pg_db_url"))
+
+
+@pytest.fixture
+def any_db_engine(any_db_url: str) -> Iterator[Any]:
+    """An engine on `any_db_url` with the schema at head, disposed after the test."""
+    from orchestrator.db import ensure_schema, make_engine
+
+    engine = make_engine(any_db_url)
+    ensure_schema(engine, auto=True)
+    yield engine
+    engine.dispose()
