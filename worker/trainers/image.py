@@ -40,6 +40,7 @@ from worker.kohya import (
 from worker.plots import draw_loss_curve
 from worker.safetensors_io import save_canonical
 from worker.samples import SampleRenderer
+from worker.sidecar import hash_cache_for, tree_digest
 from worker.trainers.common import (
     TrainLoop,
     build_optimizer,
@@ -371,7 +372,10 @@ def _cached_latents(
     """Latents of every (image, flip), encoded once per dataset + VAE: from the node cache,
     else the bucket's (`<bucket>/cache/latents/<key>/`), else encoded here and shared."""
     # The VAE's weights and the dtype it runs in (bf16 latents are not fp32 latents).
-    vae_id = f"{_vae_digest(model_dir)}:{str(encoder.vae.dtype).removeprefix('torch.')}"
+    # The digest reuses the node's hash cache, as the sidecar's does: no re-read per job.
+    vae_dir = model_dir / "vae"
+    vae_digest = tree_digest(vae_dir, hash_cache=hash_cache_for(ctx.cache_dir, vae_dir))
+    vae_id = f"{vae_digest}:{str(encoder.vae.dtype).removeprefix('torch.')}"
     key = cache_key(spec, dataset_digest(ds), vae_id)
     cache = LatentCache(ctx.cache_dir / "latents", key)
     storage = None
@@ -413,19 +417,6 @@ def _caption_embeddings(
         for r, item in first_item.items()
     })
     return {c: encoder.captions([c])[0] for c in captions}
-
-
-def _vae_digest(model_dir: Path) -> str:
-    """sha256 over the VAE folder's files: what the latents depend on."""
-    import hashlib
-
-    from worker.transfer import sha256_file
-
-    h = hashlib.sha256()
-    vae_dir = model_dir / "vae"
-    for path in sorted(p for p in vae_dir.rglob("*") if p.is_file()):
-        h.update(f"{path.relative_to(vae_dir).as_posix()}\0{sha256_file(path)}\n".encode())
-    return h.hexdigest()
 
 
 def _target(
