@@ -142,8 +142,7 @@ def run_attempt(
         )
         base = {"node": node, "ray_node_id": node_id}
         try:
-            out = {"ok": True, **base, **run_job(parsed, ctx)}
-            log.line(f"adapter uploaded to {out.get('adapter_uri')}")
+            out = {"ok": True, **base, **run_job(parsed, ctx)}  # run_job logs the upload
         except LoraJobsError as err:
             out = {"ok": False, "kind": failure_kind(err), "error": str(err), **base}
         except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here

@@ -91,6 +91,9 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         t = time.monotonic()
         upload_adapter(out_dir, dest, marker=SIDECAR)
         timings["upload"] = _since(t)
+        # Said here, the moment it is true: the attempt may still be killed during the clean-up
+        # below, and its log must then show that the adapter is complete anyway.
+        log.info("adapter uploaded to %s", dest)
 
     try:
         removed = discard_after_success(ctx.output_uri, ctx.job_id, dest, adapter_marker=SIDECAR)
