@@ -74,9 +74,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from orchestrator.db import make_engine
-    from orchestrator.queue import Queue
-    from orchestrator.worklog import read_log
+    from lorajobs.orchestrator.db import make_engine
+    from lorajobs.orchestrator.queue import Queue
+    from lorajobs.storage.logs import read_log
 
     work = Path(tempfile.mkdtemp(prefix="ljbench-latency-"))
     cluster, _, ray_tmp = start_cluster(1)

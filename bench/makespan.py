@@ -51,7 +51,7 @@ def start_cluster(gpu_nodes: int) -> tuple[Any, list[Any], str]:
 
 
 def tiny_inputs(root: Path) -> tuple[Path, Path]:
-    from worker.tiny_text import build_tiny_text_model, make_text_dataset
+    from lorajobs.worker.tiny_text import build_tiny_text_model, make_text_dataset
 
     model, data = root / "tiny-llama", root / "train.jsonl"
     if not model.exists():
@@ -61,7 +61,7 @@ def tiny_inputs(root: Path) -> tuple[Path, Path]:
 
 
 def text_spec(name: str, model: Path, data: Path, steps: int) -> Any:
-    from jobspecs import parse_spec
+    from lorajobs.jobspecs import parse_spec
 
     return parse_spec({
         "kind": "text", "name": name, "base_model": str(model), "dataset": str(data),
@@ -73,12 +73,12 @@ def text_spec(name: str, model: Path, data: Path, steps: int) -> Any:
 
 
 def controller_for(address: str, home: Path, **config: Any) -> tuple[Any, Any]:
-    from orchestrator.config import ControllerConfig
-    from orchestrator.controller import Controller
-    from orchestrator.db import ensure_schema, make_engine
-    from orchestrator.dispatch import RayBackend
-    from orchestrator.queue import Queue
-    from orchestrator.settings import Settings
+    from lorajobs.orchestrator.config import ControllerConfig
+    from lorajobs.orchestrator.controller import Controller
+    from lorajobs.orchestrator.db import ensure_schema, make_engine
+    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.queue import Queue
+    from lorajobs.orchestrator.settings import Settings
 
     settings = Settings.from_env({"LORAJOBS_HOME": str(home), "LORAJOBS_RAY_ADDRESS": address})
     engine = make_engine(settings)

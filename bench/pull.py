@@ -3,7 +3,7 @@
     .venv/bin/python bench/pull.py [--small 2000] [--big 4] [--big-mb 64] [--rounds 3]
 
 Starts its own SeaweedFS on 127.0.0.1 (access keys enforced), makes a dataset of `--small`
-files of 1-32 KiB plus `--big` files of `--big-mb` MB, stages it (`worker.staging`, so pulls
+files of 1-32 KiB plus `--big` files of `--big-mb` MB, stages it (`lorajobs.storage.staging`, so pulls
 are manifest-driven), then times, each as a fresh subprocess so interpreter start-up counts on
 both sides, alternating round by round:
   - `aws s3 sync s3://<bucket>/<prefix> <empty dir>` (the system AWS CLI, default settings);
@@ -35,7 +35,7 @@ _CHILD = """
 import json, sys, time
 t0 = time.monotonic()
 from pathlib import Path
-from worker.pull import pull_dataset
+from lorajobs.storage.pull import pull_dataset
 t1 = time.monotonic()
 path = pull_dataset(sys.argv[1], Path(sys.argv[2]), concurrency=int(sys.argv[3]))
 t2 = time.monotonic()
@@ -130,8 +130,8 @@ def main() -> None:
         print(f"dataset: {n_files} files, {total / 1e6:.0f} MB "
               f"({args.small} of 1-32 KiB, {args.big} of {args.big_mb} MB)")
 
-        from worker.staging import stage_path
-        from worker.storage import open_storage
+        from lorajobs.storage.staging import stage_path
+        from lorajobs.storage.base import open_storage
 
         bucket = f"s3://{server.bucket}"
         t = time.monotonic()

@@ -33,14 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import insert, update  # noqa: E402
 
-from jobspecs import parse_spec, spec_to_dict  # noqa: E402
-from orchestrator.config import ControllerConfig  # noqa: E402
-from orchestrator.controller import Controller  # noqa: E402
-from orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine  # noqa: E402
-from orchestrator.dispatch import Attempt, ClusterView  # noqa: E402
-from orchestrator.queue import Queue  # noqa: E402
-from orchestrator.records import dump_json  # noqa: E402
-from orchestrator.scheduler import OwnerLimits, Policy  # noqa: E402
+from lorajobs.jobspecs import parse_spec, spec_to_dict  # noqa: E402
+from lorajobs.orchestrator.config import ControllerConfig  # noqa: E402
+from lorajobs.orchestrator.controller import Controller  # noqa: E402
+from lorajobs.orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine  # noqa: E402
+from lorajobs.orchestrator.dispatch import Attempt, ClusterView  # noqa: E402
+from lorajobs.orchestrator.queue import Queue  # noqa: E402
+from lorajobs.orchestrator.records import dump_json  # noqa: E402
+from lorajobs.orchestrator.scheduler import OwnerLimits, Policy  # noqa: E402
 
 SHAPES = [(1.0, None, 4), (1.0, "A100", 4), (1.0, "H100", 8), (0.25, None, 2), (0.0, None, 4)]
 

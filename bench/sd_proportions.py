@@ -68,7 +68,7 @@ def build_sd_proportioned_model(out: Path, *, seed: int = 0) -> Path:
     """The tiny pipeline folder with its UNet and VAE replaced by the SD-proportioned ones."""
     import torch
 
-    from worker.tiny_image import build_tiny_image_model
+    from lorajobs.worker.tiny_image import build_tiny_image_model
 
     build_tiny_image_model(out, seed=seed)
     cross = json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"]

@@ -1,7 +1,7 @@
 """Job specs: the contract between users, the queue and the worker. Imports neither of them."""
 
-from jobspecs.errors import LoraJobsError, SpecError
-from jobspecs.loader import (
+from lorajobs.jobspecs.errors import LoraJobsError, SpecError
+from lorajobs.jobspecs.loader import (
     json_schema,
     load_spec,
     load_spec_text,
@@ -9,7 +9,7 @@ from jobspecs.loader import (
     resolve_local_paths,
     spec_to_dict,
 )
-from jobspecs.models import (
+from lorajobs.jobspecs.models import (
     AnyJobSpec,
     ImageJobSpec,
     ImageTraining,

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from jobspecs.errors import SpecError
-from jobspecs.models import JOB_SPEC_ADAPTER, AnyJobSpec
+from lorajobs.jobspecs.errors import SpecError
+from lorajobs.jobspecs.models import JOB_SPEC_ADAPTER, AnyJobSpec
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

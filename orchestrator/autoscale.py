@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from orchestrator.scheduler import Shape
+from lorajobs.orchestrator.scheduler import Shape
 
 log = logging.getLogger("lorajobs.autoscale")
 

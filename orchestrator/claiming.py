@@ -1,6 +1,6 @@
 """The scheduling half of the queue: reading candidates and claiming them for a controller.
 
-`Claiming` is mixed into `orchestrator.queue.Queue` (one concept per module, one object for the
+`Claiming` is mixed into `lorajobs.orchestrator.queue.Queue` (one concept per module, one object for the
 callers): the round that reads what active jobs hold and the best queued candidates, lets the
 scheduling policy place them and dispatches the placed ones in one transaction; the demand the
 autoscaler is told; why queued jobs wait (published by the controller, read by the CLI); and
@@ -26,11 +26,11 @@ from sqlalchemy import (
     type_coerce,
 )
 
-from orchestrator.db import JobRow, SchedulerStateRow, UTCDateTime
-from orchestrator.records import Change, JobRecord, job_record
-from orchestrator.scheduler import Candidate, Hold, Placement, Shape
-from orchestrator.states import JobStatus
-from orchestrator.waiting import WaitSummary
+from lorajobs.orchestrator.db import JobRow, SchedulerStateRow, UTCDateTime
+from lorajobs.orchestrator.records import Change, JobRecord, job_record
+from lorajobs.orchestrator.scheduler import Candidate, Hold, Placement, Shape
+from lorajobs.orchestrator.states import JobStatus
+from lorajobs.orchestrator.waiting import WaitSummary
 
 JOBS = JobRow.__table__
 STATE = SchedulerStateRow.__table__
@@ -42,7 +42,7 @@ _SCHEDULE_LOCK_KEY = 0x6C6A7363686564  # "ljsched"
 
 
 class RoundPlanner(Protocol):
-    """The scheduling policy's side of a round (`orchestrator.scheduler.Round`)."""
+    """The scheduling policy's side of a round (`lorajobs.orchestrator.scheduler.Round`)."""
 
     @property
     def done(self) -> bool: ...
@@ -51,7 +51,7 @@ class RoundPlanner(Protocol):
 
 
 class Claiming:
-    """Scheduling reads and claims; see `orchestrator.queue.Queue` for the rest."""
+    """Scheduling reads and claims; see `lorajobs.orchestrator.queue.Queue` for the rest."""
 
     engine: Engine
     _writer: Engine

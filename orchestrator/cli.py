@@ -17,9 +17,9 @@ import click
 import typer
 from rich.console import Console
 
-from jobspecs import AnyJobSpec, json_schema, load_spec, resolve_local_paths
-from jobspecs.errors import InvalidInput, LoraJobsError
-from orchestrator.settings import Settings
+from lorajobs.jobspecs import AnyJobSpec, json_schema, load_spec, resolve_local_paths
+from lorajobs.jobspecs.errors import InvalidInput, LoraJobsError
+from lorajobs.orchestrator.settings import Settings
 
 app = typer.Typer(
     name="lorajobs",
@@ -43,8 +43,8 @@ def _settings() -> Settings:
 
 
 def _queue(settings: Settings):  # -> Queue (imported lazily: sqlalchemy only when needed)
-    from orchestrator.db import ensure_schema, make_engine
-    from orchestrator.queue import Queue
+    from lorajobs.orchestrator.db import ensure_schema, make_engine
+    from lorajobs.orchestrator.queue import Queue
 
     engine = make_engine(settings)
     ensure_schema(engine, auto=settings.database_url.startswith("sqlite"))
@@ -98,7 +98,7 @@ def submit(
     settings = _settings()
     parsed = _load_specs(specs)
     # Local data bound for an object-store bucket is uploaded first (content-addressed, once).
-    from worker.staging import stage_local_inputs
+    from lorajobs.storage.staging import stage_local_inputs
 
     parsed = stage_local_inputs(parsed, settings.bucket, home=settings.home, console=err)
     queue = _queue(settings)
@@ -119,7 +119,7 @@ def submit(
 
 
 def _print_estimate(job: Any) -> None:
-    from orchestrator.cli_cluster import cost_estimate
+    from lorajobs.orchestrator.cli_cluster import cost_estimate
 
     estimate = cost_estimate(job)
     if estimate.low_per_hour is not None:
@@ -127,9 +127,9 @@ def _print_estimate(job: Any) -> None:
 
 
 def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -> list[Any]:
-    from orchestrator.config import ControllerConfig
-    from orchestrator.controller import Controller
-    from orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.config import ControllerConfig
+    from lorajobs.orchestrator.controller import Controller
+    from lorajobs.orchestrator.dispatch import RayBackend
 
     _log_to_stderr()
     _sigterm_as_interrupt()
@@ -145,7 +145,7 @@ def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -
 
 def _print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False,
                 reasons: dict[str, str | None] | None = None) -> None:
-    from orchestrator import render
+    from lorajobs.orchestrator import render
 
     reasons = reasons or {}
     if as_json:
@@ -159,8 +159,8 @@ def _print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False,
 
 def _wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
     """Why each queued job of `jobs` waits (from the last scheduling round's summary)."""
-    from orchestrator import waiting
-    from orchestrator.db import utcnow
+    from lorajobs.orchestrator import waiting
+    from lorajobs.orchestrator.db import utcnow
 
     queued = [j for j in jobs if j.status.value == "queued"]
     if not queued:
@@ -178,8 +178,8 @@ def status(
     watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until Ctrl-C."),
 ) -> None:
     """The queue: id, name, kind, state, progress, loss, speed, elapsed; why queued jobs wait."""
-    from orchestrator import render
-    from orchestrator.states import JobStatus
+    from lorajobs.orchestrator import render
+    from lorajobs.orchestrator.states import JobStatus
 
     try:
         statuses = [JobStatus(s) for s in state] if state else None
@@ -219,12 +219,12 @@ def show(
     """One job: spec, state, why it waits (if queued), result, and every event."""
     import yaml
 
-    from orchestrator import render
+    from lorajobs.orchestrator import render
 
     queue = _queue(_settings())
     rec = queue.get(job)
     events = queue.events(rec.id)
-    from orchestrator.cli_cluster import cost_estimate
+    from lorajobs.orchestrator.cli_cluster import cost_estimate
 
     attempts = render.attempts(events)
     estimate = cost_estimate(rec)
@@ -279,9 +279,9 @@ def controller(
     once: bool = typer.Option(False, "--once", help="One pass, then exit."),
 ) -> None:
     """Run the controller loop in the foreground: dispatch, track, finish, retry."""
-    from orchestrator.config import ControllerConfig
-    from orchestrator.controller import Controller
-    from orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.config import ControllerConfig
+    from lorajobs.orchestrator.controller import Controller
+    from lorajobs.orchestrator.dispatch import RayBackend
 
     _log_to_stderr()
     _sigterm_as_interrupt()
@@ -312,8 +312,8 @@ def run(
     """Train one job here, in this process: no database, no Ray. Prints the adapter's URI."""
     import secrets
 
-    from worker.context import WorkerContext
-    from worker.entrypoint import run_job
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
 
     settings = _settings()
     (spec,) = _load_specs([spec_file])
@@ -346,7 +346,7 @@ def demo(
     keep: bool = typer.Option(True, help="Keep the demo's jobs and files in LORAJOBS_HOME."),
 ) -> None:
     """Build tiny models and data, train one image and one text LoRA, fetch both."""
-    from orchestrator.demo import run_demo
+    from lorajobs.orchestrator.demo import run_demo
 
     run_demo(_settings(), out, err)
 
@@ -354,7 +354,7 @@ def demo(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database schema to the latest version."""
-    from orchestrator.db import make_engine, upgrade
+    from lorajobs.orchestrator.db import make_engine, upgrade
 
     settings = _settings()
     upgrade(make_engine(settings))
@@ -369,8 +369,8 @@ def tiny_models(
     seed: int = typer.Option(0, help="Seed for the random weights."),
 ) -> None:
     """Build tiny SD-1.x and SDXL pipelines and a tiny causal LM, offline."""
-    from worker.tiny_image import build_tiny_image_model, build_tiny_sdxl_model
-    from worker.tiny_text import build_tiny_text_model
+    from lorajobs.worker.tiny_image import build_tiny_image_model, build_tiny_sdxl_model
+    from lorajobs.worker.tiny_text import build_tiny_text_model
 
     print(build_tiny_image_model(out_dir / "tiny-sd", seed=seed))
     print(build_tiny_sdxl_model(out_dir / "tiny-sdxl", seed=seed))
@@ -395,7 +395,7 @@ def _log_to_stderr() -> None:
 
 def _register_commands() -> None:
     # Each area keeps its commands in its own module (one concept per module).
-    from orchestrator import cli_cluster, cli_data, cli_train
+    from lorajobs.orchestrator import cli_cluster, cli_data, cli_train
 
     for module in (cli_data, cli_cluster, cli_train):
         module.register(app)

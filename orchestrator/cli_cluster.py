@@ -15,14 +15,14 @@ from typing import Any, Optional
 
 import typer
 
-from jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.errors import InvalidInput
 
 FOLLOW_POLL_S = 1.0
 
 
 def cost_estimate(job: Any) -> Any:
     """The cost estimate of a job record under this process's `LORAJOBS_PRICES`."""
-    from orchestrator.cost import estimate, parse_prices
+    from lorajobs.orchestrator.cost import estimate, parse_prices
 
     prices = parse_prices(os.environ.get("LORAJOBS_PRICES"))
     return estimate(prices, gpus=job.gpus, gpu_type=job.gpu_type, cpus=job.cpus,
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def retry(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> None:
         """Queue a failed job again as a new attempt; it resumes from its last checkpoint."""
-        from orchestrator.cli import _queue, _settings, err
+        from lorajobs.orchestrator.cli import _queue, _settings, err
 
         rec = _queue(_settings()).retry(job)
         err.print(f"job {rec.id} queued again as attempt {rec.attempt}")
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         value: int = typer.Argument(..., help="New priority, -100..100; higher runs first."),
     ) -> None:
         """Change the priority of a job that is still queued."""
-        from orchestrator.cli import _queue, _settings, err
+        from lorajobs.orchestrator.cli import _queue, _settings, err
 
         queue = _queue(_settings())
         before = queue.get(job)
@@ -65,8 +65,8 @@ def register(app: typer.Typer) -> None:
                                               help="This attempt's log (default: the latest)."),
     ) -> None:
         """Print the worker's log of a job (its latest attempt unless --attempt)."""
-        from orchestrator.cli import _queue, _settings, err
-        from orchestrator.worklog import read_log
+        from lorajobs.orchestrator.cli import _queue, _settings, err
+        from lorajobs.storage.logs import read_log
 
         queue = _queue(_settings())
         rec = queue.get(job)

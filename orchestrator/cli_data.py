@@ -13,8 +13,8 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from jobspecs.errors import InvalidInput, JobNotFound
-from orchestrator.settings import Settings
+from lorajobs.jobspecs.errors import InvalidInput, JobNotFound
+from lorajobs.orchestrator.settings import Settings
 
 _out = Console(soft_wrap=True)  # stdout: data
 _err = Console(stderr=True, soft_wrap=True)  # stderr: messages
@@ -43,7 +43,7 @@ def data_push(
 
     It lands at <bucket>/datasets/<digest>/ (or models/); files already there are not sent.
     """
-    from worker.staging import KINDS, stage_path
+    from lorajobs.storage.staging import KINDS, stage_path
 
     if kind not in KINDS:
         raise InvalidInput(f"--kind must be one of: {', '.join(KINDS)} (got {kind!r})")
@@ -73,7 +73,7 @@ def adapters(
 
     Shows name, job, size, base model and created time; unfinished uploads are not listed.
     """
-    from worker.transfer import list_adapters
+    from lorajobs.storage.transfer import list_adapters
 
     found = list_adapters(bucket or Settings.from_env().bucket)
     if name is not None:
@@ -106,7 +106,7 @@ def fetch(
     JOB is looked up in the queue, a NAME among the bucket's complete adapters.
     Nothing is written outside the output folder.
     """
-    from worker.transfer import fetch_adapter
+    from lorajobs.storage.transfer import fetch_adapter
 
     settings = Settings.from_env()
     uri, default_dir = resolve_adapter(settings, ref, latest)
@@ -135,7 +135,7 @@ def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, st
                     f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters"
                 )
             return uri, f"{rec.name}-{rec.id}"
-    from worker.transfer import list_adapters
+    from lorajobs.storage.transfer import list_adapters
 
     named = [a for a in list_adapters(settings.bucket) if a["name"] == ref]
     if not named and job_error is not None:
@@ -151,8 +151,8 @@ def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, st
 
 
 def _queue(settings: Settings) -> Any:
-    from orchestrator.db import ensure_schema, make_engine
-    from orchestrator.queue import Queue
+    from lorajobs.orchestrator.db import ensure_schema, make_engine
+    from lorajobs.orchestrator.queue import Queue
 
     engine = make_engine(settings)
     ensure_schema(engine, auto=settings.database_url.startswith("sqlite"))

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.errors import InvalidInput
 
 
 def _adapter_dir(ref: str, scratch: Path) -> Path:
@@ -26,9 +26,9 @@ def _adapter_dir(ref: str, scratch: Path) -> Path:
     job's row names its adapter); anything remote downloaded into `scratch`, sha256-verified."""
     from urllib.parse import unquote, urlparse
 
-    from orchestrator.cli_data import resolve_adapter
-    from orchestrator.settings import Settings
-    from worker.transfer import fetch_adapter
+    from lorajobs.orchestrator.cli_data import resolve_adapter
+    from lorajobs.orchestrator.settings import Settings
+    from lorajobs.storage.transfer import fetch_adapter
 
     if Path(ref).is_dir():
         return Path(ref)
@@ -60,7 +60,7 @@ def merge(
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter."),
 ) -> None:
     """Compose adapters into one: exactly their weighted sum, by concatenating ranks."""
-    from worker.merge import merge_adapters
+    from lorajobs.worker.merge import merge_adapters
 
     try:
         ws = [float(w) for w in weights.split(",")] if weights else [1.0] * len(adapters)
@@ -95,9 +95,9 @@ def export(
     """Export an adapter; `--merge` writes a full merged model (text adapters)."""
     if not merge_base:
         raise InvalidInput("export: nothing to do (only --merge is supported)")
-    from orchestrator.cli import _settings
-    from worker.merge import adapter_kind, merge_into_base
-    from worker.pull import pull_model
+    from lorajobs.orchestrator.cli import _settings
+    from lorajobs.worker.merge import adapter_kind, merge_into_base
+    from lorajobs.storage.pull import pull_model
 
     with tempfile.TemporaryDirectory(prefix="lorajobs-export-") as tmp:
         folder = _adapter_dir(adapter, Path(tmp))
@@ -128,10 +128,10 @@ def reproduce(
 ) -> None:
     """Re-run a finished job from its sidecar here, in-process; exit 0 if the adapter's sha256
     matches the recorded one, 1 if not."""
-    from jobspecs.loader import parse_spec
-    from orchestrator.cli import _settings
-    from worker.context import WorkerContext
-    from worker.entrypoint import run_job
+    from lorajobs.jobspecs.loader import parse_spec
+    from lorajobs.orchestrator.cli import _settings
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
 
     settings = _settings()
     with tempfile.TemporaryDirectory(prefix="lorajobs-repro-") as tmp:

@@ -21,10 +21,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from jobspecs.errors import InvalidInput
-from orchestrator.cost import parse_prices
-from orchestrator.retry import RetryPolicy
-from orchestrator.scheduler import OwnerLimits, Policy
+from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.orchestrator.cost import parse_prices
+from lorajobs.orchestrator.retry import RetryPolicy
+from lorajobs.orchestrator.scheduler import OwnerLimits, Policy
 
 
 def _float(env: Mapping[str, str], key: str, default: float, *, minimum: float = 0.0) -> float:

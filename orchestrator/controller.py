@@ -3,7 +3,7 @@
 One pass (`step`) reads the database and Ray and writes back through `Queue.transition` / the
 scheduling round — the only writers of status. The controller keeps nothing in memory that
 matters: what it launched is in the database with its lease, and a controller started after a
-crash (or next to another one) finds every job there (`orchestrator.reconcile`). Several
+crash (or next to another one) finds every job there (`lorajobs.orchestrator.reconcile`). Several
 controllers may run at once: scheduling rounds are serialised, every status change is a
 compare-and-set, and each job is leased to the controller that launched it.
 """
@@ -19,16 +19,16 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from jobspecs.errors import InvalidTransition
-from orchestrator import reconcile, waiting
-from orchestrator.autoscale import Autoscaler
-from orchestrator.config import ControllerConfig
-from orchestrator.cost import attempt_cost, hourly_rate
-from orchestrator.dispatch import INFRA, USER, Attempt, RayBackend
-from orchestrator.queue import JobRecord, Queue
-from orchestrator.retry import decide
-from orchestrator.scheduler import Hold, Node, Round, Shape, node_views
-from orchestrator.states import JobStatus
+from lorajobs.jobspecs.errors import InvalidTransition
+from lorajobs.orchestrator import reconcile, waiting
+from lorajobs.orchestrator.autoscale import Autoscaler
+from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
+from lorajobs.orchestrator.dispatch import INFRA, USER, Attempt, RayBackend
+from lorajobs.orchestrator.queue import JobRecord, Queue
+from lorajobs.orchestrator.retry import decide
+from lorajobs.orchestrator.scheduler import Hold, Node, Round, Shape, node_views
+from lorajobs.orchestrator.states import JobStatus
 
 log = logging.getLogger("lorajobs.controller")
 
@@ -337,8 +337,8 @@ class Controller:
         return self._clock() + timedelta(seconds=self.config.lease_s)
 
     def _discard_checkpoints(self, job: JobRecord) -> None:
-        from worker.checkpoint import discard_after_success
-        from worker.transfer import MARKER
+        from lorajobs.storage.checkpoints import discard_after_success
+        from lorajobs.storage.transfer import MARKER
 
         try:
             discard_after_success(job.output_uri, job.id, reconcile.adapter_uri(job),
@@ -347,7 +347,7 @@ class Controller:
             log.warning("job %s: could not remove its checkpoints: %s", job.id, err)
 
     def _delete_partial_adapter(self, job: JobRecord) -> None:
-        from worker.transfer import delete_adapter
+        from lorajobs.storage.transfer import delete_adapter
 
         try:
             delete_adapter(reconcile.adapter_uri(job))

@@ -41,9 +41,9 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from jobspecs.errors import InvalidInput, LoraJobsError
-from orchestrator.settings import Settings, redact_url
-from orchestrator.states import JobStatus
+from lorajobs.jobspecs.errors import InvalidInput, LoraJobsError
+from lorajobs.orchestrator.settings import Settings, redact_url
+from lorajobs.orchestrator.states import JobStatus
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -191,7 +191,7 @@ class JobEventRow(Base):
 
 class SchedulerStateRow(Base):
     """What the controllers publish for the CLI, one row per name (0003). `waiting`: why queued
-    jobs wait, as the last scheduling round found (`orchestrator.waiting`)."""
+    jobs wait, as the last scheduling round found (`lorajobs.orchestrator.waiting`)."""
 
     __tablename__ = "scheduler_state"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from jobspecs import load_spec
-from orchestrator.settings import Settings
+from lorajobs.jobspecs import load_spec
+from lorajobs.orchestrator.settings import Settings
 
 IMAGE_SPEC = """\
 # Written by `lorajobs demo`: an image LoRA on the tiny Stable-Diffusion-style model.
@@ -52,7 +52,7 @@ Load them:
 
 
 def _stage_folder(local: Path, bucket_uri: str, prefix: str) -> None:
-    from worker.storage import open_storage
+    from lorajobs.storage.base import open_storage
 
     storage = open_storage(bucket_uri)
     for f in sorted(local.rglob("*")):
@@ -62,9 +62,9 @@ def _stage_folder(local: Path, bucket_uri: str, prefix: str) -> None:
 
 def stage_demo_inputs(bucket: str, err: Console) -> None:
     """Build the tiny models and data offline and put them in the bucket (once)."""
-    from worker.storage import open_storage
-    from worker.tiny_image import build_tiny_image_model, make_image_dataset
-    from worker.tiny_text import build_tiny_text_model, make_text_dataset
+    from lorajobs.storage.base import open_storage
+    from lorajobs.worker.tiny_image import build_tiny_image_model, make_image_dataset
+    from lorajobs.worker.tiny_text import build_tiny_text_model, make_text_dataset
 
     storage = open_storage(bucket)
     if storage.exists("models/tiny-llama/config.json") and storage.exists(
@@ -83,9 +83,9 @@ def stage_demo_inputs(bucket: str, err: Console) -> None:
 
 
 def run_demo(settings: Settings, out: Console, err: Console) -> None:
-    from orchestrator.cli import _queue, _run_controller_until_done
-    from orchestrator.render import status_table
-    from worker.transfer import fetch_adapter
+    from lorajobs.orchestrator.cli import _queue, _run_controller_until_done
+    from lorajobs.orchestrator.render import status_table
+    from lorajobs.storage.transfer import fetch_adapter
 
     t0 = time.monotonic()
     bucket = settings.bucket.rstrip("/")

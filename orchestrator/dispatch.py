@@ -8,7 +8,7 @@ A task is owned by the controller process that launched it, and Ray kills a dead
 at once (fate-sharing; `tests/integration/test_cluster_faults.py` checks it on a cluster), so a
 SIGKILLed controller leaves no attempt running behind it: its successor finds the jobs by their
 expired leases and requeues them or, when the adapter is already complete in the bucket, marks
-them succeeded without running them again (`orchestrator.reconcile`). Tasks rather than detached
+them succeeded without running them again (`lorajobs.orchestrator.reconcile`). Tasks rather than detached
 actors, because task workers are reused (torch stays imported between jobs on a node): actors
 would survive the controller but pay a fresh process per attempt. Through a Ray client
 (`ray://`) the driver is a proxy on the head that keeps its tasks for Ray's reconnect grace
@@ -36,8 +36,8 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.scheduler import Shape
-from orchestrator.settings import Settings
+from lorajobs.orchestrator.scheduler import Shape
+from lorajobs.orchestrator.settings import Settings
 
 # Failure kinds as the worker reports them; `infra` is decided here, from Ray's own errors.
 USER, INFRA, INTERNAL = "user", "infra", "internal"
@@ -92,11 +92,11 @@ def run_attempt(
     Its log (logging, stdout/stderr, progress) streams to `<bucket>/jobs/<id>/logs/`."""
     import traceback
 
-    from jobspecs import parse_spec
-    from jobspecs.errors import LoraJobsError
-    from orchestrator.worklog import AttemptLog
-    from worker.context import WorkerContext
-    from worker.entrypoint import run_job
+    from lorajobs.jobspecs import parse_spec
+    from lorajobs.jobspecs.errors import LoraJobsError
+    from lorajobs.storage.logs import AttemptLog
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
 
     started = time.monotonic()
     node = socket.gethostname()
@@ -160,14 +160,14 @@ def failure_kind(err: BaseException) -> str:
     """How the controller treats an attempt that raised `err`: user errors (bad data, a spec the
     model refuses, a loss that blew up, wrong credentials, a missing object) are not retried;
     infra errors (preemption, storage outages) are; anything else is a bug of ours."""
-    from jobspecs.errors import (
+    from lorajobs.jobspecs.errors import (
         InvalidInput,
         ObjectNotFound,
         StorageAuthError,
         StorageError,
         UserDataError,
     )
-    from worker.context import Preempted
+    from lorajobs.worker.context import Preempted
 
     if isinstance(err, (UserDataError, InvalidInput, StorageAuthError, ObjectNotFound)):
         return USER

@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from jobspecs import AnyJobSpec, spec_to_dict
-from jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
-from orchestrator.claiming import Claiming
-from orchestrator.db import JobEventRow, JobRow, new_job_id, utcnow, write_engine
-from orchestrator.records import (
+from lorajobs.jobspecs import AnyJobSpec, spec_to_dict
+from lorajobs.jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
+from lorajobs.orchestrator.claiming import Claiming
+from lorajobs.orchestrator.db import JobEventRow, JobRow, new_job_id, utcnow, write_engine
+from lorajobs.orchestrator.records import (
     Change,
     EventRecord,
     JobRecord,
@@ -32,7 +32,7 @@ from orchestrator.records import (
     event_record,
     job_record,
 )
-from orchestrator.states import ALLOWED, FailureKind, JobStatus
+from lorajobs.orchestrator.states import ALLOWED, FailureKind, JobStatus
 
 __all__ = ["Change", "EventRecord", "JobRecord", "Queue"]
 

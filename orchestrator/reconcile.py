@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from orchestrator.records import JobRecord
+from lorajobs.orchestrator.records import JobRecord
 
 LIVE, WAIT, TAKE = "live", "wait", "take"
 
@@ -69,7 +69,7 @@ def verdict(
 
 
 def adapter_uri(job: JobRecord) -> str:
-    from worker.storage import join_uri
+    from lorajobs.storage.base import join_uri
 
     return join_uri(job.output_uri, "adapters", job.name, job.id)
 
@@ -77,9 +77,9 @@ def adapter_uri(job: JobRecord) -> str:
 def completed_result(job: JobRecord) -> dict[str, Any] | None:
     """The result of an attempt that finished uploading the adapter, read back from its
     sidecar; None if the adapter is not complete (no marker, or the marker is another job's)."""
-    from jobspecs.errors import ObjectNotFound
-    from worker.storage import open_storage
-    from worker.transfer import MARKER
+    from lorajobs.jobspecs.errors import ObjectNotFound
+    from lorajobs.storage.base import open_storage
+    from lorajobs.storage.transfer import MARKER
 
     uri = adapter_uri(job)
     try:

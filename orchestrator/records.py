@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from jobspecs import AnyJobSpec, parse_spec
-from orchestrator.states import FailureKind, JobStatus
+from lorajobs.jobspecs import AnyJobSpec, parse_spec
+from lorajobs.orchestrator.states import FailureKind, JobStatus
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
-from orchestrator import waiting
-from orchestrator.queue import EventRecord, JobRecord
+from lorajobs.orchestrator import waiting
+from lorajobs.orchestrator.queue import EventRecord, JobRecord
 
 
 def _aware(t: datetime | None) -> datetime | None:

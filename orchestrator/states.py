@@ -7,7 +7,7 @@ running    → succeeded | failed | cancelled | queued (retry after infra failur
 failed     → queued (manual retry)
 succeeded, cancelled: final
 ```
-`orchestrator.queue.Queue.transition` is the only code that changes a job's status, and it
+`lorajobs.orchestrator.queue.Queue.transition` is the only code that changes a job's status, and it
 refuses anything not in `ALLOWED`.
 """
 

@@ -1,6 +1,6 @@
 """Why a queued job waits, as `status` and `show` say it: what the last scheduling round found.
 
-A round (`orchestrator.scheduler.Round`) knows why each candidate it was offered stayed queued
+A round (`lorajobs.orchestrator.scheduler.Round`) knows why each candidate it was offered stayed queued
 (no node has its GPU type, its owner is at a cap, the GPUs it needs are busy) and, when it
 stopped before it had seen every candidate, why (every node busy). The controller publishes that
 as one small summary (`Queue.record_waiting`, one row) keyed by job class — priority, owner and
@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from orchestrator.records import JobRecord
-from orchestrator.scheduler import ClassKey, Round, class_key
-from orchestrator.states import JobStatus
+from lorajobs.orchestrator.records import JobRecord
+from lorajobs.orchestrator.scheduler import ClassKey, Round, class_key
+from lorajobs.orchestrator.states import JobStatus
 
 #: The controller rewrites an unchanged summary this often (seconds)...
 REFRESH_S = 15.0

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from jobspecs.errors import LoraJobsError
+from lorajobs.jobspecs.errors import LoraJobsError
 
 if TYPE_CHECKING:
-    from worker.checkpoint import CheckpointStore
+    from lorajobs.storage.checkpoints import CheckpointStore
 
 ProgressFn = Callable[[dict[str, Any]], None]
 

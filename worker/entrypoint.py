@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobspecs.errors import StorageError
-from jobspecs.models import AnyJobSpec
-from worker.checkpoint import CheckpointStore, discard_after_success
-from worker.context import WorkerContext
-from worker.pull import pull_dataset, pull_model
-from worker.sidecar import SIDECAR, write_metadata
-from worker.storage import join_uri
-from worker.trainers import get_trainer
-from worker.transfer import upload_adapter
+from lorajobs.jobspecs.errors import StorageError
+from lorajobs.jobspecs.models import AnyJobSpec
+from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
+from lorajobs.worker.context import WorkerContext
+from lorajobs.storage.pull import pull_dataset, pull_model
+from lorajobs.worker.sidecar import SIDECAR, write_metadata
+from lorajobs.storage.base import join_uri
+from lorajobs.worker.trainers import get_trainer
+from lorajobs.storage.transfer import upload_adapter
 
 log = logging.getLogger("lorajobs.worker")
 
@@ -43,7 +43,7 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
 
     Returns `{"adapter_uri", "files": {relpath: sha256}, "metrics", "timings",
     "checkpoints_removed"}`, plain JSON. Once the adapter is complete its checkpoints are
-    deleted (`worker.checkpoint.discard_after_success`); a failed attempt keeps them.
+    deleted (`lorajobs.storage.checkpoints.discard_after_success`); a failed attempt keeps them.
     """
     timings: dict[str, float | None] = {}
     if ctx.checkpoints is None:

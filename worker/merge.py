@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.errors import InvalidInput
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -136,7 +136,7 @@ def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict
     """Write the rank-concatenation of `folders` at `weights` into `out`; return a summary."""
     import torch
 
-    from worker.safetensors_io import save_canonical
+    from lorajobs.worker.safetensors_io import save_canonical
 
     if len(folders) < 2:
         raise InvalidInput("merge: give at least two adapters")

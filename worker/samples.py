@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import ImageJobSpec, Samples
-from worker.plots import draw_image_grid, save_png
-from worker.trainers.common import Precision
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import ImageJobSpec, Samples
+from lorajobs.worker.plots import draw_image_grid, save_png
+from lorajobs.worker.trainers.common import Precision
 
 SAMPLES_DIR = "samples"
 FINAL_NAME = "samples.png"

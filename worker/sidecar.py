@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from jobspecs.loader import spec_to_dict
-from jobspecs.models import AnyJobSpec
-from worker.context import TrainOutput, WorkerContext
-from worker.transfer import sha256_file
+from lorajobs.jobspecs.loader import spec_to_dict
+from lorajobs.jobspecs.models import AnyJobSpec
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.storage.transfer import sha256_file
 
 FORMAT = "lorajobs.adapter/v1"
 SIDECAR = "lorajobs.json"
@@ -56,7 +56,7 @@ def file_manifest(root: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, dic
 
 
 def tree_digest(root: Path, *, hash_cache: Path | None = None) -> str:
-    """The content digest of a file or folder: `worker.staging.manifest_digest` over its
+    """The content digest of a file or folder: `lorajobs.storage.staging.manifest_digest` over its
     (relpath, size, sha256), hidden names skipped. It equals the `<digest>` a staged copy has
     in the bucket (`models/<digest>/`, `datasets/<digest>/`), so the two can be matched.
 
@@ -65,7 +65,7 @@ def tree_digest(root: Path, *, hash_cache: Path | None = None) -> str:
     every file against that manifest), and otherwise hashes are reused from `hash_cache` while
     a file keeps its size, mtime and inode.
     """
-    from worker.staging import local_manifest, manifest_digest
+    from lorajobs.storage.staging import local_manifest, manifest_digest
 
     m = _PULLED_ENTRY.match(root.name)
     if m is not None and root.is_dir():

@@ -1,6 +1,6 @@
 """Alembic environment: runs lorajobs' migrations on the connection it is handed.
 
-`orchestrator.db.upgrade` passes an open connection (already in a transaction) through
+`lorajobs.orchestrator.db.upgrade` passes an open connection (already in a transaction) through
 `config.attributes["connection"]`, so nothing here depends on the working directory or on an
 alembic.ini. Run by hand (`alembic -c orchestrator/alembic.ini ...`, for writing migrations), it
 connects to LORAJOBS_DATABASE_URL instead.
@@ -12,8 +12,8 @@ from typing import Any
 
 from alembic import context
 
-from orchestrator.db import Base, make_engine
-from orchestrator.settings import Settings
+from lorajobs.orchestrator.db import Base, make_engine
+from lorajobs.orchestrator.settings import Settings
 
 config = context.config
 

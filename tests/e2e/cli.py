@@ -15,7 +15,7 @@ from tests.plugins.specs import write_spec
 
 __all__ = ["CLI", "LORAJOBS", "Result", "write_spec"]
 
-LORAJOBS = [sys.executable, "-m", "orchestrator.cli"]
+LORAJOBS = [sys.executable, "-m", "lorajobs.orchestrator.cli"]
 
 
 @dataclass

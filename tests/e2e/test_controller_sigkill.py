@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.db import make_engine
-from orchestrator.queue import Queue
-from orchestrator.states import JobStatus
+from lorajobs.orchestrator.db import make_engine
+from lorajobs.orchestrator.queue import Queue
+from lorajobs.orchestrator.states import JobStatus
 from tests.e2e.cli import CLI, write_spec
 from tests.plugins.cluster import SimCluster
 

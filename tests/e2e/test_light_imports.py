@@ -20,7 +20,7 @@ import atexit, sys
 atexit.register(lambda: print("HEAVY=" + ",".join(
     m for m in {heavy!r} if m in sys.modules), file=sys.stderr))
 sys.argv = ["lorajobs", *sys.argv[1:]]
-from orchestrator.cli import main
+from lorajobs.orchestrator.cli import main
 main()
 """
 

@@ -72,7 +72,7 @@ def test_reproduce_reports_a_match_and_a_mismatch(
     if kind == "text":  # a mismatch is reported (one kind is enough: it costs a training run)
         from typer.testing import CliRunner
 
-        from orchestrator.cli import app
+        from lorajobs.orchestrator.cli import app
 
         tampered = shutil.copytree(adapter, tmp_path / "tampered")
         sidecar["files"][WEIGHTS[kind]]["sha256"] = "0" * 64

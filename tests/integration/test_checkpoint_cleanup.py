@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from jobspecs import parse_spec
+from lorajobs.jobspecs import parse_spec
 from tests.plugins.specs import spec_dict
-from worker.checkpoint import KEEP_ENV, CheckpointStore, discard_after_success
-from worker.context import Preempted, WorkerContext
-from worker.entrypoint import adapter_uri, run_job
-from worker.storage import open_storage
-from worker.transfer import MARKER
+from lorajobs.storage.checkpoints import KEEP_ENV, CheckpointStore, discard_after_success
+from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.worker.entrypoint import adapter_uri, run_job
+from lorajobs.storage.base import open_storage
+from lorajobs.storage.transfer import MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_checkpoints_go_only_with_this_jobs_complete_adapter(
     """The guard alone, on files: no marker, or another job's marker, keeps the checkpoints."""
     import torch
 
-    from worker.checkpoint import Checkpoint
+    from lorajobs.storage.checkpoints import Checkpoint
 
     monkeypatch.delenv(KEEP_ENV, raising=False)
     bucket = (tmp_path / "b").as_uri()

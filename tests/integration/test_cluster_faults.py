@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import ControllerConfig
-from orchestrator.retry import RetryPolicy
-from orchestrator.scheduler import Policy
-from orchestrator.states import JobStatus
+from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.retry import RetryPolicy
+from lorajobs.orchestrator.scheduler import Policy
+from lorajobs.orchestrator.states import JobStatus
 from tests.plugins.cluster import SimCluster, drive, start_controller, text_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
@@ -34,8 +34,8 @@ def _sha(path: Path) -> str:
 
 def _reference(spec: Any, tmp: Path) -> str:
     """The adapter weights of an uninterrupted run of `spec`, trained here in-process."""
-    from worker.context import WorkerContext
-    from worker.entrypoint import run_job
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
 
     ctx = WorkerContext(job_id="reference", output_uri=f"file://{tmp / 'ref-bucket'}",
                         cache_dir=tmp / "ref-cache", threads=spec.resources.cpus)

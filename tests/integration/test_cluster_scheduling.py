@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import ControllerConfig
-from orchestrator.queue import JobRecord, Queue
-from orchestrator.scheduler import OwnerLimits, Policy
-from orchestrator.states import JobStatus
+from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.queue import JobRecord, Queue
+from lorajobs.orchestrator.scheduler import OwnerLimits, Policy
+from lorajobs.orchestrator.states import JobStatus
 from tests.plugins.cluster import SimCluster, drive, start_controller, text_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -142,7 +142,7 @@ def test_status_and_show_say_why_jobs_wait(
     owner's job waits for the busy GPU; `status` and `show` (the CLI) say so."""
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from lorajobs.orchestrator.cli import app
 
     sim_cluster.add_gpu_node("A100")
     config = ControllerConfig(

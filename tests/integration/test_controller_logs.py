@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.worklog import AttemptLog, read_log
+from lorajobs.storage.logs import AttemptLog, read_log
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.slow)])

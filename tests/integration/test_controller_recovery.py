@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from jobspecs import parse_spec
-from orchestrator.config import ControllerConfig
-from orchestrator.controller import Controller
-from orchestrator.db import ensure_schema, make_engine
-from orchestrator.dispatch import Attempt, ClusterView
-from orchestrator.queue import JobRecord, Queue
-from orchestrator.retry import RetryPolicy
-from orchestrator.scheduler import Policy
-from orchestrator.states import JobStatus
+from lorajobs.jobspecs import parse_spec
+from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.controller import Controller
+from lorajobs.orchestrator.db import ensure_schema, make_engine
+from lorajobs.orchestrator.dispatch import Attempt, ClusterView
+from lorajobs.orchestrator.queue import JobRecord, Queue
+from lorajobs.orchestrator.retry import RetryPolicy
+from lorajobs.orchestrator.scheduler import Policy
+from lorajobs.orchestrator.states import JobStatus
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
@@ -156,7 +156,7 @@ def test_checkpoints_a_finished_attempt_left_go_when_it_is_recorded(
 ) -> None:
     """A worker lost between its upload and its clean-up leaves checkpoints: the controller
     that records the adapter removes them; an unfinished job keeps its own for the retry."""
-    from worker.checkpoint import Checkpoint, CheckpointStore
+    from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
 
     done = orphan(queue, queue.submit(spec("done"), output_uri=bucket)[0])
     lost = orphan(queue, queue.submit(spec("lost"), output_uri=bucket)[0])

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from jobspecs.models import ImageJobSpec, TextJobSpec
-from worker.datasets.image_dataset import build_image_dataset
-from worker.datasets.latent_cache import LatentCache, cache_key, cache_plan, dataset_digest
-from worker.datasets.text_dataset import build_text_dataset
+from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
+from lorajobs.worker.datasets.image_dataset import build_image_dataset
+from lorajobs.worker.datasets.latent_cache import LatentCache, cache_key, cache_plan, dataset_digest
+from lorajobs.worker.datasets.text_dataset import build_text_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import ImageJobSpec, TextJobSpec
-from worker.context import WorkerContext
-from worker.entrypoint import run_job
-from worker.transfer import fetch_adapter, sha256_file
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
+from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.entrypoint import run_job
+from lorajobs.storage.transfer import fetch_adapter, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -152,14 +152,14 @@ def test_registry_is_lazy_and_knows_both_kinds() -> None:
     import subprocess
     import sys
 
-    from jobspecs.errors import InvalidInput
-    from worker.trainers import get_trainer, trainer_kinds
+    from lorajobs.jobspecs.errors import InvalidInput
+    from lorajobs.worker.trainers import get_trainer, trainer_kinds
 
     assert trainer_kinds() == ["image", "text"]
     with pytest.raises(InvalidInput, match="video"):
         get_trainer("video")
     # The control plane names trainers without paying for torch.
-    code = "import sys, worker.trainers; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, lorajobs.worker.trainers; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -206,7 +206,7 @@ def test_bad_data_fails_as_a_user_error_naming_the_file_and_uploads_nothing(
 ) -> None:
     """Each kind of bad data the issue lists: one user error naming the file (and the line for
     JSONL), classified `user` (never retried), with nothing in the bucket."""
-    from orchestrator.dispatch import failure_kind
+    from lorajobs.orchestrator.dispatch import failure_kind
 
     kind = case.split("-")[0]
     model = request.getfixturevalue(f"tiny_{kind}_model")

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from jobspecs.models import ImageJobSpec, TextJobSpec
-from worker.context import TrainOutput, WorkerContext
-from worker.trainers import get_trainer
+from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.trainers import get_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_diffusers_file_is_byte_deterministic_kohya_file_only_in_its_tensors(
 
 def test_loss_png_and_model_card(tiny_image_model: Path, tiny_image_dataset: Path,
                                  tmp_path: Path) -> None:
-    from worker.sidecar import model_card
+    from lorajobs.worker.sidecar import model_card
 
     out = tmp_path / "adapter"
     result = _train("image", _image_spec(steps=3), tiny_image_model, tiny_image_dataset, out)
@@ -158,7 +158,7 @@ def test_text_export_merge_gives_a_full_model_with_the_same_logits(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from worker.merge import merge_into_base
+    from lorajobs.worker.merge import merge_into_base
 
     spec = TextJobSpec(
         kind="text", name="t", base_model=str(tiny_text_model), dataset="d",
@@ -186,7 +186,7 @@ def test_export_merge_command(tiny_text_model: Path, tiny_text_dataset: Path,
     from typer.testing import CliRunner
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.cli import app
+    from lorajobs.orchestrator.cli import app
 
     spec = TextJobSpec(
         kind="text", name="t", base_model=str(tiny_text_model), dataset="d",

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from jobspecs.models import ImageJobSpec
-from worker.context import TrainOutput, WorkerContext
-from worker.datasets.image_dataset import build_image_dataset
-from worker.tiny_learnable import COLOURS, LAYOUTS, write_colour_set
-from worker.trainers.image import train
+from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.datasets.image_dataset import build_image_dataset
+from lorajobs.worker.tiny_learnable import COLOURS, LAYOUTS, write_colour_set
+from lorajobs.worker.trainers.image import train
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from jobspecs import parse_spec
-from jobspecs.models import ImageJobSpec
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import v_prediction_copy
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
-from worker.context import TrainOutput, WorkerContext
-from worker.trainers.image import train
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.trainers.image import train
 
 pytestmark = pytest.mark.slow
 

@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from jobspecs import parse_spec
-from jobspecs.errors import UserDataError
-from jobspecs.models import ImageJobSpec
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import pipeline, render, text_states
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
-from worker.context import TrainOutput, WorkerContext
-from worker.trainers.image import train
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.trainers.image import train
 
 pytestmark = pytest.mark.slow
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from jobspecs import parse_spec
-from jobspecs.errors import InvalidInput
-from jobspecs.models import ImageJobSpec
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import keep_components, pipeline, render, text_states
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
-from worker.checkpoint import CheckpointStore
-from worker.context import Preempted, TrainOutput, WorkerContext
-from worker.trainers.image import train
+from lorajobs.storage.checkpoints import CheckpointStore
+from lorajobs.worker.context import Preempted, TrainOutput, WorkerContext
+from lorajobs.worker.trainers.image import train
 
 pytestmark = pytest.mark.slow
 

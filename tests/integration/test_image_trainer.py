@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from jobspecs.errors import InvalidInput
-from jobspecs.models import ImageJobSpec
+from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import pipeline, render, v_prediction_copy
-from worker.context import TrainOutput, WorkerContext
-from worker.trainers.image import WEIGHTS_NAME, train
-from worker.tiny_image import build_tiny_image_model
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
+from lorajobs.worker.tiny_image import build_tiny_image_model
 
 pytestmark = pytest.mark.slow
 

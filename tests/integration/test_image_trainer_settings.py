@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from jobspecs.models import ImageJobSpec
-from worker.checkpoint import CheckpointStore
-from worker.context import Preempted, TrainOutput, WorkerContext
-from worker.trainers.image import WEIGHTS_NAME, train
+from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.storage.checkpoints import CheckpointStore
+from lorajobs.worker.context import Preempted, TrainOutput, WorkerContext
+from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
 
 pytestmark = pytest.mark.slow
 

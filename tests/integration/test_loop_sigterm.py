@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobspecs.models import TextJobSpec
-from worker.checkpoint import CheckpointStore
-from worker.context import Preempted, WorkerContext
-from worker.trainers.common import (
+from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.storage.checkpoints import CheckpointStore
+from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.worker.trainers.common import (
     LoopResult,
     TrainLoop,
     build_optimizer,

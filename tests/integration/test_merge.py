@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobspecs.models import ImageJobSpec, TextJobSpec
+from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
 from tests.plugins.lora_outputs import text_encoder_output, text_logits, unet_output
-from worker.context import WorkerContext
-from worker.merge import merge_adapters
-from worker.trainers import get_trainer
+from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.merge import merge_adapters
+from lorajobs.worker.trainers import get_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_image_merge_with_text_encoder_lora_equals_the_weighted_stack(
 def test_merge_refuses_mixed_kinds_and_bad_weights(
     text_adapters: list[Path], image_adapters: list[Path], tmp_path: Path
 ) -> None:
-    from jobspecs.errors import InvalidInput
+    from lorajobs.jobspecs.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="different kinds"):
         merge_adapters([text_adapters[0], image_adapters[0]], WEIGHTS, tmp_path / "x")
@@ -133,7 +133,7 @@ def test_merge_command_writes_the_merged_folder(
 
     from typer.testing import CliRunner
 
-    from orchestrator.cli import app
+    from lorajobs.orchestrator.cli import app
 
     out = tmp_path / "cli-merged"
     r = CliRunner().invoke(app, ["merge", str(text_adapters[0]), str(text_adapters[1]),

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, select, text
 
-from jobspecs import AnyJobSpec, parse_spec
-from jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound
-from orchestrator.db import JobEventRow, JobRow
-from orchestrator.queue import JobRecord, Queue
-from orchestrator.states import FailureKind, JobStatus
+from lorajobs.jobspecs import AnyJobSpec, parse_spec
+from lorajobs.jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound
+from lorajobs.orchestrator.db import JobEventRow, JobRow
+from lorajobs.orchestrator.queue import JobRecord, Queue
+from lorajobs.orchestrator.states import FailureKind, JobStatus
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled

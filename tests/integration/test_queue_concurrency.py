@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from jobspecs import parse_spec
-from jobspecs.errors import InvalidTransition
-from orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine
-from orchestrator.queue import Queue
-from orchestrator.states import JobStatus
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import InvalidTransition
+from lorajobs.orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine
+from lorajobs.orchestrator.queue import Queue
+from lorajobs.orchestrator.states import JobStatus
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,8 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from jobspecs.errors import InvalidInput, LoraJobsError
-from orchestrator.db import (
+from lorajobs.jobspecs.errors import InvalidInput, LoraJobsError
+from lorajobs.orchestrator.db import (
     UPGRADE_HINT,
     Base,
     current_revision,
@@ -23,7 +23,7 @@ from orchestrator.db import (
     normalize_url,
     upgrade,
 )
-from orchestrator.settings import Settings, redact_url
+from lorajobs.orchestrator.settings import Settings, redact_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +191,7 @@ def test_concurrent_upgrades_do_not_collide(any_db_url: str) -> None:
 
 def test_migrations_are_found_from_any_working_directory(tmp_path: Path) -> None:
     code = (
-        "from orchestrator.db import make_engine, ensure_schema, current_revision;"
+        "from lorajobs.orchestrator.db import make_engine, ensure_schema, current_revision;"
         f"e = make_engine('sqlite:///{tmp_path}/w.db'); ensure_schema(e);"
         "print(current_revision(e))"
     )
@@ -203,8 +203,8 @@ def test_migrations_are_found_from_any_working_directory(tmp_path: Path) -> None
 
 def test_control_plane_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, orchestrator.settings, orchestrator.states, orchestrator.db, "
-        "orchestrator.records, orchestrator.queue;"
+        "import sys, lorajobs.orchestrator.settings, lorajobs.orchestrator.states, lorajobs.orchestrator.db, "
+        "lorajobs.orchestrator.records, lorajobs.orchestrator.queue;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules];"
         "print(','.join(bad))"
     )

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text, update
 
-from jobspecs import parse_spec
-from jobspecs.errors import InvalidInput, InvalidTransition
-from orchestrator.db import JobRow, current_revision, head_revision, make_engine, upgrade
-from orchestrator.queue import Queue
-from orchestrator.scheduler import Candidate, Hold, Placement, Shape
-from orchestrator.states import JobStatus
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import InvalidInput, InvalidTransition
+from lorajobs.orchestrator.db import JobRow, current_revision, head_revision, make_engine, upgrade
+from lorajobs.orchestrator.queue import Queue
+from lorajobs.orchestrator.scheduler import Candidate, Hold, Placement, Shape
+from lorajobs.orchestrator.states import JobStatus
 
 OUT = "file:///srv/bucket"
 Q, D = JobStatus.queued, JobStatus.dispatched
@@ -140,7 +140,7 @@ def test_lease_guarded_transition(engine: Engine) -> None:
 def test_upgrade_from_0001_keeps_rows(any_db_url: str) -> None:
     from alembic import command
 
-    from orchestrator.db import _alembic_config, write_engine
+    from lorajobs.orchestrator.db import _alembic_config, write_engine
 
     engine = make_engine(any_db_url)
     with write_engine(engine).connect() as conn, conn.begin():

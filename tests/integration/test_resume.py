@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from jobspecs import parse_spec
-from jobspecs.errors import InvalidInput
-from jobspecs.models import AnyJobSpec
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.models import AnyJobSpec
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict, tiny_inputs
-from worker.checkpoint import CheckpointStore
-from worker.context import Preempted, WorkerContext
-from worker.trainers import get_trainer
+from lorajobs.storage.checkpoints import CheckpointStore
+from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.worker.trainers import get_trainer
 
 pytestmark = pytest.mark.slow
 

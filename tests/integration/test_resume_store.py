@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobspecs.errors import SpecError
-from jobspecs.loader import load_spec_text
-from worker.checkpoint import Checkpoint, CheckpointStore
-from worker.trainers.common import lr_factor, total_steps, window_means
+from lorajobs.jobspecs.errors import SpecError
+from lorajobs.jobspecs.loader import load_spec_text
+from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
+from lorajobs.worker.trainers.common import lr_factor, total_steps, window_means
 
 
 def _store(tmp_path: Path) -> CheckpointStore:
@@ -81,8 +81,8 @@ def test_accumulated_micro_batches_step_like_one_big_batch(tmp_path: Path) -> No
     """2 micro-batches of 2 rows == 1 batch of 4 rows (equal-size mean losses)."""
     from types import SimpleNamespace
 
-    from worker.context import WorkerContext
-    from worker.trainers.common import TrainLoop, resolve_precision
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.trainers.common import TrainLoop, resolve_precision
 
     x = torch.randn(24, 3, generator=torch.Generator().manual_seed(0))
     y = x.sum(dim=1, keepdim=True)

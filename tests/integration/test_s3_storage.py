@@ -9,9 +9,9 @@ from typing import Iterator
 
 import pytest
 
-from jobspecs.errors import ObjectNotFound, StorageAuthError, StorageError
-from worker.s3 import S3Storage
-from worker.storage import FileStorage, Storage, open_storage
+from lorajobs.jobspecs.errors import ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.base import FileStorage, Storage, open_storage
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.slow)])

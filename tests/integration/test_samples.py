@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import ImageJobSpec, Samples
-from worker.checkpoint import CheckpointStore
-from worker.context import Preempted, TrainOutput, WorkerContext
-from worker.entrypoint import run_job
-from worker.plots import GridLayout, draw_image_grid
-from worker.samples import FINAL_NAME, SampleRenderer
-from worker.trainers.common import resolve_precision
-from worker.trainers.image import WEIGHTS_NAME, train
-from worker.transfer import fetch_adapter
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import ImageJobSpec, Samples
+from lorajobs.storage.checkpoints import CheckpointStore
+from lorajobs.worker.context import Preempted, TrainOutput, WorkerContext
+from lorajobs.worker.entrypoint import run_job
+from lorajobs.worker.plots import GridLayout, draw_image_grid
+from lorajobs.worker.samples import FINAL_NAME, SampleRenderer
+from lorajobs.worker.trainers.common import resolve_precision
+from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
+from lorajobs.storage.transfer import fetch_adapter
 
 THREADS = 1  # pinned: the UNet's numbers depend on the thread count
 PROMPTS = ["a photo of a red circle", "a photo of a blue square on a grey background"]

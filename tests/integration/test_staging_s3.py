@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from jobspecs import parse_spec
-from jobspecs.errors import ObjectNotFound, StorageAuthError
-from worker.pull import pull_dataset, pull_model
-from worker.s3 import S3Storage
-from worker.staging import MANIFEST_SUFFIX, local_manifest, stage_local_inputs, stage_path
-from worker.storage import open_storage
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import ObjectNotFound, StorageAuthError
+from lorajobs.storage.pull import pull_dataset, pull_model
+from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.staging import MANIFEST_SUFFIX, local_manifest, stage_local_inputs, stage_path
+from lorajobs.storage.base import open_storage
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024

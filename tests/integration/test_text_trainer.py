@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import TextJobSpec
-from worker.context import WorkerContext
-from worker.trainers import get_trainer
-from worker.transfer import sha256_file
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.trainers import get_trainer
+from lorajobs.storage.transfer import sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import TextJobSpec
-from worker.context import TrainOutput, WorkerContext
-from worker.trainers import get_trainer
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.trainers import get_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ from typing import Iterator
 
 import pytest
 
-from jobspecs.errors import IntegrityError, ObjectNotFound, StorageAuthError, UserDataError
-from worker.pull import pull_dataset, pull_model
-from worker.s3 import S3Storage
-from worker.storage import open_storage
-from worker.transfer import delete_adapter, fetch_adapter, list_adapters, upload_adapter
+from lorajobs.jobspecs.errors import IntegrityError, ObjectNotFound, StorageAuthError, UserDataError
+from lorajobs.storage.pull import pull_dataset, pull_model
+from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.base import open_storage
+from lorajobs.storage.transfer import delete_adapter, fetch_adapter, list_adapters, upload_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = {
@@ -167,8 +167,8 @@ def test_concurrent_thread_pulls_download_once(s3_env, tmp_path: Path, monkeypat
 _CHILD = """
 import json, sys, threading
 from pathlib import Path
-from worker.s3 import S3Storage
-from worker.pull import pull_dataset
+from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.pull import pull_dataset
 n = 0
 lock = threading.Lock()
 def wrap(real):

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from jobspecs.errors import ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.jobspecs.errors import ObjectNotFound, StorageAuthError, StorageError
 from tests.integration.test_transfer import make_adapter
-from worker.pull import pull_dataset
-from worker.s3 import S3Storage
-from worker.staging import local_manifest, stage_path
-from worker.storage import BytesCallback
-from worker.transfer import fetch_adapter, list_adapters, sha256_file, upload_adapter
+from lorajobs.storage.pull import pull_dataset
+from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.staging import local_manifest, stage_path
+from lorajobs.storage.base import BytesCallback
+from lorajobs.storage.transfer import fetch_adapter, list_adapters, sha256_file, upload_adapter
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024

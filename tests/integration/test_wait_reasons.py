@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select
 
-from jobspecs import parse_spec
-from orchestrator.db import SchedulerStateRow, current_revision, ensure_schema, make_engine
-from orchestrator.queue import Queue
-from orchestrator.waiting import WaitSummary, reason
+from lorajobs.jobspecs import parse_spec
+from lorajobs.orchestrator.db import SchedulerStateRow, current_revision, ensure_schema, make_engine
+from lorajobs.orchestrator.queue import Queue
+from lorajobs.orchestrator.waiting import WaitSummary, reason
 from tests.plugins.specs import spec_dict
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)

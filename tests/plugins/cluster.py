@@ -105,7 +105,7 @@ def text_job(name: str, model: Any, data: Any, *, steps: int = 40, gpus: float =
              gpu_type: str | None = None, owner: str = "default", priority: int = 0,
              **training: Any) -> Any:
     """A tiny text job (the tiny Llama, a few steps) asking for logical GPUs."""
-    from jobspecs import parse_spec
+    from lorajobs.jobspecs import parse_spec
 
     return parse_spec({
         "kind": "text", "name": name, "owner": owner, "priority": priority,
@@ -119,11 +119,11 @@ def text_job(name: str, model: Any, data: Any, *, steps: int = 40, gpus: float =
 
 def start_controller(sim: SimCluster, home: Any, config: Any) -> tuple[Any, Any]:
     """(queue, controller) for a fresh SQLite home, connected to the simulated cluster."""
-    from orchestrator.controller import Controller
-    from orchestrator.db import ensure_schema, make_engine
-    from orchestrator.dispatch import RayBackend
-    from orchestrator.queue import Queue
-    from orchestrator.settings import Settings
+    from lorajobs.orchestrator.controller import Controller
+    from lorajobs.orchestrator.db import ensure_schema, make_engine
+    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.queue import Queue
+    from lorajobs.orchestrator.settings import Settings
 
     settings = Settings.from_env({"LORAJOBS_HOME": str(home), "LORAJOBS_RAY_ADDRESS": sim.address})
     engine = make_engine(settings)

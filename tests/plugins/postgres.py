@@ -266,7 +266,7 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def any_db_engine(any_db_url: str) -> Iterator[Any]:
     """An engine on `any_db_url` with the schema at head, disposed after the test."""
-    from orchestrator.db import ensure_schema, make_engine
+    from lorajobs.orchestrator.db import ensure_schema, make_engine
 
     engine = make_engine(any_db_url)
     ensure_schema(engine, auto=True)

@@ -9,19 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from jobspecs.models import ImageData, ImageJobSpec
-from worker.datasets.buckets import BucketBatchSampler, closest_bucket, make_buckets
-from worker.datasets.captions import caption_for
-from worker.datasets.image_dataset import build_image_dataset
-from worker.datasets.images import ImageCaptionDataset
-from worker.datasets.latent_cache import (
+from lorajobs.jobspecs.models import ImageData, ImageJobSpec
+from lorajobs.worker.datasets.buckets import BucketBatchSampler, closest_bucket, make_buckets
+from lorajobs.worker.datasets.captions import caption_for
+from lorajobs.worker.datasets.image_dataset import build_image_dataset
+from lorajobs.worker.datasets.images import ImageCaptionDataset
+from lorajobs.worker.datasets.latent_cache import (
     LatentCache,
     cache_key,
     cache_plan,
     cacheable,
     dataset_digest,
 )
-from worker.storage import FileStorage
+from lorajobs.storage.base import FileStorage
 
 
 def _spec(**data) -> ImageJobSpec:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import ImageData
-from worker.datasets.image_sources import detect_image_format, read_image_records
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import ImageData
+from lorajobs.worker.datasets.image_sources import detect_image_format, read_image_records
 
 
 def _png(path: Path, size: tuple[int, int] = (16, 16)) -> Path:

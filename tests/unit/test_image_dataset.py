@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jobspecs.errors import UserDataError
-from worker.datasets.images import ImageCaptionDataset, image_files
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.worker.datasets.images import ImageCaptionDataset, image_files
 
 
 def _png(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> Path:

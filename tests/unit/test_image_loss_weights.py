@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobspecs.errors import UserDataError
-from worker.trainers.image import min_snr_weights, snr_at
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.worker.trainers.image import min_snr_weights, snr_at
 
 GAMMA = 5.0
 # SNR below, at and above γ, and 0 (the last step of a zero-terminal-SNR schedule).

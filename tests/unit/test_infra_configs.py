@@ -26,7 +26,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from orchestrator.settings import Settings
+from lorajobs.orchestrator.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -265,7 +265,7 @@ def job_demand(gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | 
     """A job's Ray resource request, as the controller makes it for its task and for the
     autoscaler: CPUs, GPUs (maybe a fraction), memory, a sliver of `accelerator_type:<type>`."""
     try:
-        from orchestrator.scheduler import Shape
+        from lorajobs.orchestrator.scheduler import Shape
     except ImportError:  # a tree without the scheduler module: the same request, spelled out
         need = {"CPU": float(cpus), "GPU": float(gpus), "memory": (memory_gb or 0) * 1024**3}
         if gpu_type:
@@ -406,7 +406,10 @@ def test_dockerfile_copies_only_files_that_exist_and_pass_its_dockerignore():
             continue  # from another build stage, not from the context
         words = [w for w in words if not w.startswith("--")]
         sources += words[:-1]
-    assert {"pyproject.toml", "README.md", "jobspecs", "orchestrator", "worker"} <= set(sources)
+    # Every folder the package maps into the `lorajobs` namespace must reach the image.
+    package_dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                       ["tool"]["setuptools"]["package-dir"].values())
+    assert {"pyproject.toml", "README.md"} | package_dirs <= set(sources)
     for src in sources:
         path = ROOT / src
         assert path.exists(), f"the Dockerfile copies {src}, which does not exist"

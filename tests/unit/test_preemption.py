@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from worker.trainers.preemption import PreemptionNotice
+from lorajobs.worker.trainers.preemption import PreemptionNotice
 
 
 @pytest.fixture

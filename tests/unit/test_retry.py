@@ -1,4 +1,4 @@
-from orchestrator.retry import RetryPolicy, decide
+from lorajobs.orchestrator.retry import RetryPolicy, decide
 
 
 def test_infra_failures_retry_with_exponential_backoff_until_budget() -> None:

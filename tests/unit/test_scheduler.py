@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from orchestrator.scheduler import (
+from lorajobs.orchestrator.scheduler import (
     Candidate,
     Hold,
     Node,

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from jobspecs.errors import InvalidInput
-from orchestrator.autoscale import Autoscaler, bundles
-from orchestrator.config import ControllerConfig, parse_limits
-from orchestrator.cost import attempt_cost, estimate, hourly_rate, parse_prices
-from orchestrator.records import JobRecord
-from orchestrator.reconcile import LIVE, TAKE, WAIT, lease_driver, lease_owner, verdict
-from orchestrator.scheduler import Shape
-from orchestrator.states import JobStatus
+from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.orchestrator.autoscale import Autoscaler, bundles
+from lorajobs.orchestrator.config import ControllerConfig, parse_limits
+from lorajobs.orchestrator.cost import attempt_cost, estimate, hourly_rate, parse_prices
+from lorajobs.orchestrator.records import JobRecord
+from lorajobs.orchestrator.reconcile import LIVE, TAKE, WAIT, lease_driver, lease_owner, verdict
+from lorajobs.orchestrator.scheduler import Shape
+from lorajobs.orchestrator.states import JobStatus
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 

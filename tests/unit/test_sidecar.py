@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from jobspecs.models import TextJobSpec
-from worker.context import TrainOutput, WorkerContext
-from worker.sidecar import FORMAT, SIDECAR, build_sidecar, redact_uri, tree_digest, write_metadata
-from worker.transfer import sha256_file
+from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.sidecar import FORMAT, SIDECAR, build_sidecar, redact_uri, tree_digest, write_metadata
+from lorajobs.storage.transfer import sha256_file
 
 REQUIRED = set(
     "format job_id name kind attempt spec seed base_model base_model_sha256 dataset dataset_sha256"
@@ -172,7 +172,7 @@ def test_build_sidecar_excludes_an_existing_sidecar(job: dict[str, Any]) -> None
 def test_digest_is_the_staged_digest_and_reuses_known_hashes(
     job: dict[str, Any], tmp_path: Path
 ) -> None:
-    from worker.staging import local_manifest, manifest_digest
+    from lorajobs.storage.staging import local_manifest, manifest_digest
 
     model = job["model"]
     assert tree_digest(model) == manifest_digest(local_manifest(model))  # = models/<digest>/

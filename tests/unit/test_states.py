@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from orchestrator.states import ALLOWED, TERMINAL, FailureKind, JobStatus, can_transition
+from lorajobs.orchestrator.states import ALLOWED, TERMINAL, FailureKind, JobStatus, can_transition
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled

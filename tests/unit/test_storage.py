@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from jobspecs.errors import (
+from lorajobs.jobspecs.errors import (
     IntegrityError,
     InvalidInput,
     ObjectNotFound,
     StorageError,
     UserDataError,
 )
-from worker.pull import pull_dataset, pull_model, pull_to_cache
-from worker.s3 import S3Storage
-from worker.storage import FileStorage, ObjectInfo, join_uri, open_storage, safe_key
-from worker.transfer import (
+from lorajobs.storage.pull import pull_dataset, pull_model, pull_to_cache
+from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.base import FileStorage, ObjectInfo, join_uri, open_storage, safe_key
+from lorajobs.storage.transfer import (
     delete_adapter,
     fetch_adapter,
     list_adapters,

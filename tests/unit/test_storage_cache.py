@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from jobspecs import parse_spec
-from jobspecs.errors import IntegrityError, InvalidInput, SpecError, StorageError
+from lorajobs.jobspecs import parse_spec
+from lorajobs.jobspecs.errors import IntegrityError, InvalidInput, SpecError, StorageError
 from tests.unit.test_storage import CountingStorage, make_adapter
-from worker.pull import cache_limit_from_env, evict, pull_dataset, pull_to_cache, release
-from worker.staging import (
+from lorajobs.storage.pull import cache_limit_from_env, evict, pull_dataset, pull_to_cache, release
+from lorajobs.storage.staging import (
     MANIFEST_SUFFIX,
     local_manifest,
     manifest_digest,
@@ -25,8 +25,8 @@ from worker.staging import (
     stage_path,
     staged_parts,
 )
-from worker.storage import FileStorage, join_uri
-from worker.transfer import fetch_adapter, upload_adapter
+from lorajobs.storage.base import FileStorage, join_uri
+from lorajobs.storage.transfer import fetch_adapter, upload_adapter
 
 KIB = 1024
 

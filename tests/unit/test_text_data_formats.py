@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import TextJobSpec
-from worker.datasets.packing import IGNORE
-from worker.datasets.text_dataset import build_text_dataset, load_rows, split_validation
-from worker.datasets.text_formats import ALPACA_PROMPT, to_records
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.worker.datasets.packing import IGNORE
+from lorajobs.worker.datasets.text_dataset import build_text_dataset, load_rows, split_validation
+from lorajobs.worker.datasets.text_formats import ALPACA_PROMPT, to_records
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_validation_file(tmp_path: Path, tok) -> None:
 
 
 def test_spec_refuses_two_validation_sources() -> None:
-    from jobspecs import SpecError, load_spec_text
+    from lorajobs.jobspecs import SpecError, load_spec_text
 
     text = (
         "kind: text\nname: t\nbase_model: b\ndataset: d\ntraining: {steps: 1}\n"
@@ -219,8 +219,8 @@ def test_spec_refuses_two_validation_sources() -> None:
 
 def test_slow_tokenizer_path_gives_the_same_mask(tok) -> None:
     """Tokenizers without offsets locate spans by prefix token counts: same result here."""
-    from worker.datasets.jsonl import JsonRow
-    from worker.datasets.text_dataset import encode_record
+    from lorajobs.worker.datasets.jsonl import JsonRow
+    from lorajobs.worker.datasets.text_dataset import encode_record
 
     class Slow:  # the fast tokenizer, seen as one without offset mappings
         is_fast = False

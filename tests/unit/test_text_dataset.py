@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jobspecs.errors import UserDataError
-from worker.datasets.text import load_text_examples, tokenize_examples
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.worker.datasets.text import load_text_examples, tokenize_examples
 
 
 def _write(path: Path, lines: list[str]) -> Path:

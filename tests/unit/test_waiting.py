@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from orchestrator import waiting
-from orchestrator.records import JobRecord
-from orchestrator.scheduler import Candidate, Node, OwnerLimits, Policy, Round
-from orchestrator.states import JobStatus
+from lorajobs.orchestrator import waiting
+from lorajobs.orchestrator.records import JobRecord
+from lorajobs.orchestrator.scheduler import Candidate, Node, OwnerLimits, Policy, Round
+from lorajobs.orchestrator.states import JobStatus
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

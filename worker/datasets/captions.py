@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from jobspecs.models import ImageData
+from lorajobs.jobspecs.models import ImageData
 
 
 def sample_rng(kind: str, seed: int, epoch: int, index: int) -> random.Random:

@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
-from jobspecs.models import ImageData, ImageJobSpec
-from worker.datasets.buckets import (
+from lorajobs.jobspecs.models import ImageData, ImageJobSpec
+from lorajobs.worker.datasets.buckets import (
     Bucket,
     BucketBatchSampler,
     closest_bucket,
     default_bucket_range,
     make_buckets,
 )
-from worker.datasets.captions import caption_for, sample_rng
-from worker.datasets.image_sources import ImageRecord, read_image_records
-from worker.datasets.images import (
+from lorajobs.worker.datasets.captions import caption_for, sample_rng
+from lorajobs.worker.datasets.image_sources import ImageRecord, read_image_records
+from lorajobs.worker.datasets.images import (
     cover_size,
     image_size,
     open_rgb,

@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import ImageData
-from worker.datasets.images import IMAGE_SUFFIXES, _IGNORED_SUFFIXES, image_files, read_caption
-from worker.datasets.jsonl import read_rows, type_name
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import ImageData
+from lorajobs.worker.datasets.images import IMAGE_SUFFIXES, _IGNORED_SUFFIXES, image_files, read_caption
+from lorajobs.worker.datasets.jsonl import read_rows, type_name
 
 METADATA_FILE = "metadata.jsonl"
 KOHYA_DIR_RE = re.compile(r"^(\d+)_(.*)$")

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from jobspecs.models import ImageJobSpec
-from worker.datasets.captions import captions_vary
+from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.worker.datasets.captions import captions_vary
 
 if TYPE_CHECKING:
-    from worker.datasets.image_dataset import ImageTrainSet
-    from worker.storage import Storage
+    from lorajobs.worker.datasets.image_dataset import ImageTrainSet
+    from lorajobs.storage.base import Storage
 
 CACHE_VERSION = 1
 BUCKET_PREFIX = "cache/latents"
@@ -117,7 +117,7 @@ class LatentCache:
 
     def put(self, record: int, flipped: bool, tensors: dict[str, torch.Tensor]) -> None:
         """Store (atomically: write to a temp name, then rename)."""
-        from worker.safetensors_io import save_canonical
+        from lorajobs.worker.safetensors_io import save_canonical
 
         self.dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobspecs.errors import UserDataError
-from worker.datasets.jsonl import JsonRow, read_rows
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.worker.datasets.jsonl import JsonRow, read_rows
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import TextData, TextJobSpec
-from worker.datasets.chat import render_with_spans, resolve_chat_template
-from worker.datasets.jsonl import JsonRow, read_rows
-from worker.datasets.packing import (
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import TextData, TextJobSpec
+from lorajobs.worker.datasets.chat import render_with_spans, resolve_chat_template
+from lorajobs.worker.datasets.jsonl import JsonRow, read_rows
+from lorajobs.worker.datasets.packing import (
     IGNORE,
     PackedBlock,
     TextBatch,
@@ -36,8 +36,8 @@ from worker.datasets.packing import (
     collate_padded,
     pack,
 )
-from worker.datasets.text import jsonl_files
-from worker.datasets.text_formats import Record, to_records
+from lorajobs.worker.datasets.text import jsonl_files
+from lorajobs.worker.datasets.text_formats import Record, to_records
 
 
 def load_rows(path: Path) -> list[JsonRow]:

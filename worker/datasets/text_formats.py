@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jobspecs.errors import UserDataError
-from worker.datasets.jsonl import JsonRow, type_name
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.worker.datasets.jsonl import JsonRow, type_name
 
 FORMATS = ("text", "completion", "alpaca", "chat")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})

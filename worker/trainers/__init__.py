@@ -9,15 +9,15 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-from jobspecs.errors import InvalidInput
-from worker.context import TrainOutput, WorkerContext
+from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.worker.context import TrainOutput, WorkerContext
 
 # train(spec, model_dir, data_path, out_dir, ctx) -> TrainOutput
 TrainFn = Callable[[Any, Path, Path, Path, WorkerContext], TrainOutput]
 
 _TRAINERS: dict[str, str] = {
-    "image": "worker.trainers.image",
-    "text": "worker.trainers.text",
+    "image": "lorajobs.worker.trainers.image",
+    "text": "lorajobs.worker.trainers.text",
 }
 
 

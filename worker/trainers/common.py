@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from jobspecs.errors import InvalidInput, UserDataError
-from worker.checkpoint import Checkpoint
-from worker.context import Preempted, WorkerContext
-from worker.trainers.preemption import PreemptionNotice
+from lorajobs.jobspecs.errors import InvalidInput, UserDataError
+from lorajobs.storage.checkpoints import Checkpoint
+from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.worker.trainers.preemption import PreemptionNotice
 
 REPORT_EVERY_S = 0.5
 log = logging.getLogger(__name__)

@@ -20,28 +20,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jobspecs.errors import InvalidInput, UserDataError
-from jobspecs.models import ImageJobSpec, LoraSettings
-from worker.context import TrainOutput, WorkerContext
-from worker.datasets.image_dataset import ImageTrainSet, build_image_dataset
-from worker.datasets.latent_cache import (
+from lorajobs.jobspecs.errors import InvalidInput, UserDataError
+from lorajobs.jobspecs.models import ImageJobSpec, LoraSettings
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.datasets.image_dataset import ImageTrainSet, build_image_dataset
+from lorajobs.worker.datasets.latent_cache import (
     CachePlan,
     LatentCache,
     cache_key,
     cache_plan,
     dataset_digest,
 )
-from worker.kohya import (
+from lorajobs.worker.kohya import (
     base_model_version,
     diffusers_to_kohya,
     header_metadata,
     tensor_data_sha256,
 )
-from worker.plots import draw_loss_curve
-from worker.safetensors_io import save_canonical
-from worker.samples import SampleRenderer
-from worker.sidecar import hash_cache_for, tree_digest
-from worker.trainers.common import (
+from lorajobs.worker.plots import draw_loss_curve
+from lorajobs.worker.safetensors_io import save_canonical
+from lorajobs.worker.samples import SampleRenderer
+from lorajobs.worker.sidecar import hash_cache_for, tree_digest
+from lorajobs.worker.trainers.common import (
     TrainLoop,
     build_optimizer,
     pick_device,
@@ -52,7 +52,7 @@ from worker.trainers.common import (
     total_steps,
     window_means,
 )
-from worker.trainers.image_models import (
+from lorajobs.worker.trainers.image_models import (
     TEXT_ENCODER_TARGETS,
     Conditioning,
     Encoders,
@@ -380,7 +380,7 @@ def _cached_latents(
     cache = LatentCache(ctx.cache_dir / "latents", key)
     storage = None
     if ctx.latent_cache_uri:
-        from worker.storage import open_storage
+        from lorajobs.storage.base import open_storage
 
         storage = open_storage(ctx.latent_cache_uri)
         if not cache.complete(len(ds.records), plan.flips):
@@ -407,7 +407,7 @@ def _caption_embeddings(
 ) -> dict[str, Conditioning]:
     """Embeddings of every caption the job will use, when captions do not vary per step (so
     each image's caption, trigger word included, is the same in every epoch)."""
-    from worker.datasets.captions import caption_for
+    from lorajobs.worker.datasets.captions import caption_for
 
     first_item: dict[int, int] = {}
     for item, record in enumerate(ds.items):

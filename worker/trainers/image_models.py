@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from jobspecs.errors import UserDataError
-from worker.kohya import base_model_version
-from worker.safetensors_io import save_canonical
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.worker.kohya import base_model_version
+from lorajobs.worker.safetensors_io import save_canonical
 
 # The safetensors header key diffusers reads the LoRA config from (diffusers.loaders.lora_base
 # LORA_ADAPTER_METADATA_KEY); without it, alpha is lost on load and the LoRA plays at scale 1.

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from jobspecs.errors import UserDataError
-from jobspecs.models import TextJobSpec
-from worker.context import TrainOutput, WorkerContext
-from worker.datasets.text_dataset import TextTrainSet, build_text_dataset
-from worker.plots import draw_loss_curve
-from worker.safetensors_io import save_canonical
-from worker.trainers.common import (
+from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.datasets.text_dataset import TextTrainSet, build_text_dataset
+from lorajobs.worker.plots import draw_loss_curve
+from lorajobs.worker.safetensors_io import save_canonical
+from lorajobs.worker.trainers.common import (
     TrainLoop,
     build_optimizer,
     loss_curve,
@@ -69,7 +69,7 @@ def train(
         ) from None
     validation_path = None
     if spec.data.validation is not None:
-        from worker.pull import pull_dataset
+        from lorajobs.storage.pull import pull_dataset
 
         validation_path = pull_dataset(spec.data.validation, ctx.cache_dir)
     ds = build_text_dataset(data_path, spec, tokenizer, validation_path=validation_path)
@@ -226,7 +226,7 @@ def _canonicalise_peft_folder(out_dir: Path, base_model: str, header: dict[str, 
     """Rewrite PEFT's files so that identical tensors give identical bytes."""
     from safetensors import safe_open
 
-    from worker.kohya import tensor_data_sha256
+    from lorajobs.worker.kohya import tensor_data_sha256
 
     weights = out_dir / ADAPTER_WEIGHTS
     with safe_open(str(weights), framework="pt") as f:

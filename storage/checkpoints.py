@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobspecs.errors import ObjectNotFound
-from worker.storage import Storage, join_uri, open_storage
+from lorajobs.jobspecs.errors import ObjectNotFound
+from lorajobs.storage.base import Storage, join_uri, open_storage
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -80,7 +80,7 @@ class CheckpointStore:
 
     def save(self, ckpt: Checkpoint, keep: int) -> None:
         """Write `ckpt` (marker last), then drop all but the latest `keep` checkpoints."""
-        from worker.safetensors_io import save_canonical
+        from lorajobs.worker.safetensors_io import save_canonical
 
         key = f"{self.prefix}/step-{ckpt.step}"
         with tempfile.TemporaryDirectory(prefix="lorajobs-ckpt-") as tmp:

@@ -18,8 +18,8 @@ import time
 from types import TracebackType
 from typing import Any, TextIO
 
-from jobspecs.errors import ObjectNotFound
-from worker.storage import join_uri, open_storage
+from lorajobs.jobspecs.errors import ObjectNotFound
+from lorajobs.storage.base import join_uri, open_storage
 
 UPLOAD_EVERY_S = 3.0
 

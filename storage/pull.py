@@ -1,7 +1,7 @@
 """Turn a spec's dataset / base-model reference into a local path, through a node-local cache.
 
 Entries live under `<cache_dir>/datasets/` and `<cache_dir>/models/`, of two sorts:
-- a staged entry (`<bucket>/datasets/<digest>` with its manifest, see `worker.staging`) lands
+- a staged entry (`<bucket>/datasets/<digest>` with its manifest, see `lorajobs.storage.staging`) lands
   in `sha256-<digest>/`: keyed by content, so the same data in any bucket is one entry, found
   without a single request once there; every file is checked against the manifest's sha256;
 - any other prefix lands in `<name>-<listing digest>/`, the digest covering keys, sizes, ETags.
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from jobspecs.errors import InvalidInput, UserDataError
-from worker.staging import read_manifest, staged_parts
-from worker.storage import ObjectInfo, Storage, open_storage, safe_key
-from worker.transfer import DEFAULT_CHUNK, Wanted, download_files
+from lorajobs.jobspecs.errors import InvalidInput, UserDataError
+from lorajobs.storage.staging import read_manifest, staged_parts
+from lorajobs.storage.base import ObjectInfo, Storage, open_storage, safe_key
+from lorajobs.storage.transfer import DEFAULT_CHUNK, Wanted, download_files
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound
-from jobspecs.models import AnyJobSpec
-from worker.storage import BytesCallback, Storage, join_uri, open_storage
-from worker.transfer import run_parallel, sha256_file
+from lorajobs.jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound
+from lorajobs.jobspecs.models import AnyJobSpec
+from lorajobs.storage.base import BytesCallback, Storage, join_uri, open_storage
+from lorajobs.storage.transfer import run_parallel, sha256_file
 
 FORMAT = "lorajobs.manifest/v1"
 MANIFEST_SUFFIX = ".manifest.json"

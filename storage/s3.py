@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from jobspecs.errors import InvalidInput, ObjectNotFound, StorageAuthError, StorageError
-from worker.storage import BytesCallback, ObjectInfo, safe_key
+from lorajobs.jobspecs.errors import InvalidInput, ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.storage.base import BytesCallback, ObjectInfo, safe_key
 
 log = logging.getLogger(__name__)
 

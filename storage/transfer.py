@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
-from worker.storage import BytesCallback, Storage, open_storage
+from lorajobs.jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
+from lorajobs.storage.base import BytesCallback, Storage, open_storage
 
 MARKER = "lorajobs.json"
 DEFAULT_CONCURRENCY = 16

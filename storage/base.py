@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Protocol
 from urllib.parse import unquote, urlparse
 
-from jobspecs.errors import InvalidInput, ObjectNotFound
+from lorajobs.jobspecs.errors import InvalidInput, ObjectNotFound
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def open_storage(uri: str) -> Storage:
     """Storage rooted at `uri`: `file:///path`, a plain local path, or `s3://bucket/prefix`."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        from worker.s3 import S3Storage  # boto3 only when needed
+        from lorajobs.storage.s3 import S3Storage  # boto3 only when needed
 
         return S3Storage(parsed.netloc, parsed.path.lstrip("/"))
     if parsed.scheme == "file":
