@@ -1,6 +1,6 @@
 """Job specs: the contract between users, the queue and the worker. Imports neither of them."""
 
-from lorajobs.jobspecs.errors import LoraJobsError, SpecError
+from lorajobs.jobspecs.failures import LoraJobsError, SpecError
 from lorajobs.jobspecs.loader import (
     json_schema,
     load_spec,

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lorajobs.jobspecs.errors import SpecError
+from lorajobs.jobspecs.failures import SpecError
 from lorajobs.jobspecs.models import JOB_SPEC_ADAPTER, AnyJobSpec
 
 

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from lorajobs.jobspecs import AnyJobSpec, json_schema, load_spec, resolve_local_paths
-from lorajobs.jobspecs.errors import InvalidInput, LoraJobsError
+from lorajobs.jobspecs.failures import InvalidInput, LoraJobsError
 from lorajobs.orchestrator.settings import Settings
 
 app = typer.Typer(

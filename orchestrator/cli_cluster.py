@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 
 FOLLOW_POLL_S = 1.0
 

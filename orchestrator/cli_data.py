@@ -13,7 +13,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from lorajobs.jobspecs.errors import InvalidInput, JobNotFound
+from lorajobs.jobspecs.failures import InvalidInput, JobNotFound
 from lorajobs.orchestrator.settings import Settings
 
 _out = Console(soft_wrap=True)  # stdout: data

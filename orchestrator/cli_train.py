@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 
 
 def _adapter_dir(ref: str, scratch: Path) -> Path:

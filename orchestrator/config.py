@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator.cost import parse_prices
 from lorajobs.orchestrator.retry import RetryPolicy
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from lorajobs.jobspecs.errors import InvalidTransition
+from lorajobs.jobspecs.failures import InvalidTransition
 from lorajobs.orchestrator import reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
 from lorajobs.orchestrator.config import ControllerConfig

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 
 
 def parse_prices(text: str | None) -> dict[str, float]:

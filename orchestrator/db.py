@@ -41,7 +41,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from lorajobs.jobspecs.errors import InvalidInput, LoraJobsError
+from lorajobs.jobspecs.failures import InvalidInput, LoraJobsError
 from lorajobs.orchestrator.settings import Settings, redact_url
 from lorajobs.orchestrator.states import JobStatus
 

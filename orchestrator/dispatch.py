@@ -93,7 +93,7 @@ def run_attempt(
     import traceback
 
     from lorajobs.jobspecs import parse_spec
-    from lorajobs.jobspecs.errors import LoraJobsError
+    from lorajobs.jobspecs.failures import LoraJobsError
     from lorajobs.storage.logs import AttemptLog
     from lorajobs.worker.context import WorkerContext
     from lorajobs.worker.entrypoint import run_job
@@ -157,23 +157,10 @@ def run_attempt(
 
 
 def failure_kind(err: BaseException) -> str:
-    """How the controller treats an attempt that raised `err`: user errors (bad data, a spec the
-    model refuses, a loss that blew up, wrong credentials, a missing object) are not retried;
-    infra errors (preemption, storage outages) are; anything else is a bug of ours."""
-    from lorajobs.jobspecs.errors import (
-        InvalidInput,
-        ObjectNotFound,
-        StorageAuthError,
-        StorageError,
-        UserDataError,
-    )
-    from lorajobs.worker.context import Preempted
+    """How the controller treats an attempt that raised `err` (see `classify`)."""
+    from lorajobs.jobspecs.failures import classify
 
-    if isinstance(err, (UserDataError, InvalidInput, StorageAuthError, ObjectNotFound)):
-        return USER
-    if isinstance(err, (Preempted, StorageError)):  # storage: endpoint down, 5xx after retries
-        return INFRA
-    return INTERNAL
+    return classify(err).value
 
 
 def _release_gpu_memory() -> None:

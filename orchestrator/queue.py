@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lorajobs.jobspecs import AnyJobSpec, spec_to_dict
-from lorajobs.jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
+from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
 from lorajobs.orchestrator.claiming import Claiming
 from lorajobs.orchestrator.db import JobEventRow, JobRow, new_job_id, utcnow, write_engine
 from lorajobs.orchestrator.records import (
@@ -32,7 +32,8 @@ from lorajobs.orchestrator.records import (
     event_record,
     job_record,
 )
-from lorajobs.orchestrator.states import ALLOWED, FailureKind, JobStatus
+from lorajobs.jobspecs.failures import FailureKind
+from lorajobs.orchestrator.states import ALLOWED, JobStatus
 
 __all__ = ["Change", "EventRecord", "JobRecord", "Queue"]
 

@@ -77,7 +77,7 @@ def adapter_uri(job: JobRecord) -> str:
 def completed_result(job: JobRecord) -> dict[str, Any] | None:
     """The result of an attempt that finished uploading the adapter, read back from its
     sidecar; None if the adapter is not complete (no marker, or the marker is another job's)."""
-    from lorajobs.jobspecs.errors import ObjectNotFound
+    from lorajobs.jobspecs.failures import ObjectNotFound
     from lorajobs.storage.base import open_storage
     from lorajobs.storage.transfer import MARKER
 

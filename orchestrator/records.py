@@ -8,7 +8,8 @@ from datetime import datetime
 from typing import Any
 
 from lorajobs.jobspecs import AnyJobSpec, parse_spec
-from lorajobs.orchestrator.states import FailureKind, JobStatus
+from lorajobs.jobspecs.failures import FailureKind
+from lorajobs.orchestrator.states import JobStatus
 
 
 @dataclass(frozen=True)

@@ -78,17 +78,3 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 def can_transition(current: JobStatus, to: JobStatus) -> bool:
     """Whether `current → to` is an allowed status change."""
     return to in ALLOWED[current]
-
-
-class FailureKind(str, Enum):
-    """Why a job failed; decides whether a retry can help."""
-
-    #: The job's own inputs are wrong (spec, dataset, base model): retrying cannot help.
-    user = "user"
-    #: The platform failed under it (node lost, preempted, out of capacity): retry and resume.
-    infra = "infra"
-    #: A bug in lorajobs itself: reported, not retried automatically.
-    internal = "internal"
-
-    def __str__(self) -> str:
-        return self.value

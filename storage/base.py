@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Protocol
 from urllib.parse import unquote, urlparse
 
-from lorajobs.jobspecs.errors import InvalidInput, ObjectNotFound
+from lorajobs.jobspecs.failures import InvalidInput, ObjectNotFound
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorajobs.jobspecs.errors import ObjectNotFound
+from lorajobs.jobspecs.failures import ObjectNotFound
 from lorajobs.storage.base import Storage, join_uri, open_storage
 
 TENSORS = "tensors.safetensors"

@@ -18,7 +18,7 @@ import time
 from types import TracebackType
 from typing import Any, TextIO
 
-from lorajobs.jobspecs.errors import ObjectNotFound
+from lorajobs.jobspecs.failures import ObjectNotFound
 from lorajobs.storage.base import join_uri, open_storage
 
 UPLOAD_EVERY_S = 3.0

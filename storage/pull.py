@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from lorajobs.jobspecs.errors import InvalidInput, UserDataError
+from lorajobs.jobspecs.failures import InvalidInput, UserDataError
 from lorajobs.storage.staging import read_manifest, staged_parts
 from lorajobs.storage.base import ObjectInfo, Storage, open_storage, safe_key
 from lorajobs.storage.transfer import DEFAULT_CHUNK, Wanted, download_files

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lorajobs.jobspecs.errors import InvalidInput, ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.jobspecs.failures import InvalidInput, ObjectNotFound, StorageAuthError, StorageError
 from lorajobs.storage.base import BytesCallback, ObjectInfo, safe_key
 
 log = logging.getLogger(__name__)

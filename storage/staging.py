@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from lorajobs.jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound
+from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, ObjectNotFound
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.storage.base import BytesCallback, Storage, join_uri, open_storage
 from lorajobs.storage.transfer import run_parallel, sha256_file

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
-from lorajobs.jobspecs.errors import IntegrityError, InvalidInput, ObjectNotFound, StorageError
+from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, ObjectNotFound, StorageError
 from lorajobs.storage.base import BytesCallback, Storage, open_storage
 
 MARKER = "lorajobs.json"

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from lorajobs.jobspecs.errors import LoraJobsError
 
 if TYPE_CHECKING:
     from lorajobs.storage.checkpoints import CheckpointStore
@@ -49,11 +48,6 @@ class WorkerContext:
     # TEST HOOK (env LORAJOBS_STOP_AFTER_STEP): after this step, checkpoint and raise
     # `Preempted`, as a preempted node would stop. Never set in production.
     stop_after_step: int | None = None
-
-
-class Preempted(LoraJobsError):
-    """The attempt stopped before the end (a SIGTERM preemption notice, or the stop test
-    hook); its last checkpoint is in the bucket and the next attempt resumes from it."""
 
 
 @dataclass

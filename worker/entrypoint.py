@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorajobs.jobspecs.errors import StorageError
+from lorajobs.jobspecs.failures import StorageError
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
 from lorajobs.worker.context import WorkerContext

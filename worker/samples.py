@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, Samples
 from lorajobs.worker.plots import draw_image_grid, save_png
 from lorajobs.worker.trainers.common import Precision

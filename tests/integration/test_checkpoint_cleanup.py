@@ -12,7 +12,8 @@ import pytest
 from lorajobs.jobspecs import parse_spec
 from tests.plugins.specs import spec_dict
 from lorajobs.storage.checkpoints import KEEP_ENV, CheckpointStore, discard_after_success
-from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.entrypoint import adapter_uri, run_job
 from lorajobs.storage.base import open_storage
 from lorajobs.storage.transfer import MARKER

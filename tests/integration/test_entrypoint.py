@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.entrypoint import run_job
@@ -152,7 +152,7 @@ def test_registry_is_lazy_and_knows_both_kinds() -> None:
     import subprocess
     import sys
 
-    from lorajobs.jobspecs.errors import InvalidInput
+    from lorajobs.jobspecs.failures import InvalidInput
     from lorajobs.worker.trainers import get_trainer, trainer_kinds
 
     assert trainer_kinds() == ["image", "text"]

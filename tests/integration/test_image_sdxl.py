@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import pipeline, render, text_states
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict

@@ -12,12 +12,13 @@ import torch
 from safetensors import safe_open
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import keep_components, pipeline, render, text_states
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.worker.context import Preempted, TrainOutput, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers.image import train
 
 pytestmark = pytest.mark.slow

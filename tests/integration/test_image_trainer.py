@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import pipeline, render, v_prediction_copy
 from lorajobs.worker.context import TrainOutput, WorkerContext

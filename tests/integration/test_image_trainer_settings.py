@@ -11,7 +11,8 @@ import pytest
 
 from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.worker.context import Preempted, TrainOutput, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
 
 pytestmark = pytest.mark.slow

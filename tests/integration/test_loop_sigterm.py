@@ -16,7 +16,8 @@ import torch
 
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers.common import (
     LoopResult,
     TrainLoop,

@@ -118,7 +118,7 @@ def test_image_merge_with_text_encoder_lora_equals_the_weighted_stack(
 def test_merge_refuses_mixed_kinds_and_bad_weights(
     text_adapters: list[Path], image_adapters: list[Path], tmp_path: Path
 ) -> None:
-    from lorajobs.jobspecs.errors import InvalidInput
+    from lorajobs.jobspecs.failures import InvalidInput
 
     with pytest.raises(InvalidInput, match="different kinds"):
         merge_adapters([text_adapters[0], image_adapters[0]], WEIGHTS, tmp_path / "x")

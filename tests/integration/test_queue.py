@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from lorajobs.jobspecs import AnyJobSpec, parse_spec
-from lorajobs.jobspecs.errors import InvalidInput, InvalidTransition, JobNotFound
+from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound
 from lorajobs.orchestrator.db import JobEventRow, JobRow
 from lorajobs.orchestrator.queue import JobRecord, Queue
-from lorajobs.orchestrator.states import FailureKind, JobStatus
+from lorajobs.jobspecs.failures import FailureKind
+from lorajobs.orchestrator.states import JobStatus
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled

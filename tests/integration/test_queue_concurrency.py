@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import InvalidTransition
+from lorajobs.jobspecs.failures import InvalidTransition
 from lorajobs.orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.states import JobStatus

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from lorajobs.jobspecs.errors import InvalidInput, LoraJobsError
+from lorajobs.jobspecs.failures import InvalidInput, LoraJobsError
 from lorajobs.orchestrator.db import (
     UPGRADE_HINT,
     Base,

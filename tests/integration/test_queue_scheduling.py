@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text, update
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import InvalidInput, InvalidTransition
+from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition
 from lorajobs.orchestrator.db import JobRow, current_revision, head_revision, make_engine, upgrade
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.scheduler import Candidate, Hold, Placement, Shape

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.jobspecs.models import AnyJobSpec
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict, tiny_inputs
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers import get_trainer
 
 pytestmark = pytest.mark.slow

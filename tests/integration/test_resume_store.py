@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorajobs.jobspecs.errors import SpecError
+from lorajobs.jobspecs.failures import SpecError
 from lorajobs.jobspecs.loader import load_spec_text
 from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
 from lorajobs.worker.trainers.common import lr_factor, total_steps, window_means

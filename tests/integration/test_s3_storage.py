@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from lorajobs.jobspecs.errors import ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError, StorageError
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.base import FileStorage, Storage, open_storage
 

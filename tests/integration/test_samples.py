@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, Samples
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.worker.context import Preempted, TrainOutput, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.entrypoint import run_job
 from lorajobs.worker.plots import GridLayout, draw_image_grid
 from lorajobs.worker.samples import FINAL_NAME, SampleRenderer

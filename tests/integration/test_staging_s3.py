@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import ObjectNotFound, StorageAuthError
+from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.staging import MANIFEST_SUFFIX, local_manifest, stage_local_inputs, stage_path

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers import get_trainer

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers import get_trainer

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from lorajobs.jobspecs.errors import IntegrityError, ObjectNotFound, StorageAuthError, UserDataError
+from lorajobs.jobspecs.failures import IntegrityError, ObjectNotFound, StorageAuthError, UserDataError
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.base import open_storage

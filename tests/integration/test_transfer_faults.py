@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.jobspecs.errors import ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError, StorageError
 from tests.integration.test_transfer import make_adapter
 from lorajobs.storage.pull import pull_dataset
 from lorajobs.storage.s3 import S3Storage

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.worker.datasets.images import ImageCaptionDataset, image_files
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.worker.trainers.image import min_snr_weights, snr_at
 
 GAMMA = 5.0

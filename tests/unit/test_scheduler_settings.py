@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator.autoscale import Autoscaler, bundles
 from lorajobs.orchestrator.config import ControllerConfig, parse_limits
 from lorajobs.orchestrator.cost import attempt_cost, estimate, hourly_rate, parse_prices

@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from lorajobs.orchestrator.states import ALLOWED, TERMINAL, FailureKind, JobStatus, can_transition
+from lorajobs.jobspecs.failures import FailureKind
+from lorajobs.orchestrator.states import ALLOWED, TERMINAL, JobStatus, can_transition
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.jobspecs.errors import (
+from lorajobs.jobspecs.failures import (
     IntegrityError,
     InvalidInput,
     ObjectNotFound,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.errors import IntegrityError, InvalidInput, SpecError, StorageError
+from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, SpecError, StorageError
 from tests.unit.test_storage import CountingStorage, make_adapter
 from lorajobs.storage.pull import cache_limit_from_env, evict, pull_dataset, pull_to_cache, release
 from lorajobs.storage.staging import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.datasets.packing import IGNORE
 from lorajobs.worker.datasets.text_dataset import build_text_dataset, load_rows, split_validation

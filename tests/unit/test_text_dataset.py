@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.worker.datasets.text import load_text_examples, tokenize_examples
 
 

@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 
 CHATML = (
     "{% for message in messages %}"

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageData
 from lorajobs.worker.datasets.images import IMAGE_SUFFIXES, _IGNORED_SUFFIXES, image_files, read_caption
 from lorajobs.worker.datasets.jsonl import read_rows, type_name

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 # Files that may sit next to the images without being data: captions and common notes.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 
 
 @dataclass(frozen=True)

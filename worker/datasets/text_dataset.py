@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextData, TextJobSpec
 from lorajobs.worker.datasets.chat import render_with_spans, resolve_chat_template
 from lorajobs.worker.datasets.jsonl import JsonRow, read_rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.worker.datasets.jsonl import JsonRow, type_name
 
 FORMATS = ("text", "completion", "alpaca", "chat")

@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-from lorajobs.jobspecs.errors import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.worker.context import TrainOutput, WorkerContext
 
 # train(spec, model_dir, data_path, out_dir, ctx) -> TrainOutput

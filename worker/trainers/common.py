@@ -24,9 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lorajobs.jobspecs.errors import InvalidInput, UserDataError
+from lorajobs.jobspecs.failures import InvalidInput, UserDataError
 from lorajobs.storage.checkpoints import Checkpoint
-from lorajobs.worker.context import Preempted, WorkerContext
+from lorajobs.jobspecs.failures import Preempted
+from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers.preemption import PreemptionNotice
 
 REPORT_EVERY_S = 0.5

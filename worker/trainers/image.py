@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorajobs.jobspecs.errors import InvalidInput, UserDataError
+from lorajobs.jobspecs.failures import InvalidInput, UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, LoraSettings
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.datasets.image_dataset import ImageTrainSet, build_image_dataset

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.worker.kohya import base_model_version
 from lorajobs.worker.safetensors_io import save_canonical
 

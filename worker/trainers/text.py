@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lorajobs.jobspecs.errors import UserDataError
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.datasets.text_dataset import TextTrainSet, build_text_dataset
