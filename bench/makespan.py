@@ -73,7 +73,7 @@ def text_spec(name: str, model: Path, data: Path, steps: int) -> Any:
 
 
 def controller_for(address: str, home: Path, **config: Any) -> tuple[Any, Any]:
-    from lorajobs.orchestrator.config import ControllerConfig
+    from lorajobs.orchestrator.settings import ControllerConfig
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.db import ensure_schema, make_engine
     from lorajobs.orchestrator.dispatch import RayBackend

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import insert, update  # noqa: E402
 
 from lorajobs.jobspecs import parse_spec, spec_to_dict  # noqa: E402
-from lorajobs.orchestrator.config import ControllerConfig  # noqa: E402
+from lorajobs.orchestrator.settings import ControllerConfig  # noqa: E402
 from lorajobs.orchestrator.controller import Controller  # noqa: E402
 from lorajobs.orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine  # noqa: E402
 from lorajobs.orchestrator.dispatch import Attempt, ClusterView  # noqa: E402

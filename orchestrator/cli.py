@@ -127,7 +127,7 @@ def _print_estimate(job: Any) -> None:
 
 
 def _run_controller_until_done(settings: Settings, queue: Any, ids: list[str]) -> list[Any]:
-    from lorajobs.orchestrator.config import ControllerConfig
+    from lorajobs.orchestrator.settings import ControllerConfig
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.dispatch import RayBackend
 
@@ -279,7 +279,7 @@ def controller(
     once: bool = typer.Option(False, "--once", help="One pass, then exit."),
 ) -> None:
     """Run the controller loop in the foreground: dispatch, track, finish, retry."""
-    from lorajobs.orchestrator.config import ControllerConfig
+    from lorajobs.orchestrator.settings import ControllerConfig
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.dispatch import RayBackend
 

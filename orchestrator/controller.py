@@ -22,7 +22,7 @@ from typing import Any
 from lorajobs.jobspecs.failures import InvalidTransition
 from lorajobs.orchestrator import reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
-from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
 from lorajobs.orchestrator.dispatch import INFRA, USER, Attempt, RayBackend
 from lorajobs.orchestrator.queue import JobRecord, Queue

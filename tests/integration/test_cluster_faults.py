@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.retry import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
 from lorajobs.orchestrator.states import JobStatus

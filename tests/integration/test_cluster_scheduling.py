@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy
 from lorajobs.orchestrator.states import JobStatus

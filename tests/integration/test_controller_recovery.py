@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.orchestrator.config import ControllerConfig
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.controller import Controller
 from lorajobs.orchestrator.db import ensure_schema, make_engine
 from lorajobs.orchestrator.dispatch import Attempt, ClusterView

@@ -10,7 +10,7 @@ import pytest
 
 from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator.autoscale import Autoscaler, bundles
-from lorajobs.orchestrator.config import ControllerConfig, parse_limits
+from lorajobs.orchestrator.settings import ControllerConfig, parse_limits
 from lorajobs.orchestrator.cost import attempt_cost, estimate, hourly_rate, parse_prices
 from lorajobs.orchestrator.records import JobRecord
 from lorajobs.orchestrator.reconcile import LIVE, TAKE, WAIT, lease_driver, lease_owner, verdict
