@@ -4,15 +4,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch, installed before the project so pip never pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
+# Exact versions of every dependency for CI, the demo and the worker image: reproducible
+# adapters depend on exact library versions. `make lock` regenerates it.
+CONSTRAINTS := infra/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv services-up services-down clean bench
+.PHONY: demo test test-fast lint lock venv clean bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_CPU)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) "$(TORCH_CPU)"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -20,13 +23,22 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lorajobs demo
 
-# Starts PostgreSQL (installing it if missing) and SeaweedFS for the integration tests, runs
-# the whole suite, and stops both by PID whatever the outcome.
-test: $(STAMP)
+# Lint (ruff), formatting and the import contracts first, then the whole suite: infra/local/
+# run-tests.sh starts nothing itself; the tests start PostgreSQL and SeaweedFS and stop them by PID.
+test: $(STAMP) lint
 	bash infra/local/run-tests.sh $(BIN) $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Resolve the newest versions pyproject.toml allows in a fresh venv and pin them all.
+lock:
+	bash infra/lock.sh $(PYTHON) "$(TORCH_CPU)" $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -563,3 +563,24 @@ def test_secret_scanner_catches_secrets():
 @pytest.mark.parametrize("path", INFRA_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_no_secret_in_infra_files(path):
     assert not _secrets_in(path.read_text()), f"{path} looks like it holds a secret"
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "infra" / "constraints.txt").read_text().splitlines()
+    pairs = [ln.split("==", 1) for ln in lines if ln.strip() and not ln.startswith("#")]
+    return {name.lower(): version for name, version in pairs}
+
+
+def test_ci_and_the_image_install_the_locked_versions():
+    pins = _pins()
+    # Every runtime dependency of the package is pinned, and the pins are exact.
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = re.split(r"[<>=\[ ;]", dep, maxsplit=1)[0].lower()
+        assert name in pins, f"{name} is not in infra/constraints.txt: run make lock"
+    assert docker_args()["RAY_VERSION"] == pins["ray"], "the image's Ray must be the locked one"
+    runs = " ".join(rest for op, rest in dockerfile() if op == "RUN")
+    assert "-c /src/constraints.txt" in runs
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"TORCH_CPU \?= torch=={re.escape(pins['torch'])}\n", makefile)
+    assert makefile.count("-c $(CONSTRAINTS)") >= 2
