@@ -61,3 +61,16 @@ def test_every_status_is_reachable_from_queued() -> None:
                 seen.add(nxt)
                 todo.append(nxt)
     assert seen == set(JobStatus)
+
+
+def test_the_readme_state_diagram_shows_exactly_the_allowed_transitions() -> None:
+    """The README's Mermaid diagram is parsed, so it cannot drift from `ALLOWED`."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("```mermaid", 1)[1].split("```", 1)[0]
+    drawn = {(JobStatus(a), JobStatus(b))
+             for a, b in re.findall(r"^\s*(\w+) --> (\w+)", block, re.M) if a != "[*]"}
+    allowed = {(a, b) for a, tos in ALLOWED.items() for b in tos}
+    assert drawn == allowed, f"missing: {allowed - drawn}; not allowed: {drawn - allowed}"
