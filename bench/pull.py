@@ -131,7 +131,7 @@ def main() -> None:
               f"({args.small} of 1-32 KiB, {args.big} of {args.big_mb} MB)")
 
         from lorajobs.storage.staging import stage_path
-        from lorajobs.storage.base import open_storage
+        from lorajobs.storage.backends import open_storage
 
         bucket = f"s3://{server.bucket}"
         t = time.monotonic()

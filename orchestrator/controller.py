@@ -338,7 +338,7 @@ class Controller:
 
     def _discard_checkpoints(self, job: JobRecord) -> None:
         from lorajobs.storage.checkpoints import discard_after_success
-        from lorajobs.storage.transfer import MARKER
+        from lorajobs.storage.adapters import MARKER
 
         try:
             discard_after_success(job.output_uri, job.id, reconcile.adapter_uri(job),
@@ -347,7 +347,7 @@ class Controller:
             log.warning("job %s: could not remove its checkpoints: %s", job.id, err)
 
     def _delete_partial_adapter(self, job: JobRecord) -> None:
-        from lorajobs.storage.transfer import delete_adapter
+        from lorajobs.storage.adapters import delete_adapter
 
         try:
             delete_adapter(reconcile.adapter_uri(job))

@@ -12,8 +12,10 @@ rate, and with `max_runtime` set the most one attempt can cost.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from lorajobs.jobspecs.failures import InvalidInput
 
@@ -102,3 +104,11 @@ def estimate(
     low, high = min(rates), max(rates)
     worst = round(high * max_runtime_s / 3600.0, 4) if max_runtime_s else None
     return Estimate(low, high, worst)
+
+
+def estimate_for(job: Any, prices: dict[str, float] | None = None) -> Estimate:
+    """The cost estimate of a job record, under `prices` (default: `LORAJOBS_PRICES`)."""
+    if prices is None:
+        prices = parse_prices(os.environ.get("LORAJOBS_PRICES"))
+    return estimate(prices, gpus=job.gpus, gpu_type=job.gpu_type, cpus=job.cpus,
+                    max_runtime_s=job.max_runtime_s)

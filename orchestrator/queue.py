@@ -15,12 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from lorajobs.jobspecs import AnyJobSpec, spec_to_dict
 from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
 from lorajobs.orchestrator.claiming import Claiming
 from lorajobs.orchestrator.db import JobEventRow, JobRow, new_job_id, utcnow, write_engine
@@ -34,6 +33,9 @@ from lorajobs.orchestrator.records import (
 )
 from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.states import ALLOWED, JobStatus
+
+if TYPE_CHECKING:  # the spec models load pydantic: only `submit` needs them
+    from lorajobs.jobspecs import AnyJobSpec
 
 __all__ = ["Change", "EventRecord", "JobRecord", "Queue"]
 
@@ -112,6 +114,8 @@ class Queue(Claiming):
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (job, created). A repeated idempotency key returns the job it
         first created (and writes nothing), even when the repeats race from other processes."""
+        from lorajobs.jobspecs import spec_to_dict
+
         spec_json = dump_json(spec_to_dict(spec))
         if idempotency_key is not None:
             if not idempotency_key.strip() or len(idempotency_key) > 255:

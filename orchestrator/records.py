@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lorajobs.jobspecs import AnyJobSpec, parse_spec
 from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.states import JobStatus
+
+if TYPE_CHECKING:  # the spec models load pydantic: only where a spec is parsed
+    from lorajobs.jobspecs import AnyJobSpec
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class JobRecord:
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""
+        from lorajobs.jobspecs import parse_spec
+
         return parse_spec(self.spec, source=f"job {self.id}")
 
 

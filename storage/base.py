@@ -1,20 +1,16 @@
-"""One small interface over object storage: `file://` folders and `s3://` buckets.
+"""The one small interface every bucket backend implements (fsspec-like), and safe keys.
 
-Keys are always relative, '/'-separated paths under the storage's root URI. Torch-free, so the
-control plane (fetch, staging) can use it too.
+Keys are always relative, '/'-separated paths under the storage's root URI. Backends live in
+their own modules (`files`, `s3`); `backends.open_storage` picks one by URL scheme.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Protocol
-from urllib.parse import unquote, urlparse
 
-from lorajobs.jobspecs.failures import InvalidInput, ObjectNotFound
+from lorajobs.jobspecs.failures import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -60,115 +56,3 @@ def join_uri(base: str, *parts: str) -> str:
     for p in parts:
         out += "/" + safe_key(p.strip("/"))
     return out
-
-
-class FileStorage:
-    """A bucket that is a local folder (`file:///abs/path` or a plain path)."""
-
-    def __init__(self, root: Path):
-        self.root = root.resolve()
-        self.uri = self.root.as_uri()
-
-    def _path(self, key: str) -> Path:
-        return self.root / safe_key(key) if key else self.root
-
-    def _where(self, key: str) -> str:
-        return f"{self.uri}/{key}" if key else self.uri
-
-    def put_file(self, local: Path, key: str, *, callback: BytesCallback = None) -> None:
-        dest = self._path(key)
-        _write_atomically(dest, lambda tmp: shutil.copyfile(local, tmp))
-        if callback is not None:
-            callback(dest.stat().st_size)
-
-    def put_bytes(self, data: bytes, key: str) -> None:
-        _write_atomically(self._path(key), lambda tmp: tmp.write_bytes(data))
-
-    def get_file(self, key: str, local: Path, *, callback: BytesCallback = None) -> None:
-        src = self._path(key)
-        if not src.is_file():
-            raise ObjectNotFound(f"{self._where(key)}: no such object")
-        _write_atomically(local, lambda tmp: shutil.copyfile(src, tmp))
-        if callback is not None:
-            callback(local.stat().st_size)
-
-    def get_bytes(self, key: str) -> bytes:
-        src = self._path(key)
-        if not src.is_file():
-            raise ObjectNotFound(f"{self._where(key)}: no such object")
-        return src.read_bytes()
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        """`length` bytes from offset `start` (fewer only at the end of the object)."""
-        src = self._path(key)
-        if not src.is_file():
-            raise ObjectNotFound(f"{self._where(key)}: no such object")
-        with open(src, "rb") as f:
-            f.seek(start)
-            return f.read(length)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        base = self._path(prefix.rstrip("/")) if prefix else self.root
-        if base.is_file():
-            return [_info(safe_key(prefix) if prefix else "", base)]
-        if not base.is_dir():
-            return []
-        out = []
-        # Dot-files are skipped: they are this class's own in-flight temp files.
-        for p in sorted(base.rglob("*")):
-            if p.is_file() and not p.name.startswith("."):
-                out.append(_info(p.relative_to(self.root).as_posix(), p))
-        return out
-
-    def delete_prefix(self, prefix: str) -> int:
-        objs = self.list(prefix)
-        for o in objs:
-            path = self._path(o.key)
-            path.unlink(missing_ok=True)
-            # Drop folders left empty, as an S3 prefix vanishes with its last object.
-            parent = path.parent
-            while parent != self.root and self.root in parent.parents:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
-                parent = parent.parent
-        return len(objs)
-
-
-def _info(key: str, path: Path) -> ObjectInfo:
-    st = path.stat()
-    return ObjectInfo(key, st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", modified=st.st_mtime)
-
-
-def _write_atomically(dest: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temp name then rename: a reader never sees a half-written file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(dest)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _temp_name(dest: Path) -> Path:
-    # Unique per call: two threads or processes writing one key must not share a temp file.
-    return dest.with_name(f".{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def open_storage(uri: str) -> Storage:
-    """Storage rooted at `uri`: `file:///path`, a plain local path, or `s3://bucket/prefix`."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        from lorajobs.storage.s3 import S3Storage  # boto3 only when needed
-
-        return S3Storage(parsed.netloc, parsed.path.lstrip("/"))
-    if parsed.scheme == "file":
-        return FileStorage(Path(unquote(parsed.path)))
-    if parsed.scheme == "":
-        return FileStorage(Path(uri))
-    raise InvalidInput(f"{uri}: unsupported storage scheme {parsed.scheme!r} (use s3:// or file://)")

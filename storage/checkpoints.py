@@ -3,7 +3,8 @@
 A checkpoint is two data files and a marker, written in that order:
 
 - `tensors.safetensors` — every tensor: LoRA weights, optimizer state, RNG states (a torch RNG
-  state is a uint8 tensor, so it travels as one);
+  state is a uint8 tensor, so it travels as one). This module moves its bytes; encoding and
+  decoding tensors is the worker's (`lorajobs.worker.safetensors_io`), so storage needs no torch;
 - `state.json` — everything else: step, scheduler, python/numpy RNG, loss history, counters;
 - `COMPLETE` — written last. A folder without it (the node died mid-upload) is ignored.
 
@@ -21,30 +22,27 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorajobs.jobspecs.failures import ObjectNotFound
-from lorajobs.storage.base import Storage, join_uri, open_storage
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.base import Storage, join_uri
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 MARKER = "COMPLETE"
 KEEP_ENV = "LORAJOBS_KEEP_CHECKPOINTS"
-if TYPE_CHECKING:  # torch only where checkpoints are written or read
-    import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
 class Checkpoint:
-    """One checkpoint's content: tensors by name and a JSON-able state."""
+    """One checkpoint's content: a safetensors file's bytes and a JSON-able state."""
 
     step: int
-    tensors: dict[str, torch.Tensor]
+    tensors: bytes
     state: dict[str, Any]
 
 
@@ -80,13 +78,8 @@ class CheckpointStore:
 
     def save(self, ckpt: Checkpoint, keep: int) -> None:
         """Write `ckpt` (marker last), then drop all but the latest `keep` checkpoints."""
-        from lorajobs.worker.safetensors_io import save_canonical
-
         key = f"{self.prefix}/step-{ckpt.step}"
-        with tempfile.TemporaryDirectory(prefix="lorajobs-ckpt-") as tmp:
-            local = Path(tmp) / TENSORS
-            save_canonical(ckpt.tensors, local)
-            self.storage.put_file(local, f"{key}/{TENSORS}")
+        self.storage.put_bytes(ckpt.tensors, f"{key}/{TENSORS}")
         state = json.dumps(ckpt.state, sort_keys=True, allow_nan=True).encode()
         self.storage.put_bytes(state, f"{key}/{STATE}")
         self.storage.put_bytes(f"step {ckpt.step}\n".encode(), f"{key}/{MARKER}")
@@ -104,13 +97,8 @@ class CheckpointStore:
 
     def load(self, step: int) -> Checkpoint:
         """Read the checkpoint of `step` (which must be complete)."""
-        from safetensors.torch import load_file
-
         key = f"{self.prefix}/step-{step}"
-        with tempfile.TemporaryDirectory(prefix="lorajobs-ckpt-") as tmp:
-            local = Path(tmp) / TENSORS
-            self.storage.get_file(f"{key}/{TENSORS}", local)
-            tensors = load_file(str(local))  # safetensors: data only, never code
+        tensors = self.storage.get_bytes(f"{key}/{TENSORS}")
         state = json.loads(self.storage.get_bytes(f"{key}/{STATE}"))
         return Checkpoint(step, tensors, state)
 

@@ -19,7 +19,8 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from lorajobs.jobspecs.failures import ObjectNotFound
-from lorajobs.storage.base import join_uri, open_storage
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.base import join_uri
 
 UPLOAD_EVERY_S = 3.0
 

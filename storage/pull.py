@@ -36,8 +36,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from lorajobs.jobspecs.failures import InvalidInput, UserDataError
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.base import ObjectInfo, Storage, safe_key
 from lorajobs.storage.staging import read_manifest, staged_parts
-from lorajobs.storage.base import ObjectInfo, Storage, open_storage, safe_key
 from lorajobs.storage.transfer import DEFAULT_CHUNK, Wanted, download_files
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from urllib.parse import urlparse
 
 from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, ObjectNotFound
 from lorajobs.jobspecs.models import AnyJobSpec
-from lorajobs.storage.base import BytesCallback, Storage, join_uri, open_storage
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.base import BytesCallback, Storage, join_uri
 from lorajobs.storage.transfer import run_parallel, sha256_file
 
 FORMAT = "lorajobs.manifest/v1"

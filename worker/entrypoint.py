@@ -22,7 +22,7 @@ from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.worker.sidecar import SIDECAR, write_metadata
 from lorajobs.storage.base import join_uri
 from lorajobs.worker.trainers import get_trainer
-from lorajobs.storage.transfer import upload_adapter
+from lorajobs.storage.adapters import upload_adapter
 
 log = logging.getLogger("lorajobs.worker")
 

@@ -32,6 +32,21 @@ def save_canonical(
     tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write `tensors` to `path` with sorted names, sorted metadata and 8-byte aligned data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(canonical_bytes(tensors, metadata))
+
+
+def load_bytes(raw: bytes) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes (data only: nothing in them can run code)."""
+    from safetensors.torch import load
+
+    return load(raw)
+
+
+def canonical_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The bytes of a safetensors file of `tensors`: sorted names, sorted metadata, aligned."""
     header: dict[str, object] = {}
     blobs: list[bytes] = []
     offset = 0
@@ -51,9 +66,4 @@ def save_canonical(
         header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
     head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
     head += b" " * (-len(head) % 8)  # the format asks for the data to start 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw)
+    return b"".join([struct.pack("<Q", len(head)), head, *blobs])

@@ -106,7 +106,7 @@ def test_main_path_on_embedded_defaults(
 
 def _stage(s3: Any, local: Path, key_prefix: str) -> str:
     """Upload a local file or folder to the test bucket; return its s3:// URI."""
-    from lorajobs.storage.base import open_storage
+    from lorajobs.storage.backends import open_storage
 
     storage = open_storage(s3.uri)
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from tests.plugins.specs import spec_dict
-from lorajobs.storage.checkpoints import KEEP_ENV, CheckpointStore, discard_after_success
 from lorajobs.jobspecs.failures import Preempted
+from lorajobs.storage.adapters import MARKER
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.checkpoints import KEEP_ENV, CheckpointStore, discard_after_success
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.entrypoint import adapter_uri, run_job
-from lorajobs.storage.base import open_storage
-from lorajobs.storage.transfer import MARKER
+from lorajobs.worker.safetensors_io import canonical_bytes
+from tests.plugins.specs import spec_dict
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,7 @@ def test_checkpoints_go_only_with_this_jobs_complete_adapter(
     monkeypatch.delenv(KEEP_ENV, raising=False)
     bucket = (tmp_path / "b").as_uri()
     store = CheckpointStore.for_job(bucket, "j1")
-    store.save(Checkpoint(3, {"w": torch.zeros(2)}, {"step": 3}), keep=2)
+    store.save(Checkpoint(3, canonical_bytes({"w": torch.zeros(2)}), {"step": 3}), keep=2)
     spec = parse_spec(spec_dict("text", "n", "m", "d"))
     dest = adapter_uri(spec, WorkerContext(job_id="j1", output_uri=bucket, cache_dir=tmp_path))
     adapter = open_storage(dest)

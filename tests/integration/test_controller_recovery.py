@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.controller import Controller
 from lorajobs.orchestrator.db import ensure_schema, make_engine
 from lorajobs.orchestrator.dispatch import Attempt, ClusterView
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.retry import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
@@ -157,11 +157,12 @@ def test_checkpoints_a_finished_attempt_left_go_when_it_is_recorded(
     """A worker lost between its upload and its clean-up leaves checkpoints: the controller
     that records the adapter removes them; an unfinished job keeps its own for the retry."""
     from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
+    from lorajobs.worker.safetensors_io import canonical_bytes
 
     done = orphan(queue, queue.submit(spec("done"), output_uri=bucket)[0])
     lost = orphan(queue, queue.submit(spec("lost"), output_uri=bucket)[0])
     for job in (done, lost):
-        CheckpointStore.for_job(bucket, job.id).save(Checkpoint(5, {}, {"step": 5}), keep=1)
+        CheckpointStore.for_job(bucket, job.id).save(Checkpoint(5, canonical_bytes({}), {"step": 5}), keep=1)
     complete_adapter(bucket, done)
     controller(queue, FakeRay()).step()
     assert queue.get(done.id).status is S and queue.get(lost.id).attempt == 2

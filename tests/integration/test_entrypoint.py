@@ -13,7 +13,8 @@ from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.entrypoint import run_job
-from lorajobs.storage.transfer import fetch_adapter, sha256_file
+from lorajobs.storage.adapters import fetch_adapter
+from lorajobs.storage.transfer import sha256_file
 
 pytestmark = pytest.mark.slow
 

@@ -212,3 +212,12 @@ def test_control_plane_modules_do_not_import_torch() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_the_schema_head_constant_is_alembics_head() -> None:
+    """`SCHEMA_HEAD` lets commands skip loading Alembic; it must name the newest migration."""
+    from alembic.script import ScriptDirectory
+
+    from lorajobs.orchestrator.db import SCHEMA_HEAD, _alembic_config
+
+    assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == SCHEMA_HEAD

@@ -11,6 +11,7 @@ import torch
 from lorajobs.jobspecs.failures import SpecError
 from lorajobs.jobspecs.loader import load_spec_text
 from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
+from lorajobs.worker.safetensors_io import canonical_bytes, load_bytes
 from lorajobs.worker.trainers.common import lr_factor, total_steps, window_means
 
 
@@ -22,12 +23,13 @@ def test_save_load_round_trip_keeps_the_last_k(tmp_path: Path) -> None:
     store = _store(tmp_path)
     rng = torch.get_rng_state()
     for step in (2, 4, 6):
-        store.save(Checkpoint(step, {"w": torch.full((2, 3), float(step)), "rng": rng},
+        store.save(Checkpoint(step, canonical_bytes({"w": torch.full((2, 3), float(step)), "rng": rng}),
                               {"step": step, "losses": [0.1, math.pi]}), keep=2)
     assert store.steps() == [4, 6] and store.latest() == 6
     ck = store.load(6)
-    assert torch.equal(ck.tensors["w"], torch.full((2, 3), 6.0))
-    assert torch.equal(ck.tensors["rng"], rng) and ck.tensors["rng"].dtype == torch.uint8
+    tensors = load_bytes(ck.tensors)
+    assert torch.equal(tensors["w"], torch.full((2, 3), 6.0))
+    assert torch.equal(tensors["rng"], rng) and tensors["rng"].dtype == torch.uint8
     assert ck.state["losses"] == [0.1, math.pi]  # floats survive JSON exactly
     files = sorted(p.name for p in (tmp_path / "jobs/job1/checkpoints/step-6").iterdir())
     assert files == ["COMPLETE", "state.json", "tensors.safetensors"]  # no pickle anywhere
@@ -35,7 +37,7 @@ def test_save_load_round_trip_keeps_the_last_k(tmp_path: Path) -> None:
 
 def test_incomplete_checkpoints_are_invisible(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    store.save(Checkpoint(3, {"w": torch.zeros(1)}, {"step": 3}), keep=3)
+    store.save(Checkpoint(3, canonical_bytes({"w": torch.zeros(1)}), {"step": 3}), keep=3)
     half = tmp_path / "jobs/job1/checkpoints/step-9"
     half.mkdir(parents=True)
     (half / "tensors.safetensors").write_bytes(b"partial")

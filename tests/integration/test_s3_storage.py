@@ -11,7 +11,9 @@ import pytest
 
 from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError, StorageError
 from lorajobs.storage.s3 import S3Storage
-from lorajobs.storage.base import FileStorage, Storage, open_storage
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.base import Storage
+from lorajobs.storage.files import FileStorage
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.slow)])

@@ -22,7 +22,7 @@ from lorajobs.worker.plots import GridLayout, draw_image_grid
 from lorajobs.worker.samples import FINAL_NAME, SampleRenderer
 from lorajobs.worker.trainers.common import resolve_precision
 from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
-from lorajobs.storage.transfer import fetch_adapter
+from lorajobs.storage.adapters import fetch_adapter
 
 THREADS = 1  # pinned: the UNet's numbers depend on the thread count
 PROMPTS = ["a photo of a red circle", "a photo of a blue square on a grey background"]

@@ -16,7 +16,7 @@ from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.staging import MANIFEST_SUFFIX, local_manifest, stage_local_inputs, stage_path
-from lorajobs.storage.base import open_storage
+from lorajobs.storage.backends import open_storage
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024

@@ -16,8 +16,8 @@ import pytest
 from lorajobs.jobspecs.failures import IntegrityError, ObjectNotFound, StorageAuthError, UserDataError
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.s3 import S3Storage
-from lorajobs.storage.base import open_storage
-from lorajobs.storage.transfer import delete_adapter, fetch_adapter, list_adapters, upload_adapter
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.adapters import delete_adapter, fetch_adapter, list_adapters, upload_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = {

@@ -20,7 +20,8 @@ from lorajobs.storage.pull import pull_dataset
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.staging import local_manifest, stage_path
 from lorajobs.storage.base import BytesCallback
-from lorajobs.storage.transfer import fetch_adapter, list_adapters, sha256_file, upload_adapter
+from lorajobs.storage.adapters import fetch_adapter, list_adapters, upload_adapter
+from lorajobs.storage.transfer import sha256_file
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024

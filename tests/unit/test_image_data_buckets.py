@@ -21,7 +21,7 @@ from lorajobs.worker.datasets.latent_cache import (
     cacheable,
     dataset_digest,
 )
-from lorajobs.storage.base import FileStorage
+from lorajobs.storage.files import FileStorage
 
 
 def _spec(**data) -> ImageJobSpec:

@@ -19,14 +19,11 @@ from lorajobs.jobspecs.failures import (
 )
 from lorajobs.storage.pull import pull_dataset, pull_model, pull_to_cache
 from lorajobs.storage.s3 import S3Storage
-from lorajobs.storage.base import FileStorage, ObjectInfo, join_uri, open_storage, safe_key
-from lorajobs.storage.transfer import (
-    delete_adapter,
-    fetch_adapter,
-    list_adapters,
-    sha256_file,
-    upload_adapter,
-)
+from lorajobs.storage.backends import open_storage
+from lorajobs.storage.base import ObjectInfo, join_uri, safe_key
+from lorajobs.storage.files import FileStorage
+from lorajobs.storage.adapters import delete_adapter, fetch_adapter, list_adapters, upload_adapter
+from lorajobs.storage.transfer import sha256_file
 
 
 def make_adapter(d: Path, files: dict[str, bytes], base_model: str = "tiny/base") -> Path:

@@ -25,8 +25,9 @@ from lorajobs.storage.staging import (
     stage_path,
     staged_parts,
 )
-from lorajobs.storage.base import FileStorage, join_uri
-from lorajobs.storage.transfer import fetch_adapter, upload_adapter
+from lorajobs.storage.base import join_uri
+from lorajobs.storage.files import FileStorage
+from lorajobs.storage.adapters import fetch_adapter, upload_adapter
 
 KIB = 1024
 

@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lorajobs.jobspecs.failures import InvalidInput, UserDataError
+from lorajobs.jobspecs.failures import InvalidInput, Preempted, UserDataError
 from lorajobs.storage.checkpoints import Checkpoint
-from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.safetensors_io import canonical_bytes, load_bytes
 from lorajobs.worker.trainers.preemption import PreemptionNotice
 
 REPORT_EVERY_S = 0.5
@@ -393,7 +393,7 @@ class TrainLoop:
                 "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             },
         }
-        return Checkpoint(self.step, tensors, state)
+        return Checkpoint(self.step, canonical_bytes(tensors), state)
 
     def _resume(self) -> int:
         store = self.ctx.checkpoints
@@ -401,7 +401,7 @@ class TrainLoop:
         if store is None or step is None:
             return 0
         ckpt = store.load(step)
-        st, t = ckpt.state, ckpt.tensors
+        st, t = ckpt.state, load_bytes(ckpt.tensors)
         if st.get("fingerprint") != self.fingerprint:
             raise InvalidInput(
                 f"job {self.ctx.job_id}: the checkpoints under {store.uri} were written by a "

@@ -380,7 +380,7 @@ def _cached_latents(
     cache = LatentCache(ctx.cache_dir / "latents", key)
     storage = None
     if ctx.latent_cache_uri:
-        from lorajobs.storage.base import open_storage
+        from lorajobs.storage.backends import open_storage
 
         storage = open_storage(ctx.latent_cache_uri)
         if not cache.complete(len(ds.records), plan.flips):

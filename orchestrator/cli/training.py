@@ -1,6 +1,4 @@
-"""CLI commands for train work; `register` adds them to the main `lorajobs` app.
-
-`merge` (compose adapters), `export --merge` (a text adapter folded into a full model) and
+"""Training commands: `run` (one job here, in-process), `merge` (compose adapters), `export --merge` (a text adapter folded into a full model) and
 `reproduce` (re-run a finished job from its sidecar and compare hashes). Each takes adapters as
 a folder, a `file://` / `s3://` URI, a job id (or unique prefix) of a succeeded job, or an
 adapter name, found as `lorajobs fetch` finds them.
@@ -12,12 +10,54 @@ import json
 import secrets
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.orchestrator.cli import context as ctx
+
+
+def run(
+    spec_file: Path = typer.Argument(..., help="Spec file."),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output", help="Bucket URI or folder for the adapter (default: the bucket)."
+    ),
+    job_id: Optional[str] = typer.Option(None, "--job-id", help="Id used in the output path."),
+) -> None:
+    """Train one job here, in this process: no database, no Ray. Prints the adapter's URI."""
+    import secrets
+
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
+
+    settings = ctx.settings()
+    (spec,) = ctx.load_specs([spec_file])
+    bucket = output or spec.output or settings.bucket
+    if "://" not in bucket:
+        bucket = Path(bucket).resolve().as_uri()
+    last = [0.0]
+
+    def report(p: dict[str, Any]) -> None:
+        if time.monotonic() - last[0] > 1.0 or p.get("step") == p.get("total_steps"):
+            last[0] = time.monotonic()
+            ctx.err.print(f"step {p.get('step')}/{p.get('total_steps')}  loss {p.get('loss', 0):.4f}"
+                      f"  {p.get('it_per_s', 0):.1f} it/s")
+
+    worker_ctx = WorkerContext(
+        job_id=job_id or f"run-{secrets.token_hex(6)}",
+        output_uri=bucket,
+        cache_dir=settings.cache_dir,
+        report=report,
+        threads=spec.resources.cpus,
+        node="local",
+    )
+    result = run_job(spec, worker_ctx)
+    ctx.err.print(f"adapter written to {result['adapter_uri']}")
+    print(result["adapter_uri"])
+
 
 
 def _adapter_dir(ref: str, scratch: Path) -> Path:
@@ -26,9 +66,8 @@ def _adapter_dir(ref: str, scratch: Path) -> Path:
     job's row names its adapter); anything remote downloaded into `scratch`, sha256-verified."""
     from urllib.parse import unquote, urlparse
 
-    from lorajobs.orchestrator.cli_data import resolve_adapter
-    from lorajobs.orchestrator.settings import Settings
-    from lorajobs.storage.transfer import fetch_adapter
+    from lorajobs.orchestrator.cli.data import resolve_adapter
+    from lorajobs.storage.adapters import fetch_adapter
 
     if Path(ref).is_dir():
         return Path(ref)
@@ -37,7 +76,7 @@ def _adapter_dir(ref: str, scratch: Path) -> Path:
     elif "/" in ref or ref.startswith("."):
         raise InvalidInput(f"{ref}: no such adapter folder")
     else:
-        uri, _ = resolve_adapter(Settings.from_env(), ref, latest=False)
+        uri, _ = resolve_adapter(ctx.settings(), ref, latest=False)
     if uri.startswith("file://"):
         path = Path(unquote(urlparse(uri).path))
         if path.is_dir():
@@ -95,7 +134,6 @@ def export(
     """Export an adapter; `--merge` writes a full merged model (text adapters)."""
     if not merge_base:
         raise InvalidInput("export: nothing to do (only --merge is supported)")
-    from lorajobs.orchestrator.cli import _settings
     from lorajobs.worker.merge import adapter_kind, merge_into_base
     from lorajobs.storage.pull import pull_model
 
@@ -113,7 +151,7 @@ def export(
                 base_model = config.get("base_model_name_or_path")
         if not base_model:
             raise InvalidInput(f"{adapter}: base model unknown; pass --base-model")
-        base_dir = pull_model(base_model, _settings().cache_dir)
+        base_dir = pull_model(base_model, ctx.settings().cache_dir)
         merge_into_base(folder, base_dir, output)
     _say(f"merged model written to {output}")
     print(output.resolve())
@@ -129,11 +167,10 @@ def reproduce(
     """Re-run a finished job from its sidecar here, in-process; exit 0 if the adapter's sha256
     matches the recorded one, 1 if not."""
     from lorajobs.jobspecs.loader import parse_spec
-    from lorajobs.orchestrator.cli import _settings
     from lorajobs.worker.context import WorkerContext
     from lorajobs.worker.entrypoint import run_job
 
-    settings = _settings()
+    settings = ctx.settings()
     with tempfile.TemporaryDirectory(prefix="lorajobs-repro-") as tmp:
         folder = _adapter_dir(job, Path(tmp))
         sidecar_path = folder / "lorajobs.json"
@@ -152,7 +189,7 @@ def reproduce(
         bucket = output or Path(tmp, "bucket").as_uri()
         if "://" not in bucket:
             bucket = Path(bucket).resolve().as_uri()
-        ctx = WorkerContext(
+        worker_ctx = WorkerContext(
             # A fresh id: never resume from the original job's checkpoints.
             job_id=f"repro-{secrets.token_hex(6)}",
             output_uri=bucket,
@@ -162,7 +199,7 @@ def reproduce(
         )
         _say(f"re-running {sidecar.get('name')} (job {sidecar.get('job_id')}) with "
              f"{threads} thread(s)")
-        result = run_job(spec, ctx)
+        result = run_job(spec, worker_ctx)
     here = "cuda" if _has_cuda() else "cpu"
     rows = {
         f: {"recorded": recorded.get(f), "reproduced": result["files"].get(f),
@@ -192,7 +229,8 @@ def _has_cuda() -> bool:
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    """Add the training commands to `app`."""
+    app.command()(run)
     app.command()(merge)
     app.command()(export)
     app.command()(reproduce)

@@ -1,4 +1,5 @@
-"""`lorajobs demo`: the whole product on the embedded defaults, with tiny offline models.
+"""`lorajobs demo` (the whole product on the embedded defaults, with tiny offline models),
+`lorajobs db upgrade` and `lorajobs dev tiny-models`.
 
 Stages a tiny Stable-Diffusion-style pipeline, a tiny causal LM and two synthetic datasets into
 the bucket, queues one image and one text job, runs them on a local Ray, fetches both adapters
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorajobs.jobspecs import load_spec
+import typer
+
+from lorajobs.orchestrator.cli import context as ctx
 from lorajobs.orchestrator.settings import Settings
 
 IMAGE_SPEC = """\
@@ -52,7 +55,7 @@ Load them:
 
 
 def _stage_folder(local: Path, bucket_uri: str, prefix: str) -> None:
-    from lorajobs.storage.base import open_storage
+    from lorajobs.storage.backends import open_storage
 
     storage = open_storage(bucket_uri)
     for f in sorted(local.rglob("*")):
@@ -62,7 +65,7 @@ def _stage_folder(local: Path, bucket_uri: str, prefix: str) -> None:
 
 def stage_demo_inputs(bucket: str, err: Console) -> None:
     """Build the tiny models and data offline and put them in the bucket (once)."""
-    from lorajobs.storage.base import open_storage
+    from lorajobs.storage.backends import open_storage
     from lorajobs.worker.tiny_image import build_tiny_image_model, make_image_dataset
     from lorajobs.worker.tiny_text import build_tiny_text_model, make_text_dataset
 
@@ -83,9 +86,10 @@ def stage_demo_inputs(bucket: str, err: Console) -> None:
 
 
 def run_demo(settings: Settings, out: Console, err: Console) -> None:
-    from lorajobs.orchestrator.cli import _queue, _run_controller_until_done
-    from lorajobs.orchestrator.render import status_table
-    from lorajobs.storage.transfer import fetch_adapter
+    from lorajobs.orchestrator.cli.render import status_table
+    from lorajobs.storage.adapters import fetch_adapter
+
+    from lorajobs.jobspecs import load_spec
 
     t0 = time.monotonic()
     bucket = settings.bucket.rstrip("/")
@@ -100,7 +104,7 @@ def run_demo(settings: Settings, out: Console, err: Console) -> None:
         p.write_text(template.format(bucket=bucket))
         paths.append(p)
 
-    queue = _queue(settings)
+    queue = ctx.open_queue(settings)
     ids = []
     for p in paths:
         spec = load_spec(p)
@@ -108,7 +112,7 @@ def run_demo(settings: Settings, out: Console, err: Console) -> None:
         err.print(f"submitted {job.kind} job {job.id} ('{job.name}') from {p}")
         ids.append(job.id)
 
-    jobs = _run_controller_until_done(settings, queue, ids)
+    jobs = ctx.run_controller_until_done(settings, queue, ids)
     out.print(status_table(jobs))
     failed = [j for j in jobs if j.status.value != "succeeded"]
     if failed:
@@ -130,3 +134,45 @@ def run_demo(settings: Settings, out: Console, err: Console) -> None:
         image_dir=dirs["image"], text_dir=dirs["text"]))
     out.print(f"demo finished in {time.monotonic() - t0:.0f} s. Try: lorajobs status, "
               f"lorajobs show {ids[0]}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `demo`, `db upgrade` and `dev tiny-models` to `app`."""
+    db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+    dev_app = typer.Typer(help="Developer tools (tiny offline models).", no_args_is_help=True)
+    app.add_typer(db_app, name="db")
+    app.add_typer(dev_app, name="dev")
+    app.command()(demo)
+    db_app.command("upgrade")(db_upgrade)
+    dev_app.command("tiny-models")(tiny_models)
+
+
+def demo(
+    keep: bool = typer.Option(True, help="Keep the demo's jobs and files in LORAJOBS_HOME."),
+) -> None:
+    """Build tiny models and data, train one image and one text LoRA, fetch both."""
+    run_demo(ctx.settings(), ctx.out, ctx.err)
+
+
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the latest version."""
+    from lorajobs.orchestrator.db import make_engine, upgrade
+
+    settings = ctx.settings()
+    upgrade(make_engine(settings))
+    ctx.err.print(f"database at {settings.redacted_database_url()} is up to date")
+
+
+def tiny_models(
+    out_dir: Path = typer.Option(
+        ..., "--out", help="Folder to write tiny-sd/, tiny-sdxl/ and tiny-llama/ into."
+    ),
+    seed: int = typer.Option(0, help="Seed for the random weights."),
+) -> None:
+    """Build tiny SD-1.x and SDXL pipelines and a tiny causal LM, offline."""
+    from lorajobs.worker.tiny_image import build_tiny_image_model, build_tiny_sdxl_model
+    from lorajobs.worker.tiny_text import build_tiny_text_model
+
+    print(build_tiny_image_model(out_dir / "tiny-sd", seed=seed))
+    print(build_tiny_sdxl_model(out_dir / "tiny-sdxl", seed=seed))
+    print(build_tiny_text_model(out_dir / "tiny-llama", seed=seed))

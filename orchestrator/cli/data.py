@@ -1,4 +1,4 @@
-"""CLI commands for data work; `register` adds them to the main `lorajobs` app.
+"""Data commands: `data push`, `adapters`, `fetch`.
 
 `data push` stages a local folder into the bucket, `adapters` lists the complete adapters there,
 `fetch` brings one back (by job id, or by adapter name through the bucket). None imports torch.
@@ -11,17 +11,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
 from lorajobs.jobspecs.failures import InvalidInput, JobNotFound
+from lorajobs.orchestrator.cli import context as ctx
 from lorajobs.orchestrator.settings import Settings
-
-_out = Console(soft_wrap=True)  # stdout: data
-_err = Console(stderr=True, soft_wrap=True)  # stderr: messages
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    """Add the data commands to `app`."""
     data_app = typer.Typer(help="Stage local datasets and base models into the bucket.",
                            no_args_is_help=True)
     app.add_typer(data_app, name="data")
@@ -47,11 +44,11 @@ def data_push(
 
     if kind not in KINDS:
         raise InvalidInput(f"--kind must be one of: {', '.join(KINDS)} (got {kind!r})")
-    settings = Settings.from_env()
+    settings = ctx.settings()
     target = bucket or settings.bucket
     hashes = settings.home / "stage-hashes" / "push.json"
     staged = stage_path(path, target, kind, concurrency=concurrency, hash_cache=hashes,
-                        console=_err)
+                        console=ctx.err)
     if as_json:
         print(json.dumps({
             "uri": staged.uri, "digest": staged.digest, "files": staged.files,
@@ -73,9 +70,9 @@ def adapters(
 
     Shows name, job, size, base model and created time; unfinished uploads are not listed.
     """
-    from lorajobs.storage.transfer import list_adapters
+    from lorajobs.storage.adapters import list_adapters
 
-    found = list_adapters(bucket or Settings.from_env().bucket)
+    found = list_adapters(bucket or ctx.settings().bucket)
     if name is not None:
         found = [a for a in found if a["name"] == name]
     if as_json:
@@ -87,9 +84,9 @@ def adapters(
     for col in ("NAME", "JOB", "SIZE", "BASE MODEL", "CREATED"):
         table.add_column(col, overflow="fold")
     for a in found:
-        table.add_row(a["name"], a["job_id"], _human(a["size"]), a["base_model"] or "-",
+        table.add_row(a["name"], a["job_id"], ctx.human_size(a["size"]), a["base_model"] or "-",
                       a["created"] or "-")
-    _out.print(table)
+    ctx.out.print(table)
 
 
 def fetch(
@@ -106,13 +103,13 @@ def fetch(
     JOB is looked up in the queue, a NAME among the bucket's complete adapters.
     Nothing is written outside the output folder.
     """
-    from lorajobs.storage.transfer import fetch_adapter
+    from lorajobs.storage.adapters import fetch_adapter
 
-    settings = Settings.from_env()
+    settings = ctx.settings()
     uri, default_dir = resolve_adapter(settings, ref, latest)
     dest = output or Path(default_dir)
     files = fetch_adapter(uri, dest)
-    _err.print(f"fetched {len(files)} files from {uri}, sha256 verified", markup=False,
+    ctx.err.print(f"fetched {len(files)} files from {uri}, sha256 verified", markup=False,
                highlight=False)
     print(dest.resolve())
 
@@ -123,7 +120,7 @@ def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, st
     job_error: InvalidInput | None = None
     if not latest:
         try:
-            rec = _queue(settings).get(ref)
+            rec = ctx.open_queue(settings).get(ref)
         except JobNotFound:
             rec = None
         except InvalidInput as e:  # too short or ambiguous as a job id: maybe it is a name
@@ -135,7 +132,7 @@ def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, st
                     f"job {rec.id} is {rec.status.value}: only succeeded jobs have adapters"
                 )
             return uri, f"{rec.name}-{rec.id}"
-    from lorajobs.storage.transfer import list_adapters
+    from lorajobs.storage.adapters import list_adapters
 
     named = [a for a in list_adapters(settings.bucket) if a["name"] == ref]
     if not named and job_error is not None:
@@ -148,20 +145,3 @@ def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, st
                            "newest, or a job id (lorajobs adapters --name shows them)")
     best: dict[str, Any] = named[0]  # newest first
     return str(best["uri"]), f"{best['name']}-{best['job_id']}"
-
-
-def _queue(settings: Settings) -> Any:
-    from lorajobs.orchestrator.db import ensure_schema, make_engine
-    from lorajobs.orchestrator.queue import Queue
-
-    engine = make_engine(settings)
-    ensure_schema(engine, auto=settings.database_url.startswith("sqlite"))
-    return Queue(engine)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

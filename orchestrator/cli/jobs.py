@@ -1,0 +1,297 @@
+"""Job commands: validate, schema, submit, status, show, cancel, retry, priority, logs, and the
+controller loop. None of them imports torch; only `controller` and `submit --wait` import Ray.
+
+`lorajobs logs JOB [-f]` prints (and follows) the worker's log, which the worker streams to
+`<bucket>/jobs/<job_id>/logs/attempt-<N>.log`, so it is readable from any machine that can read
+the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.orchestrator.cli import context as ctx
+
+FOLLOW_POLL_S = 1.0
+
+
+def register(app: typer.Typer) -> None:
+    """Add the job commands to `app`."""
+    for command in (validate, schema, submit, status, show, cancel, retry, priority, logs,
+                    controller):
+        app.command()(command)
+
+
+def validate(specs: list[Path] = typer.Argument(..., help="Spec files to check.")) -> None:
+    """Check spec files and report every problem; changes nothing."""
+    for spec, path in zip(ctx.load_specs(specs), specs):
+        ctx.err.print(f"{path}: ok ({spec.kind} job '{spec.name}')")
+
+
+def schema() -> None:
+    """Print the JSON Schema of a job spec (for YAML editors)."""
+    from lorajobs.jobspecs import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+def submit(
+    specs: list[Path] = typer.Argument(..., help="Spec files, one job each."),
+    idempotency_key: Optional[str] = typer.Option(
+        None, "--idempotency-key", help="Submitting again with the same key returns the same job."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Run a controller here until the jobs end."),
+    as_json: bool = typer.Option(False, "--json", help="Print the jobs as JSON."),
+) -> None:
+    """Queue jobs; print their ids."""
+    if idempotency_key and len(specs) > 1:
+        raise InvalidInput("--idempotency-key takes exactly one spec file")
+    settings = ctx.settings()
+    parsed = ctx.load_specs(specs)
+    # Local data bound for an object-store bucket is uploaded first (content-addressed, once).
+    from lorajobs.orchestrator.cost import estimate_for
+    from lorajobs.storage.staging import stage_local_inputs
+
+    parsed = stage_local_inputs(parsed, settings.bucket, home=settings.home, console=ctx.err)
+    queue = ctx.open_queue(settings)
+    jobs = []
+    for spec in parsed:
+        job, created = queue.submit(
+            spec, output_uri=spec.output or settings.bucket, idempotency_key=idempotency_key
+        )
+        jobs.append(job)
+        verb = "submitted" if created else "already submitted (same idempotency key)"
+        ctx.err.print(f"{verb}: job {job.id} ({job.kind} '{job.name}')")
+        estimate = estimate_for(job)
+        if estimate.low_per_hour is not None:
+            ctx.err.print(f"  estimated cost: {estimate.text()}", markup=False)
+    if wait:
+        jobs = ctx.run_controller_until_done(settings, queue, [j.id for j in jobs])
+    print_jobs(jobs, as_json, ids_only=not wait)
+    if wait and any(j.status.value != "succeeded" for j in jobs):
+        raise typer.Exit(1)
+
+
+def print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False,
+                reasons: dict[str, str | None] | None = None) -> None:
+    from lorajobs.orchestrator.cli import render
+
+    reasons = reasons or {}
+    if as_json:
+        print(render.dumps([render.job_json(j, reasons.get(j.id)) for j in jobs]))
+    elif ids_only:
+        for j in jobs:
+            print(j.id)
+    else:
+        ctx.out.print(render.status_table(jobs, reasons))
+
+
+def wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
+    """Why each queued job of `jobs` waits (from the last scheduling round's summary)."""
+    from lorajobs.orchestrator import waiting
+    from lorajobs.orchestrator.db import utcnow
+
+    queued = [j for j in jobs if j.status.value == "queued"]
+    if not queued:
+        return {}
+    summary, now = queue.waiting(), utcnow()
+    return {j.id: waiting.reason(j, summary, now) for j in queued}
+
+
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of jobs."),
+    state: Optional[list[str]] = typer.Option(None, "--state", help="Only jobs in this state."),
+    owner: Optional[str] = typer.Option(None, "--owner", help="Only this owner's jobs."),
+    limit: int = typer.Option(50, "--limit", help="At most this many jobs, newest first."),
+    watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until Ctrl-C."),
+) -> None:
+    """The queue: id, name, kind, state, progress, loss, speed, elapsed; why queued jobs wait."""
+    from lorajobs.orchestrator.cli import render
+    from lorajobs.orchestrator.states import JobStatus
+
+    try:
+        statuses = [JobStatus(s) for s in state] if state else None
+    except ValueError:
+        raise InvalidInput(
+            f"--state must be one of: {', '.join(s.value for s in JobStatus)}"
+        ) from None
+    queue = ctx.open_queue(ctx.settings())
+
+    def jobs() -> list[Any]:
+        return queue.list(statuses=statuses, owner=owner, limit=limit)
+
+    def table() -> Any:
+        listed = jobs()
+        return render.status_table(listed, wait_reasons(queue, listed))
+
+    if not watch:
+        listed = jobs()
+        print_jobs(listed, as_json, reasons=wait_reasons(queue, listed))
+        return
+    from rich.live import Live
+
+    with Live(table(), console=ctx.out, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(2)
+                live.update(table())
+        except KeyboardInterrupt:
+            pass
+
+
+def show(
+    job: str = typer.Argument(..., help="Job id or a unique prefix."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """One job: spec, state, why it waits (if queued), result, and every event."""
+    import yaml
+
+    from lorajobs.orchestrator.cli import render
+
+    queue = ctx.open_queue(ctx.settings())
+    rec = queue.get(job)
+    events = queue.events(rec.id)
+    from lorajobs.orchestrator.cost import estimate_for
+
+    attempts = render.attempts(events)
+    estimate = estimate_for(rec)
+    wait_reason = wait_reasons(queue, [rec]).get(rec.id)
+    if as_json:
+        print(render.dumps({**render.job_json(rec, wait_reason),
+                            "events": [render.event_json(e) for e in events],
+                            "attempts": attempts, "cost_estimate": estimate.as_dict()}))
+        return
+    ctx.out.print(f"[bold]{rec.id}[/]  {rec.kind} '{rec.name}'  owner={rec.owner}  priority={rec.priority}")
+    ctx.out.print(f"state: {rec.status.value}   attempt: {rec.attempt}   progress: "
+              f"{render.progress_text(rec)}   loss: {rec.loss if rec.loss is not None else '-'}")
+    ctx.out.print(f"node: {rec.node or '-'}   gpu: {render.gpu_text(rec)}   eta: "
+              f"{render.fmt_duration(render.eta_s(rec))}   cost: "
+              + (f"${rec.cost_usd:.4f} so far" if rec.cost_usd is not None else "-")
+              + f"   estimate: {estimate.text()}", markup=False)
+    if wait_reason:
+        ctx.out.print(f"waiting: {wait_reason}", markup=False)
+    if rec.failure_reason:
+        ctx.out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
+    if render.adapter_uri(rec):
+        ctx.out.print(f"adapter: {render.adapter_uri(rec)}")
+        metrics = (rec.result or {}).get("metrics", {})
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+        if shown:
+            ctx.out.print("metrics: " + "  ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+    ctx.out.print("\n[bold]spec[/]")
+    ctx.out.print(yaml.safe_dump(rec.spec, sort_keys=False).rstrip(), markup=False)
+    ctx.out.print("\n[bold]attempts[/]")
+    ctx.out.print(render.attempts_table(attempts))
+    ctx.out.print("\n[bold]events[/]")
+    ctx.out.print(render.events_table(events))
+
+
+def cancel(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> None:
+    """Cancel a job: at once if queued; a running job is stopped by its controller."""
+    queue = ctx.open_queue(ctx.settings())
+    rec = queue.request_cancel(job)
+    if rec.status.value == "cancelled":
+        ctx.err.print(f"job {rec.id} cancelled")
+    else:
+        ctx.err.print(f"job {rec.id}: cancel requested; the controller stops it")
+    print(rec.id)
+
+
+def controller(
+    once: bool = typer.Option(False, "--once", help="One pass, then exit."),
+) -> None:
+    """Run the controller loop in the foreground: dispatch, track, finish, retry."""
+    from lorajobs.orchestrator.controller import Controller
+    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.settings import ControllerConfig
+
+    ctx.log_to_stderr()
+    ctx.sigterm_as_interrupt()
+    settings = ctx.settings()
+    queue = ctx.open_queue(settings)
+    config = ControllerConfig.from_env()
+    backend = RayBackend(settings)
+    try:
+        c = Controller(queue, backend, config)
+        if once:
+            c.step()
+        else:
+            c.run()
+    except KeyboardInterrupt:
+        ctx.err.print("controller stopped")
+    finally:
+        backend.shutdown()
+
+
+def retry(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> None:
+    """Queue a failed job again as a new attempt; it resumes from its last checkpoint."""
+
+    rec = ctx.open_queue(ctx.settings()).retry(job)
+    ctx.err.print(f"job {rec.id} queued again as attempt {rec.attempt}")
+    print(rec.id)
+
+def priority(
+    job: str = typer.Argument(..., help="Job id or a unique prefix."),
+    value: int = typer.Argument(..., help="New priority, -100..100; higher runs first."),
+) -> None:
+    """Change the priority of a job that is still queued."""
+
+    queue = ctx.open_queue(ctx.settings())
+    before = queue.get(job)
+    rec = queue.set_priority(before.id, value)
+    ctx.err.print(f"job {rec.id}: priority {before.priority} -> {rec.priority}")
+    print(rec.id)
+
+def logs(
+    job: str = typer.Argument(..., help="Job id or a unique prefix."),
+    follow: bool = typer.Option(False, "-f", "--follow",
+                                help="Keep printing as the log grows, across attempts, "
+                                "until the job ends."),
+    attempt: Optional[int] = typer.Option(None, "--attempt",
+                                          help="This attempt's log (default: the latest)."),
+) -> None:
+    """Print the worker's log of a job (its latest attempt unless --attempt)."""
+    from lorajobs.storage.logs import read_log
+
+    queue = ctx.open_queue(ctx.settings())
+    rec = queue.get(job)
+    if attempt is not None and not 1 <= attempt <= rec.attempt:
+        raise InvalidInput(f"job {rec.id} has attempts 1-{rec.attempt}, not {attempt}")
+    n = attempt or rec.attempt
+    printed = 0
+
+    def drain() -> None:
+        nonlocal printed
+        data = read_log(rec.output_uri, rec.id, n) or b""
+        if len(data) > printed:
+            sys.stdout.write(data[printed:].decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+            printed = len(data)
+
+    drain()
+    if not follow:
+        if printed == 0:
+            ctx.err.print(f"job {rec.id}: no log for attempt {n} yet (it is {rec.status.value})")
+        return
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            now = queue.get(rec.id)
+            drain()
+            if attempt is None and now.attempt > n:
+                n, printed = now.attempt, 0  # the old attempt's log was final before this
+                ctx.err.print(f"--- attempt {n} ---")
+                continue
+            if now.status.is_terminal():
+                drain()  # the worker uploads its log in full before the job can end
+                ctx.err.print(f"job {rec.id} {now.status.value}")
+                return
+    except KeyboardInterrupt:
+        return
