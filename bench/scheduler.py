@@ -36,7 +36,7 @@ from sqlalchemy import insert, update  # noqa: E402
 from lorajobs.jobspecs import parse_spec, spec_to_dict  # noqa: E402
 from lorajobs.orchestrator.settings import ControllerConfig  # noqa: E402
 from lorajobs.orchestrator.controller import Controller  # noqa: E402
-from lorajobs.orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine  # noqa: E402
+from lorajobs.orchestrator.db import EVENTS, JOBS, ensure_schema, make_engine  # noqa: E402
 from lorajobs.orchestrator.dispatch import Attempt, ClusterView  # noqa: E402
 from lorajobs.orchestrator.queue import Queue  # noqa: E402
 from lorajobs.orchestrator.records import dump_json  # noqa: E402
@@ -106,12 +106,12 @@ def fill(queue: Queue, n: int, seed: int = 0) -> None:
                            reason="submitted"))
     with queue.engine.begin() as conn:
         for start in range(0, n, 2000):
-            conn.execute(insert(JobRow.__table__), rows[start:start + 2000])
-            conn.execute(insert(JobEventRow.__table__), events[start:start + 2000])
+            conn.execute(insert(JOBS), rows[start:start + 2000])
+            conn.execute(insert(EVENTS), events[start:start + 2000])
 
 
 def finish_dispatched(queue: Queue) -> None:
-    jobs = JobRow.__table__
+    jobs = JOBS
     with queue.engine.begin() as conn:
         conn.execute(update(jobs).where(jobs.c.status == "dispatched")
                      .values(status="succeeded", lease_owner=None))

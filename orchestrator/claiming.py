@@ -26,14 +26,12 @@ from sqlalchemy import (
     type_coerce,
 )
 
-from lorajobs.orchestrator.db import JobRow, SchedulerStateRow, UTCDateTime
+from lorajobs.orchestrator.db import JOBS, SCHEDULER_STATE, UTCDateTime
 from lorajobs.orchestrator.records import Change, JobRecord, job_record
 from lorajobs.orchestrator.scheduler import Candidate, Hold, Placement, Shape
 from lorajobs.orchestrator.states import JobStatus
 from lorajobs.orchestrator.waiting import WaitSummary
 
-JOBS = JobRow.__table__
-STATE = SchedulerStateRow.__table__
 _WAITING = "waiting"
 _ACTIVE = (JobStatus.dispatched.value, JobStatus.running.value)
 # Arbitrary constant: PostgreSQL advisory lock held by the controller running a scheduling round,
@@ -267,8 +265,8 @@ class Claiming:
         else:
             from sqlalchemy.dialects.sqlite import insert as upsert
         values = {"updated_at": summary.at, "data": summary.to_json()}
-        stmt = upsert(STATE).values(name=_WAITING, **values)
-        stmt = stmt.on_conflict_do_update(index_elements=[STATE.c.name], set_=values)
+        stmt = upsert(SCHEDULER_STATE).values(name=_WAITING, **values)
+        stmt = stmt.on_conflict_do_update(index_elements=[SCHEDULER_STATE.c.name], set_=values)
         with self._writer.begin() as conn:
             conn.execute(stmt)
 
@@ -276,6 +274,6 @@ class Claiming:
         """The last published summary of why queued jobs wait; None if none was."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(STATE.c.updated_at, STATE.c.data).where(STATE.c.name == _WAITING)
+                select(SCHEDULER_STATE.c.updated_at, SCHEDULER_STATE.c.data).where(SCHEDULER_STATE.c.name == _WAITING)
             ).first()
         return None if row is None else WaitSummary.from_json(row.data, at=row.updated_at)

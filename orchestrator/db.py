@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     Connection,
     DateTime,
     Dialect,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     create_engine,
     event,
@@ -39,7 +41,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from lorajobs.jobspecs.failures import InvalidInput, LoraJobsError
@@ -96,109 +97,99 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-class Base(DeclarativeBase):
-    """Declarative base; constraint names are fixed so migrations can refer to them."""
-
-    metadata = MetaData(
-        naming_convention={
-            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-            "ck": "ck_%(table_name)s_%(constraint_name)s",
-            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-            "pk": "pk_%(table_name)s",
-        }
-    )
-
+#: Constraint names are fixed so migrations can refer to them.
+METADATA = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
 
 _STATUS_VALUES = ", ".join(f"'{s.value}'" for s in JobStatus)
 
 
-class JobRow(Base):
-    """One job: its spec, where it stands, and the latest progress report."""
-
-    __tablename__ = "jobs"
-
-    id: Mapped[str] = mapped_column(String(12), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))
-    owner: Mapped[str] = mapped_column(String(64))
-    priority: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
-    spec: Mapped[str] = mapped_column(Text)  # canonical JSON of the validated spec
-    output_uri: Mapped[str] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
-    attempt: Mapped[int] = mapped_column(Integer, server_default="1")
-    gpus: Mapped[float] = mapped_column(Float)
-    gpu_type: Mapped[str | None] = mapped_column(String(64))
-    cpus: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    failure_kind: Mapped[str | None] = mapped_column(String(16))
-    failure_reason: Mapped[str | None] = mapped_column(Text)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=false())
-    step: Mapped[int | None] = mapped_column(Integer)
-    total_steps: Mapped[int | None] = mapped_column(Integer)
-    loss: Mapped[float | None] = mapped_column(Float)
-    it_per_s: Mapped[float | None] = mapped_column(Float)
-    node: Mapped[str | None] = mapped_column(String(255))
-    result: Mapped[str | None] = mapped_column(Text)  # JSON of the worker's result dict
-    lease_owner: Mapped[str | None] = mapped_column(String(255))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+#: One job: its spec, where it stands, and the latest progress report.
+JOBS = Table(
+    "jobs",
+    METADATA,
+    Column("id", String(12), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("owner", String(64), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("spec", Text, nullable=False),  # canonical JSON of the validated spec
+    Column("output_uri", Text, nullable=False),
+    Column("idempotency_key", String(255), unique=True, nullable=True),
+    Column("attempt", Integer, server_default="1", nullable=False),
+    Column("gpus", Float, nullable=False),
+    Column("gpu_type", String(64), nullable=True),
+    Column("cpus", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("dispatched_at", UTCDateTime(), nullable=True),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("failure_kind", String(16), nullable=True),
+    Column("failure_reason", Text, nullable=True),
+    Column("cancel_requested", Boolean, server_default=false(), nullable=False),
+    Column("step", Integer, nullable=True),
+    Column("total_steps", Integer, nullable=True),
+    Column("loss", Float, nullable=True),
+    Column("it_per_s", Float, nullable=True),
+    Column("node", String(255), nullable=True),
+    Column("result", Text, nullable=True),  # JSON of the worker's result dict
+    Column("lease_owner", String(255), nullable=True),
+    Column("lease_expires_at", UTCDateTime(), nullable=True),
     # 0002: scheduling and fault recovery.
-    memory_gb: Mapped[float | None] = mapped_column(Float)
-    max_runtime_s: Mapped[float | None] = mapped_column(Float)
-    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())  # backoff after a failure
-    infra_retries: Mapped[int] = mapped_column(Integer, server_default="0")
-    user_retries: Mapped[int] = mapped_column(Integer, server_default="0")
-    internal_retries: Mapped[int] = mapped_column(Integer, server_default="0")
-    node_id: Mapped[str | None] = mapped_column(String(64))  # Ray node of the current attempt
-    accelerator: Mapped[str | None] = mapped_column(String(64))  # that node's GPU type
-    cost_usd: Mapped[float | None] = mapped_column(Float)  # all attempts so far
-
-    __table_args__ = (
-        # The scheduler's query: queued jobs by priority, oldest first.
-        Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
-        # Per-owner limits and `lorajobs status --owner`.
-        Index("ix_jobs_owner_status", "owner", "status"),
-        # Covers the scheduling round's candidate query (see Queue._class_heads).
-        Index("ix_jobs_scheduling_class", "status", "priority", "owner", "gpus", "gpu_type",
-              "cpus", "memory_gb", "created_at", "id", "not_before"),
-        Index("ix_jobs_created_at", "created_at"),
-        CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status"),
-    )
+    Column("memory_gb", Float, nullable=True),
+    Column("max_runtime_s", Float, nullable=True),
+    Column("not_before", UTCDateTime(), nullable=True),  # backoff after a failure
+    Column("infra_retries", Integer, server_default="0", nullable=False),
+    Column("user_retries", Integer, server_default="0", nullable=False),
+    Column("internal_retries", Integer, server_default="0", nullable=False),
+    Column("node_id", String(64), nullable=True),  # Ray node of the current attempt
+    Column("accelerator", String(64), nullable=True),  # that node's GPU type
+    Column("cost_usd", Float, nullable=True),  # all attempts so far
+    # The scheduler's query: queued jobs by priority, oldest first.
+    Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
+    # Per-owner limits and `lorajobs status --owner`.
+    Index("ix_jobs_owner_status", "owner", "status"),
+    # Covers the scheduling round's candidate query (see Queue._class_heads).
+    Index("ix_jobs_scheduling_class", "status", "priority", "owner", "gpus", "gpu_type",
+          "cpus", "memory_gb", "created_at", "id", "not_before"),
+    Index("ix_jobs_created_at", "created_at"),
+    CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status"),
+)
 
 
-class JobEventRow(Base):
-    """One status change of one job: the audit trail `lorajobs show` prints."""
-
-    __tablename__ = "job_events"
-
+#: One status change of one job: the audit trail `lorajobs show` prints.
+EVENTS = Table(
+    "job_events",
+    METADATA,
     # BIGINT on PostgreSQL; plain INTEGER on SQLite, where only that is an autoincrement rowid.
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
-    )
-    job_id: Mapped[str] = mapped_column(
-        String(12), ForeignKey("jobs.id", ondelete="CASCADE"), index=True
-    )
-    at: Mapped[datetime] = mapped_column(UTCDateTime())
-    from_status: Mapped[str | None] = mapped_column(String(16))  # None for the submit event
-    to_status: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str] = mapped_column(Text)
-    data: Mapped[str | None] = mapped_column(Text)  # JSON
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("job_id", String(12), ForeignKey("jobs.id", ondelete="CASCADE"), index=True, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("from_status", String(16), nullable=True),  # None for the submit event
+    Column("to_status", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("data", Text, nullable=True),  # JSON
+)
 
 
-class SchedulerStateRow(Base):
-    """What the controllers publish for the CLI, one row per name (0003). `waiting`: why queued
-    jobs wait, as the last scheduling round found (`lorajobs.orchestrator.waiting`)."""
-
-    __tablename__ = "scheduler_state"
-
-    name: Mapped[str] = mapped_column(String(32), primary_key=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    data: Mapped[str] = mapped_column(Text)  # JSON
+#: What the controllers publish for the CLI, one row per name (0003). `waiting`: why queued
+#: jobs wait, as the last scheduling round found (`lorajobs.orchestrator.waiting`).
+SCHEDULER_STATE = Table(
+    "scheduler_state",
+    METADATA,
+    Column("name", String(32), primary_key=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("data", Text, nullable=False),  # JSON
+)
 
 
 def normalize_url(url: str) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
 from lorajobs.orchestrator.claiming import Claiming
-from lorajobs.orchestrator.db import JobEventRow, JobRow, new_job_id, utcnow, write_engine
+from lorajobs.orchestrator.db import EVENTS, JOBS, new_job_id, utcnow, write_engine
 from lorajobs.orchestrator.records import (
     Change,
     EventRecord,
@@ -38,9 +38,6 @@ if TYPE_CHECKING:  # the spec models load pydantic: only `submit` needs them
     from lorajobs.jobspecs import AnyJobSpec
 
 __all__ = ["Change", "EventRecord", "JobRecord", "Queue"]
-
-JOBS = JobRow.__table__
-EVENTS = JobEventRow.__table__
 
 MIN_PREFIX = 4
 _HEX_RE = re.compile(r"^[0-9a-f]+$")

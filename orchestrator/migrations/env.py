@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import context
 
-from lorajobs.orchestrator.db import Base, make_engine
+from lorajobs.orchestrator.db import METADATA, make_engine
 from lorajobs.orchestrator.settings import Settings
 
 config = context.config
@@ -21,7 +21,7 @@ config = context.config
 def _run(connection: Any) -> None:
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
+        target_metadata=METADATA,
         # SQLite can only change most table properties by copying the table.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
@@ -33,7 +33,7 @@ def _run(connection: Any) -> None:
 def _main() -> None:
     if context.is_offline_mode():
         url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
-        context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
+        context.configure(url=url, target_metadata=METADATA, literal_binds=True)
         with context.begin_transaction():
             context.run_migrations()
         return

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, func, select, text
 
 from lorajobs.jobspecs import AnyJobSpec, parse_spec
 from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound
-from lorajobs.orchestrator.db import JobEventRow, JobRow
+from lorajobs.orchestrator.db import EVENTS, JOBS
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.states import JobStatus
@@ -43,9 +43,9 @@ def queue(engine: Engine) -> Queue:
 
 
 def count(engine: Engine, table: Any, **where: Any) -> int:
-    query = select(func.count()).select_from(table.__table__)
+    query = select(func.count()).select_from(table)
     for k, v in where.items():
-        query = query.where(table.__table__.c[k] == v)
+        query = query.where(table.c[k] == v)
     with engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
 
@@ -74,7 +74,7 @@ def test_submit_creates_the_row_and_one_event(queue: Queue, engine: Engine) -> N
     assert job.dispatched_at is job.started_at is job.finished_at is None
     assert queue.get(job.id) == job
 
-    assert count(engine, JobRow) == 1
+    assert count(engine, JOBS) == 1
     [event] = queue.events(job.id)
     assert (event.from_status, event.to_status, event.reason) == (None, Q, "submitted")
     assert event.job_id == job.id and event.at == job.created_at
@@ -87,7 +87,7 @@ def test_same_idempotency_key_returns_the_same_job_and_writes_nothing(
     again, created_again = queue.submit(make_spec(), output_uri=OUT, idempotency_key="k-1")
     assert created and not created_again
     assert again == first
-    assert count(engine, JobRow) == 1 and count(engine, JobEventRow) == 1
+    assert count(engine, JOBS) == 1 and count(engine, EVENTS) == 1
     other, created_other = queue.submit(make_spec(), output_uri=OUT, idempotency_key="k-2")
     assert created_other and other.id != first.id
 
@@ -98,7 +98,7 @@ def test_reusing_a_key_for_a_different_spec_is_refused(queue: Queue, engine: Eng
         queue.submit(make_spec(priority=3), output_uri=OUT, idempotency_key="k")
     with pytest.raises(InvalidInput, match="different spec"):
         queue.submit(make_spec(), output_uri="s3://elsewhere", idempotency_key="k")
-    assert count(engine, JobRow) == 1 and count(engine, JobEventRow) == 1
+    assert count(engine, JOBS) == 1 and count(engine, EVENTS) == 1
 
 
 def test_submits_without_key_are_distinct(queue: Queue) -> None:
@@ -113,7 +113,7 @@ def _insert_with_id(engine: Engine, job_id: str) -> None:
     now = datetime.now(timezone.utc)
     with engine.begin() as conn:
         conn.execute(
-            JobRow.__table__.insert().values(
+            JOBS.insert().values(
                 id=job_id, name="x", kind="text", owner="o", priority=0, status="queued",
                 spec='{"kind":"text"}', output_uri=OUT, gpus=0.0, cpus=1, created_at=now,
                 updated_at=now, attempt=1, cancel_requested=False,
@@ -192,7 +192,7 @@ def test_wrong_expected_state_raises_and_writes_nothing(queue: Queue, engine: En
     with pytest.raises(InvalidTransition, match="dispatched/running"):
         queue.transition(job.id, expected=[D, R], to=F, reason="nope")
     assert queue.get(job.id) == job
-    assert count(engine, JobEventRow) == 1
+    assert count(engine, EVENTS) == 1
 
 
 def test_a_transition_outside_the_map_is_refused(queue: Queue, engine: Engine) -> None:
@@ -202,7 +202,7 @@ def test_a_transition_outside_the_map_is_refused(queue: Queue, engine: Engine) -
     queue.transition(job.id, expected=Q, to=C, reason="cancelled")
     with pytest.raises(InvalidTransition):
         queue.transition(job.id, expected=C, to=Q, reason="resurrect")
-    assert count(engine, JobEventRow) == 2
+    assert count(engine, EVENTS) == 2
     assert queue.get(job.id).status is C
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.failures import InvalidTransition
-from lorajobs.orchestrator.db import JobEventRow, JobRow, ensure_schema, make_engine
+from lorajobs.orchestrator.db import EVENTS, JOBS, ensure_schema, make_engine
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.states import JobStatus
 
@@ -103,9 +103,9 @@ def _counts(url: str) -> tuple[int, int]:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            jobs = conn.execute(select(func.count()).select_from(JobRow.__table__)).scalar_one()
+            jobs = conn.execute(select(func.count()).select_from(JOBS)).scalar_one()
             events = conn.execute(
-                select(func.count()).select_from(JobEventRow.__table__)
+                select(func.count()).select_from(EVENTS)
             ).scalar_one()
         return int(jobs), int(events)
     finally:

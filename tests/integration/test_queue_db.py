@@ -15,7 +15,7 @@ from sqlalchemy import inspect
 from lorajobs.jobspecs.failures import InvalidInput, LoraJobsError
 from lorajobs.orchestrator.db import (
     UPGRADE_HINT,
-    Base,
+    METADATA,
     current_revision,
     ensure_schema,
     head_revision,
@@ -122,7 +122,7 @@ def test_migrations_build_exactly_the_models(any_db_url: str) -> None:
     assert current_revision(engine) == head_revision()
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-        assert compare_metadata(ctx, Base.metadata) == []
+        assert compare_metadata(ctx, METADATA) == []
     names = inspect(engine).get_table_names()
     assert {"jobs", "job_events", "alembic_version"} <= set(names)
     indexes = {i["name"] for i in inspect(engine).get_indexes("jobs")}

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text, update
 
 from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition
-from lorajobs.orchestrator.db import JobRow, current_revision, head_revision, make_engine, upgrade
+from lorajobs.orchestrator.db import JOBS, current_revision, head_revision, make_engine, upgrade
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.scheduler import Candidate, Hold, Placement, Shape
 from lorajobs.orchestrator.states import JobStatus
@@ -42,7 +42,7 @@ def test_a_round_sees_class_heads_and_claims_in_one_go(engine: Engine) -> None:
          for i in range(3)]
     later = q.submit(spec("backoff", owner="zed"), output_uri=OUT)[0]
     with engine.begin() as conn:  # in backoff: not a candidate until then
-        conn.execute(update(JobRow.__table__).where(JobRow.__table__.c.id == later.id)
+        conn.execute(update(JOBS).where(JOBS.c.id == later.id)
                      .values(not_before=t0 + timedelta(days=1)))
     q.dispatch(a[0].id, lease_owner="other", node_id="n1")
     seen: dict[str, Any] = {"cands": []}

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import func, select
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.orchestrator.db import SchedulerStateRow, current_revision, ensure_schema, make_engine
+from lorajobs.orchestrator.db import SCHEDULER_STATE, current_revision, ensure_schema, make_engine
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.waiting import WaitSummary, reason
 from tests.plugins.specs import spec_dict
@@ -43,5 +43,5 @@ def test_published_reasons_replace_each_other_and_reach_a_queued_job(any_db_url:
     assert got in later and got is not None
     assert reason(job, got, T0 + timedelta(seconds=3)) == got.stop
     with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(SchedulerStateRow)).scalar() == 1
+        assert conn.execute(select(func.count()).select_from(SCHEDULER_STATE)).scalar() == 1
     engine.dispose()
