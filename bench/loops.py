@@ -32,7 +32,7 @@ class Clock:
     def __init__(self) -> None:
         self.marks: list[tuple[int, float, float]] = []
         self._last: float | None = None
-        from lorajobs.worker.trainers.common import REPORT_EVERY_S
+        from lorajobs.worker.trainers.loop import REPORT_EVERY_S
 
         self.every = REPORT_EVERY_S
 
@@ -79,7 +79,7 @@ IMAGE_SETS = {  # model fixture, data fixture, resolution
 def lorajobs_image(fx: dict[str, str], steps: int, threads: int, epochs: int | None,
                    models: str = "tiny") -> dict:
     from lorajobs.jobspecs.models import ImageJobSpec
-    from lorajobs.worker.trainers.image import train
+    from lorajobs.worker.trainers.image.recipe import train
 
     model, data, resolution = IMAGE_SETS[models]
     training = {"batch_size": 2, "resolution": resolution, "learning_rate": LR,
@@ -198,7 +198,7 @@ def bare_image(fx: dict[str, str], steps: int, threads: int, epochs: int | None,
 def lorajobs_text(fx: dict[str, str], steps: int, threads: int, data: str = "text_data",
                   batch: int = 4, max_len: int = 64, packing: bool = False) -> dict:
     from lorajobs.jobspecs.models import TextJobSpec
-    from lorajobs.worker.trainers.text import train
+    from lorajobs.worker.trainers.text.recipe import train
 
     spec = TextJobSpec(kind="text", name="bench", base_model="m", dataset="d",
                        lora={"rank": 8, "alpha": 16},
@@ -220,7 +220,7 @@ def lorajobs_text(fx: dict[str, str], steps: int, threads: int, data: str = "tex
 def _tokenized(fx: dict[str, str], data: str, max_len: int) -> tuple[Any, list[list[int]], int]:
     from transformers import AutoTokenizer
 
-    from lorajobs.worker.datasets.text import load_text_examples, tokenize_examples
+    from lorajobs.worker.trainers.text.plain import load_text_examples, tokenize_examples
 
     tok = AutoTokenizer.from_pretrained(fx["text_model"], local_files_only=True)
     seqs = [s for s in tokenize_examples(load_text_examples(Path(fx[data])), tok, max_len) if len(s) > 1]

@@ -51,7 +51,7 @@ def start_cluster(gpu_nodes: int) -> tuple[Any, list[Any], str]:
 
 
 def tiny_inputs(root: Path) -> tuple[Path, Path]:
-    from lorajobs.worker.tiny_text import build_tiny_text_model, make_text_dataset
+    from lorajobs.worker.trainers.text.tiny import build_tiny_text_model, make_text_dataset
 
     model, data = root / "tiny-llama", root / "train.jsonl"
     if not model.exists():
@@ -76,7 +76,7 @@ def controller_for(address: str, home: Path, **config: Any) -> tuple[Any, Any]:
     from lorajobs.orchestrator.settings import ControllerConfig
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.db import ensure_schema, make_engine
-    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.queue import Queue
     from lorajobs.orchestrator.settings import Settings
 

@@ -37,7 +37,7 @@ from lorajobs.jobspecs import parse_spec, spec_to_dict  # noqa: E402
 from lorajobs.orchestrator.settings import ControllerConfig  # noqa: E402
 from lorajobs.orchestrator.controller import Controller  # noqa: E402
 from lorajobs.orchestrator.db import EVENTS, JOBS, ensure_schema, make_engine  # noqa: E402
-from lorajobs.orchestrator.dispatch import Attempt, ClusterView  # noqa: E402
+from lorajobs.orchestrator.ray_backend import Attempt, ClusterView  # noqa: E402
 from lorajobs.orchestrator.queue import Queue  # noqa: E402
 from lorajobs.orchestrator.records import dump_json  # noqa: E402
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy  # noqa: E402

@@ -11,7 +11,7 @@ with `torch.utils.flop_counter` on the real configs (`python bench/sd_proportion
     → encoding is ~39 % of a step that encodes (encode / train ≈ 0.65): caching brings a step
       to ~0.61x at best, where GPU time follows the FLOPs (large convolutions and matmuls).
 
-The test suite's tiny model (worker/tiny_image.py: 64 px, 2-level VAE and UNet) is built for
+The test suite's tiny model (worker/trainers/image/tiny.py: 64 px, 2-level VAE and UNet) is built for
 fast tests, and on a CPU its encode is ~22 % of a bare step: caching cannot show there what it
 does for SD. This model keeps SD's structure — an 8x VAE with 4 levels and 2 ResNets per level,
 a 4-level UNet with cross-attention at the 3 upper levels and 2 layers per block, SD's channel
@@ -68,7 +68,7 @@ def build_sd_proportioned_model(out: Path, *, seed: int = 0) -> Path:
     """The tiny pipeline folder with its UNet and VAE replaced by the SD-proportioned ones."""
     import torch
 
-    from lorajobs.worker.tiny_image import build_tiny_image_model
+    from lorajobs.worker.trainers.image.tiny import build_tiny_image_model
 
     build_tiny_image_model(out, seed=seed)
     cross = json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"]

@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_fixtures(root: Path) -> dict[str, str]:
-    from lorajobs.worker.tiny_image import build_tiny_image_model, make_image_dataset
-    from lorajobs.worker.tiny_text import _sentence, build_tiny_text_model, make_text_dataset
+    from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, make_image_dataset
+    from lorajobs.worker.trainers.text.tiny import _sentence, build_tiny_text_model, make_text_dataset
 
     paths = {
         "image_model": root / "image-model", "image_data": root / "image-data",

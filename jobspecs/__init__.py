@@ -27,7 +27,23 @@ _EXPORTS = {
     "TextJobSpec": "models",
     "TextTraining": "models",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AnyJobSpec",
+    "ImageJobSpec",
+    "ImageTraining",
+    "LoraJobsError",
+    "LoraSettings",
+    "Resources",
+    "SpecError",
+    "TextJobSpec",
+    "TextTraining",
+    "json_schema",
+    "load_spec",
+    "load_spec_text",
+    "parse_spec",
+    "resolve_local_paths",
+    "spec_to_dict",
+]
 
 if TYPE_CHECKING:
     from lorajobs.jobspecs.failures import LoraJobsError, SpecError

@@ -101,3 +101,9 @@ def classify(err: BaseException) -> FailureKind:
     """The kind of failure `err` is: its class says so; anything we did not raise on purpose
     is a bug of ours."""
     return err.kind if isinstance(err, LoraJobsError) else FailureKind.internal
+
+
+class ClusterUnavailable(LoraJobsError):
+    """Ray (or another piece of the platform) could not be reached, after retries."""
+
+    kind = FailureKind.infra

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from lorajobs.jobspecs.failures import InvalidTransition
+from lorajobs.jobspecs.failures import FailureKind, InvalidTransition
 from lorajobs.orchestrator import reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
 from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
-from lorajobs.orchestrator.dispatch import INFRA, USER, Attempt, RayBackend
+from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
 from lorajobs.orchestrator.queue import JobRecord, Queue
-from lorajobs.orchestrator.retry import decide
+from lorajobs.orchestrator.recovery import RETRY_COLUMN, Action, Loss, decide
 from lorajobs.orchestrator.scheduler import Hold, Node, Round, Shape, node_views
 from lorajobs.orchestrator.states import JobStatus
 
@@ -131,7 +131,8 @@ class Controller:
                 continue
             if out.get("node_lost") and attempt.node_id:
                 self._suspect[attempt.node_id] = time.monotonic() + SUSPECT_NODE_S
-            self._lost(job, out.get("kind", "internal"), out.get("error", "failed"))
+            self._lost(job, FailureKind(out.get("kind", FailureKind.internal)),
+                       out.get("error", "failed"))
 
     def _heartbeat(self, active: list[JobRecord]) -> None:
         mine = {j.id for j in active if j.lease_owner == self.lease}
@@ -163,7 +164,7 @@ class Controller:
                 self._delete_partial_adapter(job)
                 error = f"exceeded max_runtime of {job.max_runtime_s:g} s"
                 self._end(job, JobStatus.failed, f"user error: {error}",
-                          failure_kind=USER, failure_reason=error)
+                          failure_kind=FailureKind.user, failure_reason=error)
 
     def _reconcile(self, active: list[JobRecord]) -> None:
         now = self._clock()
@@ -190,11 +191,11 @@ class Controller:
                 self._end(job, JobStatus.cancelled, "cancelled by user (after controller loss)",
                           **guard)
             else:
-                self._lost(job, INFRA, f"controller {owner.split(' ')[0]} lost", charge=False,
+                self._lost(job, FailureKind.infra, f"controller {owner.split(' ')[0]} lost", charge=False,
                            **guard)
 
     def _dispatch(self) -> None:
-        if not self.queue.has_queued():
+        if not self.queue.scheduling.has_queued():
             return
         view = self.backend.cluster()
         now_mono = time.monotonic()
@@ -213,7 +214,7 @@ class Controller:
             rounds.append(Round(nodes, holds, self.config.policy, self._clock()))
             return rounds[-1]
 
-        claimed = self.queue.schedule(
+        claimed = self.queue.scheduling.schedule(
             start, per_class=self.config.per_class, aging_s=self.config.policy.aging_s,
             lease_owner=self.lease, lease_expires_at=self._lease_until())
         for job in claimed:
@@ -225,7 +226,7 @@ class Controller:
             for job_id in rounds[0].plan.never_fits:
                 reason = _unschedulable(self.queue.get(job_id), rounds[0].nodes)
                 self._try(job_id, JobStatus.queued, JobStatus.failed, reason,
-                          failure_kind=USER, failure_reason=reason)
+                          failure_kind=FailureKind.user, failure_reason=reason)
 
     def _publish_waiting(self, rnd: Round) -> None:
         """Tell `status` why queued jobs wait: when the round's reasons changed, and every
@@ -235,7 +236,7 @@ class Controller:
         if (last is not None and last.same_as(summary)
                 and (summary.at - last.at).total_seconds() < waiting.REFRESH_S):
             return
-        self.queue.record_waiting(summary)
+        self.queue.scheduling.record_waiting(summary)
         self._waiting = summary
 
     def _launch(self, job: JobRecord) -> None:
@@ -252,11 +253,11 @@ class Controller:
                 extra=extra)
         except Exception as err:  # noqa: BLE001 - Ray refused the task: try again later
             log.warning("job %s: launch failed: %s", job.id, err)
-            self._lost(job, INFRA, f"launch failed: {type(err).__name__}: {err}")
+            self._lost(job, FailureKind.infra, f"launch failed: {type(err).__name__}: {err}")
 
     def _autoscale(self) -> None:
         if self.autoscaler is not None and self.autoscaler.due():
-            self.autoscaler.update(self.queue.demand())
+            self.autoscaler.update(self.queue.scheduling.demand())
 
     # -- ending attempts --------------------------------------------------------------------
 
@@ -270,33 +271,36 @@ class Controller:
             # its upload and that clean-up left them behind.
             self._discard_checkpoints(job)
 
-    def _lost(self, job: JobRecord, kind: str, error: str, *, charge: bool = True,
+    def _lost(self, job: JobRecord, kind: FailureKind, error: str, *, charge: bool = True,
               **guard: Any) -> None:
-        """An attempt ended without an adapter: retry within the kind's budget, or fail.
+        """An attempt ended without an adapter: gather the facts, apply `recovery.decide`.
         `charge=False` (the controller was lost): always retried, budget untouched."""
-        if kind == INFRA:
-            done = reconcile.completed_result(job)
-            if done is not None:
-                # It finished uploading before it was lost: record it, never run it again.
-                self._succeed(job, done, "adapter found complete in the bucket", **guard)
-                return
-        retries = getattr(job, f"{kind}_retries", 0) if charge else 0
-        decision = decide(self.config.retry, kind, retries) if charge else None
+        # The one bucket look-up: a worker lost after its upload left a complete adapter.
+        done = reconcile.completed_result(job) if kind is FailureKind.infra else None
+        column = RETRY_COLUMN[kind]
+        loss = Loss(kind, retries_used=getattr(job, column), charged=charge,
+                    adapter_complete=done is not None)
+        verdict = decide(self.config.retry, loss)
+        if verdict.action is Action.succeed:
+            assert done is not None
+            # It finished uploading before it was lost: record it, never run it again.
+            self._succeed(job, done, "adapter found complete in the bucket", **guard)
+            return
         failure = {"failure_kind": kind, "failure_reason": error}
-        info = {"kind": kind, "error": error}
-        if decision is not None and not decision.retry:
+        info = {"kind": kind.value, "error": error}
+        if verdict.action is Action.fail:
             self._end(job, JobStatus.failed, f"{kind} error: {error}", info, **failure, **guard)
             return
-        delay = decision.delay_s if decision is not None else 0.0
         fields: dict[str, Any] = {
             "attempt": job.attempt + 1,
-            "not_before": self._clock() + timedelta(seconds=delay),
+            "not_before": self._clock() + timedelta(seconds=verdict.delay_s),
             **failure,
         }
-        if charge:
-            fields[f"{kind}_retries"] = retries + 1
+        if verdict.retries_used is not None:
+            fields[column] = verdict.retries_used
         self._end(job, JobStatus.queued, f"attempt {job.attempt} lost ({kind}): {error}; retrying"
-                  + (f" in {delay:g} s" if delay else ""), info, **fields, **guard)
+                  + (f" in {verdict.delay_s:g} s" if verdict.delay_s else ""), info, **fields,
+                  **guard)
 
     def _end(self, job: JobRecord, to: JobStatus, reason: str,
              info: dict[str, Any] | None = None, *,

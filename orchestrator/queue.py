@@ -1,6 +1,6 @@
 """The job queue: submit, look up, list, claim, and change status with a compare-and-set.
 
-`Queue._apply` is the only code in lorajobs that writes `jobs.status`; every change it makes
+`Queue.apply` is the only code in lorajobs that writes `jobs.status`; every change it makes
 appends a `job_events` row in the same transaction. Everything returned is a frozen record,
 detached from any session, so callers never hold a database connection by accident.
 
@@ -21,8 +21,8 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
-from lorajobs.orchestrator.claiming import Claiming
 from lorajobs.orchestrator.db import EVENTS, JOBS, new_job_id, utcnow, write_engine
+from lorajobs.orchestrator.scheduling import Scheduling
 from lorajobs.orchestrator.records import (
     Change,
     EventRecord,
@@ -95,14 +95,16 @@ def _stamped(values: dict[str, Any], to: JobStatus, now: datetime) -> dict[str, 
     return values
 
 
-class Queue(Claiming):
-    """All reads and writes of jobs and their events, on one engine."""
+class Queue:
+    """All reads and writes of jobs and their events, on one engine. Its scheduling reads and
+    claims are `queue.scheduling` (`lorajobs.orchestrator.scheduling`)."""
 
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow):
         self.engine = engine
         self._writer = write_engine(engine)
         self._clock = clock
         self._postgres = engine.dialect.name == "postgresql"
+        self.scheduling = Scheduling(engine, self._writer, clock, self.apply)
 
     # ---- submit ------------------------------------------------------------------------
 
@@ -253,7 +255,7 @@ class Queue(Claiming):
         unless `fields` sets them. `fields`: any of `_SETTABLE`.
         """
         with self._writer.begin() as conn:
-            (job,) = self._apply(
+            (job,) = self.apply(
                 conn, [Change(job_id, reason, fields, data)], expected, to, lease_owner_was
             )
             return job
@@ -268,10 +270,10 @@ class Queue(Claiming):
         data: dict[str, Any] | None,
         fields: dict[str, Any],
     ) -> JobRecord:
-        (job,) = self._apply(conn, [Change(job_id, reason, fields, data)], expected, to)
+        (job,) = self.apply(conn, [Change(job_id, reason, fields, data)], expected, to)
         return job
 
-    def _apply(
+    def apply(
         self,
         conn: Connection,
         changes: Sequence[Change],
@@ -300,49 +302,13 @@ class Queue(Claiming):
             )
         }
         now = self._clock()
-        planned: list[tuple[Change, JobStatus, dict[str, Any]]] = []
-        for change in changes:
-            if not change.reason:
-                raise ValueError("a status change needs a reason")
-            values = _column_values(change.fields)
-            if change.job_id not in current_of:
-                raise JobNotFound(f"no job {change.job_id!r}")
-            current, lease_owner = current_of[change.job_id]
-            if current not in wanted:
-                names = "/".join(sorted(s.value for s in wanted))
-                raise InvalidTransition(
-                    f"job {change.job_id} is {current}, not {names}: cannot move it to {to}"
-                )
-            if to not in ALLOWED[current]:
-                raise InvalidTransition(
-                    f"job {change.job_id}: {current} -> {to} is not an allowed change"
-                )
-            if lease_owner_was is not _UNSET and lease_owner != lease_owner_was:
-                raise InvalidTransition(
-                    f"job {change.job_id}: its lease is held by {lease_owner}, not "
-                    f"{lease_owner_was}: not moved to {to}"
-                )
-            planned.append((change, current, _stamped(values, to, now)))
+        planned = [
+            (change, *_checked(change, current_of, wanted, to, lease_owner_was, now))
+            for change in changes
+        ]
 
-        # One executemany per (status read, columns set): usually one for the whole batch.
-        groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
-        for change, current, values in planned:
-            key = (current.value, tuple(sorted(values)))
-            groups.setdefault(key, []).append(
-                {"b_id": change.job_id, **{f"v_{k}": v for k, v in values.items()}}
-            )
-        for (status, columns), params in groups.items():
-            stmt = (
-                update(JOBS)
-                # Compare-and-set on the status just read: a no-op if anything moved it meanwhile.
-                .where(JOBS.c.id == bindparam("b_id", type_=JOBS.c.id.type), JOBS.c.status == status)
-                .values({c: bindparam(f"v_{c}", type_=JOBS.c[c].type) for c in columns})
-            )
-            result = conn.execute(stmt, params)
-            if result.rowcount != len(params):
-                raise InvalidTransition(
-                    f"job {params[0]['b_id']} changed status concurrently: not moved to {to}"
-                )
+        _compare_and_set(conn, [(c.job_id, current, values) for c, current, values in planned],
+                         to)
         conn.execute(
             insert(EVENTS),
             [
@@ -361,6 +327,12 @@ class Queue(Claiming):
             r.id: job_record(r) for r in conn.execute(select(JOBS).where(JOBS.c.id.in_(ids)))
         }
         return [by_id[i] for i in ids]
+
+    def dispatch(self, job_id: str, *, reason: str = "dispatched", **fields: Any) -> JobRecord:
+        """queued → dispatched; InvalidTransition if another controller got there first."""
+        return self.transition(
+            job_id, expected=JobStatus.queued, to=JobStatus.dispatched, reason=reason, **fields
+        )
 
     def _append_event(
         self,
@@ -503,3 +475,51 @@ class Queue(Claiming):
             user_retries=0,
             internal_retries=0,
         )
+
+
+def _checked(change: Change, current_of: dict[str, tuple[JobStatus, str | None]],
+             wanted: frozenset[JobStatus], to: JobStatus, lease_owner_was: Any,
+             now: datetime) -> tuple[JobStatus, dict[str, Any]]:
+    """(the job's status now, the columns to set) for one change, or why it is refused."""
+    if not change.reason:
+        raise ValueError("a status change needs a reason")
+    values = _column_values(change.fields)
+    if change.job_id not in current_of:
+        raise JobNotFound(f"no job {change.job_id!r}")
+    current, lease_owner = current_of[change.job_id]
+    if current not in wanted:
+        names = "/".join(sorted(s.value for s in wanted))
+        raise InvalidTransition(
+            f"job {change.job_id} is {current}, not {names}: cannot move it to {to}"
+        )
+    if to not in ALLOWED[current]:
+        raise InvalidTransition(f"job {change.job_id}: {current} -> {to} is not an allowed change")
+    if lease_owner_was is not _UNSET and lease_owner != lease_owner_was:
+        raise InvalidTransition(
+            f"job {change.job_id}: its lease is held by {lease_owner}, not "
+            f"{lease_owner_was}: not moved to {to}"
+        )
+    return current, _stamped(values, to, now)
+
+
+def _compare_and_set(conn: Connection, rows: list[tuple[str, JobStatus, dict[str, Any]]],
+                     to: JobStatus) -> None:
+    """UPDATE each job only if its status is still the one just read; raise if one moved.
+    One executemany per (status read, columns set): usually one for the whole batch."""
+    groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for job_id, current, values in rows:
+        key = (current.value, tuple(sorted(values)))
+        groups.setdefault(key, []).append(
+            {"b_id": job_id, **{f"v_{k}": v for k, v in values.items()}}
+        )
+    for (status, columns), params in groups.items():
+        stmt = (
+            update(JOBS)
+            .where(JOBS.c.id == bindparam("b_id", type_=JOBS.c.id.type), JOBS.c.status == status)
+            .values({c: bindparam(f"v_{c}", type_=JOBS.c[c].type) for c in columns})
+        )
+        result = conn.execute(stmt, params)
+        if result.rowcount != len(params):
+            raise InvalidTransition(
+                f"job {params[0]['b_id']} changed status concurrently: not moved to {to}"
+            )

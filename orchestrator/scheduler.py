@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
 ACCELERATOR_PREFIX = "accelerator_type:"
 # Asking for a sliver of `accelerator_type:<T>` pins a task to such a node without limiting
@@ -84,8 +85,10 @@ class Candidate:
                          self.memory_gb)
 
 
-#: (priority, owner, gpus, gpu_type, cpus, memory_gb): jobs of one class are interchangeable
-#: for the policy (same order but for age, same limits, same fit), so they wait for one reason.
+#: The job fields that make a scheduling class: jobs of one class are interchangeable for the
+#: policy (same order but for age, same limits, same fit), so they wait for one reason. The
+#: queue partitions its candidates by these same columns.
+CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb")
 ClassKey = tuple[int, str, float, str | None, int, float | None]
 
 
@@ -245,12 +248,18 @@ class Plan:
     never_fits: set[str] = field(default_factory=set)
 
 
+def aged_priority(priority: Any, waited_s: Any, aging_s: float) -> Any:
+    """Priority plus one level per `aging_s` seconds waited (none when `aging_s` <= 0).
+
+    Written once for numbers and SQL column expressions alike, so the database reads
+    candidates in exactly the order the policy ranks them."""
+    return priority + waited_s / aging_s if aging_s > 0 else priority
+
+
 def effective_priority(job: Candidate, now: datetime, aging_s: float) -> float:
-    """Priority plus one level per `aging_s` seconds waited."""
-    if aging_s <= 0:
-        return float(job.priority)
+    """A candidate's priority with aging, as of `now`."""
     waited = max(0.0, (now - job.created_at).total_seconds())
-    return job.priority + waited / aging_s
+    return float(aged_priority(job.priority, waited, aging_s))
 
 
 def ordered(candidates: Iterable[Candidate], now: datetime, aging_s: float) -> list[Candidate]:

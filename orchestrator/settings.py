@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator.cost import parse_prices
-from lorajobs.orchestrator.retry import RetryPolicy
+from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy
 
 # Query parameters that carry secrets in libpq / SQLAlchemy URLs (`?password=...`).

@@ -60,7 +60,7 @@ def load_specs(paths: list[Path]) -> list[AnyJobSpec]:
 def run_controller_until_done(s: Settings, queue: Queue, ids: list[str]) -> list[Any]:
     """Run a controller in this process until the jobs `ids` end; their final records."""
     from lorajobs.orchestrator.controller import Controller
-    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.settings import ControllerConfig
 
     log_to_stderr()

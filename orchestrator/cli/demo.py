@@ -66,8 +66,8 @@ def _stage_folder(local: Path, bucket_uri: str, prefix: str) -> None:
 def stage_demo_inputs(bucket: str, err: Console) -> None:
     """Build the tiny models and data offline and put them in the bucket (once)."""
     from lorajobs.storage.backends import open_storage
-    from lorajobs.worker.tiny_image import build_tiny_image_model, make_image_dataset
-    from lorajobs.worker.tiny_text import build_tiny_text_model, make_text_dataset
+    from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, make_image_dataset
+    from lorajobs.worker.trainers.text.tiny import build_tiny_text_model, make_text_dataset
 
     storage = open_storage(bucket)
     if storage.exists("models/tiny-llama/config.json") and storage.exists(
@@ -170,8 +170,8 @@ def tiny_models(
     seed: int = typer.Option(0, help="Seed for the random weights."),
 ) -> None:
     """Build tiny SD-1.x and SDXL pipelines and a tiny causal LM, offline."""
-    from lorajobs.worker.tiny_image import build_tiny_image_model, build_tiny_sdxl_model
-    from lorajobs.worker.tiny_text import build_tiny_text_model
+    from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, build_tiny_sdxl_model
+    from lorajobs.worker.trainers.text.tiny import build_tiny_text_model
 
     print(build_tiny_image_model(out_dir / "tiny-sd", seed=seed))
     print(build_tiny_sdxl_model(out_dir / "tiny-sdxl", seed=seed))

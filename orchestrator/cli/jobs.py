@@ -101,7 +101,7 @@ def wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
     queued = [j for j in jobs if j.status.value == "queued"]
     if not queued:
         return {}
-    summary, now = queue.waiting(), utcnow()
+    summary, now = queue.scheduling.waiting(), utcnow()
     return {j.id: waiting.reason(j, summary, now) for j in queued}
 
 
@@ -209,7 +209,7 @@ def controller(
 ) -> None:
     """Run the controller loop in the foreground: dispatch, track, finish, retry."""
     from lorajobs.orchestrator.controller import Controller
-    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.settings import ControllerConfig
 
     ctx.log_to_stderr()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lorajobs.orchestrator.settings import ControllerConfig
-from lorajobs.orchestrator.retry import RetryPolicy
+from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
 from lorajobs.orchestrator.states import JobStatus
 from tests.plugins.cluster import SimCluster, drive, start_controller, text_job

@@ -20,9 +20,9 @@ import pytest
 from lorajobs.jobspecs import parse_spec
 from lorajobs.orchestrator.controller import Controller
 from lorajobs.orchestrator.db import ensure_schema, make_engine
-from lorajobs.orchestrator.dispatch import Attempt, ClusterView
+from lorajobs.orchestrator.ray_backend import Attempt, ClusterView
 from lorajobs.orchestrator.queue import JobRecord, Queue
-from lorajobs.orchestrator.retry import RetryPolicy
+from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
 from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
@@ -355,3 +355,22 @@ def test_two_controllers_never_dispatch_the_same_job(any_db_url: str, bucket: st
         assert [e.to_status for e in queues[0].events(j.id)].count(D) == 1
     for e in engines:
         e.dispose()
+
+
+def test_an_unreachable_ray_gives_one_line_after_retries(tmp_path: Path) -> None:
+    """The controller's first connection retries, then says what it could not reach, once."""
+    import socket
+
+    from tests.e2e.cli import CLI
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = CLI(home=tmp_path / "home", env={
+        "LORAJOBS_RAY_ADDRESS": f"ray://127.0.0.1:{port}", "LORAJOBS_RAY_CONNECT_TRIES": "2",
+        "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1"})
+    result = cli("controller", "--once", timeout=120)
+    assert result.code == 1, result.err
+    assert "Traceback" not in result.err, result.err
+    assert f"cannot connect to Ray at ray://127.0.0.1:{port} after 2 tries" in result.err
+    assert "trying again" in result.err  # the first failure was retried

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
-from lorajobs.worker.datasets.image_dataset import build_image_dataset
-from lorajobs.worker.datasets.latent_cache import LatentCache, cache_key, cache_plan, dataset_digest
-from lorajobs.worker.datasets.text_dataset import build_text_dataset
+from lorajobs.worker.trainers.image.data import build_image_dataset
+from lorajobs.worker.trainers.image.latents import LatentCache, cache_key, cache_plan, dataset_digest
+from lorajobs.worker.trainers.text.data import build_text_dataset
 
 pytestmark = pytest.mark.slow
 

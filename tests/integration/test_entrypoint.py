@@ -205,7 +205,7 @@ def test_bad_data_fails_as_a_user_error_naming_the_file_and_uploads_nothing(
 ) -> None:
     """Each kind of bad data the issue lists: one user error naming the file (and the line for
     JSONL), classified `user` (never retried), with nothing in the bucket."""
-    from lorajobs.orchestrator.dispatch import failure_kind
+    from lorajobs.jobspecs.failures import FailureKind, classify
 
     kind = case.split("-")[0]
     model = request.getfixturevalue(f"tiny_{kind}_model")
@@ -225,5 +225,5 @@ def test_bad_data_fails_as_a_user_error_naming_the_file_and_uploads_nothing(
     with pytest.raises(UserDataError, match=needle) as info:
         run_job(spec, _ctx(bucket, tmp_path, f"job-{case}", []))
     assert "\n" not in str(info.value)  # one line
-    assert failure_kind(info.value) == "user"
+    assert classify(info.value) is FailureKind.user
     assert not (bucket / "adapters").exists() and not (bucket / "jobs").exists()

@@ -23,9 +23,9 @@ import torch
 
 from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.datasets.image_dataset import build_image_dataset
-from lorajobs.worker.tiny_learnable import COLOURS, LAYOUTS, write_colour_set
-from lorajobs.worker.trainers.image import train
+from lorajobs.worker.trainers.image.data import build_image_dataset
+from lorajobs.worker.trainers.image.tiny_learnable import COLOURS, LAYOUTS, write_colour_set
+from lorajobs.worker.trainers.image.recipe import train
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import pipeline, render, text_states
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.trainers.image import train
+from lorajobs.worker.trainers.image.recipe import train
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 from lorajobs.storage.checkpoints import CheckpointStore
 from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.trainers.image import train
+from lorajobs.worker.trainers.image.recipe import train
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.jobspecs.models import ImageJobSpec
 from tests.plugins.pipelines import pipeline, render, v_prediction_copy
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
-from lorajobs.worker.tiny_image import build_tiny_image_model
+from lorajobs.worker.trainers.image.recipe import WEIGHTS_NAME, train
+from lorajobs.worker.trainers.image.tiny import build_tiny_image_model
 
 pytestmark = pytest.mark.slow
 

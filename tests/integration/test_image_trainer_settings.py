@@ -13,7 +13,7 @@ from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.storage.checkpoints import CheckpointStore
 from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
+from lorajobs.worker.trainers.image.recipe import WEIGHTS_NAME, train
 
 pytestmark = pytest.mark.slow
 

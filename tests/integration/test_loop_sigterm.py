@@ -18,7 +18,7 @@ from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.storage.checkpoints import CheckpointStore
 from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import WorkerContext
-from lorajobs.worker.trainers.common import (
+from lorajobs.worker.trainers.loop import (
     LoopResult,
     TrainLoop,
     build_optimizer,

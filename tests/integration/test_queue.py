@@ -306,15 +306,15 @@ def test_claim_order_is_priority_then_age(queue: Queue) -> None:
     taken, _ = q.submit(make_spec("taken", priority=50), output_uri=OUT)
     q.dispatch(taken.id)
     order = [high.id, mid_old.id, mid_new.id, low_old.id]
-    assert [j.id for j in q.claim_queued(10)] == order
-    assert [j.id for j in q.claim_queued(2)] == order[:2]
+    assert [j.id for j in q.scheduling.claim_queued(10)] == order
+    assert [j.id for j in q.scheduling.claim_queued(2)] == order[:2]
     # claim() hands the candidates to the scheduler and dispatches what it picks.
-    got = q.claim(10, choose=lambda jobs: [j for j in jobs if j.priority == 0],
+    got = q.scheduling.claim(10, choose=lambda jobs: [j for j in jobs if j.priority == 0],
                   reason="dispatched by c1", lease_owner="c1")
     assert [j.id for j in got] == [mid_old.id, mid_new.id]
     assert all(j.status is D and j.lease_owner == "c1" for j in got)
-    assert [j.id for j in q.claim_queued(10)] == [high.id, low_old.id]
-    assert [j.id for j in q.claim(1)] == [high.id]
+    assert [j.id for j in q.scheduling.claim_queued(10)] == [high.id, low_old.id]
+    assert [j.id for j in q.scheduling.claim(1)] == [high.id]
     assert q.events(high.id)[-1].reason == "dispatched"
 
 

@@ -62,7 +62,7 @@ def _dispatcher(url: str, name: str, barrier: Any) -> list[str]:
     try:
         barrier.wait(timeout=60)
         while True:
-            candidates = queue.claim_queued(8)
+            candidates = queue.scheduling.claim_queued(8)
             if not candidates:
                 return won
             for job in candidates:
@@ -83,8 +83,8 @@ def _claimer(url: str, name: str, barrier: Any) -> list[str]:
     try:
         barrier.wait(timeout=60)
         while True:
-            got = queue.claim(3, reason=f"dispatched by {name}", lease_owner=name)
-            if not got and not queue.claim_queued(1):
+            got = queue.scheduling.claim(3, reason=f"dispatched by {name}", lease_owner=name)
+            if not got and not queue.scheduling.claim_queued(1):
                 return won
             won.extend(j.id for j in got)
     finally:

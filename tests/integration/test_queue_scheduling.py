@@ -59,7 +59,7 @@ def test_a_round_sees_class_heads_and_claims_in_one_go(engine: Engine) -> None:
         seen["holds"] = holds
         return Planner()
 
-    got = q.schedule(start, per_class=2, aging_s=0, lease_owner="me", lease_expires_at=t0,
+    got = q.scheduling.schedule(start, per_class=2, aging_s=0, lease_owner="me", lease_expires_at=t0,
                      page_size=3)
     # Two oldest per (priority, owner, shape) class; the dispatched one and the backoff one not.
     assert [c.id for c in seen["cands"]] and {c.id for c in seen["cands"]} == {
@@ -86,9 +86,9 @@ def test_a_round_sees_class_heads_and_claims_in_one_go(engine: Engine) -> None:
 
     kw: dict[str, Any] = {"per_class": 2, "aging_s": 0, "lease_owner": "me",
                           "lease_expires_at": t0}
-    assert q.schedule(lambda h: Nothing(), **kw) == []  # nothing chosen writes nothing
+    assert q.scheduling.schedule(lambda h: Nothing(), **kw) == []  # nothing chosen writes nothing
     with pytest.raises(ValueError):
-        q.schedule(lambda h: Bad(), **kw)
+        q.scheduling.schedule(lambda h: Bad(), **kw)
 
 
 def test_pages_follow_effective_priority_with_aging(engine: Engine) -> None:
@@ -110,7 +110,7 @@ def test_pages_follow_effective_priority_with_aging(engine: Engine) -> None:
 
     for aging_s, want in [(0, [new_high, new_mid, old_low]), (1000, [old_low, new_high, new_mid])]:
         got.clear()
-        q.schedule(lambda h: Take(), per_class=8, aging_s=aging_s, lease_owner="me",
+        q.scheduling.schedule(lambda h: Take(), per_class=8, aging_s=aging_s, lease_owner="me",
                    lease_expires_at=t0, page_size=1)
         assert got == [j.id for j in want], aging_s
 
@@ -121,9 +121,9 @@ def test_demand_counts_shapes_of_queued_and_active_jobs(engine: Engine) -> None:
         q.submit(spec(f"q{i}", resources={"gpus": 0.5, "cpus": 2}), output_uri=OUT)
     j, _ = q.submit(spec("a", resources={"gpus": 1, "gpu_type": "A100"}), output_uri=OUT)
     q.dispatch(j.id)
-    assert sorted(q.demand(), key=lambda d: d[1]) == [
+    assert sorted(q.scheduling.demand(), key=lambda d: d[1]) == [
         (Shape(1.0, "A100", 1, None), False, 1), (Shape(0.5, None, 2, None), True, 3)]
-    assert q.has_queued()
+    assert q.scheduling.has_queued()
 
 
 def test_lease_guarded_transition(engine: Engine) -> None:
@@ -173,3 +173,41 @@ def test_a_queued_job_can_be_reprioritised_until_it_is_dispatched(engine: Engine
     q.dispatch(j.id)
     with pytest.raises(InvalidInput, match="only queued jobs can be reprioritised"):
         q.set_priority(j.id, 1)
+
+
+class _Recorder:
+    """A planner that places nothing and remembers the order it was offered candidates in."""
+
+    def __init__(self) -> None:
+        self.offered: list[Candidate] = []
+
+    @property
+    def done(self) -> bool:
+        return bool(self.offered)
+
+    def offer(self, candidates: list[Candidate]) -> list[Placement]:
+        self.offered += candidates
+        return []
+
+
+@pytest.mark.parametrize("aging_s", [0.0, 60.0, 600.0])
+def test_the_database_reads_candidates_in_the_policys_own_order(engine: Engine,
+                                                                aging_s: float) -> None:
+    """Effective priority is written once (`scheduler.aged_priority`): the SQL that pages the
+    candidates and the Python that ranks them must agree on the order, aging included."""
+    from lorajobs.orchestrator.scheduler import ordered
+
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    stamps = iter([t0 + timedelta(seconds=97 * i) for i in range(24)])
+    q = Queue(engine, clock=lambda: next(stamps))
+    for i in range(24):  # priorities -2..3, owners and shapes vary, so classes differ
+        q.submit(spec(f"j{i}", owner=f"o{i % 3}", priority=(i * 7) % 6 - 2,
+                      resources={"gpus": [0, 1, 0.5][i % 3], "cpus": 1 + i % 2}), output_uri=OUT)
+    now = t0 + timedelta(hours=2)
+    q.scheduling._clock = lambda: now
+    recorder = _Recorder()
+    q.scheduling.schedule(lambda holds: recorder, per_class=64, aging_s=aging_s,
+                          lease_owner="test", lease_expires_at=now)
+    assert len(recorder.offered) == 24
+    assert [c.id for c in recorder.offered] == [
+        c.id for c in ordered(recorder.offered, now, aging_s)]

@@ -12,7 +12,7 @@ from lorajobs.jobspecs.failures import SpecError
 from lorajobs.jobspecs.loader import load_spec_text
 from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
 from lorajobs.worker.safetensors_io import canonical_bytes, load_bytes
-from lorajobs.worker.trainers.common import lr_factor, total_steps, window_means
+from lorajobs.worker.trainers.loop import lr_factor, total_steps, window_means
 
 
 def _store(tmp_path: Path) -> CheckpointStore:
@@ -84,7 +84,7 @@ def test_accumulated_micro_batches_step_like_one_big_batch(tmp_path: Path) -> No
     from types import SimpleNamespace
 
     from lorajobs.worker.context import WorkerContext
-    from lorajobs.worker.trainers.common import TrainLoop, resolve_precision
+    from lorajobs.worker.trainers.loop import TrainLoop, resolve_precision
 
     x = torch.randn(24, 3, generator=torch.Generator().manual_seed(0))
     y = x.sum(dim=1, keepdim=True)

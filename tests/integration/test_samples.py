@@ -19,9 +19,9 @@ from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.entrypoint import run_job
 from lorajobs.worker.plots import GridLayout, draw_image_grid
-from lorajobs.worker.samples import FINAL_NAME, SampleRenderer
-from lorajobs.worker.trainers.common import resolve_precision
-from lorajobs.worker.trainers.image import WEIGHTS_NAME, train
+from lorajobs.worker.trainers.image.samples import FINAL_NAME, SampleRenderer
+from lorajobs.worker.trainers.loop import resolve_precision
+from lorajobs.worker.trainers.image.recipe import WEIGHTS_NAME, train
 from lorajobs.storage.adapters import fetch_adapter
 
 THREADS = 1  # pinned: the UNet's numbers depend on the thread count

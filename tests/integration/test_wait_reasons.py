@@ -22,24 +22,24 @@ def test_published_reasons_replace_each_other_and_reach_a_queued_job(any_db_url:
     ensure_schema(engine, auto=True)
     assert current_revision(engine) == "0003"
     queue = Queue(engine, clock=lambda: T0)
-    assert queue.waiting() is None
+    assert queue.scheduling.waiting() is None
 
     job, _ = queue.submit(parse_spec(spec_dict(
         "text", "h", "m", "d", owner="carol", resources={"gpus": 1, "gpu_type": "H100", "cpus": 2}
     )), output_uri="file:///b")
     key = (0, "carol", 1.0, "H100", 2, None)
     first = WaitSummary(at=T0, stop=None, classes={key: "no node has 1 GPU H100, 2 CPU"})
-    queue.record_waiting(first)
-    assert reason(job, queue.waiting(), T0) == "no node has 1 GPU H100, 2 CPU"
+    queue.scheduling.record_waiting(first)
+    assert reason(job, queue.scheduling.waiting(), T0) == "no node has 1 GPU H100, 2 CPU"
 
     # Two controllers publishing at once: still one row, one of the two summaries.
     later = [WaitSummary(at=T0 + timedelta(seconds=i), stop=f"stop {i}") for i in (1, 2)]
-    threads = [threading.Thread(target=queue.record_waiting, args=(s,)) for s in later]
+    threads = [threading.Thread(target=queue.scheduling.record_waiting, args=(s,)) for s in later]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    got = queue.waiting()
+    got = queue.scheduling.waiting()
     assert got in later and got is not None
     assert reason(job, got, T0 + timedelta(seconds=3)) == got.stop
     with engine.connect() as conn:

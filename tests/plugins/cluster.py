@@ -121,7 +121,7 @@ def start_controller(sim: SimCluster, home: Any, config: Any) -> tuple[Any, Any]
     """(queue, controller) for a fresh SQLite home, connected to the simulated cluster."""
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.db import ensure_schema, make_engine
-    from lorajobs.orchestrator.dispatch import RayBackend
+    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.queue import Queue
     from lorajobs.orchestrator.settings import Settings
 

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_image_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD-1.x pipeline folder (64 px images, 32x32 latents), random weights, seed 0."""
-    from lorajobs.worker.tiny_image import build_tiny_image_model
+    from lorajobs.worker.trainers.image.tiny import build_tiny_image_model
 
     return build_tiny_image_model(tmp_path_factory.mktemp("tiny-image-model"), seed=0)
 
@@ -21,7 +21,7 @@ def tiny_image_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL pipeline folder (two text encoders, text_time UNet), random weights, seed 0."""
-    from lorajobs.worker.tiny_image import build_tiny_sdxl_model
+    from lorajobs.worker.trainers.image.tiny import build_tiny_sdxl_model
 
     return build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl-model"), seed=0)
 
@@ -29,7 +29,7 @@ def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_image_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight 64 px PNGs of coloured circles and squares with same-name .txt captions."""
-    from lorajobs.worker.tiny_image import make_image_dataset
+    from lorajobs.worker.trainers.image.tiny import make_image_dataset
 
     return make_image_dataset(tmp_path_factory.mktemp("tiny-image-data"), n=8, size=64, seed=0)
 
@@ -40,7 +40,7 @@ def tiny_image_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LlamaForCausalLM folder (hidden 64, 2 layers) with its BPE tokenizer, seed 0."""
-    from lorajobs.worker.tiny_text import build_tiny_text_model
+    from lorajobs.worker.trainers.text.tiny import build_tiny_text_model
 
     return build_tiny_text_model(tmp_path_factory.mktemp("tiny-text-model"), seed=0)
 
@@ -48,7 +48,7 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 JSONL rows `{"text": ...}` of a small, learnable grammar."""
-    from lorajobs.worker.tiny_text import make_text_dataset
+    from lorajobs.worker.trainers.text.tiny import make_text_dataset
 
     out = tmp_path_factory.mktemp("tiny-text-data") / "train.jsonl"
     return make_text_dataset(out, n=64, seed=0)

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from lorajobs.jobspecs.models import ImageData, ImageJobSpec
-from lorajobs.worker.datasets.buckets import BucketBatchSampler, closest_bucket, make_buckets
-from lorajobs.worker.datasets.captions import caption_for
-from lorajobs.worker.datasets.image_dataset import build_image_dataset
-from lorajobs.worker.datasets.images import ImageCaptionDataset
-from lorajobs.worker.datasets.latent_cache import (
+from lorajobs.worker.trainers.image.buckets import BucketBatchSampler, closest_bucket, make_buckets
+from lorajobs.worker.trainers.image.captions import caption_for
+from lorajobs.worker.trainers.image.data import build_image_dataset
+from lorajobs.worker.trainers.image.pixels import ImageCaptionDataset
+from lorajobs.worker.trainers.image.latents import (
     LatentCache,
     cache_key,
     cache_plan,

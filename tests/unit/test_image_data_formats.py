@@ -10,7 +10,7 @@ from PIL import Image
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageData
-from lorajobs.worker.datasets.image_sources import detect_image_format, read_image_records
+from lorajobs.worker.trainers.image.sources import detect_image_format, read_image_records
 
 
 def _png(path: Path, size: tuple[int, int] = (16, 16)) -> Path:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.datasets.images import ImageCaptionDataset, image_files
+from lorajobs.worker.trainers.image.pixels import ImageCaptionDataset, image_files
 
 
 def _png(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> Path:

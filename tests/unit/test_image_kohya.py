@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from lorajobs.worker.kohya import diffusers_to_kohya, header_metadata
+from lorajobs.worker.trainers.image.kohya import diffusers_to_kohya, header_metadata
 
 DOWN, UP = torch.ones(4, 32), torch.ones(32, 4)
 STATE = {

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lorajobs.jobspecs.models import ImageJobSpec
-from lorajobs.worker.datasets.image_dataset import build_image_dataset
-from lorajobs.worker.datasets.images import cover_size, open_rgb, to_tensor
+from lorajobs.worker.trainers.image.data import build_image_dataset
+from lorajobs.worker.trainers.image.pixels import cover_size, open_rgb, to_tensor
 
 
 def _spec(**data: object) -> ImageJobSpec:

@@ -51,3 +51,11 @@ def test_bare_names_are_not_importable_outside_the_repository(tmp_path: Path) ->
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_spec_packages_lazy_names_are_all_exported() -> None:
+    import lorajobs.jobspecs as js
+
+    assert sorted(js.__all__) == sorted(js._EXPORTS)
+    for name in js.__all__:
+        assert getattr(js, name) is not None

@@ -9,9 +9,9 @@ import pytest
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
-from lorajobs.worker.datasets.packing import IGNORE
-from lorajobs.worker.datasets.text_dataset import build_text_dataset, load_rows, split_validation
-from lorajobs.worker.datasets.text_formats import ALPACA_PROMPT, to_records
+from lorajobs.worker.trainers.text.packing import IGNORE
+from lorajobs.worker.trainers.text.data import build_text_dataset, load_rows, split_validation
+from lorajobs.worker.trainers.text.formats import ALPACA_PROMPT, to_records
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +219,8 @@ def test_spec_refuses_two_validation_sources() -> None:
 
 def test_slow_tokenizer_path_gives_the_same_mask(tok) -> None:
     """Tokenizers without offsets locate spans by prefix token counts: same result here."""
-    from lorajobs.worker.datasets.jsonl import JsonRow
-    from lorajobs.worker.datasets.text_dataset import encode_record
+    from lorajobs.worker.jsonl import JsonRow
+    from lorajobs.worker.trainers.text.data import encode_record
 
     class Slow:  # the fast tokenizer, seen as one without offset mappings
         is_fast = False

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from lorajobs.jobspecs.models import TextJobSpec
-from lorajobs.worker.datasets.packing import (
+from lorajobs.worker.trainers.text.packing import (
     IGNORE,
     TokenizedExample,
     UnitTable,
     collate_padded,
     pack,
 )
-from lorajobs.worker.datasets.text_dataset import build_text_dataset
+from lorajobs.worker.trainers.text.data import build_text_dataset
 
 
 def _examples(seed: int = 0, n: int = 40) -> list[TokenizedExample]:
@@ -116,7 +116,7 @@ def test_packed_examples_do_not_see_each_other(tiny_text_model: Path) -> None:
     """Each example's logits in a packed block equal its logits alone: no leakage."""
     from transformers import AutoModelForCausalLM
 
-    from lorajobs.worker.datasets.packing import collate_packed
+    from lorajobs.worker.trainers.text.packing import collate_packed
 
     model = AutoModelForCausalLM.from_pretrained(tiny_text_model, local_files_only=True)
     model.eval()
@@ -141,7 +141,7 @@ def test_loss_over_packed_equals_mean_over_label_tokens(tiny_text_model: Path, p
     """The batch's loss is the mean over exactly the labelled tokens, packed or not."""
     from transformers import AutoModelForCausalLM
 
-    from lorajobs.worker.datasets.packing import collate_packed
+    from lorajobs.worker.trainers.text.packing import collate_packed
 
     model = AutoModelForCausalLM.from_pretrained(tiny_text_model, local_files_only=True)
     model.eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.datasets.text import load_text_examples, tokenize_examples
+from lorajobs.worker.trainers.text.plain import load_text_examples, tokenize_examples
 
 
 def _write(path: Path, lines: list[str]) -> Path:

@@ -16,8 +16,8 @@ from lorajobs.worker.context import TrainOutput, WorkerContext
 TrainFn = Callable[[Any, Path, Path, Path, WorkerContext], TrainOutput]
 
 _TRAINERS: dict[str, str] = {
-    "image": "lorajobs.worker.trainers.image",
-    "text": "lorajobs.worker.trainers.text",
+    "image": "lorajobs.worker.trainers.image.recipe",
+    "text": "lorajobs.worker.trainers.text.recipe",
 }
 
 

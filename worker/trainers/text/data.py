@@ -24,9 +24,9 @@ from typing import Any, Iterator
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextData, TextJobSpec
-from lorajobs.worker.datasets.chat import render_with_spans, resolve_chat_template
-from lorajobs.worker.datasets.jsonl import JsonRow, read_rows
-from lorajobs.worker.datasets.packing import (
+from lorajobs.worker.trainers.text.chat import render_with_spans, resolve_chat_template
+from lorajobs.worker.jsonl import JsonRow, read_rows
+from lorajobs.worker.trainers.text.packing import (
     IGNORE,
     PackedBlock,
     TextBatch,
@@ -36,8 +36,8 @@ from lorajobs.worker.datasets.packing import (
     collate_padded,
     pack,
 )
-from lorajobs.worker.datasets.text import jsonl_files
-from lorajobs.worker.datasets.text_formats import Record, to_records
+from lorajobs.worker.trainers.text.plain import jsonl_files
+from lorajobs.worker.trainers.text.formats import Record, to_records
 
 
 def load_rows(path: Path) -> list[JsonRow]:

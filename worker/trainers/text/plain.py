@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.datasets.jsonl import JsonRow, read_rows
+from lorajobs.worker.jsonl import JsonRow, read_rows
 
 
 @dataclass(frozen=True)

@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 
 from lorajobs.jobspecs.models import ImageData, ImageJobSpec
-from lorajobs.worker.datasets.buckets import (
+from lorajobs.worker.trainers.image.buckets import (
     Bucket,
     BucketBatchSampler,
     closest_bucket,
     default_bucket_range,
     make_buckets,
 )
-from lorajobs.worker.datasets.captions import caption_for, sample_rng
-from lorajobs.worker.datasets.image_sources import ImageRecord, read_image_records
-from lorajobs.worker.datasets.images import (
+from lorajobs.worker.trainers.image.captions import caption_for, sample_rng
+from lorajobs.worker.trainers.image.sources import ImageRecord, read_image_records
+from lorajobs.worker.trainers.image.pixels import (
     cover_size,
     image_size,
     open_rgb,

@@ -18,10 +18,10 @@ import torch
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.datasets.text_dataset import TextTrainSet, build_text_dataset
+from lorajobs.worker.trainers.text.data import TextTrainSet, build_text_dataset
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
-from lorajobs.worker.trainers.common import (
+from lorajobs.worker.trainers.loop import (
     TrainLoop,
     build_optimizer,
     loss_curve,
@@ -226,7 +226,7 @@ def _canonicalise_peft_folder(out_dir: Path, base_model: str, header: dict[str, 
     """Rewrite PEFT's files so that identical tensors give identical bytes."""
     from safetensors import safe_open
 
-    from lorajobs.worker.kohya import tensor_data_sha256
+    from lorajobs.worker.trainers.image.kohya import tensor_data_sha256
 
     weights = out_dir / ADAPTER_WEIGHTS
     with safe_open(str(weights), framework="pt") as f:

@@ -33,7 +33,7 @@ from PIL import Image
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, Samples
 from lorajobs.worker.plots import draw_image_grid, save_png
-from lorajobs.worker.trainers.common import Precision
+from lorajobs.worker.trainers.loop import Precision
 
 SAMPLES_DIR = "samples"
 FINAL_NAME = "samples.png"

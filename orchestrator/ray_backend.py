@@ -1,7 +1,9 @@
-"""Ray side of the controller: connect, read the cluster, launch one attempt as a task, collect.
+"""The Ray backend of the controller: connect, read the cluster, launch one attempt as a task,
+collect its outcome, and the progress board workers report to.
 
-This is the only module that imports Ray. The task body imports the worker lazily, so the
-controller process never loads torch; the worker never sees the database.
+This is the only module that imports Ray. What runs on the worker node is
+`lorajobs.orchestrator.attempt` (imported inside the task), so the controller never loads
+torch and the worker never sees the database.
 
 Attempts are plain Ray tasks, pinned to the node the scheduler chose (node affinity, not soft).
 A task is owned by the controller process that launched it, and Ray kills a dead owner's tasks
@@ -18,8 +20,8 @@ successor waits for the lease (`LORAJOBS_LEASE_S`, 30 s) — keep the lease at l
 
 from __future__ import annotations
 
+import logging
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,14 +38,13 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
 
-# Failure kinds as the worker reports them; `infra` is decided here, from Ray's own errors.
-USER, INFRA, INTERNAL = "user", "infra", "internal"
 NAMESPACE = "lorajobs"
+log = logging.getLogger("lorajobs.ray")
 _HEAD_RESOURCE = "node:__internal_head__"
-PROGRESS_LOG_EVERY_S = 2.0
 
 
 def ray_environment(tmp_root: str | None = None) -> None:
@@ -87,90 +88,15 @@ def run_attempt(
     board: Any,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One attempt of one job on a worker node. Returns {"ok": bool, ...}; never raises for
-    errors the worker understands, so the controller needs no exception pickling to classify.
-    Its log (logging, stdout/stderr, progress) streams to `<bucket>/jobs/<id>/logs/`."""
-    import traceback
+    """The Ray task of one attempt: `lorajobs.orchestrator.attempt.run` on the node Ray placed
+    it on, its progress reports sent to the controller's board (fire and forget)."""
+    from lorajobs.orchestrator.attempt import run
 
-    from lorajobs.jobspecs import parse_spec
-    from lorajobs.jobspecs.failures import LoraJobsError
-    from lorajobs.storage.logs import AttemptLog
-    from lorajobs.worker.context import WorkerContext
-    from lorajobs.worker.entrypoint import run_job
+    def send(progress: dict[str, Any]) -> None:
+        board.report.remote(job_id, attempt, progress)
 
-    started = time.monotonic()
-    node = socket.gethostname()
     node_id = ray.get_runtime_context().get_node_id()
-    cache = Settings.from_env().cache_dir  # this node's: LORAJOBS_CACHE_DIR or its home's
-    parsed = parse_spec(spec, f"job {job_id}")
-    extra = dict(extra or {})
-    cost = extra.get("cost")
-    with AttemptLog(output_uri, job_id, attempt) as log:
-        log.line(f"job {job_id} attempt {attempt}: {parsed.kind} '{parsed.name}' on {node} "
-                 f"(Ray node {node_id[:12]}), {parsed.resources.cpus} threads")
-        last_sent, last_logged = [0.0], [0.0]
-
-        def report(p: dict[str, Any]) -> None:
-            now = time.monotonic()
-            final = p.get("step") == p.get("total_steps")
-            if final and isinstance(cost, dict) and cost.get("usd_per_hour") is not None:
-                # The sidecar is written right after the last step: record what this attempt
-                # cost up to here (the database keeps the final figure, upload included).
-                this = cost["usd_per_hour"] * (now - started) / 3600.0
-                cost["this_attempt_usd"] = round(this, 6)
-                cost["total_usd"] = round(this + (cost.get("earlier_attempts_usd") or 0.0), 6)
-            # Fire and forget; the trainer already rate-limits, this guards against chatty ones.
-            if now - last_sent[0] >= 0.2 or final:
-                last_sent[0] = now
-                board.report.remote(job_id, attempt, {**p, "node": node})
-            if now - last_logged[0] >= PROGRESS_LOG_EVERY_S or final:
-                last_logged[0] = now
-                loss, speed = p.get("loss"), p.get("it_per_s")
-                log.line(f"step {p.get('step')}/{p.get('total_steps')}"
-                         + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                         + (f"  {speed:.2f} it/s" if isinstance(speed, (int, float)) else ""))
-
-        ctx = WorkerContext(
-            job_id=job_id,
-            output_uri=output_uri,
-            cache_dir=cache,
-            attempt=attempt,
-            report=report,
-            threads=parsed.resources.cpus,
-            node=node,
-            extra=extra,
-        )
-        base = {"node": node, "ray_node_id": node_id}
-        try:
-            out = {"ok": True, **base, **run_job(parsed, ctx)}  # run_job logs the upload
-        except LoraJobsError as err:
-            out = {"ok": False, "kind": failure_kind(err), "error": str(err), **base}
-        except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
-            traceback.print_exc()
-            out = {"ok": False, "kind": INTERNAL, "error": f"{type(err).__name__}: {err}", **base}
-        finally:
-            _release_gpu_memory()
-        out["attempt_seconds"] = round(time.monotonic() - started, 3)
-        if not out["ok"]:
-            log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
-    return out
-
-
-def failure_kind(err: BaseException) -> str:
-    """How the controller treats an attempt that raised `err` (see `classify`)."""
-    from lorajobs.jobspecs.failures import classify
-
-    return classify(err).value
-
-
-def _release_gpu_memory() -> None:
-    # Task workers are reused between jobs: give cached CUDA blocks back so that jobs packed on
-    # the same GPU from other processes can have them.
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    return run(spec, job_id, attempt, output_uri, send=send, ray_node_id=node_id, extra=extra)
 
 
 @dataclass
@@ -195,6 +121,31 @@ class ClusterView:
     draining: set[str] = field(default_factory=set)
 
 
+def connect(address: str, options: dict[str, Any], *, tries: int | None = None,
+            first_delay_s: float = 2.0) -> None:
+    """`ray.init(address)`, retried with backoff: Ray's client server is known to crash on
+    start now and then (ray-project/ray#63202). Gives up with one `ClusterUnavailable` line
+    naming the address. `LORAJOBS_RAY_CONNECT_TRIES` (default 5) sets the number of tries."""
+    from lorajobs.jobspecs.failures import ClusterUnavailable
+
+    tries = tries or max(1, int(os.environ.get("LORAJOBS_RAY_CONNECT_TRIES", "5")))
+    delay = first_delay_s
+    for n in range(1, tries + 1):
+        try:
+            ray.init(address=address, **options)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises many types here; all mean "not yet"
+            if ray.is_initialized():
+                ray.shutdown()
+            if n == tries:
+                raise ClusterUnavailable(
+                    f"cannot connect to Ray at {address} after {tries} tries: {_first_line(err)}"
+                ) from None
+            log.warning("Ray at %s: %s; trying again in %.0f s", address, _first_line(err), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 class RayBackend:
     """A connection to Ray: the local in-process default, or a cluster at `ray_address`."""
 
@@ -213,7 +164,7 @@ class RayBackend:
                 ray.init(include_dashboard=False, num_gpus=_local_gpu_count(),
                          object_store_memory=128 * 1024**2, **common)
             else:
-                ray.init(address=settings.ray_address, **common)
+                connect(settings.ray_address, common)
         self.board = ProgressBoard.options(**self._near_head()).remote()
         # Wait for it here, at start-up, rather than in the first pass with jobs waiting.
         ray.get(self.board.drain.remote(), timeout=120)
@@ -317,14 +268,14 @@ class RayBackend:
         try:
             return ray.get(attempt.ref, timeout=5)
         except TaskCancelledError:
-            return {"ok": False, "kind": INFRA, "error": "task cancelled", "cancelled": True}
+            return {"ok": False, "kind": FailureKind.infra, "error": "task cancelled", "cancelled": True}
         except RayTaskError as err:  # the task raised outside our guard: a bug of ours
-            return {"ok": False, "kind": INTERNAL, "error": str(err).splitlines()[-1]}
+            return {"ok": False, "kind": FailureKind.internal, "error": str(err).splitlines()[-1]}
         except (NodeDiedError, TaskUnschedulableError) as err:
-            return {"ok": False, "kind": INFRA, "error": _first_line(err), "node_lost": True}
+            return {"ok": False, "kind": FailureKind.infra, "error": _first_line(err), "node_lost": True}
         except (RayError, GetTimeoutError) as err:
             # Worker crashed, out of memory, object lost: the attempt is lost, not the job.
-            return {"ok": False, "kind": INFRA, "error": _first_line(err)}
+            return {"ok": False, "kind": FailureKind.infra, "error": _first_line(err)}
 
     def cancel(self, attempt: Attempt, wait_s: float = 10.0) -> bool:
         """Stop a running attempt and wait until its worker is gone (so it writes nothing and

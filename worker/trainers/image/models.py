@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.kohya import base_model_version
+from lorajobs.worker.trainers.image.kohya import base_model_version
 from lorajobs.worker.safetensors_io import save_canonical
 
 # The safetensors header key diffusers reads the LoRA config from (diffusers.loaders.lora_base

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lorajobs.worker.datasets.image_sources import METADATA_FILE
+from lorajobs.worker.trainers.image.sources import METADATA_FILE
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (200, 30, 30),

@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from lorajobs.jobspecs.failures import InvalidInput, UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, LoraSettings
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.datasets.image_dataset import ImageTrainSet, build_image_dataset
-from lorajobs.worker.datasets.latent_cache import (
+from lorajobs.worker.trainers.image.data import ImageTrainSet, build_image_dataset
+from lorajobs.worker.trainers.image.latents import (
     CachePlan,
     LatentCache,
     cache_key,
     cache_plan,
     dataset_digest,
 )
-from lorajobs.worker.kohya import (
+from lorajobs.worker.trainers.image.kohya import (
     base_model_version,
     diffusers_to_kohya,
     header_metadata,
@@ -39,9 +39,9 @@ from lorajobs.worker.kohya import (
 )
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
-from lorajobs.worker.samples import SampleRenderer
+from lorajobs.worker.trainers.image.samples import SampleRenderer
 from lorajobs.worker.sidecar import hash_cache_for, tree_digest
-from lorajobs.worker.trainers.common import (
+from lorajobs.worker.trainers.loop import (
     TrainLoop,
     build_optimizer,
     pick_device,
@@ -52,7 +52,7 @@ from lorajobs.worker.trainers.common import (
     total_steps,
     window_means,
 )
-from lorajobs.worker.trainers.image_models import (
+from lorajobs.worker.trainers.image.models import (
     TEXT_ENCODER_TARGETS,
     Conditioning,
     Encoders,
@@ -407,7 +407,7 @@ def _caption_embeddings(
 ) -> dict[str, Conditioning]:
     """Embeddings of every caption the job will use, when captions do not vary per step (so
     each image's caption, trigger word included, is the same in every epoch)."""
-    from lorajobs.worker.datasets.captions import caption_for
+    from lorajobs.worker.trainers.image.captions import caption_for
 
     first_item: dict[int, int] = {}
     for item, record in enumerate(ds.items):

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorajobs.jobspecs.models import ImageJobSpec
-from lorajobs.worker.datasets.captions import captions_vary
+from lorajobs.worker.trainers.image.captions import captions_vary
 
 if TYPE_CHECKING:
-    from lorajobs.worker.datasets.image_dataset import ImageTrainSet
+    from lorajobs.worker.trainers.image.data import ImageTrainSet
     from lorajobs.storage.base import Storage
 
 CACHE_VERSION = 1

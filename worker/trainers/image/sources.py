@@ -21,8 +21,8 @@ from pathlib import Path
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageData
-from lorajobs.worker.datasets.images import IMAGE_SUFFIXES, _IGNORED_SUFFIXES, image_files, read_caption
-from lorajobs.worker.datasets.jsonl import read_rows, type_name
+from lorajobs.worker.trainers.image.pixels import IMAGE_SUFFIXES, _IGNORED_SUFFIXES, image_files, read_caption
+from lorajobs.worker.jsonl import read_rows, type_name
 
 METADATA_FILE = "metadata.jsonl"
 KOHYA_DIR_RE = re.compile(r"^(\d+)_(.*)$")

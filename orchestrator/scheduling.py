@@ -1,15 +1,19 @@
-"""The scheduling half of the queue: reading candidates and claiming them for a controller.
+"""The scheduling side of the queue: reading candidates and claiming them for a controller.
 
-`Claiming` is mixed into `lorajobs.orchestrator.queue.Queue` (one concept per module, one object for the
-callers): the round that reads what active jobs hold and the best queued candidates, lets the
-scheduling policy place them and dispatches the placed ones in one transaction; the demand the
-autoscaler is told; why queued jobs wait (published by the controller, read by the CLI); and
-the older per-call claim helpers. Status still changes only through `Queue._apply`.
+`Scheduling` is a part of `Queue` (`queue.scheduling`), built by it with the queue's engine and
+its one status writer: the round that reads what active jobs hold and the best queued
+candidates, lets the scheduling policy place them and dispatches the placed ones in one
+transaction; the demand the autoscaler is told; why queued jobs wait (published by the
+controller, read by the CLI); and the older per-call claim helpers. Status still changes only
+through the queue's compare-and-set writer (`Queue.apply`).
+
+The order candidates are read in is the policy's own (`scheduler.aged_priority`, the same
+formula applied to SQL columns) and so are the job classes (`scheduler.CLASS_FIELDS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -28,7 +32,14 @@ from sqlalchemy import (
 
 from lorajobs.orchestrator.db import JOBS, SCHEDULER_STATE, UTCDateTime
 from lorajobs.orchestrator.records import Change, JobRecord, job_record
-from lorajobs.orchestrator.scheduler import Candidate, Hold, Placement, Shape
+from lorajobs.orchestrator.scheduler import (
+    CLASS_FIELDS,
+    Candidate,
+    Hold,
+    Placement,
+    Shape,
+    aged_priority,
+)
 from lorajobs.orchestrator.states import JobStatus
 from lorajobs.orchestrator.waiting import WaitSummary
 
@@ -48,20 +59,20 @@ class RoundPlanner(Protocol):
     def offer(self, candidates: list[Candidate]) -> list[Placement]: ...
 
 
-class Claiming:
-    """Scheduling reads and claims; see `lorajobs.orchestrator.queue.Queue` for the rest."""
+#: The queue's compare-and-set writer: (connection, changes, expected, to) -> records.
+Apply = Callable[..., list[JobRecord]]
 
-    engine: Engine
-    _writer: Engine
-    _clock: Callable[[], datetime]
-    _postgres: bool
 
-    def transition(self, job_id: str, **kw: Any) -> JobRecord:  # implemented by Queue
-        raise NotImplementedError
+class Scheduling:
+    """Scheduling reads and claims, on the queue's engine and through its status writer."""
 
-    def _apply(self, conn: Connection, changes: Sequence[Change], expected: Any,
-               to: JobStatus, lease_owner_was: Any = ...) -> list[JobRecord]:
-        raise NotImplementedError  # implemented by Queue
+    def __init__(self, engine: Engine, writer: Engine, clock: Callable[[], datetime],
+                 apply: Apply) -> None:
+        self.engine = engine
+        self._writer = writer
+        self._clock = clock
+        self._apply = apply
+        self._postgres = engine.dialect.name == "postgresql"
 
     def _candidates(self, limit: int) -> Select[Any]:
         query = (
@@ -78,12 +89,6 @@ class Claiming:
         to dispatched is `dispatch`, whose compare-and-set lets only one controller win)."""
         with self.engine.begin() as conn:
             return [job_record(r) for r in conn.execute(self._candidates(limit))]
-
-    def dispatch(self, job_id: str, *, reason: str = "dispatched", **fields: Any) -> JobRecord:
-        """queued → dispatched; InvalidTransition if another controller got there first."""
-        return self.transition(
-            job_id, expected=JobStatus.queued, to=JobStatus.dispatched, reason=reason, **fields
-        )
 
     def claim(
         self,
@@ -131,7 +136,7 @@ class Claiming:
         On PostgreSQL rounds of different controllers are serialised by an advisory lock (a
         controller that finds it taken skips its round) so free capacity is never counted twice,
         and the chosen rows are claimed with FOR UPDATE SKIP LOCKED; on SQLite the transaction
-        holds the write lock. Either way the compare-and-set in `_apply` is the last guard.
+        holds the write lock. Either way the compare-and-set in `Queue.apply` is the last guard.
         """
         now = self._clock()
         with self._writer.begin() as conn:
@@ -207,13 +212,12 @@ class Claiming:
         rank = (
             func.row_number()
             .over(
-                partition_by=(JOBS.c.priority, JOBS.c.owner, JOBS.c.gpus, JOBS.c.gpu_type,
-                              JOBS.c.cpus, JOBS.c.memory_gb),
+                partition_by=tuple(JOBS.c[name] for name in CLASS_FIELDS),
                 order_by=(JOBS.c.created_at, JOBS.c.id),
             )
             .label("rank")
         )
-        effective = JOBS.c.priority + (self._age_s(now) / aging_s if aging_s > 0 else 0)
+        effective = aged_priority(JOBS.c.priority, self._age_s(now), aging_s)
         ranked = (
             select(*cols, rank, effective.label("effective"),
                    JOBS.c.created_at.label("created_sort"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.datasets.jsonl import JsonRow, type_name
+from lorajobs.worker.jsonl import JsonRow, type_name
 
 FORMATS = ("text", "completion", "alpaca", "chat")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})

@@ -1,0 +1,107 @@
+"""One attempt of one job, as it runs on a worker node: train, report, log, and say how it ended.
+
+Called inside the Ray task (`ray_backend.run_attempt`) but free of Ray itself: progress leaves
+through `send`, the log streams to `<bucket>/jobs/<id>/logs/attempt-<N>.log`, and the outcome is
+a plain dict (`ok`, and for a failure its `kind` from the failure vocabulary and a one-line
+`error`), so the controller needs no exception pickling to classify it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from lorajobs.jobspecs.failures import FailureKind, LoraJobsError, classify
+from lorajobs.orchestrator.settings import Settings
+
+PROGRESS_LOG_EVERY_S = 2.0
+
+
+def run(
+    spec: dict[str, Any],
+    job_id: str,
+    attempt: int,
+    output_uri: str,
+    *,
+    send: Callable[[dict[str, Any]], None],
+    ray_node_id: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run attempt `attempt` of `job_id`; never raises for errors the worker understands."""
+    from lorajobs.jobspecs import parse_spec
+    from lorajobs.storage.logs import AttemptLog
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
+
+    started = time.monotonic()
+    node = socket.gethostname()
+    cache = Settings.from_env().cache_dir  # this node's: LORAJOBS_CACHE_DIR or its home's
+    parsed = parse_spec(spec, f"job {job_id}")
+    extra = dict(extra or {})
+    with AttemptLog(output_uri, job_id, attempt) as log:
+        log.line(f"job {job_id} attempt {attempt}: {parsed.kind} '{parsed.name}' on {node} "
+                 f"(Ray node {ray_node_id[:12]}), {parsed.resources.cpus} threads")
+        ctx = WorkerContext(
+            job_id=job_id,
+            output_uri=output_uri,
+            cache_dir=cache,
+            attempt=attempt,
+            report=_reporter(send, log, node, started, extra.get("cost")),
+            threads=parsed.resources.cpus,
+            node=node,
+            extra=extra,
+        )
+        base = {"node": node, "ray_node_id": ray_node_id}
+        try:
+            out = {"ok": True, **base, **run_job(parsed, ctx)}  # run_job logs the upload
+        except LoraJobsError as err:
+            out = {"ok": False, "kind": classify(err), "error": str(err), **base}
+        except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
+            traceback.print_exc()
+            out = {"ok": False, "kind": FailureKind.internal,
+                   "error": f"{type(err).__name__}: {err}", **base}
+        finally:
+            _release_gpu_memory()
+        out["attempt_seconds"] = round(time.monotonic() - started, 3)
+        if not out["ok"]:
+            log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
+    return out
+
+
+def _reporter(send: Callable[[dict[str, Any]], None], log: Any, node: str, started: float,
+              cost: Any) -> Callable[[dict[str, Any]], None]:
+    """The trainer's progress callback: to the controller (at most 5/s), and to the log."""
+    last_sent, last_logged = [0.0], [0.0]
+
+    def report(p: dict[str, Any]) -> None:
+        now = time.monotonic()
+        final = p.get("step") == p.get("total_steps")
+        if final and isinstance(cost, dict) and cost.get("usd_per_hour") is not None:
+            # The sidecar is written right after the last step: record what this attempt
+            # cost up to here (the database keeps the final figure, upload included).
+            this = cost["usd_per_hour"] * (now - started) / 3600.0
+            cost["this_attempt_usd"] = round(this, 6)
+            cost["total_usd"] = round(this + (cost.get("earlier_attempts_usd") or 0.0), 6)
+        # Fire and forget; the trainer already rate-limits, this guards against chatty ones.
+        if now - last_sent[0] >= 0.2 or final:
+            last_sent[0] = now
+            send({**p, "node": node})
+        if now - last_logged[0] >= PROGRESS_LOG_EVERY_S or final:
+            last_logged[0] = now
+            loss, speed = p.get("loss"), p.get("it_per_s")
+            log.line(f"step {p.get('step')}/{p.get('total_steps')}"
+                     + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                     + (f"  {speed:.2f} it/s" if isinstance(speed, (int, float)) else ""))
+
+    return report
+
+
+def _release_gpu_memory() -> None:
+    # Task workers are reused between jobs: give cached CUDA blocks back so that jobs packed on
+    # the same GPU from other processes can have them.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
