@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.trainers.image.recipe import min_snr_weights, snr_at
+from lorajobs.worker.trainers.image.objective import min_snr_weights, snr_at
 
 GAMMA = 5.0
 # SNR below, at and above γ, and 0 (the last step of a zero-terminal-SNR schedule).

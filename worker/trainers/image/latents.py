@@ -35,8 +35,10 @@ from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.worker.trainers.image.captions import captions_vary
 
 if TYPE_CHECKING:
-    from lorajobs.worker.trainers.image.data import ImageTrainSet
     from lorajobs.storage.base import Storage
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.trainers.image.data import ImageTrainSet
+    from lorajobs.worker.trainers.image.models import Conditioning, Encoders
 
 CACHE_VERSION = 1
 BUCKET_PREFIX = "cache/latents"
@@ -155,3 +157,63 @@ class LatentCache:
             storage.get_file(info.key, self.dir / name)
             n += 1
         return n
+
+
+def encode_latents(
+    ds: ImageTrainSet,
+    plan: CachePlan,
+    encoder: Encoders,
+    spec: ImageJobSpec,
+    model_dir: Path,
+    ctx: WorkerContext,
+) -> dict[tuple[int, bool], torch.Tensor]:
+    """Latents of every (image, flip), encoded once per dataset + VAE: from the node cache,
+    else the bucket's (`<bucket>/cache/latents/<key>/`), else encoded here and shared."""
+    from lorajobs.worker.sidecar import hash_cache_for, tree_digest
+
+    # The VAE's weights and the dtype it runs in (bf16 latents are not fp32 latents).
+    # The digest reuses the node's hash cache, as the sidecar's does: no re-read per job.
+    vae_dir = model_dir / "vae"
+    vae_digest = tree_digest(vae_dir, hash_cache=hash_cache_for(ctx.cache_dir, vae_dir))
+    vae_id = f"{vae_digest}:{str(encoder.vae.dtype).removeprefix('torch.')}"
+    key = cache_key(spec, dataset_digest(ds), vae_id)
+    cache = LatentCache(ctx.cache_dir / "latents", key)
+    storage = None
+    if ctx.latent_cache_uri:
+        from lorajobs.storage.backends import open_storage
+
+        storage = open_storage(ctx.latent_cache_uri)
+        if not cache.complete(len(ds.records), plan.flips):
+            cache.download(storage)
+    out: dict[tuple[int, bool], torch.Tensor] = {}
+    encoded = 0
+    for record in range(len(ds.records)):
+        for flipped in plan.flips:
+            stored = cache.get(record, flipped)
+            if stored is None or "latents" not in stored:
+                z = encoder.latents(ds.load(record, flipped).unsqueeze(0))[0]
+                cache.put(record, flipped, {"latents": z})
+                encoded += 1
+            else:
+                z = stored["latents"]
+            out[record, flipped] = z
+    if storage is not None and encoded:
+        cache.upload(storage)
+    return out
+
+
+def encode_captions(
+    ds: ImageTrainSet, spec: ImageJobSpec, encoder: Encoders
+) -> dict[str, Conditioning]:
+    """Embeddings of every caption the job will use, when captions do not vary per step (so
+    each image's caption, trigger word included, is the same in every epoch)."""
+    from lorajobs.worker.trainers.image.captions import caption_for
+
+    first_item: dict[int, int] = {}
+    for item, record in enumerate(ds.items):
+        first_item.setdefault(record, item)
+    captions = sorted({
+        caption_for(ds.records[r].caption, spec.data, spec.training.seed, 0, item)
+        for r, item in first_item.items()
+    })
+    return {c: encoder.captions([c])[0] for c in captions}

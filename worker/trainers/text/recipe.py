@@ -1,7 +1,7 @@
 """Text LoRA trainer: PEFT LoRA on a transformers causal LM, trained on JSONL text.
 
-Reads top to bottom: threads + seeds -> data -> tokenizer + model -> LoRA -> tokenised data ->
-train loop (`TrainLoop`: accumulation, schedule, checkpoints, resume) -> PEFT export made
+`train` reads top to bottom: threads + seeds -> tokenizer -> data -> model + LoRA -> train loop
+(`TrainLoop`: accumulation, schedule, checkpoints, resume) -> PEFT export made
 byte-deterministic, plus `loss.png`. Same spec + same data + same thread count on CPU gives the
 same adapter bytes.
 """
@@ -22,6 +22,8 @@ from lorajobs.worker.trainers.text.data import TextTrainSet, build_text_dataset
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
 from lorajobs.worker.trainers.loop import (
+    LoopResult,
+    Precision,
     TrainLoop,
     build_optimizer,
     loss_curve,
@@ -43,69 +45,22 @@ def train(
     spec: TextJobSpec, model_dir: Path, data_path: Path, out_dir: Path, ctx: WorkerContext
 ) -> TrainOutput:
     """Train a LoRA for `spec` on the model in `model_dir`; write a PEFT folder into `out_dir`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t_start = time.monotonic()
     tr = spec.training
-
-    # 1. Threads and seeds: the thread count changes float reduction order, so it is fixed per job.
+    # Threads and seeds: the thread count changes float reduction order, so it is fixed per job.
     torch.set_num_threads(ctx.threads)
     seed_everything(tr.seed)
     device = pick_device()
     precision = resolve_precision(tr.mixed_precision, device)
-    dtype = precision.base_dtype
 
-    # 2. Tokenizer, then the data: a bad dataset fails before the (possibly large) model loads.
-    if not (model_dir / "config.json").is_file():
-        raise UserDataError(
-            f"base model {spec.base_model}: no config.json (not a transformers model folder)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserDataError(
-            f"base model {spec.base_model}: cannot load: {_first_line(err)}"
-        ) from None
-    validation_path = None
-    if spec.data.validation is not None:
-        from lorajobs.storage.pull import pull_dataset
-
-        validation_path = pull_dataset(spec.data.validation, ctx.cache_dir)
-    ds = build_text_dataset(data_path, spec, tokenizer, validation_path=validation_path)
-
-    # 3. The model, from the pulled folder only.
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise UserDataError(
-            f"base model {spec.base_model}: cannot load: {_first_line(err)}"
-        ) from None
-    model.config.use_cache = False  # no KV cache while training: it only costs memory
-    if tr.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings: give checkpoints a grad path
-
-    # 4. LoRA.
-    lora_config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=spec.lora.rank,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=spec.target_modules(),
-        use_dora=spec.lora.use_dora,
-        use_rslora=spec.lora.use_rslora,
-    )
-    try:
-        model = get_peft_model(model, lora_config)
-    except ValueError as err:  # e.g. target modules that this model does not have
-        raise UserDataError(f"base model {spec.base_model}: {err}") from None
-    model.to(device)
-    model.train()
+    # Tokenizer, then the data: a bad dataset fails before the (possibly large) model loads.
+    tokenizer = _load(spec, model_dir, "tokenizer")
+    ds = _dataset(spec, data_path, tokenizer, ctx)
+    model = _model_with_lora(spec, model_dir, device, precision.base_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tr, device)
 
-    # 5. Train. Batches (padded, or packed when data.packing) are a pure function of the step.
+    # Train. Batches (padded, or packed when data.packing) are a pure function of the step.
     total = total_steps(tr, len(ds))
 
     def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
@@ -127,10 +82,81 @@ def train(
         fingerprint=spec_fingerprint(spec, ctx.threads),
     )
     result = loop.run(micro_loss)
-    losses = result.losses
     eval_loss = _eval_loss(model, ds, device, precision) if ds.validation else None
 
-    # 7. Export: PEFT's folder, then rewritten so the bytes depend only on the tensors.
+    _export(spec, model, out_dir, total)
+    draw_loss_curve(result.losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
+    metrics = _metrics(spec, ds, result, total, eval_loss)
+    metrics["total_seconds"] = round(time.monotonic() - t_start, 3)
+    return TrainOutput(
+        files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOSS_PNG],
+        deterministic=[ADAPTER_CONFIG, ADAPTER_WEIGHTS],
+        metrics=metrics,
+        resolved=_resolved(spec, ds, precision, total, device, ctx, params),
+    )
+
+
+# -- the steps, in the order `train` takes them ------------------------------------------------
+
+
+def _load(spec: TextJobSpec, model_dir: Path, what: str, **kwargs: Any) -> Any:
+    """The base model's tokenizer or model, from the pulled folder only; one line if not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise UserDataError(
+            f"base model {spec.base_model}: no config.json (not a transformers model folder)"
+        )
+    cls = AutoTokenizer if what == "tokenizer" else AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserDataError(
+            f"base model {spec.base_model}: cannot load: {_first_line(err)}"
+        ) from None
+
+
+def _dataset(spec: TextJobSpec, data_path: Path, tokenizer: Any, ctx: WorkerContext
+             ) -> TextTrainSet:
+    """The tokenised training set (and the validation set it names or splits off)."""
+    validation_path = None
+    if spec.data.validation is not None:
+        from lorajobs.storage.pull import pull_dataset
+
+        validation_path = pull_dataset(spec.data.validation, ctx.cache_dir)
+    return build_text_dataset(data_path, spec, tokenizer, validation_path=validation_path)
+
+
+def _model_with_lora(spec: TextJobSpec, model_dir: Path, device: torch.device,
+                     dtype: torch.dtype) -> Any:
+    """The frozen base model with the spec's LoRA on it, on `device`, in train mode."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _load(spec, model_dir, "model", dtype=dtype)
+    model.config.use_cache = False  # no KV cache while training: it only costs memory
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: give checkpoints a grad path
+    lora_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.target_modules(),
+        use_dora=spec.lora.use_dora,
+        use_rslora=spec.lora.use_rslora,
+    )
+    try:
+        model = get_peft_model(model, lora_config)
+    except ValueError as err:  # e.g. target modules that this model does not have
+        raise UserDataError(f"base model {spec.base_model}: {err}") from None
+    model.to(device)
+    model.train()
+    return model
+
+
+def _export(spec: TextJobSpec, model: Any, out_dir: Path, total: int) -> None:
+    """PEFT's folder, then rewritten so the bytes depend only on the tensors."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     model_type = str(getattr(model.config, "model_type", "causal-lm"))
@@ -144,64 +170,67 @@ def train(
         "ss_network_alpha": repr(float(spec.lora.alpha)),
         "ss_output_name": spec.name,
         "ss_steps": str(total),
-        "ss_seed": str(tr.seed),
-        "ss_learning_rate": repr(float(tr.learning_rate)),
+        "ss_seed": str(spec.training.seed),
+        "ss_learning_rate": repr(float(spec.training.learning_rate)),
     }
     _canonicalise_peft_folder(out_dir, spec.base_model, header)
-    draw_loss_curve(losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
 
-    return TrainOutput(
-        files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOSS_PNG],
-        deterministic=[ADAPTER_CONFIG, ADAPTER_WEIGHTS],
-        metrics={
-            "first_loss": losses[0],
-            "final_loss": losses[-1],
-            "loss_curve": loss_curve(losses, CURVE_POINTS),
-            "steps": total,
-            "examples": len(ds.examples),
-            "validation_examples": len(ds.validation),
-            "eval_loss": eval_loss,
-            "examples_seen": total * tr.batch_size * tr.gradient_accumulation_steps,
-            "tokens": result.counters.get("tokens", 0),
-            "label_tokens": result.counters.get("label_tokens", 0),
-            # Real tokens / tokens computed: what padding wastes (packing brings it near 1).
-            "useful_fraction": round(
-                result.counters.get("tokens", 0) / max(1, result.counters.get("capacity", 0)), 4
-            ),
-            "resumed_from_step": result.resumed_from_step,
-            "train_seconds": round(result.train_seconds, 3),
-            "total_seconds": round(time.monotonic() - t_start, 3),
-        },
-        resolved={
-            "rank": spec.lora.rank,
-            "alpha": spec.lora.alpha,
-            "dropout": spec.lora.dropout,
-            "use_dora": spec.lora.use_dora,
-            "use_rslora": spec.lora.use_rslora,
-            "target_modules": spec.target_modules(),
-            "steps": total,
-            "batch_size": tr.batch_size,
-            "gradient_accumulation_steps": tr.gradient_accumulation_steps,
-            "learning_rate": tr.learning_rate,
-            "lr_scheduler": tr.lr_scheduler,
-            "warmup_steps": tr.warmup_steps,
-            "weight_decay": tr.weight_decay,
-            "max_seq_length": tr.max_seq_length,
-            "seed": tr.seed,
-            "optimizer": tr.optimizer,
-            "max_grad_norm": tr.max_grad_norm,
-            "mixed_precision": precision.used,
-            "mixed_precision_requested": precision.requested,
-            "gradient_checkpointing": tr.gradient_checkpointing,
-            "epochs": round(total * tr.batch_size * tr.gradient_accumulation_steps / len(ds), 3),
-            "packing": spec.data.packing,
-            "data_format": spec.data.format,
-            "trainable_params": sum(p.numel() for p in params),
-            "device": device.type,
-            "dtype": str(dtype).removeprefix("torch."),
-            "threads": ctx.threads,
-        },
-    )
+
+def _metrics(spec: TextJobSpec, ds: TextTrainSet, result: LoopResult, total: int,
+             eval_loss: float | None) -> dict[str, Any]:
+    tr, losses, counters = spec.training, result.losses, result.counters
+    return {
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "loss_curve": loss_curve(losses, CURVE_POINTS),
+        "steps": total,
+        "examples": len(ds.examples),
+        "validation_examples": len(ds.validation),
+        "eval_loss": eval_loss,
+        "examples_seen": total * tr.batch_size * tr.gradient_accumulation_steps,
+        "tokens": counters.get("tokens", 0),
+        "label_tokens": counters.get("label_tokens", 0),
+        # Real tokens / tokens computed: what padding wastes (packing brings it near 1).
+        "useful_fraction": round(counters.get("tokens", 0) / max(1, counters.get("capacity", 0)),
+                                 4),
+        "resumed_from_step": result.resumed_from_step,
+        "train_seconds": round(result.train_seconds, 3),
+    }
+
+
+def _resolved(spec: TextJobSpec, ds: TextTrainSet, precision: Precision, total: int,
+              device: torch.device, ctx: WorkerContext, params: list[Any]) -> dict[str, Any]:
+    """Every setting the job ran with, defaults resolved (the sidecar's `resolved`)."""
+    tr, lora = spec.training, spec.lora
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "use_dora": lora.use_dora,
+        "use_rslora": lora.use_rslora,
+        "target_modules": spec.target_modules(),
+        "steps": total,
+        "batch_size": tr.batch_size,
+        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
+        "learning_rate": tr.learning_rate,
+        "lr_scheduler": tr.lr_scheduler,
+        "warmup_steps": tr.warmup_steps,
+        "weight_decay": tr.weight_decay,
+        "max_seq_length": tr.max_seq_length,
+        "seed": tr.seed,
+        "optimizer": tr.optimizer,
+        "max_grad_norm": tr.max_grad_norm,
+        "mixed_precision": precision.used,
+        "mixed_precision_requested": precision.requested,
+        "gradient_checkpointing": tr.gradient_checkpointing,
+        "epochs": round(total * tr.batch_size * tr.gradient_accumulation_steps / len(ds), 3),
+        "packing": spec.data.packing,
+        "data_format": spec.data.format,
+        "trainable_params": sum(p.numel() for p in params),
+        "device": device.type,
+        "dtype": str(precision.base_dtype).removeprefix("torch."),
+        "threads": ctx.threads,
+    }
 
 
 def _first_line(err: Exception) -> str:

@@ -1,0 +1,125 @@
+"""The image objective: what the UNet is trained to predict, and how each step's loss is made.
+
+`DenoisingLoss(k)` is the loss of micro-batch `k`: its images' latents (cached or encoded
+now), their captions' conditioning, noise and timesteps drawn from the trainer's own generator
+(so they depend on the seed and the step alone), the UNet's prediction and the target the
+scheduler's `prediction_type` asks for, optionally weighted by min-SNR.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorajobs.jobspecs.failures import UserDataError
+from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.worker.trainers.image.data import ImageTrainSet
+from lorajobs.worker.trainers.image.latents import CachePlan
+from lorajobs.worker.trainers.image.models import Conditioning, Encoders, ImageBase
+from lorajobs.worker.trainers.loop import to_device
+
+
+def snr_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of each timestep, fp32."""
+    a = alphas_cumprod.to(torch.float32)[timesteps]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) per sample, as diffusers' training scripts
+    apply them: min(SNR, γ) / SNR for epsilon, min(SNR, γ) / (SNR + 1) for v-prediction, and
+    min(SNR, γ) for a model that predicts the clean sample."""
+    if prediction_type == "epsilon":
+        # = min(SNR, γ) / SNR, but 1 rather than 0/0 where SNR is 0 (zero-terminal-SNR schedules)
+        return torch.clamp(gamma / snr, max=1.0)
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1.0)
+    if prediction_type == "sample":
+        return torch.clamp(snr, max=gamma)
+    raise UserDataError(f"base model scheduler: unsupported prediction_type {prediction_type!r}")
+
+
+def target(prediction_type: str, scheduler: Any, clean: torch.Tensor, noise: torch.Tensor,
+           timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for noised `clean` latents."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    if prediction_type == "sample":
+        return clean
+    raise UserDataError(f"base model scheduler: unsupported prediction_type {prediction_type!r}")
+
+
+class DenoisingLoss:
+    """The loss of micro-batch `k` (its images: a function of k and the seed)."""
+
+    def __init__(self, spec: ImageJobSpec, ds: ImageTrainSet, base: ImageBase, cache: CachePlan,
+                 encoders: Encoders, latents: dict[tuple[int, bool], torch.Tensor] | None,
+                 embeddings: dict[str, Conditioning], noise_gen: torch.Generator,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg, self.ds, self.base, self.cache = spec.training, ds, base, cache
+        self.encoders, self.latents, self.embeddings = encoders, latents, embeddings
+        self.noise_gen, self.device, self.dtype = noise_gen, device, dtype
+        self.prediction_type = base.scheduler.config.prediction_type
+        self.num_timesteps = base.scheduler.config.num_train_timesteps
+
+    def __call__(self, k: int) -> tuple[torch.Tensor, dict[str, int]]:
+        plan = self.ds.plan(k)
+        clean, cond = self._inputs(k, plan)
+        host = {"clean": clean, "context": cond.context, **self._noise(clean, len(plan.records))}
+        if self.base.sdxl:
+            assert cond.pooled is not None
+            host["pooled"] = cond.pooled
+            host["time_ids"] = torch.tensor(self.ds.size_conditioning(plan), dtype=self.dtype)
+        # One queued copy per tensor: the host does not wait for the device's previous step.
+        on = to_device(host, self.device)
+        return self._loss(on), {"images": len(plan.records)}
+
+    def _inputs(self, k: int, plan: Any) -> tuple[torch.Tensor, Conditioning]:
+        """The micro-batch's clean latents and its captions' conditioning."""
+        if self.latents is not None:
+            clean = torch.stack([self.latents[r, f] for r, f in zip(plan.records, plan.flipped)])
+        else:
+            clean = self.encoders.latents(self.ds.batch(k).pixels)
+        if self.cache.text:
+            cond = Conditioning.stack([self.embeddings[c] for c in plan.captions])
+        elif self.cfg.train_text_encoder:
+            cond = self.encoders.condition(list(plan.captions))  # with gradients into the LoRA
+        else:
+            cond = self.encoders.captions(list(plan.captions))
+        return clean, cond
+
+    def _noise(self, clean: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """Noise (with offset noise if asked) and timesteps, from the trainer's generator."""
+        noise = torch.randn(clean.shape, generator=self.noise_gen)
+        if self.cfg.noise_offset > 0:  # only then: the draw would shift every later one
+            noise = noise + self.cfg.noise_offset * torch.randn(
+                (clean.shape[0], clean.shape[1], 1, 1), generator=self.noise_gen
+            )
+        timesteps = torch.randint(0, self.num_timesteps, (n,), generator=self.noise_gen)
+        return {"noise": noise, "timesteps": timesteps}
+
+    def _loss(self, on: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Noise the latents, predict, and compare with the target (min-SNR weighted if asked)."""
+        scheduler, dtype = self.base.scheduler, self.dtype
+        clean, noise, timesteps = on["clean"], on["noise"], on["timesteps"]
+        context = on["context"].to(dtype)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        added = None
+        if self.base.sdxl:
+            added = {"text_embeds": on["pooled"].to(dtype), "time_ids": on["time_ids"]}
+        pred = self.base.unet(
+            noisy.to(dtype), timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
+        ).sample
+        want = target(self.prediction_type, scheduler, clean, noise, timesteps)
+        if self.cfg.min_snr_gamma is None:
+            return F.mse_loss(pred.float(), want.float())
+        per_item = F.mse_loss(pred.float(), want.float(), reduction="none")
+        per_item = per_item.mean(dim=list(range(1, per_item.ndim)))
+        # On the device (add_noise moved alphas_cumprod there): no read-back. Indexing and
+        # one IEEE division: the same values as on the CPU.
+        snr = snr_at(scheduler.alphas_cumprod, timesteps)
+        return (per_item * min_snr_weights(snr, self.cfg.min_snr_gamma, self.prediction_type)).mean()
