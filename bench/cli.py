@@ -57,8 +57,10 @@ def main() -> None:
         for name, argv in (("status", [lorajobs, "status"]), ("--help", [lorajobs, "--help"])):
             t = timed(argv, env, args.runs)
             verdict = "ok" if t <= GOALS[name] else "OVER GOAL"
-            print(f"lorajobs {name:<7} {t:.3f} s  goal <= {GOALS[name]} s ({verdict})  "
-                  f"{t / baseline:.2f}x baseline  [{args.jobs} jobs]")
+            print(
+                f"lorajobs {name:<7} {t:.3f} s  goal <= {GOALS[name]} s ({verdict})  "
+                f"{t / baseline:.2f}x baseline  [{args.jobs} jobs]"
+            )
 
 
 if __name__ == "__main__":

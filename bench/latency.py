@@ -39,8 +39,9 @@ STEP_LINE = re.compile(r"^(\S+ \S+) step (\d+)/(\d+)(?:\s+loss \S+)?(?:\s+([\d.]
 
 
 def _ts(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%fZ").replace(
-        tzinfo=timezone.utc).timestamp()
+    return (
+        datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    )
 
 
 def measure(job: Any, log: str) -> dict[str, float]:
@@ -97,13 +98,15 @@ def main() -> None:
             assert rec.status.value == "succeeded", rec.failure_reason
             log = (read_log(bucket, rec.id, rec.attempt) or b"").decode()
             rows.append(measure(_Job(rec, queue.events(rec.id)), log))
-            print(json.dumps({"job": i, **{k: round(v, 3) for k, v in rows[-1].items()}}),
-                  flush=True)
+            print(
+                json.dumps({"job": i, **{k: round(v, 3) for k, v in rows[-1].items()}}), flush=True
+            )
         warm = rows[1:] or rows
         summary = {
             "cold": {k: round(v, 3) for k, v in rows[0].items()},
             "warm_median": {k: round(statistics.median(r[k] for r in warm), 3) for k in rows[0]},
-            "jobs": args.jobs, "steps": args.steps,
+            "jobs": args.jobs,
+            "steps": args.steps,
         }
         print(json.dumps(summary), flush=True)
         if args.json:

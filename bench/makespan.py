@@ -36,16 +36,35 @@ sys.path.insert(0, str(ROOT))
 
 def start_cluster(gpu_nodes: int) -> tuple[Any, list[Any], str]:
     tmp = tempfile.mkdtemp(prefix="ljb-", dir="/tmp")
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-                      RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmp, HF_HUB_OFFLINE="1",
-                      TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_TMPDIR=tmp,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "num_gpus": 0, "include_dashboard": False,
-        "object_store_memory": 80 * 1024**2})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100": 1},
-                              object_store_memory=80 * 1024**2) for _ in range(gpu_nodes)]
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "object_store_memory": 80 * 1024**2,
+        },
+    )
+    nodes = [
+        cluster.add_node(
+            num_cpus=1,
+            num_gpus=1,
+            resources={"accelerator_type:A100": 1},
+            object_store_memory=80 * 1024**2,
+        )
+        for _ in range(gpu_nodes)
+    ]
     cluster.wait_for_nodes()
     return cluster, nodes, tmp
 
@@ -63,22 +82,31 @@ def tiny_inputs(root: Path) -> tuple[Path, Path]:
 def text_spec(name: str, model: Path, data: Path, steps: int) -> Any:
     from lorajobs.jobspecs import parse_spec
 
-    return parse_spec({
-        "kind": "text", "name": name, "base_model": str(model), "dataset": str(data),
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"steps": steps, "batch_size": 2, "learning_rate": 1e-3, "seed": 0,
-                     "max_seq_length": 64},
-        "resources": {"gpus": 1, "cpus": 1},
-    })
+    return parse_spec(
+        {
+            "kind": "text",
+            "name": name,
+            "base_model": str(model),
+            "dataset": str(data),
+            "lora": {"rank": 4, "alpha": 8},
+            "training": {
+                "steps": steps,
+                "batch_size": 2,
+                "learning_rate": 1e-3,
+                "seed": 0,
+                "max_seq_length": 64,
+            },
+            "resources": {"gpus": 1, "cpus": 1},
+        }
+    )
 
 
 def controller_for(address: str, home: Path, **config: Any) -> tuple[Any, Any]:
-    from lorajobs.orchestrator.settings import ControllerConfig
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.db import ensure_schema, make_engine
-    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.queue import Queue
-    from lorajobs.orchestrator.settings import Settings
+    from lorajobs.orchestrator.ray_backend import RayBackend
+    from lorajobs.orchestrator.settings import ControllerConfig, Settings
 
     settings = Settings.from_env({"LORAJOBS_HOME": str(home), "LORAJOBS_RAY_ADDRESS": address})
     engine = make_engine(settings)
@@ -105,8 +133,10 @@ def main() -> None:
         queue, ctl = controller_for(cluster.address, work / "home")
         bucket = f"file://{work / 'bucket'}"
         t0 = time.time()
-        ids = [queue.submit(text_spec(f"job-{i}", model, data, args.steps), output_uri=bucket)[0].id
-               for i in range(args.jobs)]
+        ids = [
+            queue.submit(text_spec(f"job-{i}", model, data, args.steps), output_uri=bucket)[0].id
+            for i in range(args.jobs)
+        ]
         ctl.run(until=lambda: all(queue.get(i).status.is_terminal() for i in ids))
         jobs = [queue.get(i) for i in ids]
         assert all(j.status.value == "succeeded" for j in jobs), [j.failure_reason for j in jobs]
@@ -117,13 +147,17 @@ def main() -> None:
         gaps = []
         for node in {j.node_id for j in jobs}:
             mine = sorted((j for j in jobs if j.node_id == node), key=lambda j: j.dispatched_at)
-            gaps += [(b.dispatched_at - a.finished_at).total_seconds() for a, b in zip(mine, mine[1:])]
+            gaps += [
+                (b.dispatched_at - a.finished_at).total_seconds() for a, b in zip(mine, mine[1:])
+            ]
         first = min(j.dispatched_at.timestamp() for j in jobs) - t0
         out = {
             "jobs": args.jobs,
             "first_dispatch_s": round(first, 2),
             "mean_gap_between_jobs_on_a_node_s": round(sum(gaps) / max(1, len(gaps)), 3),
-            "max_gap_s": round(max(gaps, default=0.0), 3), "gpus": args.gpus, "steps": args.steps,
+            "max_gap_s": round(max(gaps, default=0.0), 3),
+            "gpus": args.gpus,
+            "steps": args.steps,
             "makespan_s": round(makespan, 2),
             "ideal_s_in_task": round(in_task / args.gpus, 2),
             "ratio_vs_in_task_work": round(makespan / (in_task / args.gpus), 3),

@@ -89,8 +89,12 @@ def timed(cmd: list[str], env: dict[str, str], label: str = "") -> tuple[float, 
 
 def same_tree(a: Path, b: Path) -> bool:
     def listing(root: Path) -> dict[str, int]:
-        return {p.relative_to(root).as_posix(): p.stat().st_size
-                for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        return {
+            p.relative_to(root).as_posix(): p.stat().st_size
+            for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        }
+
     return listing(a) == listing(b)
 
 
@@ -114,24 +118,32 @@ def main() -> None:
     server = SeaweedServer(binary=binary, data_dir=work / "seaweed")
     server.start()
     try:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("AWS_", "LORAJOBS_", "PYTHON", "VIRTUAL_ENV"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "LORAJOBS_", "PYTHON", "VIRTUAL_ENV"))
+        }
         (work / "aws-config").write_text("[default]\ns3 =\n  addressing_style = path\n")
-        env.update(server.env(), AWS_CONFIG_FILE=str(work / "aws-config"),
-                   AWS_SHARED_CREDENTIALS_FILE=str(work / "none"),
-                   AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
-                   AWS_RESPONSE_CHECKSUM_VALIDATION="when_required")
+        env.update(
+            server.env(),
+            AWS_CONFIG_FILE=str(work / "aws-config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(work / "none"),
+            AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
+            AWS_RESPONSE_CHECKSUM_VALIDATION="when_required",
+        )
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
         py_env = {**env, "PYTHONPATH": str(REPO)}
 
         data = work / "data"
         total = make_dataset(data, args.small, args.big, args.big_mb)
         n_files = args.small + args.big
-        print(f"dataset: {n_files} files, {total / 1e6:.0f} MB "
-              f"({args.small} of 1-32 KiB, {args.big} of {args.big_mb} MB)")
+        print(
+            f"dataset: {n_files} files, {total / 1e6:.0f} MB "
+            f"({args.small} of 1-32 KiB, {args.big} of {args.big_mb} MB)"
+        )
 
-        from lorajobs.storage.staging import stage_path
         from lorajobs.storage.backends import open_storage
+        from lorajobs.storage.staging import stage_path
 
         bucket = f"s3://{server.bucket}"
         t = time.monotonic()
@@ -156,17 +168,35 @@ def main() -> None:
         for r in range(args.rounds):
             if aws is not None:
                 dest = work / f"aws-{r}"
-                dt, _ = timed([aws, "s3", "sync", "--only-show-errors", f"{bucket}/{prefix}",
-                               str(dest), "--endpoint-url", server.endpoint], env, "aws")
+                dt, _ = timed(
+                    [
+                        aws,
+                        "s3",
+                        "sync",
+                        "--only-show-errors",
+                        f"{bucket}/{prefix}",
+                        str(dest),
+                        "--endpoint-url",
+                        server.endpoint,
+                    ],
+                    env,
+                    "aws",
+                )
                 results["aws"].append(dt)
                 assert same_tree(dest, data), "aws s3 sync copied something else"
                 shutil.rmtree(dest)
             cache = work / f"cache-{r}"
-            for label, uri in (("cold", staged.uri), ("cached", staged.uri),
-                               ("listing", f"{bucket}/plain")):
+            for label, uri in (
+                ("cold", staged.uri),
+                ("cached", staged.uri),
+                ("listing", f"{bucket}/plain"),
+            ):
                 c = cache if label != "listing" else work / f"cache-list-{r}"
-                dt, out = timed([sys.executable, "-c", _CHILD, uri, str(c),
-                                 str(args.concurrency)], py_env, label)
+                dt, out = timed(
+                    [sys.executable, "-c", _CHILD, uri, str(c), str(args.concurrency)],
+                    py_env,
+                    label,
+                )
                 info = json.loads(out.strip().splitlines()[-1])
                 results[label].append(dt)
                 inner[label].append(info["pull_s"])
@@ -178,22 +208,34 @@ def main() -> None:
             return statistics.median(xs) if xs else float("nan")
 
         load = os.getloadavg()[0]
-        print(f"\n{args.rounds} rounds, medians; wall clock of a fresh process (in-process in "
-              f"( )), and its CPU seconds; {os.cpu_count()} CPUs, load average now {load:.1f}:")
+        print(
+            f"\n{args.rounds} rounds, medians; wall clock of a fresh process (in-process in "
+            f"( )), and its CPU seconds; {os.cpu_count()} CPUs, load average now {load:.1f}:"
+        )
         if aws is not None:
-            print(f"  aws s3 sync                      {med(results['aws']):6.2f} s"
-                  f"            cpu {med(CPU['aws']):5.2f} s")
-        print(f"  lorajobs pull, cold (manifest)   {med(results['cold']):6.2f} s   "
-              f"({med(inner['cold']):.2f} s)  cpu {med(CPU['cold']):5.2f} s")
-        print(f"  lorajobs pull, cold (listing)    {med(results['listing']):6.2f} s   "
-              f"({med(inner['listing']):.2f} s)  cpu {med(CPU['listing']):5.2f} s")
-        print(f"  lorajobs re-pull, fully cached   {med(results['cached']):6.2f} s   "
-              f"({med(inner['cached']) * 1000:.1f} ms)")
+            print(
+                f"  aws s3 sync                      {med(results['aws']):6.2f} s"
+                f"            cpu {med(CPU['aws']):5.2f} s"
+            )
+        print(
+            f"  lorajobs pull, cold (manifest)   {med(results['cold']):6.2f} s   "
+            f"({med(inner['cold']):.2f} s)  cpu {med(CPU['cold']):5.2f} s"
+        )
+        print(
+            f"  lorajobs pull, cold (listing)    {med(results['listing']):6.2f} s   "
+            f"({med(inner['listing']):.2f} s)  cpu {med(CPU['listing']):5.2f} s"
+        )
+        print(
+            f"  lorajobs re-pull, fully cached   {med(results['cached']):6.2f} s   "
+            f"({med(inner['cached']) * 1000:.1f} ms)"
+        )
         if aws is not None:
             ratio = med(results["aws"]) / med(results["cold"])
-            print(f"  speed-up over aws s3 sync: {ratio:.2f}x "
-                  f"({total / 1e6 / med(results['cold']):.0f} MB/s vs "
-                  f"{total / 1e6 / med(results['aws']):.0f} MB/s)")
+            print(
+                f"  speed-up over aws s3 sync: {ratio:.2f}x "
+                f"({total / 1e6 / med(results['cold']):.0f} MB/s vs "
+                f"{total / 1e6 / med(results['aws']):.0f} MB/s)"
+            )
         print("raw:", json.dumps({k: [round(x, 3) for x in v] for k, v in results.items()}))
     finally:
         server.stop()

@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import insert, update  # noqa: E402
 
 from lorajobs.jobspecs import parse_spec, spec_to_dict  # noqa: E402
-from lorajobs.orchestrator.settings import ControllerConfig  # noqa: E402
 from lorajobs.orchestrator.controller import Controller  # noqa: E402
 from lorajobs.orchestrator.db import EVENTS, JOBS, ensure_schema, make_engine  # noqa: E402
-from lorajobs.orchestrator.ray_backend import Attempt, ClusterView  # noqa: E402
 from lorajobs.orchestrator.queue import Queue  # noqa: E402
+from lorajobs.orchestrator.ray_backend import Attempt, ClusterView  # noqa: E402
 from lorajobs.orchestrator.records import dump_json  # noqa: E402
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy  # noqa: E402
+from lorajobs.orchestrator.settings import ControllerConfig  # noqa: E402
 
 SHAPES = [(1.0, None, 4), (1.0, "A100", 4), (1.0, "H100", 8), (0.25, None, 2), (0.0, None, 4)]
 
@@ -53,8 +53,12 @@ class NoRay:
     def __init__(self, nodes: int) -> None:
         types = ["A100", "H100", "L4"]
         self.totals = {
-            f"node-{i:04d}": {"CPU": 64.0, "GPU": 8.0, f"accelerator_type:{types[i % 3]}": 1.0,
-                              "memory": 512 * 1024**3}
+            f"node-{i:04d}": {
+                "CPU": 64.0,
+                "GPU": 8.0,
+                f"accelerator_type:{types[i % 3]}": 1.0,
+                "memory": 512 * 1024**3,
+            }
             for i in range(nodes)
         }
         self.launched = 0
@@ -68,8 +72,9 @@ class NoRay:
     def cluster(self) -> ClusterView:
         return ClusterView(self.totals, None)
 
-    def launch(self, job_id: str, attempt: int, *a: Any, node_id: str | None = None,
-               **k: Any) -> Attempt:
+    def launch(
+        self, job_id: str, attempt: int, *a: Any, node_id: str | None = None, **k: Any
+    ) -> Attempt:
         self.launched += 1
         return Attempt(job_id, attempt, None, 0.0, node_id)
 
@@ -86,35 +91,67 @@ class NoRay:
 def fill(queue: Queue, n: int, seed: int = 0) -> None:
     """Insert `n` queued jobs the way `Queue.submit` stores them, in bulk (setup, not timed)."""
     rng = random.Random(seed)
-    base = spec_to_dict(parse_spec({"kind": "text", "name": "bench", "base_model": "m",
-                                    "dataset": "d", "training": {"steps": 100}}))
+    base = spec_to_dict(
+        parse_spec(
+            {
+                "kind": "text",
+                "name": "bench",
+                "base_model": "m",
+                "dataset": "d",
+                "training": {"steps": 100},
+            }
+        )
+    )
     t0 = datetime.now(timezone.utc) - timedelta(hours=1)
     rows, events = [], []
     for i in range(n):
         gpus, gpu_type, cpus = SHAPES[rng.randrange(len(SHAPES))]
         owner, prio = f"owner-{rng.randrange(20):02d}", rng.randint(-5, 5)
-        spec = {**base, "owner": owner, "priority": prio, "name": f"job-{i}",
-                "resources": {"gpus": gpus, "gpu_type": gpu_type, "cpus": cpus,
-                              "memory_gb": None}}
+        spec = {
+            **base,
+            "owner": owner,
+            "priority": prio,
+            "name": f"job-{i}",
+            "resources": {"gpus": gpus, "gpu_type": gpu_type, "cpus": cpus, "memory_gb": None},
+        }
         at = t0 + timedelta(milliseconds=i)
         jid = f"{i:012x}"
-        rows.append(dict(id=jid, name=f"job-{i}", kind="text", owner=owner, priority=prio,
-                         status="queued", spec=dump_json(spec), output_uri="file:///b",
-                         attempt=1, gpus=gpus, gpu_type=gpu_type, cpus=cpus, created_at=at,
-                         updated_at=at, cancel_requested=False))
-        events.append(dict(job_id=jid, at=at, from_status=None, to_status="queued",
-                           reason="submitted"))
+        rows.append(
+            dict(
+                id=jid,
+                name=f"job-{i}",
+                kind="text",
+                owner=owner,
+                priority=prio,
+                status="queued",
+                spec=dump_json(spec),
+                output_uri="file:///b",
+                attempt=1,
+                gpus=gpus,
+                gpu_type=gpu_type,
+                cpus=cpus,
+                created_at=at,
+                updated_at=at,
+                cancel_requested=False,
+            )
+        )
+        events.append(
+            dict(job_id=jid, at=at, from_status=None, to_status="queued", reason="submitted")
+        )
     with queue.engine.begin() as conn:
         for start in range(0, n, 2000):
-            conn.execute(insert(JOBS), rows[start:start + 2000])
-            conn.execute(insert(EVENTS), events[start:start + 2000])
+            conn.execute(insert(JOBS), rows[start : start + 2000])
+            conn.execute(insert(EVENTS), events[start : start + 2000])
 
 
 def finish_dispatched(queue: Queue) -> None:
     jobs = JOBS
     with queue.engine.begin() as conn:
-        conn.execute(update(jobs).where(jobs.c.status == "dispatched")
-                     .values(status="succeeded", lease_owner=None))
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.status == "dispatched")
+            .values(status="succeeded", lease_owner=None)
+        )
 
 
 def run(url: str, queued: int) -> dict[str, Any]:
@@ -122,8 +159,9 @@ def run(url: str, queued: int) -> dict[str, Any]:
     ensure_schema(engine, auto=True)
     queue = Queue(engine)
     fill(queue, queued)
-    config = ControllerConfig(policy=Policy(aging_s=600, limits=OwnerLimits(max_jobs=300,
-                                                                            max_gpus=200)))
+    config = ControllerConfig(
+        policy=Policy(aging_s=600, limits=OwnerLimits(max_jobs=300, max_gpus=200))
+    )
     backend = NoRay(200)
     ctl = Controller(queue, backend, config)  # type: ignore[arg-type]
     rounds: list[tuple[int, float]] = []

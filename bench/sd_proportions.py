@@ -37,8 +37,12 @@ from typing import Any
 
 # SD 1.5's published configs (runwayml/stable-diffusion-v1-5), the parts that set the cost.
 SD15_VAE = {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "sample_size": 512}
-SD15_UNET = {"block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768,
-             "norm_num_groups": 32, "sample_size": 64}
+SD15_UNET = {
+    "block_out_channels": (320, 640, 1280, 1280),
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
 BENCH_VAE = {"block_out_channels": (28, 56, 112, 112), "norm_num_groups": 7, "sample_size": 128}
 BENCH_UNET = {"block_out_channels": (40, 80, 160, 160), "norm_num_groups": 8, "sample_size": 16}
 BENCH_RESOLUTION = 128
@@ -48,9 +52,14 @@ def _vae(**over: Any) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.18215, **over,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215,
+        **over,
     )
 
 
@@ -58,9 +67,13 @@ def _unet(**over: Any) -> Any:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        in_channels=4, out_channels=4, layers_per_block=2, attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **over,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **over,
     )
 
 
@@ -90,8 +103,14 @@ def flop_shares(vae: Any, unet: Any, resolution: int, cross: int, device: str) -
 
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_out.0", "to_q", "to_v"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_out.0", "to_q", "to_v"],
+        )
+    )
     pixels = torch.randn(1, 3, resolution, resolution, device=device)
     context = torch.randn(1, 77, cross, device=device)
     with FlopCounterMode(display=False) as f, torch.no_grad():
@@ -103,9 +122,13 @@ def flop_shares(vae: Any, unet: Any, resolution: int, cross: int, device: str) -
     with FlopCounterMode(display=False) as f:
         pred.float().square().mean().backward()
     backward = f.get_total_flops()
-    return {"encode": encode, "forward": forward, "backward": backward,
-            "encode_over_train": encode / (forward + backward),
-            "encode_share": encode / (encode + forward + backward)}
+    return {
+        "encode": encode,
+        "forward": forward,
+        "backward": backward,
+        "encode_over_train": encode / (forward + backward),
+        "encode_share": encode / (encode + forward + backward),
+    }
 
 
 def main() -> None:
@@ -118,13 +141,21 @@ def main() -> None:
 
     with torch.device("meta"):
         sd = flop_shares(_vae(**SD15_VAE), _unet(**SD15_UNET), 512, 768, "meta")
-    print("SD 1.5, 512 px, per image: " + ", ".join(
-        f"{k} {v / 1e12:.3f} TFLOP" if v > 10 else f"{k} {v:.2f}" for k, v in sd.items()))
+    print(
+        "SD 1.5, 512 px, per image: "
+        + ", ".join(
+            f"{k} {v / 1e12:.3f} TFLOP" if v > 10 else f"{k} {v:.2f}" for k, v in sd.items()
+        )
+    )
     torch.manual_seed(0)
     vae, unet = _vae(**BENCH_VAE), _unet(cross_attention_dim=32, **BENCH_UNET)
     bench = flop_shares(vae, unet, BENCH_RESOLUTION, 32, "cpu")
-    print(f"bench model, {BENCH_RESOLUTION} px, per image: " + ", ".join(
-        f"{k} {v / 1e9:.2f} GFLOP" if v > 10 else f"{k} {v:.2f}" for k, v in bench.items()))
+    print(
+        f"bench model, {BENCH_RESOLUTION} px, per image: "
+        + ", ".join(
+            f"{k} {v / 1e9:.2f} GFLOP" if v > 10 else f"{k} {v:.2f}" for k, v in bench.items()
+        )
+    )
 
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     torch.set_num_threads(threads)
@@ -155,8 +186,10 @@ def main() -> None:
 
     z = encode()
     e, s = cpu_ms(encode), cpu_ms(step)
-    print(f"bench model, batch 2, {threads} thread(s), CPU time: encode {e:.1f} ms, LoRA step "
-          f"{s:.1f} ms; encode / train {e / s:.2f}, encode share {e / (e + s):.2f}")
+    print(
+        f"bench model, batch 2, {threads} thread(s), CPU time: encode {e:.1f} ms, LoRA step "
+        f"{s:.1f} ms; encode / train {e / s:.2f}, encode share {e / (e + s):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -58,13 +58,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def build_fixtures(root: Path) -> dict[str, str]:
     from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, make_image_dataset
-    from lorajobs.worker.trainers.text.tiny import _sentence, build_tiny_text_model, make_text_dataset
+    from lorajobs.worker.trainers.text.tiny import (
+        _sentence,
+        build_tiny_text_model,
+        make_text_dataset,
+    )
 
     paths = {
-        "image_model": root / "image-model", "image_data": root / "image-data",
-        "text_model": root / "text-model", "text_data": root / "text.jsonl",
+        "image_model": root / "image-model",
+        "image_data": root / "image-data",
+        "text_model": root / "text-model",
+        "text_data": root / "text.jsonl",
         "varlen_data": root / "varlen.jsonl",
-        "sd_model": root / "sd-model", "sd_data": root / "sd-data",
+        "sd_model": root / "sd-model",
+        "sd_data": root / "sd-data",
     }
     if not paths["sd_model"].exists():
         build_sd_proportioned_model(paths["sd_model"], seed=0)
@@ -87,42 +94,65 @@ WORKERS = {
     "lorajobs-image": lambda fx, a: lorajobs_image(fx, a.steps, a.threads, None),
     "bare-image": lambda fx, a: bare_image(fx, a.steps, a.threads, None),
     "lorajobs-image-epochs": lambda fx, a: lorajobs_image(fx, 0, a.threads, a.epochs, "sd"),
-    "bare-image-encode-every-step": lambda fx, a: bare_image(fx, 0, a.threads, a.epochs, True,
-                                                             "sd"),
+    "bare-image-encode-every-step": lambda fx, a: bare_image(
+        fx, 0, a.threads, a.epochs, True, "sd"
+    ),
     "lorajobs-image-epochs-tiny": lambda fx, a: lorajobs_image(fx, 0, a.threads, a.epochs),
-    "bare-image-encode-every-step-tiny": lambda fx, a: bare_image(fx, 0, a.threads, a.epochs,
-                                                                  True),
+    "bare-image-encode-every-step-tiny": lambda fx, a: bare_image(fx, 0, a.threads, a.epochs, True),
     "lorajobs-text": lambda fx, a: lorajobs_text(fx, a.steps, a.threads),
     "bare-text": lambda fx, a: bare_text(fx, a.steps, a.threads),
-    "lorajobs-text-varlen-packed": lambda fx, a: lorajobs_text(fx, a.text_steps, a.threads,
-                                                               "varlen_data", 4, 256, True),
-    "lorajobs-text-varlen-padded": lambda fx, a: lorajobs_text(fx, a.text_steps, a.threads,
-                                                               "varlen_data", 4, 256, False),
-    "trainer-text-varlen-maxlen": lambda fx, a: hf_trainer_text(fx, a.text_steps, a.threads,
-                                                                "max_length"),
-    "trainer-text-varlen-longest": lambda fx, a: hf_trainer_text(fx, a.text_steps, a.threads,
-                                                                 "longest"),
-    "alternating-text": lambda fx, a: alternating(lambda: lorajobs_text(fx, a.steps, a.threads),
-                                                  lambda: bare_text(fx, a.steps, a.threads),
-                                                  a.calls),
+    "lorajobs-text-varlen-packed": lambda fx, a: lorajobs_text(
+        fx, a.text_steps, a.threads, "varlen_data", 4, 256, True
+    ),
+    "lorajobs-text-varlen-padded": lambda fx, a: lorajobs_text(
+        fx, a.text_steps, a.threads, "varlen_data", 4, 256, False
+    ),
+    "trainer-text-varlen-maxlen": lambda fx, a: hf_trainer_text(
+        fx, a.text_steps, a.threads, "max_length"
+    ),
+    "trainer-text-varlen-longest": lambda fx, a: hf_trainer_text(
+        fx, a.text_steps, a.threads, "longest"
+    ),
+    "alternating-text": lambda fx, a: alternating(
+        lambda: lorajobs_text(fx, a.steps, a.threads),
+        lambda: bare_text(fx, a.steps, a.threads),
+        a.calls,
+    ),
     "alternating-image": lambda fx, a: alternating(
         lambda: lorajobs_image(fx, a.steps, a.threads, None),
-        lambda: bare_image(fx, a.steps, a.threads, None), a.calls),
+        lambda: bare_image(fx, a.steps, a.threads, None),
+        a.calls,
+    ),
 }
 
 PAIRS = [
     ("per-step, image", "lorajobs-image", "bare-image"),
     ("per-step, text", "lorajobs-text", "bare-text"),
-    ("multi-epoch image job, SD-1.5-proportioned model (cache vs decode + encode every step)",
-     "lorajobs-image-epochs", "bare-image-encode-every-step"),
-    ("variable-length text: lorajobs packed vs Trainer padding to max_length",
-     "lorajobs-text-varlen-packed", "trainer-text-varlen-maxlen"),
-    ("variable-length text: lorajobs packed vs Trainer padding to the batch's longest",
-     "lorajobs-text-varlen-packed", "trainer-text-varlen-longest"),
-    ("variable-length text: lorajobs padded (no packing) vs Trainer padding to longest",
-     "lorajobs-text-varlen-padded", "trainer-text-varlen-longest"),
-    ("multi-epoch image job, the tests' tiny 64 px model (encode is cheap there)",
-     "lorajobs-image-epochs-tiny", "bare-image-encode-every-step-tiny"),
+    (
+        "multi-epoch image job, SD-1.5-proportioned model (cache vs decode + encode every step)",
+        "lorajobs-image-epochs",
+        "bare-image-encode-every-step",
+    ),
+    (
+        "variable-length text: lorajobs packed vs Trainer padding to max_length",
+        "lorajobs-text-varlen-packed",
+        "trainer-text-varlen-maxlen",
+    ),
+    (
+        "variable-length text: lorajobs packed vs Trainer padding to the batch's longest",
+        "lorajobs-text-varlen-packed",
+        "trainer-text-varlen-longest",
+    ),
+    (
+        "variable-length text: lorajobs padded (no packing) vs Trainer padding to longest",
+        "lorajobs-text-varlen-padded",
+        "trainer-text-varlen-longest",
+    ),
+    (
+        "multi-epoch image job, the tests' tiny 64 px model (encode is cheap there)",
+        "lorajobs-image-epochs-tiny",
+        "bare-image-encode-every-step-tiny",
+    ),
     # The per-step pairs again, both sides alternating in each process (see `alternating`).
     ("per-step, image, alternating in one process", "alternating-image", None),
     ("per-step, text, alternating in one process", "alternating-text", None),
@@ -130,12 +160,31 @@ PAIRS = [
 
 
 def _run_worker(name: str, fx_path: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--fixtures", str(fx_path),
-           "--steps", str(args.steps), "--text-steps", str(args.text_steps),
-           "--epochs", str(args.epochs), "--threads", str(args.threads),
-           "--calls", str(args.calls)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--fixtures",
+        str(fx_path),
+        "--steps",
+        str(args.steps),
+        "--text-steps",
+        str(args.text_steps),
+        "--epochs",
+        str(args.epochs),
+        "--threads",
+        str(args.threads),
+        "--calls",
+        str(args.calls),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+    }
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{p.stderr[-3000:]}")
@@ -149,8 +198,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=4,
-                    help="alternating pairs: calls of each side per process")
+    ap.add_argument(
+        "--calls", type=int, default=4, help="alternating pairs: calls of each side per process"
+    )
     ap.add_argument("--only", default="", help="comma-separated pair numbers (1-9)")
     ap.add_argument("--worker")
     ap.add_argument("--fixtures")
@@ -169,7 +219,7 @@ def main() -> None:
     names = list(dict.fromkeys(n for _, a, b in chosen for n in (a, b) if n is not None))
     results: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):  # interleaved, alternating order
+        for n in names if r % 2 == 0 else names[::-1]:  # interleaved, alternating order
             results[n].append(_run_worker(n, fx_path, args))
             print(f"round {r + 1}: {n}: {results[n][-1]}", file=sys.stderr)
 
@@ -177,8 +227,10 @@ def main() -> None:
         return statistics.median(x[key] for x in results[name])
 
     summary = {}
-    print(f"\nthreads={args.threads} steps={args.steps} text_steps={args.text_steps} "
-          f"epochs={args.epochs} rounds={args.rounds} (medians)")
+    print(
+        f"\nthreads={args.threads} steps={args.steps} text_steps={args.text_steps} "
+        f"epochs={args.epochs} rounds={args.rounds} (medians)"
+    )
     for title, a, b in chosen:
         if b is None:
             summary[title] = _alternating_summary(results[a])
@@ -210,12 +262,17 @@ def main() -> None:
         if "steps" in results[a][0] and "steps" in results[b][0]:  # the same job on both sides
             row["same_steps"] = results[a][0]["steps"] == results[b][0]["steps"]
         if "final_loss" in results[b][0]:  # the same batches, masks and updates: equal losses
-            row["same_losses"] = all(x["first_loss"] == y["first_loss"] and
-                                     x["final_loss"] == y["final_loss"]
-                                     for x, y in zip(results[a], results[b]))
+            row["same_losses"] = all(
+                x["first_loss"] == y["first_loss"] and x["final_loss"] == y["final_loss"]
+                for x, y in zip(results[a], results[b])
+            )
         summary[title] = row
-        print(f"- {title}: " + ", ".join(
-            f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("lorajobs", "baseline")))
+        print(
+            f"- {title}: "
+            + ", ".join(
+                f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("lorajobs", "baseline")
+            )
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "raw": results}, indent=2))
 

@@ -7,10 +7,17 @@ description (it becomes the JSON Schema users' editors show) and unknown keys ar
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
-from pydantic import WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 # Names become object keys (`adapters/<name>/<job_id>/`): keep them to a safe alphabet so a name
 # can never climb out of its prefix or need quoting.
@@ -32,10 +39,10 @@ class _Strict(BaseModel):
 class LoraSettings(_Strict):
     """The adapter's shape."""
 
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r: the width of the low-rank update.")
-    alpha: float = Field(
-        8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank."
+    rank: int = Field(
+        8, ge=1, le=1024, description="LoRA rank r: the width of the low-rank update."
     )
+    alpha: float = Field(8.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch input.")
     target_modules: list[str] | None = Field(
         None,
@@ -71,7 +78,9 @@ class _Training(_Strict):
         description="Passes over the dataset (or give steps): steps = epochs x ceil(examples / "
         "(batch_size x gradient_accumulation_steps)).",
     )
-    batch_size: int = Field(1, ge=1, le=4096, description="Examples per forward pass (micro-batch).")
+    batch_size: int = Field(
+        1, ge=1, le=4096, description="Examples per forward pass (micro-batch)."
+    )
     gradient_accumulation_steps: int = Field(
         1,
         ge=1,
@@ -119,7 +128,7 @@ class _Training(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for weights, data order and noise.")
 
     @model_validator(mode="after")
-    def _steps_or_epochs(self) -> "_Training":
+    def _steps_or_epochs(self) -> _Training:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps or epochs")
         return self
@@ -137,8 +146,10 @@ class ImageTraining(_Training):
         "both encoders on SDXL). Caption embeddings are then computed every step, not cached.",
     )
     text_encoder_learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="Peak learning rate of the text-encoder LoRA. "
-        "Default: learning_rate.",
+        None,
+        gt=0,
+        le=1.0,
+        description="Peak learning rate of the text-encoder LoRA. Default: learning_rate.",
     )
     noise_offset: float = Field(
         0.0,
@@ -156,7 +167,7 @@ class ImageTraining(_Training):
     )
 
     @model_validator(mode="after")
-    def _te_lr_needs_te(self) -> "ImageTraining":
+    def _te_lr_needs_te(self) -> ImageTraining:
         if self.text_encoder_learning_rate is not None and not self.train_text_encoder:
             raise ValueError("text_encoder_learning_rate needs train_text_encoder: true")
         return self
@@ -267,11 +278,16 @@ class Samples(_Strict):
     num_inference_steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample.")
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance.")
     resolution: int | None = Field(
-        None, ge=32, le=4096, multiple_of=8,
+        None,
+        ge=32,
+        le=4096,
+        multiple_of=8,
         description="Square sample size in pixels. Default: training.resolution.",
     )
     seed: int = Field(
-        0, ge=0, le=2**32 - 1,
+        0,
+        ge=0,
+        le=2**32 - 1,
         description="Seed of the sample noise: the same for every render, so grids compare.",
     )
 
@@ -312,14 +328,16 @@ class TextData(_Strict):
     )
 
     @model_validator(mode="after")
-    def _one_validation_source(self) -> "TextData":
+    def _one_validation_source(self) -> TextData:
         if self.validation is not None and self.validation_split > 0:
             raise ValueError("set validation or validation_split, not both")
         return self
 
 
-_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"
-                          r"(?:(\d+(?:\.\d+)?)s)?$")
+_DURATION_RE = re.compile(
+    r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"
+    r"(?:(\d+(?:\.\d+)?)s)?$"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -338,12 +356,16 @@ def parse_duration(text: str) -> float:
 
 # Stored as seconds; written by users as seconds or a duration string.
 MaxRuntime = Annotated[
-    Optional[float],
+    float | None,
     Field(gt=0),
     WithJsonSchema(
-        {"anyOf": [{"type": "number", "exclusiveMinimum": 0},
-                   {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?[dhms]\s*)+$"},
-                   {"type": "null"}]}
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?[dhms]\s*)+$"},
+                {"type": "null"},
+            ]
+        }
     ),
 ]
 
@@ -361,7 +383,9 @@ class _JobSpec(_Strict):
         description="Base model: a local folder, an s3:// or file:// folder, or a hub id.",
     )
     dataset: str = Field(
-        ..., min_length=1, description="Training data: a local folder/file, or an s3:// / file:// URI."
+        ...,
+        min_length=1,
+        description="Training data: a local folder/file, or an s3:// / file:// URI.",
     )
     output: str | None = Field(
         None, description="Bucket URI for outputs. Default: the configured LORAJOBS_BUCKET."
@@ -419,6 +443,6 @@ class TextJobSpec(_JobSpec):
     )
 
 
-JobSpec = Annotated[Union[ImageJobSpec, TextJobSpec], Field(discriminator="kind")]
+JobSpec = Annotated[ImageJobSpec | TextJobSpec, Field(discriminator="kind")]
 JOB_SPEC_ADAPTER: TypeAdapter[ImageJobSpec | TextJobSpec] = TypeAdapter(JobSpec)
-AnyJobSpec = Union[ImageJobSpec, TextJobSpec]
+AnyJobSpec = ImageJobSpec | TextJobSpec

@@ -12,7 +12,8 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lorajobs.jobspecs.failures import FailureKind, LoraJobsError, classify
 from lorajobs.orchestrator.settings import Settings
@@ -42,8 +43,10 @@ def run(
     parsed = parse_spec(spec, f"job {job_id}")
     extra = dict(extra or {})
     with AttemptLog(output_uri, job_id, attempt) as log:
-        log.line(f"job {job_id} attempt {attempt}: {parsed.kind} '{parsed.name}' on {node} "
-                 f"(Ray node {ray_node_id[:12]}), {parsed.resources.cpus} threads")
+        log.line(
+            f"job {job_id} attempt {attempt}: {parsed.kind} '{parsed.name}' on {node} "
+            f"(Ray node {ray_node_id[:12]}), {parsed.resources.cpus} threads"
+        )
         ctx = WorkerContext(
             job_id=job_id,
             output_uri=output_uri,
@@ -61,8 +64,12 @@ def run(
             out = {"ok": False, "kind": classify(err), "error": str(err), **base}
         except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
             traceback.print_exc()
-            out = {"ok": False, "kind": FailureKind.internal,
-                   "error": f"{type(err).__name__}: {err}", **base}
+            out = {
+                "ok": False,
+                "kind": FailureKind.internal,
+                "error": f"{type(err).__name__}: {err}",
+                **base,
+            }
         finally:
             _release_gpu_memory()
         out["attempt_seconds"] = round(time.monotonic() - started, 3)
@@ -71,8 +78,9 @@ def run(
     return out
 
 
-def _reporter(send: Callable[[dict[str, Any]], None], log: Any, node: str, started: float,
-              cost: Any) -> Callable[[dict[str, Any]], None]:
+def _reporter(
+    send: Callable[[dict[str, Any]], None], log: Any, node: str, started: float, cost: Any
+) -> Callable[[dict[str, Any]], None]:
     """The trainer's progress callback: to the controller (at most 5/s), and to the log."""
     last_sent, last_logged = [0.0], [0.0]
 
@@ -92,9 +100,11 @@ def _reporter(send: Callable[[dict[str, Any]], None], log: Any, node: str, start
         if now - last_logged[0] >= PROGRESS_LOG_EVERY_S or final:
             last_logged[0] = now
             loss, speed = p.get("loss"), p.get("it_per_s")
-            log.line(f"step {p.get('step')}/{p.get('total_steps')}"
-                     + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                     + (f"  {speed:.2f} it/s" if isinstance(speed, (int, float)) else ""))
+            log.line(
+                f"step {p.get('step')}/{p.get('total_steps')}"
+                + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                + (f"  {speed:.2f} it/s" if isinstance(speed, (int, float)) else "")
+            )
 
     return report
 

@@ -28,8 +28,9 @@ class _Backend(Protocol):
     def request_resources(self, bundles: list[dict[str, float]]) -> None: ...
 
 
-def bundles(demand: Sequence[tuple[Shape, bool, int]], limit: int = MAX_BUNDLES
-            ) -> list[dict[str, float]]:
+def bundles(
+    demand: Sequence[tuple[Shape, bool, int]], limit: int = MAX_BUNDLES
+) -> list[dict[str, float]]:
     """One bundle per active and queued job, active first; [] when nothing is queued."""
     if not any(queued and count > 0 for _, queued, count in demand):
         return []
@@ -45,8 +46,13 @@ def bundles(demand: Sequence[tuple[Shape, bool, int]], limit: int = MAX_BUNDLES
 class Autoscaler:
     """Sends the demand to Ray when it changed, at most every `every_s` seconds."""
 
-    def __init__(self, backend: _Backend, *, every_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        backend: _Backend,
+        *,
+        every_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
         self.every_s = every_s
         self._clock = clock

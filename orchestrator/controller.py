@@ -22,12 +22,12 @@ from typing import Any
 from lorajobs.jobspecs.failures import FailureKind, InvalidTransition
 from lorajobs.orchestrator import reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
-from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
-from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
 from lorajobs.orchestrator.queue import JobRecord, Queue
+from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
 from lorajobs.orchestrator.recovery import RETRY_COLUMN, Action, Loss, decide
 from lorajobs.orchestrator.scheduler import Hold, Node, Round, Shape, node_views
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
 
 log = logging.getLogger("lorajobs.controller")
@@ -51,8 +51,14 @@ def _aware(t: datetime | None) -> datetime | None:
 class Controller:
     """Drives jobs from `queued` to a terminal state on a Ray backend."""
 
-    def __init__(self, queue: Queue, backend: RayBackend, config: ControllerConfig | None = None,
-                 *, clock: Callable[[], datetime] = _now):
+    def __init__(
+        self,
+        queue: Queue,
+        backend: RayBackend,
+        config: ControllerConfig | None = None,
+        *,
+        clock: Callable[[], datetime] = _now,
+    ):
         self.queue = queue
         self.backend = backend
         self.config = config or ControllerConfig()
@@ -108,8 +114,13 @@ class Controller:
                 continue  # a stale report from an attempt we no longer own
             if not attempt.running:
                 attempt.running = True
-                self._try(job_id, JobStatus.dispatched, JobStatus.running,
-                          f"training on {p.get('node') or 'a worker'}", node=p.get("node"))
+                self._try(
+                    job_id,
+                    JobStatus.dispatched,
+                    JobStatus.running,
+                    f"training on {p.get('node') or 'a worker'}",
+                    node=p.get("node"),
+                )
             self.queue.record_progress(
                 job_id,
                 step=int(p.get("step", 0)),
@@ -131,8 +142,9 @@ class Controller:
                 continue
             if out.get("node_lost") and attempt.node_id:
                 self._suspect[attempt.node_id] = time.monotonic() + SUSPECT_NODE_S
-            self._lost(job, FailureKind(out.get("kind", FailureKind.internal)),
-                       out.get("error", "failed"))
+            self._lost(
+                job, FailureKind(out.get("kind", FailureKind.internal)), out.get("error", "failed")
+            )
 
     def _heartbeat(self, active: list[JobRecord]) -> None:
         mine = {j.id for j in active if j.lease_owner == self.lease}
@@ -163,8 +175,13 @@ class Controller:
                 self.backend.cancel(self._forget(job.id))
                 self._delete_partial_adapter(job)
                 error = f"exceeded max_runtime of {job.max_runtime_s:g} s"
-                self._end(job, JobStatus.failed, f"user error: {error}",
-                          failure_kind=FailureKind.user, failure_reason=error)
+                self._end(
+                    job,
+                    JobStatus.failed,
+                    f"user error: {error}",
+                    failure_kind=FailureKind.user,
+                    failure_reason=error,
+                )
 
     def _reconcile(self, active: list[JobRecord]) -> None:
         now = self._clock()
@@ -179,8 +196,9 @@ class Controller:
             if job.id in self.inflight:
                 continue
             if job.lease_owner != self.lease:
-                v = reconcile.verdict(job, now=now, grace_s=self.config.takeover_grace_s,
-                                      driver_alive=driver_alive)
+                v = reconcile.verdict(
+                    job, now=now, grace_s=self.config.takeover_grace_s, driver_alive=driver_alive
+                )
                 if v != reconcile.TAKE:
                     continue
             owner = job.lease_owner or "none"
@@ -188,11 +206,17 @@ class Controller:
             guard = {"lease_owner_was": job.lease_owner}
             if job.cancel_requested:
                 self._delete_partial_adapter(job)
-                self._end(job, JobStatus.cancelled, "cancelled by user (after controller loss)",
-                          **guard)
+                self._end(
+                    job, JobStatus.cancelled, "cancelled by user (after controller loss)", **guard
+                )
             else:
-                self._lost(job, FailureKind.infra, f"controller {owner.split(' ')[0]} lost", charge=False,
-                           **guard)
+                self._lost(
+                    job,
+                    FailureKind.infra,
+                    f"controller {owner.split(' ')[0]} lost",
+                    charge=False,
+                    **guard,
+                )
 
     def _dispatch(self) -> None:
         if not self.queue.scheduling.has_queued():
@@ -205,8 +229,11 @@ class Controller:
             # Ray's view of a node lags an attempt's end by up to a second; the database knows
             # at once. Where one of ours just ended, trust the database alone for a moment.
             fresh = {n for n, t in self._freed.items() if now_mono - t < FRESH_S}
-            available = {n: view.totals[n] if n in fresh else a for n, a in available.items()
-                         if n in view.totals}
+            available = {
+                n: view.totals[n] if n in fresh else a
+                for n, a in available.items()
+                if n in view.totals
+            }
         rounds: list[Round] = []
 
         def start(holds: list[Hold]) -> Round:
@@ -215,8 +242,12 @@ class Controller:
             return rounds[-1]
 
         claimed = self.queue.scheduling.schedule(
-            start, per_class=self.config.per_class, aging_s=self.config.policy.aging_s,
-            lease_owner=self.lease, lease_expires_at=self._lease_until())
+            start,
+            per_class=self.config.per_class,
+            aging_s=self.config.policy.aging_s,
+            lease_owner=self.lease,
+            lease_expires_at=self._lease_until(),
+        )
         for job in claimed:
             self._launch(job)
         if rounds:
@@ -225,16 +256,25 @@ class Controller:
             # One machine, no autoscaler: a job no node can ever run would wait forever.
             for job_id in rounds[0].plan.never_fits:
                 reason = _unschedulable(self.queue.get(job_id), rounds[0].nodes)
-                self._try(job_id, JobStatus.queued, JobStatus.failed, reason,
-                          failure_kind=FailureKind.user, failure_reason=reason)
+                self._try(
+                    job_id,
+                    JobStatus.queued,
+                    JobStatus.failed,
+                    reason,
+                    failure_kind=FailureKind.user,
+                    failure_reason=reason,
+                )
 
     def _publish_waiting(self, rnd: Round) -> None:
         """Tell `status` why queued jobs wait: when the round's reasons changed, and every
         `waiting.REFRESH_S` anyway (its age shows that a controller is scheduling)."""
         summary = waiting.summarize(rnd, self._clock())
         last = self._waiting
-        if (last is not None and last.same_as(summary)
-                and (summary.at - last.at).total_seconds() < waiting.REFRESH_S):
+        if (
+            last is not None
+            and last.same_as(summary)
+            and (summary.at - last.at).total_seconds() < waiting.REFRESH_S
+        ):
             return
         self.queue.scheduling.record_waiting(summary)
         self._waiting = summary
@@ -242,15 +282,25 @@ class Controller:
     def _launch(self, job: JobRecord) -> None:
         shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
         rate = self._rate(job)
-        extra: dict[str, Any] = {"placement": {"accelerator": job.accelerator or "cpu",
-                                               "attempt": job.attempt}}
+        extra: dict[str, Any] = {
+            "placement": {"accelerator": job.accelerator or "cpu", "attempt": job.attempt}
+        }
         if rate is not None:
-            extra["cost"] = {"usd_per_hour": rate, "accelerator": job.accelerator or "cpu",
-                             "earlier_attempts_usd": job.cost_usd or 0.0}
+            extra["cost"] = {
+                "usd_per_hour": rate,
+                "accelerator": job.accelerator or "cpu",
+                "earlier_attempts_usd": job.cost_usd or 0.0,
+            }
         try:
             self.inflight[job.id] = self.backend.launch(
-                job.id, job.attempt, job.spec, job.output_uri, shape=shape, node_id=job.node_id,
-                extra=extra)
+                job.id,
+                job.attempt,
+                job.spec,
+                job.output_uri,
+                shape=shape,
+                node_id=job.node_id,
+                extra=extra,
+            )
         except Exception as err:  # noqa: BLE001 - Ray refused the task: try again later
             log.warning("job %s: launch failed: %s", job.id, err)
             self._lost(job, FailureKind.infra, f"launch failed: {type(err).__name__}: {err}")
@@ -264,22 +314,35 @@ class Controller:
     def _succeed(self, job: JobRecord, out: dict[str, Any], reason: str, **guard: Any) -> None:
         spend = self._spend(job)
         result = {**out, "cost_usd": spend[1], "accelerator": job.accelerator}
-        ended = self._end(job, JobStatus.succeeded, reason, spend=spend, result=result,
-                          node=out.get("node"), step=job.total_steps or job.step, **guard)
+        ended = self._end(
+            job,
+            JobStatus.succeeded,
+            reason,
+            spend=spend,
+            result=result,
+            node=out.get("node"),
+            step=job.total_steps or job.step,
+            **guard,
+        )
         if ended and out.get("recovered_from_sidecar"):
             # The worker deletes the checkpoints once its adapter is complete; one lost between
             # its upload and that clean-up left them behind.
             self._discard_checkpoints(job)
 
-    def _lost(self, job: JobRecord, kind: FailureKind, error: str, *, charge: bool = True,
-              **guard: Any) -> None:
+    def _lost(
+        self, job: JobRecord, kind: FailureKind, error: str, *, charge: bool = True, **guard: Any
+    ) -> None:
         """An attempt ended without an adapter: gather the facts, apply `recovery.decide`.
         `charge=False` (the controller was lost): always retried, budget untouched."""
         # The one bucket look-up: a worker lost after its upload left a complete adapter.
         done = reconcile.completed_result(job) if kind is FailureKind.infra else None
         column = RETRY_COLUMN[kind]
-        loss = Loss(kind, retries_used=getattr(job, column), charged=charge,
-                    adapter_complete=done is not None)
+        loss = Loss(
+            kind,
+            retries_used=getattr(job, column),
+            charged=charge,
+            adapter_complete=done is not None,
+        )
         verdict = decide(self.config.retry, loss)
         if verdict.action is Action.succeed:
             assert done is not None
@@ -298,13 +361,26 @@ class Controller:
         }
         if verdict.retries_used is not None:
             fields[column] = verdict.retries_used
-        self._end(job, JobStatus.queued, f"attempt {job.attempt} lost ({kind}): {error}; retrying"
-                  + (f" in {verdict.delay_s:g} s" if verdict.delay_s else ""), info, **fields,
-                  **guard)
+        self._end(
+            job,
+            JobStatus.queued,
+            f"attempt {job.attempt} lost ({kind}): {error}; retrying"
+            + (f" in {verdict.delay_s:g} s" if verdict.delay_s else ""),
+            info,
+            **fields,
+            **guard,
+        )
 
-    def _end(self, job: JobRecord, to: JobStatus, reason: str,
-             info: dict[str, Any] | None = None, *,
-             spend: tuple[float | None, float | None] | None = None, **fields: Any) -> bool:
+    def _end(
+        self,
+        job: JobRecord,
+        to: JobStatus,
+        reason: str,
+        info: dict[str, Any] | None = None,
+        *,
+        spend: tuple[float | None, float | None] | None = None,
+        **fields: Any,
+    ) -> bool:
         """End the current attempt: `to`, with its cost added and its facts in the event."""
         spent, total = spend or self._spend(job)
         data = {**self._attempt_data(job, spent), **(info or {})}
@@ -320,8 +396,9 @@ class Controller:
         return attempt
 
     def _rate(self, job: JobRecord) -> float | None:
-        return hourly_rate(self.config.prices, gpus=job.gpus, cpus=job.cpus,
-                           accelerator=job.accelerator)
+        return hourly_rate(
+            self.config.prices, gpus=job.gpus, cpus=job.cpus, accelerator=job.accelerator
+        )
 
     def _spend(self, job: JobRecord) -> tuple[float | None, float | None]:
         """(this attempt's cost, the job's total so far) as the attempt ends now."""
@@ -334,19 +411,25 @@ class Controller:
 
     @staticmethod
     def _attempt_data(job: JobRecord, spent: float | None) -> dict[str, Any]:
-        return {"attempt": job.attempt, "node_id": job.node_id, "node": job.node,
-                "accelerator": job.accelerator, "cost_usd": spent}
+        return {
+            "attempt": job.attempt,
+            "node_id": job.node_id,
+            "node": job.node,
+            "accelerator": job.accelerator,
+            "cost_usd": spent,
+        }
 
     def _lease_until(self) -> datetime:
         return self._clock() + timedelta(seconds=self.config.lease_s)
 
     def _discard_checkpoints(self, job: JobRecord) -> None:
-        from lorajobs.storage.checkpoints import discard_after_success
         from lorajobs.storage.adapters import MARKER
+        from lorajobs.storage.checkpoints import discard_after_success
 
         try:
-            discard_after_success(job.output_uri, job.id, reconcile.adapter_uri(job),
-                                  adapter_marker=MARKER)
+            discard_after_success(
+                job.output_uri, job.id, reconcile.adapter_uri(job), adapter_marker=MARKER
+            )
         except Exception as err:  # noqa: BLE001 - the job succeeded; this is housekeeping
             log.warning("job %s: could not remove its checkpoints: %s", job.id, err)
 
@@ -373,7 +456,8 @@ def _unschedulable(job: JobRecord, nodes: list[Node]) -> str:
     shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
     need = shape.ray_resources()
     most = {k: max((n.total.get(k, 0.0) for n in nodes), default=0.0) for k in need}
-    missing = ", ".join(f"{k}={v:g} (largest node has {most[k]:g})"
-                        for k, v in need.items() if most[k] + 1e-9 < v)
+    missing = ", ".join(
+        f"{k}={v:g} (largest node has {most[k]:g})" for k, v in need.items() if most[k] + 1e-9 < v
+    )
     hint = " — set resources.gpus: 0 to train on the CPU" if "GPU" in missing else ""
     return f"no node can ever run this job: needs {missing or shape.describe()}{hint}"

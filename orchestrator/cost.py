@@ -94,8 +94,11 @@ def estimate(
     """The estimate shown at submit and in `show`."""
     if gpus > 0 and not gpu_type:
         types = [t for t in prices if t != "cpu"]
-        rates = [r for t in types if (r := hourly_rate(prices, gpus=gpus, cpus=cpus, accelerator=t))
-                 is not None]
+        rates = [
+            r
+            for t in types
+            if (r := hourly_rate(prices, gpus=gpus, cpus=cpus, accelerator=t)) is not None
+        ]
     else:
         rate = hourly_rate(prices, gpus=gpus, cpus=cpus, accelerator=gpu_type)
         rates = [rate] if rate is not None else []
@@ -110,5 +113,6 @@ def estimate_for(job: Any, prices: dict[str, float] | None = None) -> Estimate:
     """The cost estimate of a job record, under `prices` (default: `LORAJOBS_PRICES`)."""
     if prices is None:
         prices = parse_prices(os.environ.get("LORAJOBS_PRICES"))
-    return estimate(prices, gpus=job.gpus, gpu_type=job.gpu_type, cpus=job.cpus,
-                    max_runtime_s=job.max_runtime_s)
+    return estimate(
+        prices, gpus=job.gpus, gpu_type=job.gpu_type, cpus=job.cpus, max_runtime_s=job.max_runtime_s
+    )

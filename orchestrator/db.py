@@ -159,8 +159,19 @@ JOBS = Table(
     # Per-owner limits and `lorajobs status --owner`.
     Index("ix_jobs_owner_status", "owner", "status"),
     # Covers the scheduling round's candidate query (see Queue._class_heads).
-    Index("ix_jobs_scheduling_class", "status", "priority", "owner", "gpus", "gpu_type",
-          "cpus", "memory_gb", "created_at", "id", "not_before"),
+    Index(
+        "ix_jobs_scheduling_class",
+        "status",
+        "priority",
+        "owner",
+        "gpus",
+        "gpu_type",
+        "cpus",
+        "memory_gb",
+        "created_at",
+        "id",
+        "not_before",
+    ),
     Index("ix_jobs_created_at", "created_at"),
     CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status"),
 )
@@ -171,8 +182,12 @@ EVENTS = Table(
     "job_events",
     METADATA,
     # BIGINT on PostgreSQL; plain INTEGER on SQLite, where only that is an autoincrement rowid.
-    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
-    Column("job_id", String(12), ForeignKey("jobs.id", ondelete="CASCADE"), index=True, nullable=False),
+    Column(
+        "id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column(
+        "job_id", String(12), ForeignKey("jobs.id", ondelete="CASCADE"), index=True, nullable=False
+    ),
     Column("at", UTCDateTime(), nullable=False),
     Column("from_status", String(16), nullable=True),  # None for the submit event
     Column("to_status", String(16), nullable=False),

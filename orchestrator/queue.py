@@ -17,12 +17,16 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound, LoraJobsError
+from lorajobs.jobspecs.failures import (
+    InvalidInput,
+    InvalidTransition,
+    JobNotFound,
+    LoraJobsError,
+)
 from lorajobs.orchestrator.db import EVENTS, JOBS, new_job_id, utcnow, write_engine
-from lorajobs.orchestrator.scheduling import Scheduling
 from lorajobs.orchestrator.records import (
     Change,
     EventRecord,
@@ -31,8 +35,9 @@ from lorajobs.orchestrator.records import (
     event_record,
     job_record,
 )
-from lorajobs.jobspecs.failures import FailureKind
-from lorajobs.orchestrator.states import ALLOWED, JobStatus
+from lorajobs.orchestrator.scheduling import Scheduling
+from lorajobs.orchestrator.states import JobStatus
+from lorajobs.orchestrator.transitions import UNSET, checked, compare_and_set, status_set
 
 if TYPE_CHECKING:  # the spec models load pydantic: only `submit` needs them
     from lorajobs.jobspecs import AnyJobSpec
@@ -42,57 +47,7 @@ __all__ = ["Change", "EventRecord", "JobRecord", "Queue"]
 MIN_PREFIX = 4
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 
-# Columns a caller may set along with a status change; timestamps and status are ours.
-_SETTABLE = frozenset(
-    {"failure_kind", "failure_reason", "attempt", "result", "node", "cancel_requested"}
-    | {"lease_owner", "lease_expires_at", "step", "total_steps", "loss", "it_per_s"}
-    | {"not_before", "infra_retries", "user_retries", "internal_retries", "node_id"}
-    | {"accelerator", "cost_usd"}
-)
 _ACTIVE = (JobStatus.dispatched.value, JobStatus.running.value)
-_UNSET: Any = object()
-
-
-def _statuses(value: JobStatus | str | Iterable[JobStatus | str]) -> frozenset[JobStatus]:
-    if isinstance(value, (JobStatus, str)):
-        return frozenset({JobStatus(value)})
-    return frozenset(JobStatus(v) for v in value)
-
-
-def _column_values(fields: dict[str, Any]) -> dict[str, Any]:
-    """Validate caller-supplied columns and convert them to what is stored."""
-    if "status" in fields:
-        raise TypeError("status is set by `to=`, not as a field")
-    unknown = set(fields) - _SETTABLE
-    if unknown:
-        raise TypeError(f"cannot set {', '.join(sorted(unknown))} with a transition")
-    out = dict(fields)
-    if out.get("failure_kind") is not None:
-        out["failure_kind"] = FailureKind(out["failure_kind"]).value
-    if "result" in out and out["result"] is not None:
-        out["result"] = dump_json(out["result"])
-    return out
-
-
-def _stamped(values: dict[str, Any], to: JobStatus, now: datetime) -> dict[str, Any]:
-    """`values` plus what entering `to` always sets: status, timestamps, cleared columns."""
-    values = {**values, "status": to.value, "updated_at": now}
-    if to is JobStatus.dispatched:
-        values["dispatched_at"] = now
-    elif to is JobStatus.running:
-        values["started_at"] = now
-    elif to is JobStatus.queued:
-        # A new attempt starts clean; the events keep the history of the old one.
-        values.update(dispatched_at=None, started_at=None, finished_at=None)
-        for column in ("failure_kind", "failure_reason", "lease_owner", "lease_expires_at"):
-            values.setdefault(column, None)
-        for column in ("node_id", "accelerator"):
-            values.setdefault(column, None)
-    if to.is_terminal():
-        values["finished_at"] = now
-        values.setdefault("lease_owner", None)
-        values.setdefault("lease_expires_at", None)
-    return values
 
 
 class Queue:
@@ -205,7 +160,7 @@ class Queue:
         """Jobs, newest first, optionally only those in `statuses` / of `owner`."""
         query = select(JOBS).order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc())
         if statuses is not None:
-            wanted = sorted(s.value for s in _statuses(statuses))
+            wanted = sorted(s.value for s in status_set(statuses))
             if not wanted:
                 return []
             query = query.where(JOBS.c.status.in_(wanted))
@@ -242,7 +197,7 @@ class Queue:
         to: JobStatus,
         reason: str,
         data: dict[str, Any] | None = None,
-        lease_owner_was: str | None = _UNSET,
+        lease_owner_was: str | None = UNSET,
         **fields: Any,
     ) -> JobRecord:
         """Move a job from one of `expected` to `to`, setting `fields` and appending an event.
@@ -252,7 +207,7 @@ class Queue:
         held by `lease_owner_was`. Entering dispatched / running / a terminal state stamps
         `dispatched_at` / `started_at` / `finished_at` (terminal also drops the lease); going
         back to queued clears those stamps, the placement, and the failure and lease columns
-        unless `fields` sets them. `fields`: any of `_SETTABLE`.
+        unless `fields` sets them. `fields`: any of `transitions.SETTABLE`.
         """
         with self._writer.begin() as conn:
             (job,) = self.apply(
@@ -279,7 +234,7 @@ class Queue:
         changes: Sequence[Change],
         expected: JobStatus | Collection[JobStatus],
         to: JobStatus,
-        lease_owner_was: str | None = _UNSET,
+        lease_owner_was: str | None = UNSET,
     ) -> list[JobRecord]:
         """The one writer of `jobs.status`: all of `changes` (one job each) or none of them.
 
@@ -287,7 +242,7 @@ class Queue:
         (compare-and-set) and every change appends its event, in the caller's transaction.
         """
         to = JobStatus(to)
-        wanted = _statuses(expected)
+        wanted = status_set(expected)
         ids = [c.job_id for c in changes]
         if len(set(ids)) != len(ids):
             raise ValueError("one change per job")
@@ -303,12 +258,11 @@ class Queue:
         }
         now = self._clock()
         planned = [
-            (change, *_checked(change, current_of, wanted, to, lease_owner_was, now))
+            (change, *checked(change, current_of, wanted, to, lease_owner_was, now))
             for change in changes
         ]
 
-        _compare_and_set(conn, [(c.job_id, current, values) for c, current, values in planned],
-                         to)
+        compare_and_set(conn, [(c.job_id, current, values) for c, current, values in planned], to)
         conn.execute(
             insert(EVENTS),
             [
@@ -323,9 +277,7 @@ class Queue:
                 for change, current, _ in planned
             ],
         )
-        by_id = {
-            r.id: job_record(r) for r in conn.execute(select(JOBS).where(JOBS.c.id.in_(ids)))
-        }
+        by_id = {r.id: job_record(r) for r in conn.execute(select(JOBS).where(JOBS.c.id.in_(ids)))}
         return [by_id[i] for i in ids]
 
     def dispatch(self, job_id: str, *, reason: str = "dispatched", **fields: Any) -> JobRecord:
@@ -399,9 +351,7 @@ class Queue:
             values["node"] = node
         with self._writer.begin() as conn:
             result = conn.execute(
-                update(JOBS)
-                .where(JOBS.c.id == job_id, JOBS.c.status.in_(_ACTIVE))
-                .values(**values)
+                update(JOBS).where(JOBS.c.id == job_id, JOBS.c.status.in_(_ACTIVE)).values(**values)
             )
         return result.rowcount == 1
 
@@ -451,9 +401,15 @@ class Queue:
             )
             if result.rowcount != 1:
                 raise InvalidTransition(f"job {job.id} was dispatched meanwhile: priority kept")
-            self._append_event(conn, job.id, self._clock(), JobStatus.queued, JobStatus.queued,
-                               f"priority {job.priority} -> {priority}",
-                               {"priority": priority, "was": job.priority})
+            self._append_event(
+                conn,
+                job.id,
+                self._clock(),
+                JobStatus.queued,
+                JobStatus.queued,
+                f"priority {job.priority} -> {priority}",
+                {"priority": priority, "was": job.priority},
+            )
             return self._get_exact(conn, job.id)
 
     def retry(self, ref: str, *, reason: str = "retried by user") -> JobRecord:
@@ -475,51 +431,3 @@ class Queue:
             user_retries=0,
             internal_retries=0,
         )
-
-
-def _checked(change: Change, current_of: dict[str, tuple[JobStatus, str | None]],
-             wanted: frozenset[JobStatus], to: JobStatus, lease_owner_was: Any,
-             now: datetime) -> tuple[JobStatus, dict[str, Any]]:
-    """(the job's status now, the columns to set) for one change, or why it is refused."""
-    if not change.reason:
-        raise ValueError("a status change needs a reason")
-    values = _column_values(change.fields)
-    if change.job_id not in current_of:
-        raise JobNotFound(f"no job {change.job_id!r}")
-    current, lease_owner = current_of[change.job_id]
-    if current not in wanted:
-        names = "/".join(sorted(s.value for s in wanted))
-        raise InvalidTransition(
-            f"job {change.job_id} is {current}, not {names}: cannot move it to {to}"
-        )
-    if to not in ALLOWED[current]:
-        raise InvalidTransition(f"job {change.job_id}: {current} -> {to} is not an allowed change")
-    if lease_owner_was is not _UNSET and lease_owner != lease_owner_was:
-        raise InvalidTransition(
-            f"job {change.job_id}: its lease is held by {lease_owner}, not "
-            f"{lease_owner_was}: not moved to {to}"
-        )
-    return current, _stamped(values, to, now)
-
-
-def _compare_and_set(conn: Connection, rows: list[tuple[str, JobStatus, dict[str, Any]]],
-                     to: JobStatus) -> None:
-    """UPDATE each job only if its status is still the one just read; raise if one moved.
-    One executemany per (status read, columns set): usually one for the whole batch."""
-    groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
-    for job_id, current, values in rows:
-        key = (current.value, tuple(sorted(values)))
-        groups.setdefault(key, []).append(
-            {"b_id": job_id, **{f"v_{k}": v for k, v in values.items()}}
-        )
-    for (status, columns), params in groups.items():
-        stmt = (
-            update(JOBS)
-            .where(JOBS.c.id == bindparam("b_id", type_=JOBS.c.id.type), JOBS.c.status == status)
-            .values({c: bindparam(f"v_{c}", type_=JOBS.c[c].type) for c in columns})
-        )
-        result = conn.execute(stmt, params)
-        if result.rowcount != len(params):
-            raise InvalidTransition(
-                f"job {params[0]['b_id']} changed status concurrently: not moved to {to}"
-            )

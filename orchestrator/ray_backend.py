@@ -121,8 +121,9 @@ class ClusterView:
     draining: set[str] = field(default_factory=set)
 
 
-def connect(address: str, options: dict[str, Any], *, tries: int | None = None,
-            first_delay_s: float = 2.0) -> None:
+def connect(
+    address: str, options: dict[str, Any], *, tries: int | None = None, first_delay_s: float = 2.0
+) -> None:
     """`ray.init(address)`, retried with backoff: Ray's client server is known to crash on
     start now and then (ray-project/ray#63202). Gives up with one `ClusterUnavailable` line
     naming the address. `LORAJOBS_RAY_CONNECT_TRIES` (default 5) sets the number of tries."""
@@ -161,8 +162,12 @@ class RayBackend:
                 "runtime_env": {"env_vars": _worker_env()},
             }
             if self.local:
-                ray.init(include_dashboard=False, num_gpus=_local_gpu_count(),
-                         object_store_memory=128 * 1024**2, **common)
+                ray.init(
+                    include_dashboard=False,
+                    num_gpus=_local_gpu_count(),
+                    object_store_memory=128 * 1024**2,
+                    **common,
+                )
             else:
                 connect(settings.ray_address, common)
         self.board = ProgressBoard.options(**self._near_head()).remote()
@@ -221,9 +226,17 @@ class RayBackend:
 
     # -- attempts ---------------------------------------------------------------------------
 
-    def launch(self, job_id: str, attempt: int, spec: dict[str, Any], output_uri: str,
-               *, shape: Shape, node_id: str | None,
-               extra: dict[str, Any] | None = None) -> Attempt:
+    def launch(
+        self,
+        job_id: str,
+        attempt: int,
+        spec: dict[str, Any],
+        output_uri: str,
+        *,
+        shape: Shape,
+        node_id: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> Attempt:
         need = shape.ray_resources()
         options: dict[str, Any] = {
             "num_cpus": need.pop("CPU", 0.0),
@@ -268,11 +281,21 @@ class RayBackend:
         try:
             return ray.get(attempt.ref, timeout=5)
         except TaskCancelledError:
-            return {"ok": False, "kind": FailureKind.infra, "error": "task cancelled", "cancelled": True}
+            return {
+                "ok": False,
+                "kind": FailureKind.infra,
+                "error": "task cancelled",
+                "cancelled": True,
+            }
         except RayTaskError as err:  # the task raised outside our guard: a bug of ours
             return {"ok": False, "kind": FailureKind.internal, "error": str(err).splitlines()[-1]}
         except (NodeDiedError, TaskUnschedulableError) as err:
-            return {"ok": False, "kind": FailureKind.infra, "error": _first_line(err), "node_lost": True}
+            return {
+                "ok": False,
+                "kind": FailureKind.infra,
+                "error": _first_line(err),
+                "node_lost": True,
+            }
         except (RayError, GetTimeoutError) as err:
             # Worker crashed, out of memory, object lost: the attempt is lost, not the job.
             return {"ok": False, "kind": FailureKind.infra, "error": _first_line(err)}
@@ -314,10 +337,17 @@ def _worker_env() -> dict[str, str]:
     # The cache is a node's own: forward its settings only when set explicitly, so a worker
     # image's default (e.g. /var/cache/lorajobs) is not overridden by the controller's home.
     env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAJOBS_S3_ADDRESSING",
-                "LORAJOBS_HOME", "LORAJOBS_CACHE_DIR", "LORAJOBS_CACHE_MAX_GB",
-                "LORAJOBS_PULL_CONCURRENCY", "LORAJOBS_S3_FAST_GET",
-                "LORAJOBS_KEEP_CHECKPOINTS"):
+    for key in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "LORAJOBS_S3_ADDRESSING",
+        "LORAJOBS_HOME",
+        "LORAJOBS_CACHE_DIR",
+        "LORAJOBS_CACHE_MAX_GB",
+        "LORAJOBS_PULL_CONCURRENCY",
+        "LORAJOBS_S3_FAST_GET",
+        "LORAJOBS_KEEP_CHECKPOINTS",
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -78,8 +78,8 @@ def completed_result(job: JobRecord) -> dict[str, Any] | None:
     """The result of an attempt that finished uploading the adapter, read back from its
     sidecar; None if the adapter is not complete (no marker, or the marker is another job's)."""
     from lorajobs.jobspecs.failures import ObjectNotFound
-    from lorajobs.storage.backends import open_storage
     from lorajobs.storage.adapters import MARKER
+    from lorajobs.storage.backends import open_storage
 
     uri = adapter_uri(job)
     try:

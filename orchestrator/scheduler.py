@@ -81,8 +81,9 @@ class Candidate:
 
     @property
     def class_key(self) -> ClassKey:
-        return class_key(self.priority, self.owner, self.gpus, self.gpu_type, self.cpus,
-                         self.memory_gb)
+        return class_key(
+            self.priority, self.owner, self.gpus, self.gpu_type, self.cpus, self.memory_gb
+        )
 
 
 #: The job fields that make a scheduling class: jobs of one class are interchangeable for the
@@ -92,10 +93,17 @@ CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb")
 ClassKey = tuple[int, str, float, str | None, int, float | None]
 
 
-def class_key(priority: int, owner: str, gpus: float, gpu_type: str | None, cpus: int,
-              memory_gb: float | None) -> ClassKey:
-    return (int(priority), owner, float(gpus), gpu_type, int(cpus),
-            None if memory_gb is None else float(memory_gb))
+def class_key(
+    priority: int, owner: str, gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | None
+) -> ClassKey:
+    return (
+        int(priority),
+        owner,
+        float(gpus),
+        gpu_type,
+        int(cpus),
+        None if memory_gb is None else float(memory_gb),
+    )
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,7 @@ class Node:
 
     def __post_init__(self) -> None:
         self.accelerators = sorted(
-            k[len(ACCELERATOR_PREFIX):] for k in self.total if k.startswith(ACCELERATOR_PREFIX)
+            k[len(ACCELERATOR_PREFIX) :] for k in self.total if k.startswith(ACCELERATOR_PREFIX)
         )
 
     def accelerator_for(self, shape: Shape) -> str | None:
@@ -154,8 +162,9 @@ class Node:
 
 @lru_cache(maxsize=4096)
 def _need_items(shape: Shape) -> tuple[tuple[str, float], ...]:
-    return tuple((k, v) for k, v in shape.ray_resources().items()
-                 if not k.startswith(ACCELERATOR_PREFIX))
+    return tuple(
+        (k, v) for k, v in shape.ray_resources().items() if not k.startswith(ACCELERATOR_PREFIX)
+    )
 
 
 def _label(shape: Shape) -> str | None:
@@ -274,16 +283,19 @@ class Round:
     """One scheduling round, fed candidates best first, possibly in several pages (`offer`).
     Holds the round's state: free capacity per node, per-owner usage, shapes found no room."""
 
-    def __init__(self, nodes: Sequence[Node], holds: Sequence[Hold], policy: Policy,
-                 now: datetime) -> None:
+    def __init__(
+        self, nodes: Sequence[Node], holds: Sequence[Hold], policy: Policy, now: datetime
+    ) -> None:
         self.nodes, self.policy, self.now = list(nodes), policy, now
         self.plan = Plan()
         self._seen: set[str] = set()
         # Capacity only shrinks during a round: a shape that found no node will find none later.
         self._no_room: dict[Shape, str] = {}
         prices = policy.prices
-        self._price = {n.id: min((prices.get(t, math.inf) for t in n.accelerators),
-                                 default=math.inf) for n in self.nodes}
+        self._price = {
+            n.id: min((prices.get(t, math.inf) for t in n.accelerators), default=math.inf)
+            for n in self.nodes
+        }
         self._by_label: dict[str, list[Node]] = defaultdict(list)
         for n in self.nodes:
             for t in n.accelerators:
@@ -338,10 +350,18 @@ class Round:
             self._gpus_of[job.owner] += job.gpus
             accelerator = node.accelerator_for(shape)
             eff = round(effective_priority(job, self.now, aging_s), 3)
-            out.placements.append(Placement(
-                job.id, node.id, accelerator,
-                data={"node_id": node.id, "accelerator": accelerator, "effective_priority": eff},
-            ))
+            out.placements.append(
+                Placement(
+                    job.id,
+                    node.id,
+                    accelerator,
+                    data={
+                        "node_id": node.id,
+                        "accelerator": accelerator,
+                        "effective_priority": eff,
+                    },
+                )
+            )
         for job in batch:
             if job.id in out.waiting:
                 out.waiting_classes.setdefault(job.class_key, out.waiting[job.id])

@@ -66,8 +66,9 @@ Apply = Callable[..., list[JobRecord]]
 class Scheduling:
     """Scheduling reads and claims, on the queue's engine and through its status writer."""
 
-    def __init__(self, engine: Engine, writer: Engine, clock: Callable[[], datetime],
-                 apply: Apply) -> None:
+    def __init__(
+        self, engine: Engine, writer: Engine, clock: Callable[[], datetime], apply: Apply
+    ) -> None:
         self.engine = engine
         self._writer = writer
         self._clock = clock
@@ -140,9 +141,12 @@ class Scheduling:
         """
         now = self._clock()
         with self._writer.begin() as conn:
-            if self._postgres and not conn.execute(
-                select(func.pg_try_advisory_xact_lock(_SCHEDULE_LOCK_KEY))
-            ).scalar_one():
+            if (
+                self._postgres
+                and not conn.execute(
+                    select(func.pg_try_advisory_xact_lock(_SCHEDULE_LOCK_KEY))
+                ).scalar_one()
+            ):
                 return []
             planner = start(self._holds(conn))
             placements: list[Placement] = []
@@ -189,8 +193,9 @@ class Scheduling:
 
     def _holds(self, conn: Connection) -> list[Hold]:
         rows = conn.execute(
-            select(JOBS.c.id, JOBS.c.owner, JOBS.c.node_id, JOBS.c.gpus, JOBS.c.cpus,
-                   JOBS.c.memory_gb).where(JOBS.c.status.in_(_ACTIVE))
+            select(
+                JOBS.c.id, JOBS.c.owner, JOBS.c.node_id, JOBS.c.gpus, JOBS.c.cpus, JOBS.c.memory_gb
+            ).where(JOBS.c.status.in_(_ACTIVE))
         )
         return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb) for r in rows]
 
@@ -201,14 +206,28 @@ class Scheduling:
         stamp = now.astimezone(timezone.utc).replace(tzinfo=None).isoformat(" ")
         return (func.julianday(stamp) - func.julianday(JOBS.c.created_at)) * 86400.0
 
-    def _class_heads(self, conn: Connection, per_class: int, now: datetime, aging_s: float,
-                     limit: int, offset: int) -> list[Candidate]:
+    def _class_heads(
+        self,
+        conn: Connection,
+        per_class: int,
+        now: datetime,
+        aging_s: float,
+        limit: int,
+        offset: int,
+    ) -> list[Candidate]:
         # created_at comes back raw and is parsed below: the generic timestamp type costs more
         # than the rest of a row when a round reads thousands.
         raw_type = DateTime(timezone=True) if self._postgres else String()
-        cols = (JOBS.c.id, JOBS.c.owner, JOBS.c.priority,
-                type_coerce(JOBS.c.created_at, raw_type).label("created_at"), JOBS.c.gpus,
-                JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb)
+        cols = (
+            JOBS.c.id,
+            JOBS.c.owner,
+            JOBS.c.priority,
+            type_coerce(JOBS.c.created_at, raw_type).label("created_at"),
+            JOBS.c.gpus,
+            JOBS.c.gpu_type,
+            JOBS.c.cpus,
+            JOBS.c.memory_gb,
+        )
         rank = (
             func.row_number()
             .over(
@@ -219,8 +238,9 @@ class Scheduling:
         )
         effective = aged_priority(JOBS.c.priority, self._age_s(now), aging_s)
         ranked = (
-            select(*cols, rank, effective.label("effective"),
-                   JOBS.c.created_at.label("created_sort"))
+            select(
+                *cols, rank, effective.label("effective"), JOBS.c.created_at.label("created_sort")
+            )
             .where(
                 JOBS.c.status == JobStatus.queued.value,
                 or_(JOBS.c.not_before.is_(None), JOBS.c.not_before <= now),
@@ -236,18 +256,28 @@ class Scheduling:
         ).all()
         utc, parse = timezone.utc, datetime.fromisoformat
         return [
-            Candidate(id_, owner, prio,
-                      created if self._postgres else parse(created).replace(tzinfo=utc),
-                      gpus, gpu_type, cpus, mem)
+            Candidate(
+                id_,
+                owner,
+                prio,
+                created if self._postgres else parse(created).replace(tzinfo=utc),
+                gpus,
+                gpu_type,
+                cpus,
+                mem,
+            )
             for id_, owner, prio, created, gpus, gpu_type, cpus, mem in rows
         ]
 
     def has_queued(self) -> bool:
         """Whether any job is waiting (cheap: the scheduling index answers it)."""
         with self.engine.connect() as conn:
-            return conn.execute(
-                select(JOBS.c.id).where(JOBS.c.status == JobStatus.queued.value).limit(1)
-            ).first() is not None
+            return (
+                conn.execute(
+                    select(JOBS.c.id).where(JOBS.c.status == JobStatus.queued.value).limit(1)
+                ).first()
+                is not None
+            )
 
     def demand(self) -> list[tuple[Shape, bool, int]]:
         """(shape, queued?, how many) over queued and active jobs: what the autoscaler is told."""
@@ -259,8 +289,10 @@ class Scheduling:
                 .where(JOBS.c.status.in_((JobStatus.queued.value, *_ACTIVE)))
                 .group_by(*shape, queued)
             ).all()
-        return [(Shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb), bool(r.queued), int(r[5]))
-                for r in rows]
+        return [
+            (Shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb), bool(r.queued), int(r[5]))
+            for r in rows
+        ]
 
     def record_waiting(self, summary: WaitSummary) -> None:
         """Publish why queued jobs wait (the last round's summary): one row, replaced."""
@@ -278,6 +310,8 @@ class Scheduling:
         """The last published summary of why queued jobs wait; None if none was."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                select(SCHEDULER_STATE.c.updated_at, SCHEDULER_STATE.c.data).where(SCHEDULER_STATE.c.name == _WAITING)
+                select(SCHEDULER_STATE.c.updated_at, SCHEDULER_STATE.c.data).where(
+                    SCHEDULER_STATE.c.name == _WAITING
+                )
             ).first()
         return None if row is None else WaitSummary.from_json(row.data, at=row.updated_at)

@@ -115,6 +115,7 @@ class Settings:
             f"cache_dir={str(self.cache_dir)!r})"
         )
 
+
 def _float(env: Mapping[str, str], key: str, default: float, *, minimum: float = 0.0) -> float:
     raw = env.get(key, "").strip()
     if not raw:

@@ -49,7 +49,9 @@ def upload_adapter(
     root = local_dir.resolve()
     files = _local_files(root)
     if marker not in files:
-        raise InvalidInput(f"{local_dir}: no {marker} to upload: the adapter could never be complete")
+        raise InvalidInput(
+            f"{local_dir}: no {marker} to upload: the adapter could never be complete"
+        )
     # A marker that lists files we do not have would make a complete-looking, unfetchable adapter.
     listed = _read_manifest((root / marker).read_bytes(), str(root / marker))
     for rel, want in listed.items():
@@ -118,8 +120,13 @@ def fetch_adapter(
         if not kept[rel]
     ]
     download_files(
-        storage, wanted, root, concurrency=concurrency, chunk_size=chunk_size,
-        on_bytes=on_bytes, where=adapter_uri.rstrip("/"),
+        storage,
+        wanted,
+        root,
+        concurrency=concurrency,
+        chunk_size=chunk_size,
+        on_bytes=on_bytes,
+        where=adapter_uri.rstrip("/"),
     )
     marker_path = root / marker
     tmp = marker_path.with_name(f".{marker}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -259,7 +266,10 @@ def _iso(ts: float) -> str | None:
 def _base_model(meta: dict[str, Any]) -> str | None:
     """The base model id from a marker, tolerating the shapes it has had (str or {id: ...})."""
     spec = meta.get("spec")
-    for value in (meta.get("base_model"), spec.get("base_model") if isinstance(spec, dict) else None):
+    for value in (
+        meta.get("base_model"),
+        spec.get("base_model") if isinstance(spec, dict) else None,
+    ):
         if isinstance(value, str):
             return value
         if isinstance(value, dict):

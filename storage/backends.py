@@ -3,8 +3,8 @@ touches this table and nothing that calls `open_storage`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import ParseResult, unquote, urlparse
 
 from lorajobs.jobspecs.failures import InvalidInput
@@ -33,5 +33,6 @@ def open_storage(uri: str) -> Storage:
     backend = BACKENDS.get(parsed.scheme)
     if backend is None:
         raise InvalidInput(
-            f"{uri}: unsupported storage scheme {parsed.scheme!r} (use s3:// or file://)")
+            f"{uri}: unsupported storage scheme {parsed.scheme!r} (use s3:// or file://)"
+        )
     return backend(parsed, uri)

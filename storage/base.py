@@ -6,9 +6,10 @@ their own modules (`files`, `s3`); `backends.open_storage` picks one by URL sche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 from lorajobs.jobspecs.failures import InvalidInput
 
@@ -24,7 +25,7 @@ class ObjectInfo:
 
 
 # Called with a number of bytes just moved (progress bars); may be called from any thread.
-BytesCallback = Optional[Callable[[int], None]]
+BytesCallback = Callable[[int], None] | None
 
 
 class Storage(Protocol):

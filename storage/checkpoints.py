@@ -125,8 +125,9 @@ def keep_after_success() -> bool:
     return os.environ.get(KEEP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def discard_after_success(output_uri: str, job_id: str, adapter_uri: str,
-                          *, adapter_marker: str) -> int:
+def discard_after_success(
+    output_uri: str, job_id: str, adapter_uri: str, *, adapter_marker: str
+) -> int:
     """Delete `job_id`'s checkpoints in `output_uri`, but only once its adapter at `adapter_uri`
     is complete: its marker (the sidecar, uploaded last) is there and names this job. Anything
     less (an upload cut short, another job's adapter) keeps them, so a retry can still resume.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lorajobs.jobspecs.failures import ObjectNotFound
 from lorajobs.storage.base import BytesCallback, ObjectInfo, safe_key
@@ -92,7 +92,9 @@ class FileStorage:
 
 def _info(key: str, path: Path) -> ObjectInfo:
     st = path.stat()
-    return ObjectInfo(key, st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", modified=st.st_mtime)
+    return ObjectInfo(
+        key, st.st_size, etag=f"{st.st_mtime_ns:x}-{st.st_size:x}", modified=st.st_mtime
+    )
 
 
 def _write_atomically(dest: Path, write: Callable[[Path], object]) -> None:

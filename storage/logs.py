@@ -74,8 +74,9 @@ class _Tee(io.TextIOBase):
 class AttemptLog:
     """Context manager: capture this process's output for one attempt and keep uploading it."""
 
-    def __init__(self, output_uri: str, job_id: str, attempt: int,
-                 *, every_s: float = UPLOAD_EVERY_S) -> None:
+    def __init__(
+        self, output_uri: str, job_id: str, attempt: int, *, every_s: float = UPLOAD_EVERY_S
+    ) -> None:
         self.uri = logs_uri(output_uri, job_id)
         self.name = log_name(attempt)
         self.every_s = every_s
@@ -98,7 +99,9 @@ class AttemptLog:
     def line(self, text: str) -> None:
         """One line with a timestamp (progress, lifecycle)."""
         now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        stamp = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        )
         self.write(f"{stamp} {text.rstrip()}\n")
 
     def __enter__(self) -> AttemptLog:
@@ -112,8 +115,12 @@ class AttemptLog:
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         root = logging.getLogger()
         sys.stdout, sys.stderr = self._saved["stdout"], self._saved["stderr"]
         root.removeHandler(self._handler)
@@ -132,8 +139,10 @@ class AttemptLog:
             open_storage(self.uri).put_bytes(data, self.name)
             self._uploaded = len(data)
         except Exception as err:  # noqa: BLE001 - a log upload must never fail the attempt
-            print(f"lorajobs: could not upload the attempt log: {type(err).__name__}",
-                  file=self._saved.get("stderr", sys.__stderr__))
+            print(
+                f"lorajobs: could not upload the attempt log: {type(err).__name__}",
+                file=self._saved.get("stderr", sys.__stderr__),
+            )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

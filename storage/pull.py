@@ -19,18 +19,13 @@ are evicted, least recently used first. `LORAJOBS_PULL_CONCURRENCY` sets paralle
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import time
-import uuid
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -38,6 +33,7 @@ from urllib.parse import unquote, urlparse
 from lorajobs.jobspecs.failures import InvalidInput, UserDataError
 from lorajobs.storage.backends import open_storage
 from lorajobs.storage.base import ObjectInfo, Storage, safe_key
+from lorajobs.storage.cache import Lease, cache_limit_from_env, evict, leased, locked
 from lorajobs.storage.staging import read_manifest, staged_parts
 from lorajobs.storage.transfer import DEFAULT_CHUNK, Wanted, download_files
 
@@ -60,9 +56,14 @@ def pull_dataset(
         return local
     bucket, key = _split_remote(uri)
     return pull_to_cache(
-        open_storage(bucket), key, cache_dir / "datasets", uri=uri,
+        open_storage(bucket),
+        key,
+        cache_dir / "datasets",
+        uri=uri,
         missing=f"dataset {uri}: not found (no objects under this prefix)",
-        concurrency=concurrency, max_bytes=max_bytes, scope=[cache_dir / k for k in _KINDS],
+        concurrency=concurrency,
+        max_bytes=max_bytes,
+        scope=[cache_dir / k for k in _KINDS],
     )
 
 
@@ -81,8 +82,14 @@ def pull_model(
         raise UserDataError(missing)
     bucket, key = _split_remote(ref)
     return pull_to_cache(
-        open_storage(bucket), key, cache_dir / "models", uri=ref, missing=missing,
-        concurrency=concurrency, max_bytes=max_bytes, scope=[cache_dir / k for k in _KINDS],
+        open_storage(bucket),
+        key,
+        cache_dir / "models",
+        uri=ref,
+        missing=missing,
+        concurrency=concurrency,
+        max_bytes=max_bytes,
+        scope=[cache_dir / k for k in _KINDS],
     )
 
 
@@ -116,31 +123,60 @@ def pull_to_cache(
         # Named by content: the cache is checked (and locked) before any request, and the
         # manifest is read only by the one pull that builds the entry.
         plan = _Plan(f"sha256-{staged[1]}", staged[2], None)
-        found = _pull(storage, key, cache_root, plan, roots, uri=uri, missing=missing,
-                      concurrency=concurrency, max_bytes=max_bytes, chunk_size=chunk_size)
+        found = _pull(
+            storage,
+            key,
+            cache_root,
+            plan,
+            roots,
+            uri=uri,
+            missing=missing,
+            concurrency=concurrency,
+            max_bytes=max_bytes,
+            chunk_size=chunk_size,
+        )
         if found is not None:
             return found
         # No manifest there: a prefix that only looks staged. Pull it by its listing.
     plan = _listing_plan(storage, key, uri, missing)
-    found = _pull(storage, key, cache_root, plan, roots, uri=uri, missing=missing,
-                  concurrency=concurrency, max_bytes=max_bytes, chunk_size=chunk_size)
+    found = _pull(
+        storage,
+        key,
+        cache_root,
+        plan,
+        roots,
+        uri=uri,
+        missing=missing,
+        concurrency=concurrency,
+        max_bytes=max_bytes,
+        chunk_size=chunk_size,
+    )
     assert found is not None  # a listing plan always knows its files
     return found
 
 
 def _pull(
-    storage: Storage, key: str, cache_root: Path, plan: _Plan, roots: list[Path], *, uri: str,
-    missing: str, concurrency: int, max_bytes: int | None, chunk_size: int,
+    storage: Storage,
+    key: str,
+    cache_root: Path,
+    plan: _Plan,
+    roots: list[Path],
+    *,
+    uri: str,
+    missing: str,
+    concurrency: int,
+    max_bytes: int | None,
+    chunk_size: int,
 ) -> Path | None:
     """The entry of `plan`, built if need be; None if its manifest turned out to be missing."""
     entry = cache_root / plan.name
     result = entry / plan.sub if plan.sub else entry
     # Held from here on: eviction skips this entry while we build it and while the job uses it.
-    lease = _Lease(cache_root / ".locks" / f"{plan.name}.lock")
+    lease = Lease(cache_root / ".locks" / f"{plan.name}.lock")
     try:
         built = False
         if not entry.is_dir():
-            with _locked(cache_root / ".locks" / f"{plan.name}.build"):
+            with locked(cache_root / ".locks" / f"{plan.name}.build"):
                 if not entry.is_dir():  # nobody finished it while we waited
                     wanted = plan.wanted
                     if wanted is None:
@@ -163,14 +199,7 @@ def _pull(
     except BaseException:
         lease.close()
         raise
-    return _leased(result, lease)
-
-
-def release(path: Path) -> None:
-    """Drop the in-use mark a pulled path holds (it also goes when the path is collected)."""
-    finalizer = getattr(path, "_lease_finalizer", None)
-    if finalizer is not None:
-        finalizer()
+    return leased(result, lease)
 
 
 def pull_concurrency_from_env() -> int:
@@ -180,66 +209,6 @@ def pull_concurrency_from_env() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise InvalidInput(f"LORAJOBS_PULL_CONCURRENCY={raw!r}: expected a whole number >= 1")
     return int(raw)
-
-
-def cache_limit_from_env() -> int | None:
-    """`LORAJOBS_CACHE_MAX_GB` in bytes (GB = 10^9), or None when unset."""
-    raw = os.environ.get("LORAJOBS_CACHE_MAX_GB", "").strip()
-    if not raw:
-        return None
-    try:
-        gb = float(raw)
-    except ValueError:
-        gb = -1.0
-    if not gb > 0:
-        raise InvalidInput(f"LORAJOBS_CACHE_MAX_GB={raw!r}: expected a number of GB > 0")
-    return int(gb * 1e9)
-
-
-# -- eviction --------------------------------------------------------------------------------
-
-
-def evict(roots: Sequence[Path], max_bytes: int, *, incoming: int = 0) -> list[str]:
-    """Remove entries (and leftover temp folders) not in use, least recently used first, until
-    what stays plus `incoming` fits in `max_bytes`. Returns the names removed."""
-    roots = [r for r in roots if r.is_dir()]
-    if not roots:
-        return []
-    removed: list[str] = []
-    with _locked(roots[0] / ".locks" / "evict.lock"):
-        for root in roots:  # what an eviction that died half-way renamed away
-            if (root / ".trash").is_dir():
-                for old in (root / ".trash").iterdir():
-                    shutil.rmtree(old, ignore_errors=True)
-        found = []  # (last use, size, path, its lock file, its root)
-        for root in roots:
-            for folder in (root, root / ".tmp"):
-                if not folder.is_dir():
-                    continue
-                for p in folder.iterdir():
-                    if p.is_dir() and not p.name.startswith("."):
-                        found.append((p.stat().st_mtime, _du(p), p, root))
-        used = sum(f[1] for f in found)
-        for _mtime, size, path, root in sorted(found, key=lambda f: f[0]):
-            if used + incoming <= max_bytes:
-                break
-            trash = root / ".trash" / f"{path.name}-{uuid.uuid4().hex[:8]}"
-            locks = root / ".locks"
-            with _try_exclusive(locks / f"{path.name}.lock") as unused, _try_exclusive(
-                locks / f"{path.name}.build"
-            ) as idle:
-                if not (unused and idle) or not path.is_dir():
-                    continue  # in use, or being built: never evicted
-                trash.parent.mkdir(exist_ok=True)
-                os.rename(path, trash)  # gone at once for every reader; deleted below
-            shutil.rmtree(trash, ignore_errors=True)
-            used -= size
-            removed.append(path.name)
-            log.info("cache: evicted %s (%d bytes)", path, size)
-        if used + incoming > max_bytes:
-            log.warning("cache: %d bytes in use exceed LORAJOBS_CACHE_MAX_GB (%d bytes)",
-                        used + incoming, max_bytes)
-    return removed
 
 
 # -- building an entry -----------------------------------------------------------------------
@@ -263,8 +232,9 @@ def _manifest_wanted(storage: Storage, key: str, uri: str, missing: str) -> list
     if sub and sub not in files and not any(r.startswith(sub + "/") for r in files):
         raise UserDataError(missing)
     return [
-        Wanted(key=f"{entry_key}/{rel}", rel=_safe_rel(rel, uri), size=f["size"],
-               sha256=f["sha256"])
+        Wanted(
+            key=f"{entry_key}/{rel}", rel=_safe_rel(rel, uri), size=f["size"], sha256=f["sha256"]
+        )
         for rel, f in sorted(files.items())
     ]
 
@@ -281,8 +251,13 @@ def _listing_plan(storage: Storage, key: str, uri: str, missing: str) -> _Plan:
 
 
 def _build(
-    storage: Storage, wanted: list[Wanted], cache_root: Path, entry: Path, uri: str,
-    concurrency: int, chunk_size: int,
+    storage: Storage,
+    wanted: list[Wanted],
+    cache_root: Path,
+    entry: Path,
+    uri: str,
+    concurrency: int,
+    chunk_size: int,
 ) -> None:
     """Download into `.tmp/<entry>` (resuming what a broken-off pull left) and rename it in."""
     t0 = time.monotonic()
@@ -292,8 +267,15 @@ def _build(
     todo = wanted
     if resuming:  # what a broken-off pull finished has the right size (big files: verified)
         todo = [w for w in wanted if not _finished(tmp / w.rel, w.size)]
-    moved = download_files(storage, todo, tmp, concurrency=concurrency, chunk_size=chunk_size,
-                           where=uri.rstrip("/"), private=True)
+    moved = download_files(
+        storage,
+        todo,
+        tmp,
+        concurrency=concurrency,
+        chunk_size=chunk_size,
+        where=uri.rstrip("/"),
+        private=True,
+    )
     if resuming:  # its leftovers: partial files and records, objects since deleted
         keep = {w.rel for w in wanted}
         for dirpath, _dirs, names in os.walk(tmp):
@@ -302,8 +284,14 @@ def _build(
                 if os.path.relpath(path, tmp).replace(os.sep, "/") not in keep:
                     os.unlink(path)
     os.rename(tmp, entry)
-    log.info("pulled %s: %d files (%d resumed), %d bytes in %.1f s", uri, len(wanted),
-             len(wanted) - len(todo), moved, time.monotonic() - t0)
+    log.info(
+        "pulled %s: %d files (%d resumed), %d bytes in %.1f s",
+        uri,
+        len(wanted),
+        len(wanted) - len(todo),
+        moved,
+        time.monotonic() - t0,
+    )
 
 
 def _finished(path: Path, size: int) -> bool:
@@ -311,74 +299,6 @@ def _finished(path: Path, size: int) -> bool:
         return path.is_file() and path.stat().st_size == size
     except OSError:
         return False
-
-
-def _du(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, names in os.walk(path):
-        for n in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, n)).st_size
-            except OSError:
-                pass
-    return total
-
-
-# -- locks and leases ------------------------------------------------------------------------
-
-
-class _Lease:
-    """A shared `flock` on an entry's `.lock` file: the entry is in use. Only eviction takes it
-    exclusively (without waiting). Separate opens are separate lock owners, so this works
-    between threads and processes alike; the kernel drops it if the holder dies."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
-            self.fd = None
-
-
-class _LeasedPath(type(Path())):  # type: ignore[misc]
-    """A path into the cache that keeps its entry marked in use for as long as it lives."""
-
-
-def _leased(path: Path, lease: _Lease) -> Path:
-    out = _LeasedPath(path)
-    out._lease_finalizer = weakref.finalize(out, lease.close)  # type: ignore[attr-defined]
-    return out
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive `flock` on `path`, blocking."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-@contextmanager
-def _try_exclusive(path: Path) -> Iterator[bool]:
-    """An exclusive `flock` if nobody holds one of any kind; yields whether we got it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # -- names and paths -------------------------------------------------------------------------
@@ -454,11 +374,11 @@ def _hub_snapshot(ref: str, cache_dir: Path) -> Path:
         ) from None
     repo, _, revision = ref.partition("@")
     try:
-        return Path(
-            snapshot_download(repo, revision=revision or None, cache_dir=cache_dir / "hub")
-        )
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache_dir / "hub"))
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
-        raise UserDataError(f"base model {ref}: not found on the hub ({type(e).__name__})") from None
+        raise UserDataError(
+            f"base model {ref}: not found on the hub ({type(e).__name__})"
+        ) from None
     except LocalEntryNotFoundError:
         raise UserDataError(
             f"base model {ref}: not found (not a local path; the hub is offline or unreachable)"

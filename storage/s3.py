@@ -346,8 +346,14 @@ class S3Storage:
             )
             headers = {"Range": byte_range} if byte_range else {}
             # decode_content=False: bytes as stored, even for objects with a Content-Encoding.
-            resp = self._http.request("GET", url, headers=headers, redirect=False,
-                                      decode_content=False, preload_content=True)
+            resp = self._http.request(
+                "GET",
+                url,
+                headers=headers,
+                redirect=False,
+                decode_content=False,
+                preload_content=True,
+            )
         except Exception:  # noqa: BLE001 - any trouble: the botocore path decides
             log.debug("fast GET of %s failed; using botocore", self._where(full), exc_info=True)
             return None
@@ -410,7 +416,9 @@ class S3Storage:
                         key=self._rel(k),
                         size=int(obj["Size"]),
                         etag=str(obj.get("ETag", "")).strip('"'),
-                        modified=obj["LastModified"].timestamp() if obj.get("LastModified") else 0.0,
+                        modified=obj["LastModified"].timestamp()
+                        if obj.get("LastModified")
+                        else 0.0,
                     )
                     if k == full and full:
                         exact.append(info)
@@ -437,7 +445,7 @@ class S3Storage:
         return len(keys)
 
     def _transfer_config_(self) -> Any:
-        self.client  # creates the transfer config alongside the client
+        _ = self.client  # creates the transfer config alongside the client
         return self._transfer_config
 
 

@@ -18,12 +18,12 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, ObjectNotFound
@@ -121,7 +121,9 @@ def local_manifest(
 
 
 def _hash(
-    files: list[tuple[str, Path]], concurrency: int, hash_cache: Path | None,
+    files: list[tuple[str, Path]],
+    concurrency: int,
+    hash_cache: Path | None,
     on_bytes: BytesCallback,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
     """The manifest of `files`, and each one's (size, mtime_ns, inode) when it was hashed."""
@@ -134,8 +136,13 @@ def _hash(
         rel, p = item
         stamp = _stamp(p)
         cached = cache.get(str(p))
-        if (isinstance(cached, list) and len(cached) == 4 and cached[:3] == stamp
-                and isinstance(cached[3], str) and len(cached[3]) == 64):
+        if (
+            isinstance(cached, list)
+            and len(cached) == 4
+            and cached[:3] == stamp
+            and isinstance(cached[3], str)
+            and len(cached[3]) == 64
+        ):
             sha = cached[3]
         else:
             sha = sha256_file(p)
@@ -229,8 +236,11 @@ def stage_path(
     # Last: from here on the staged copy is complete and trusted by pulls.
     body = json.dumps(manifest, indent=1, sort_keys=True).encode()
     storage.put_bytes(body, entry + MANIFEST_SUFFIX)
-    _say(console, f"staged {kind} {path} -> {uri} ({len(missing)} of {len(files)} files, "
-                  f"{_human(todo)} uploaded)")
+    _say(
+        console,
+        f"staged {kind} {path} -> {uri} ({len(missing)} of {len(files)} files, "
+        f"{_human(todo)} uploaded)",
+    )
     return Staged(uri, digest, len(files), size, len(missing), todo, already=False)
 
 
@@ -262,8 +272,11 @@ def stage_local_inputs(
             if "://" in value or not Path(value).is_absolute():
                 continue
             if not Path(value).exists():
-                _say(console, f"note: {field} {value} does not exist here; not staged "
-                              "(the worker must find it at that path)")
+                _say(
+                    console,
+                    f"note: {field} {value} does not exist here; not staged "
+                    "(the worker must find it at that path)",
+                )
                 continue
             memo = (value, target, kind)
             if memo not in done:
@@ -271,8 +284,14 @@ def stage_local_inputs(
                 if home is not None:  # one small file of known hashes per staged folder
                     name = hashlib.sha256(value.encode()).hexdigest()[:32]
                     hashes = home / "stage-hashes" / f"{name}.json"
-                done[memo] = stage_path(Path(value), target, kind, concurrency=concurrency,
-                                        hash_cache=hashes, console=console).uri
+                done[memo] = stage_path(
+                    Path(value),
+                    target,
+                    kind,
+                    concurrency=concurrency,
+                    hash_cache=hashes,
+                    console=console,
+                ).uri
             update[field] = done[memo]
         out.append(spec.model_copy(update=update) if update else spec)
     return out
@@ -344,8 +363,13 @@ def _progress(console: Any) -> Iterator[Callable[[str, int], BytesCallback]]:
     )
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         lock = threading.Lock()
 

@@ -11,11 +11,11 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, StorageError
 from lorajobs.storage.base import BytesCallback, Storage
@@ -68,32 +68,64 @@ def download_files(
     """
     if chunk_size < 1:
         raise InvalidInput(f"chunk size must be positive (got {chunk_size})")
-    moved = [0]
-    count_lock = threading.Lock()
-
-    def count(n: int) -> None:
-        with count_lock:
-            moved[0] += n
-        if on_bytes is not None:
-            on_bytes(n)
-
     for parent in sorted({os.path.dirname(w.rel) for w in wanted}):
         os.makedirs(dest / parent, exist_ok=True)
+    run = _Download(storage, dest, chunk_size, on_bytes, where, private)
     big = [_Chunked(w, dest, chunk_size, where) for w in wanted if w.size > chunk_size]
     small = [w for w in wanted if w.size <= chunk_size]
-    root = str(dest)
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        # Chunks of big files first: they then overlap with the long tail of small files.
+        futures = [pool.submit(run.chunk, f, i) for f in big for i in f.todo]
+        futures += [pool.submit(run.small, w) for w in small]
+        for fut in as_completed(futures):
+            fut.result()
+        # Verify the big files (in parallel: hashlib releases the GIL) and rename them.
+        for fut in as_completed([pool.submit(f.finish) for f in big]):
+            fut.result()
+    finally:
+        # On failure queued work is dropped; chunks already written stay for a resume.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in big:
+            f.close()
+    return run.moved
 
-    def one_small(w: Wanted) -> None:
-        data = storage.get_bytes(w.key)
-        count(len(data))
+
+class _Download:
+    """One `download_files` call: fetch a small file whole or one chunk of a big one, and
+    count the bytes moved (from any thread)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        dest: Path,
+        chunk_size: int,
+        on_bytes: BytesCallback,
+        where: str,
+        private: bool,
+    ) -> None:
+        self.storage, self.root, self.chunk_size = storage, str(dest), chunk_size
+        self.on_bytes, self.where, self.private = on_bytes, where, private
+        self.moved = 0
+        self._lock = threading.Lock()
+
+    def count(self, n: int) -> None:
+        with self._lock:
+            self.moved += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def small(self, w: Wanted) -> None:
+        data = self.storage.get_bytes(w.key)
+        self.count(len(data))
         if w.sha256 is not None:
             got = hashlib.sha256(data).hexdigest()
             if got != w.sha256:
-                raise _mismatch(where, w.rel, w.sha256, got)
+                raise _mismatch(self.where, w.rel, w.sha256, got)
         elif len(data) != w.size:
-            raise _changed(where, w.rel, w.size, len(data))
-        path = os.path.join(root, w.rel)
-        if private:
+            raise _changed(self.where, w.rel, w.size, len(data))
+        path = os.path.join(self.root, w.rel)
+        if self.private:
             with open(path, "wb") as f:
                 f.write(data)
             return
@@ -107,36 +139,20 @@ def download_files(
             if os.path.lexists(tmp):
                 os.unlink(tmp)
 
-    def one_chunk(item: tuple[_Chunked, int]) -> None:
-        f, i = item
-        start = i * chunk_size
-        length = min(chunk_size, f.w.size - start)
-        data = storage.get_range(f.w.key, start, length)
-        count(len(data))
+    def chunk(self, f: _Chunked, i: int) -> None:
+        start = i * self.chunk_size
+        length = min(self.chunk_size, f.w.size - start)
+        data = self.storage.get_range(f.w.key, start, length)
+        self.count(len(data))
         if len(data) != length:
             f.discard()
             if f.w.sha256 is not None:
-                raise IntegrityError(f"{where}/{f.w.rel}: sha256 mismatch (the object is shorter "
-                                     f"than the {f.w.size} bytes recorded)")
-            raise _changed(where, f.w.rel, f.w.size, start + len(data))
+                raise IntegrityError(
+                    f"{self.where}/{f.w.rel}: sha256 mismatch (the object is shorter "
+                    f"than the {f.w.size} bytes recorded)"
+                )
+            raise _changed(self.where, f.w.rel, f.w.size, start + len(data))
         f.write(i, data)
-
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-    try:
-        # Chunks of big files first: they then overlap with the long tail of small files.
-        futures = [pool.submit(one_chunk, (f, i)) for f in big for i in f.todo]
-        futures += [pool.submit(one_small, w) for w in small]
-        for fut in as_completed(futures):
-            fut.result()
-        # Verify the big files (in parallel: hashlib releases the GIL) and rename them.
-        for fut in as_completed([pool.submit(f.finish) for f in big]):
-            fut.result()
-    finally:
-        # On failure queued work is dropped; chunks already written stay for a resume.
-        pool.shutdown(wait=True, cancel_futures=True)
-        for f in big:
-            f.close()
-    return moved[0]
 
 
 class _Chunked:
@@ -148,8 +164,13 @@ class _Chunked:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.path.with_name(f".{self.path.name}.partial")
         self.record = self.path.with_name(f".{self.path.name}.partial.json")
-        self.ident = {"key": w.key, "size": w.size, "sha256": w.sha256, "etag": w.etag,
-                      "chunk": chunk}
+        self.ident = {
+            "key": w.key,
+            "size": w.size,
+            "sha256": w.sha256,
+            "etag": w.etag,
+            "chunk": chunk,
+        }
         self.lock = threading.Lock()
         self.done: set[int] = set()
         try:

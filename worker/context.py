@@ -6,10 +6,10 @@ controller through an actor) and in `lorajobs run` (progress goes to the termina
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lorajobs.storage.checkpoints import CheckpointStore

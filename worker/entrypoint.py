@@ -16,13 +16,13 @@ from typing import Any
 
 from lorajobs.jobspecs.failures import StorageError
 from lorajobs.jobspecs.models import AnyJobSpec
-from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
-from lorajobs.worker.context import WorkerContext
-from lorajobs.storage.pull import pull_dataset, pull_model
-from lorajobs.worker.sidecar import SIDECAR, write_metadata
-from lorajobs.storage.base import join_uri
-from lorajobs.worker.trainers import get_trainer
 from lorajobs.storage.adapters import upload_adapter
+from lorajobs.storage.base import join_uri
+from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
+from lorajobs.storage.pull import pull_dataset, pull_model
+from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.sidecar import SIDECAR, write_metadata
+from lorajobs.worker.trainers import get_trainer
 
 log = logging.getLogger("lorajobs.worker")
 

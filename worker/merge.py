@@ -44,7 +44,7 @@ class Adapter:
 
 
 def adapter_kind(folder: Path) -> str:
-    """"text" for a PEFT folder, "image" for a diffusers LoRA folder."""
+    """ "text" for a PEFT folder, "image" for a diffusers LoRA folder."""
     if (folder / PEFT_CONFIG).is_file() and (folder / PEFT_WEIGHTS).is_file():
         return "text"
     if (folder / DIFFUSERS_WEIGHTS).is_file():
@@ -134,10 +134,6 @@ def _split(kind: str, module: str) -> tuple[str, str]:
 
 def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict[str, Any]:
     """Write the rank-concatenation of `folders` at `weights` into `out`; return a summary."""
-    import torch
-
-    from lorajobs.worker.safetensors_io import save_canonical
-
     if len(folders) < 2:
         raise InvalidInput("merge: give at least two adapters")
     if len(weights) != len(folders):
@@ -147,12 +143,35 @@ def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict
     if len(kinds) != 1:
         raise InvalidInput("merge: adapters of different kinds (text and image) cannot be merged")
     kind = adapters[0].kind
+    merged = _stack(adapters, weights)
+    components = sorted({_split(kind, n)[0] for n in merged})
+    configs = _merged_configs(kind, adapters, merged, components)
+    files = _write_merged(kind, adapters, merged, configs, out)
+    main = configs.get("unet") or configs[components[0]]  # what the summary line reports
+    return {
+        "kind": kind,
+        "rank": main["r"],
+        "rank_pattern": main["rank_pattern"],
+        "modules": len(merged),
+        "components": [c for c in components if c],
+        "files": files,
+    }
+
+
+def _stack(adapters: list[Adapter], weights: list[float]) -> dict[str, tuple[Any, Any]]:
+    """Per module: the downs stacked and the ups (weighted, scaled) side by side, so that
+    up @ down is exactly the weighted sum of the adapters' deltas."""
+    import torch
+
     names = sorted(set().union(*(a.modules for a in adapters)))
     merged: dict[str, tuple[Any, Any]] = {}
     for name in names:
         shapes = {tuple(a.modules[name][0].shape[1:]) for a in adapters if name in a.modules}
-        outs = {tuple(a.modules[name][1].shape[:1]) + tuple(a.modules[name][1].shape[2:])
-                for a in adapters if name in a.modules}
+        outs = {
+            tuple(a.modules[name][1].shape[:1]) + tuple(a.modules[name][1].shape[2:])
+            for a in adapters
+            if name in a.modules
+        }
         if len(shapes) != 1 or len(outs) != 1:
             raise InvalidInput(f"merge: {name} has different shapes: not the same base model")
         downs, ups = [], []
@@ -168,17 +187,27 @@ def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict
                 ups.append(torch.zeros((ref_up.shape[0], r, *ref_up.shape[2:])))
         merged[name] = (torch.cat(downs, dim=0), torch.cat(ups, dim=1))
 
+    return merged
+
+
+def _merged_configs(
+    kind: str, adapters: list[Adapter], merged: dict[str, tuple[Any, Any]], components: list[str]
+) -> dict[str, dict[str, Any]]:
     # One config per component, each with the rank most of its modules have.
-    components = sorted({_split(kind, n)[0] for n in merged})
     configs: dict[str, dict[str, Any]] = {}
     for component in components:
-        ranks = {inner: merged[n][0].shape[0]
-                 for n in merged for c, inner in [_split(kind, n)] if c == component}
+        ranks = {
+            inner: merged[n][0].shape[0]
+            for n in merged
+            for c, inner in [_split(kind, n)]
+            if c == component
+        }
         rank = max(set(ranks.values()), key=list(ranks.values()).count)
         # Pattern keys match module paths by suffix: `text_model.` is dropped so they match a
         # text encoder that transformers 5 loads without that level, and one that has it.
-        pattern = {inner.removeprefix("text_model."): r
-                   for inner, r in sorted(ranks.items()) if r != rank}
+        pattern = {
+            inner.removeprefix("text_model."): r for inner, r in sorted(ranks.items()) if r != rank
+        }
         sources = [a.configs[component] for a in adapters if component in a.configs]
         configs[component] = {
             **sources[0],
@@ -191,6 +220,19 @@ def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict
             "lora_dropout": 0.0,
             "target_modules": sorted(set().union(*(_targets(c) for c in sources))),
         }
+    return configs
+
+
+def _write_merged(
+    kind: str,
+    adapters: list[Adapter],
+    merged: dict[str, tuple[Any, Any]],
+    configs: dict[str, dict[str, Any]],
+    out: Path,
+) -> list[str]:
+    """The merged adapter's files in `out`, in the format its kind loads from."""
+    from lorajobs.worker.safetensors_io import save_canonical
+
     tag_of = {n: next(a.tags[n] for a in adapters if n in a.tags) for n in merged}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -211,9 +253,7 @@ def merge_adapters(folders: list[Path], weights: list[float], out: Path) -> dict
         meta = {"format": "pt", DIFFUSERS_META_KEY: json.dumps(packed, indent=2, sort_keys=True)}
         save_canonical(tensors, out / DIFFUSERS_WEIGHTS, meta)
         files = [DIFFUSERS_WEIGHTS]
-    main = configs.get("unet") or configs[components[0]]  # what the summary line reports
-    return {"kind": kind, "rank": main["r"], "rank_pattern": main["rank_pattern"],
-            "modules": len(merged), "components": [c for c in components if c], "files": files}
+    return files
 
 
 def _rank_of(adapter: Adapter) -> int:
@@ -234,8 +274,9 @@ def merge_into_base(adapter_dir: Path, base_dir: Path, out: Path) -> None:
     if adapter_kind(adapter_dir) != "text":
         raise InvalidInput(f"{adapter_dir}: --merge builds full models from text adapters only")
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True,
-                                                    dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(
+            base_dir, local_files_only=True, dtype=torch.float32
+        )
     except (OSError, ValueError) as err:
         raise InvalidInput(f"base model {base_dir}: cannot load ({err})") from None
     model = PeftModel.from_pretrained(base, adapter_dir)

@@ -90,7 +90,7 @@ class GridLayout:
     title_h: int
 
     @classmethod
-    def for_cells(cls, n: int, cell: int) -> "GridLayout":
+    def for_cells(cls, n: int, cell: int) -> GridLayout:
         """Near-square: ceil(sqrt(n)) columns, as many rows as needed; text scales with cells."""
         cols = max(1, math.ceil(math.sqrt(n)))
         rows = max(1, math.ceil(n / cols))
@@ -112,9 +112,7 @@ class GridLayout:
         return left, top, left + self.cell, top + self.cell
 
 
-def draw_image_grid(
-    images: list[Image.Image], labels: list[str], title: str
-) -> Image.Image:
+def draw_image_grid(images: list[Image.Image], labels: list[str], title: str) -> Image.Image:
     """`images` (square, one size) in a near-square grid, each with its label wrapped below it,
     and `title` on top."""
     cell = images[0].width
@@ -123,8 +121,9 @@ def draw_image_grid(
     draw = ImageDraw.Draw(grid)
     font = _font(layout.font_size)
     line_h = layout.font_size + 2
-    draw.text((_GAP, 3), _elide(draw, title, font, layout.size[0] - 2 * _GAP), fill="black",
-              font=font)
+    draw.text(
+        (_GAP, 3), _elide(draw, title, font, layout.size[0] - 2 * _GAP), fill="black", font=font
+    )
     for i, (img, label) in enumerate(zip(images, labels)):
         left, top, right, bottom = layout.cell_box(i)
         grid.paste(img.convert("RGB").resize((cell, cell)), (left, top))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lorajobs.jobspecs.loader import spec_to_dict
 from lorajobs.jobspecs.models import AnyJobSpec
-from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.storage.transfer import sha256_file
+from lorajobs.worker.context import TrainOutput, WorkerContext
 
 FORMAT = "lorajobs.adapter/v1"
 SIDECAR = "lorajobs.json"
@@ -172,19 +172,35 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
 
     Built from the spec and the trainer's figures only (no times), so it repeats with the run.
     """
-    base = redact_uri(spec.base_model)
-    # from_pretrained reads a hub id or a local path, not a bucket URI: point at a local copy.
-    local_base = base if "://" not in base else "path/to/base-model"
-    copy_note = [] if local_base == base else [f"# path/to/base-model: a local copy of {base}"]
-    m, r = output.metrics, output.resolved
-    steps = m.get("steps", spec.training.steps)
+    lines = _card_intro(spec, output)
+    lines += _card_training(spec, output.resolved)
+    lines += _card_results(output.metrics)
+    lines += ["## Files", ""]
+    for name in output.files:
+        lines.append(f"- `{name}`")
+    lines += [f"- `{SIDECAR}`: the full record (spec, hashes, versions, hardware, metrics)", ""]
+    lines += _card_loading(spec, output.resolved)
+    return "\n".join(lines) + "\n"
+
+
+_CARD_SETTINGS = (
+    "rank", "alpha", "dropout", "use_dora", "use_rslora", "steps", "epochs", "batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+    "weight_decay", "max_grad_norm", "optimizer", "mixed_precision", "gradient_checkpointing",
+    "resolution", "max_seq_length", "prediction_type", "seed", "device", "threads",
+)  # fmt: skip
+
+
+def _card_intro(spec: AnyJobSpec, output: TrainOutput) -> list[str]:
+    """Front matter (library, tags, base model, trigger), title, one paragraph, pictures."""
+    steps = output.metrics.get("steps", spec.training.steps)
     library = "peft" if spec.kind == "text" else "diffusers"
     lines = ["---", f"library_name: {library}", "tags:", "- lora", "- lorajobs"]
     if spec.kind == "image":
         lines.append("- text-to-image")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec.base_model):  # a hub id: the hub links it
         lines.append(f"base_model: {spec.base_model}")
-    trigger = r.get("trigger_phrase")
+    trigger = output.resolved.get("trigger_phrase")
     if trigger:
         lines.append(f"instance_prompt: {json.dumps(trigger)}")
     lines += [
@@ -203,34 +219,40 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
         lines += ["![training loss](loss.png)", ""]
     if "samples.png" in output.files:  # validation prompts rendered with the final adapter
         lines += ["![validation samples](samples.png)", ""]
-    lines += ["## Training", "", "| setting | value |", "|---|---|"]
-    lines.append(f"| base model | `{base}` |")
+    return lines
+
+
+def _card_training(spec: AnyJobSpec, resolved: dict[str, Any]) -> list[str]:
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
+    lines.append(f"| base model | `{redact_uri(spec.base_model)}` |")
     lines.append(f"| target modules | {', '.join(spec.target_modules())} |")
-    for key in (
-        "rank", "alpha", "dropout", "use_dora", "use_rslora", "steps", "epochs", "batch_size",
-        "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
-        "weight_decay", "max_grad_norm", "optimizer", "mixed_precision", "gradient_checkpointing",
-        "resolution", "max_seq_length", "prediction_type", "seed", "device", "threads",
-    ):
-        if key in r:
-            lines.append(f"| {key} | {r[key]} |")
-    lines.append("")
+    lines += [f"| {key} | {resolved[key]} |" for key in _CARD_SETTINGS if key in resolved]
+    return [*lines, ""]
+
+
+def _card_results(m: dict[str, Any]) -> list[str]:
     results = [f"- First loss: {m['first_loss']:.4f}"] if "first_loss" in m else []
     if "final_loss" in m:
         results.append(f"- Final loss: {m['final_loss']:.4f}")
-    for key, label in (("images", "Training images"), ("examples", "Training examples"),
-                       ("tokens", "Tokens seen")):
+    for key, label in (
+        ("images", "Training images"),
+        ("examples", "Training examples"),
+        ("tokens", "Tokens seen"),
+    ):
         if key in m:
             results.append(f"- {label}: {m[key]}")
-    if results:
-        lines += ["## Results", "", *results, ""]
-    lines += ["## Files", ""]
-    for name in output.files:
-        lines.append(f"- `{name}`")
-    lines += [f"- `{SIDECAR}`: the full record (spec, hashes, versions, hardware, metrics)", ""]
-    lines += ["## Load it", ""]
+    return ["## Results", "", *results, ""] if results else []
+
+
+def _card_loading(spec: AnyJobSpec, resolved: dict[str, Any]) -> list[str]:
+    """How to load it: PEFT or diffusers code, and the kohya file for the UIs."""
+    base = redact_uri(spec.base_model)
+    # from_pretrained reads a hub id or a local path, not a bucket URI: point at a local copy.
+    local_base = base if "://" not in base else "path/to/base-model"
+    copy_note = [] if local_base == base else [f"# path/to/base-model: a local copy of {base}"]
+    lines = ["## Load it", ""]
     if spec.kind == "text":
-        lines += [
+        return lines + [
             "```python",
             "from transformers import AutoModelForCausalLM",
             "from peft import PeftModel",
@@ -242,25 +264,24 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
             "",
             "A merged full model: `lorajobs export <job or this folder> --merge -o merged/`.",
         ]
-    else:
+    lines += [
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        *copy_note,
+        f'pipe = DiffusionPipeline.from_pretrained("{local_base}")',
+        'pipe.load_lora_weights("path/to/this/folder", '
+        'weight_name="pytorch_lora_weights.safetensors")',
+        "```",
+    ]
+    kohya = resolved.get("kohya_file")
+    if kohya:
         lines += [
-            "```python",
-            "from diffusers import DiffusionPipeline",
             "",
-            *copy_note,
-            f'pipe = DiffusionPipeline.from_pretrained("{local_base}")',
-            'pipe.load_lora_weights("path/to/this/folder", '
-            'weight_name="pytorch_lora_weights.safetensors")',
-            "```",
+            f"A1111 / Forge / ComfyUI: copy `{kohya}` (kohya format, `ss_*` metadata) into "
+            "the LoRA models folder.",
         ]
-        kohya = r.get("kohya_file")
-        if kohya:
-            lines += [
-                "",
-                f"A1111 / Forge / ComfyUI: copy `{kohya}` (kohya format, `ss_*` metadata) into "
-                "the LoRA models folder.",
-            ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_metadata(

@@ -86,7 +86,8 @@ def sigterm_as_interrupt() -> None:
 def log_to_stderr() -> None:
     """Log lines with their level, on stderr (warnings must not read like info)."""
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 

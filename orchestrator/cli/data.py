@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -19,8 +19,9 @@ from lorajobs.orchestrator.settings import Settings
 
 def register(app: typer.Typer) -> None:
     """Add the data commands to `app`."""
-    data_app = typer.Typer(help="Stage local datasets and base models into the bucket.",
-                           no_args_is_help=True)
+    data_app = typer.Typer(
+        help="Stage local datasets and base models into the bucket.", no_args_is_help=True
+    )
     app.add_typer(data_app, name="data")
     data_app.command("push")(data_push)
     app.command("adapters")(adapters)
@@ -30,7 +31,7 @@ def register(app: typer.Typer) -> None:
 def data_push(
     path: Path = typer.Argument(..., help="A local folder (or one file) to stage."),
     kind: str = typer.Option("dataset", "--kind", help="dataset or model: the bucket prefix."),
-    bucket: Optional[str] = typer.Option(
+    bucket: str | None = typer.Option(
         None, "--bucket", help="Bucket URI (default: LORAJOBS_BUCKET)."
     ),
     concurrency: int = typer.Option(16, "--concurrency", min=1, help="Parallel uploads."),
@@ -47,21 +48,31 @@ def data_push(
     settings = ctx.settings()
     target = bucket or settings.bucket
     hashes = settings.home / "stage-hashes" / "push.json"
-    staged = stage_path(path, target, kind, concurrency=concurrency, hash_cache=hashes,
-                        console=ctx.err)
+    staged = stage_path(
+        path, target, kind, concurrency=concurrency, hash_cache=hashes, console=ctx.err
+    )
     if as_json:
-        print(json.dumps({
-            "uri": staged.uri, "digest": staged.digest, "files": staged.files,
-            "size": staged.size, "uploaded_files": staged.uploaded_files,
-            "uploaded_bytes": staged.uploaded_bytes, "already_staged": staged.already,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "uri": staged.uri,
+                    "digest": staged.digest,
+                    "files": staged.files,
+                    "size": staged.size,
+                    "uploaded_files": staged.uploaded_files,
+                    "uploaded_bytes": staged.uploaded_bytes,
+                    "already_staged": staged.already,
+                },
+                indent=2,
+            )
+        )
     else:
         print(staged.uri)
 
 
 def adapters(
-    name: Optional[str] = typer.Option(None, "--name", help="Only adapters with this name."),
-    bucket: Optional[str] = typer.Option(
+    name: str | None = typer.Option(None, "--name", help="Only adapters with this name."),
+    bucket: str | None = typer.Option(
         None, "--bucket", help="Bucket URI (default: LORAJOBS_BUCKET)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
@@ -84,8 +95,13 @@ def adapters(
     for col in ("NAME", "JOB", "SIZE", "BASE MODEL", "CREATED"):
         table.add_column(col, overflow="fold")
     for a in found:
-        table.add_row(a["name"], a["job_id"], ctx.human_size(a["size"]), a["base_model"] or "-",
-                      a["created"] or "-")
+        table.add_row(
+            a["name"],
+            a["job_id"],
+            ctx.human_size(a["size"]),
+            a["base_model"] or "-",
+            a["created"] or "-",
+        )
     ctx.out.print(table)
 
 
@@ -93,7 +109,7 @@ def fetch(
     ref: str = typer.Argument(
         ..., metavar="JOB|NAME", help="Job id (or unique prefix) or adapter name."
     ),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write into."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Folder to write into."),
     latest: bool = typer.Option(
         False, "--latest", help="NAME: take the newest adapter of that name."
     ),
@@ -109,8 +125,9 @@ def fetch(
     uri, default_dir = resolve_adapter(settings, ref, latest)
     dest = output or Path(default_dir)
     files = fetch_adapter(uri, dest)
-    ctx.err.print(f"fetched {len(files)} files from {uri}, sha256 verified", markup=False,
-               highlight=False)
+    ctx.err.print(
+        f"fetched {len(files)} files from {uri}, sha256 verified", markup=False, highlight=False
+    )
     print(dest.resolve())
 
 
@@ -138,10 +155,13 @@ def resolve_adapter(settings: Settings, ref: str, latest: bool) -> tuple[str, st
     if not named and job_error is not None:
         raise job_error
     if not named:
-        raise InvalidInput(f"no job {ref!r}, and no complete adapter named {ref!r} in "
-                           f"{settings.bucket}")
+        raise InvalidInput(
+            f"no job {ref!r}, and no complete adapter named {ref!r} in {settings.bucket}"
+        )
     if len(named) > 1 and not latest:
-        raise InvalidInput(f"{len(named)} adapters are named {ref!r}: pass --latest for the "
-                           "newest, or a job id (lorajobs adapters --name shows them)")
+        raise InvalidInput(
+            f"{len(named)} adapters are named {ref!r}: pass --latest for the "
+            "newest, or a job id (lorajobs adapters --name shows them)"
+        )
     best: dict[str, Any] = named[0]  # newest first
     return str(best["uri"]), f"{best['name']}-{best['job_id']}"

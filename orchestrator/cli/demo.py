@@ -12,9 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 import typer
+from rich.console import Console
 
 from lorajobs.orchestrator.cli import context as ctx
 from lorajobs.orchestrator.settings import Settings
@@ -86,14 +85,15 @@ def stage_demo_inputs(bucket: str, err: Console) -> None:
 
 
 def run_demo(settings: Settings, out: Console, err: Console) -> None:
+    from lorajobs.jobspecs import load_spec
     from lorajobs.orchestrator.cli.render import status_table
     from lorajobs.storage.adapters import fetch_adapter
 
-    from lorajobs.jobspecs import load_spec
-
     t0 = time.monotonic()
     bucket = settings.bucket.rstrip("/")
-    err.print(f"home: {settings.home}\nbucket: {bucket}\ndatabase: {settings.redacted_database_url()}")
+    err.print(
+        f"home: {settings.home}\nbucket: {bucket}\ndatabase: {settings.redacted_database_url()}"
+    )
     stage_demo_inputs(bucket, err)
 
     spec_dir = settings.home / "demo"
@@ -129,11 +129,18 @@ def run_demo(settings: Settings, out: Console, err: Console) -> None:
     # from_pretrained wants a folder: for a file:// bucket that is the path; for s3:// the
     # user pulls it first (the worker's cache holds a copy).
     models = bucket.removeprefix("file://")
-    out.print(HOW_TO_LOAD.format(
-        model_sd=f"{models}/models/tiny-sd", model_lm=f"{models}/models/tiny-llama",
-        image_dir=dirs["image"], text_dir=dirs["text"]))
-    out.print(f"demo finished in {time.monotonic() - t0:.0f} s. Try: lorajobs status, "
-              f"lorajobs show {ids[0]}")
+    out.print(
+        HOW_TO_LOAD.format(
+            model_sd=f"{models}/models/tiny-sd",
+            model_lm=f"{models}/models/tiny-llama",
+            image_dir=dirs["image"],
+            text_dir=dirs["text"],
+        )
+    )
+    out.print(
+        f"demo finished in {time.monotonic() - t0:.0f} s. Try: lorajobs status, "
+        f"lorajobs show {ids[0]}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -24,8 +24,18 @@ FOLLOW_POLL_S = 1.0
 
 def register(app: typer.Typer) -> None:
     """Add the job commands to `app`."""
-    for command in (validate, schema, submit, status, show, cancel, retry, priority, logs,
-                    controller):
+    for command in (
+        validate,
+        schema,
+        submit,
+        status,
+        show,
+        cancel,
+        retry,
+        priority,
+        logs,
+        controller,
+    ):
         app.command()(command)
 
 
@@ -44,7 +54,7 @@ def schema() -> None:
 
 def submit(
     specs: list[Path] = typer.Argument(..., help="Spec files, one job each."),
-    idempotency_key: Optional[str] = typer.Option(
+    idempotency_key: str | None = typer.Option(
         None, "--idempotency-key", help="Submitting again with the same key returns the same job."
     ),
     wait: bool = typer.Option(False, "--wait", help="Run a controller here until the jobs end."),
@@ -79,8 +89,12 @@ def submit(
         raise typer.Exit(1)
 
 
-def print_jobs(jobs: list[Any], as_json: bool, ids_only: bool = False,
-                reasons: dict[str, str | None] | None = None) -> None:
+def print_jobs(
+    jobs: list[Any],
+    as_json: bool,
+    ids_only: bool = False,
+    reasons: dict[str, str | None] | None = None,
+) -> None:
     from lorajobs.orchestrator.cli import render
 
     reasons = reasons or {}
@@ -107,8 +121,8 @@ def wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
 
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of jobs."),
-    state: Optional[list[str]] = typer.Option(None, "--state", help="Only jobs in this state."),
-    owner: Optional[str] = typer.Option(None, "--owner", help="Only this owner's jobs."),
+    state: list[str] | None = typer.Option(None, "--state", help="Only jobs in this state."),
+    owner: str | None = typer.Option(None, "--owner", help="Only this owner's jobs."),
     limit: int = typer.Option(50, "--limit", help="At most this many jobs, newest first."),
     watch: bool = typer.Option(False, "--watch", help="Refresh every 2 s until Ctrl-C."),
 ) -> None:
@@ -164,17 +178,31 @@ def show(
     estimate = estimate_for(rec)
     wait_reason = wait_reasons(queue, [rec]).get(rec.id)
     if as_json:
-        print(render.dumps({**render.job_json(rec, wait_reason),
-                            "events": [render.event_json(e) for e in events],
-                            "attempts": attempts, "cost_estimate": estimate.as_dict()}))
+        print(
+            render.dumps(
+                {
+                    **render.job_json(rec, wait_reason),
+                    "events": [render.event_json(e) for e in events],
+                    "attempts": attempts,
+                    "cost_estimate": estimate.as_dict(),
+                }
+            )
+        )
         return
-    ctx.out.print(f"[bold]{rec.id}[/]  {rec.kind} '{rec.name}'  owner={rec.owner}  priority={rec.priority}")
-    ctx.out.print(f"state: {rec.status.value}   attempt: {rec.attempt}   progress: "
-              f"{render.progress_text(rec)}   loss: {rec.loss if rec.loss is not None else '-'}")
-    ctx.out.print(f"node: {rec.node or '-'}   gpu: {render.gpu_text(rec)}   eta: "
-              f"{render.fmt_duration(render.eta_s(rec))}   cost: "
-              + (f"${rec.cost_usd:.4f} so far" if rec.cost_usd is not None else "-")
-              + f"   estimate: {estimate.text()}", markup=False)
+    ctx.out.print(
+        f"[bold]{rec.id}[/]  {rec.kind} '{rec.name}'  owner={rec.owner}  priority={rec.priority}"
+    )
+    ctx.out.print(
+        f"state: {rec.status.value}   attempt: {rec.attempt}   progress: "
+        f"{render.progress_text(rec)}   loss: {rec.loss if rec.loss is not None else '-'}"
+    )
+    ctx.out.print(
+        f"node: {rec.node or '-'}   gpu: {render.gpu_text(rec)}   eta: "
+        f"{render.fmt_duration(render.eta_s(rec))}   cost: "
+        + (f"${rec.cost_usd:.4f} so far" if rec.cost_usd is not None else "-")
+        + f"   estimate: {estimate.text()}",
+        markup=False,
+    )
     if wait_reason:
         ctx.out.print(f"waiting: {wait_reason}", markup=False)
     if rec.failure_reason:
@@ -237,6 +265,7 @@ def retry(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> 
     ctx.err.print(f"job {rec.id} queued again as attempt {rec.attempt}")
     print(rec.id)
 
+
 def priority(
     job: str = typer.Argument(..., help="Job id or a unique prefix."),
     value: int = typer.Argument(..., help="New priority, -100..100; higher runs first."),
@@ -249,13 +278,18 @@ def priority(
     ctx.err.print(f"job {rec.id}: priority {before.priority} -> {rec.priority}")
     print(rec.id)
 
+
 def logs(
     job: str = typer.Argument(..., help="Job id or a unique prefix."),
-    follow: bool = typer.Option(False, "-f", "--follow",
-                                help="Keep printing as the log grows, across attempts, "
-                                "until the job ends."),
-    attempt: Optional[int] = typer.Option(None, "--attempt",
-                                          help="This attempt's log (default: the latest)."),
+    follow: bool = typer.Option(
+        False,
+        "-f",
+        "--follow",
+        help="Keep printing as the log grows, across attempts, until the job ends.",
+    ),
+    attempt: int | None = typer.Option(
+        None, "--attempt", help="This attempt's log (default: the latest)."
+    ),
 ) -> None:
     """Print the worker's log of a job (its latest attempt unless --attempt)."""
     from lorajobs.storage.logs import read_log

@@ -77,8 +77,12 @@ def attempts(events: list[EventRecord]) -> list[dict[str, Any]]:
                 "dispatched_at": _aware(e.at).isoformat(),  # type: ignore[union-attr]
                 "node_id": data.get("node_id"),
                 "accelerator": data.get("accelerator"),
-                "started_at": None, "ended_at": None, "outcome": None, "reason": None,
-                "node": None, "cost_usd": None,
+                "started_at": None,
+                "ended_at": None,
+                "outcome": None,
+                "reason": None,
+                "node": None,
+                "cost_usd": None,
             }
             out.append(current)
         elif current is not None and e.to_status.value == "running":
@@ -156,12 +160,25 @@ STATE_STYLE = {
 }
 
 
-def status_table(jobs: list[JobRecord],
-                 reasons: Mapping[str, str | None] | None = None) -> Table:
+def status_table(jobs: list[JobRecord], reasons: Mapping[str, str | None] | None = None) -> Table:
     """The `status` table; `reasons`: why each queued job waits (a short form is shown)."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("ID", "NAME", "KIND", "STATE", "PROGRESS", "LOSS", "IT/S", "ETA", "ELAPSED",
-                "NODE", "GPU", "ATTEMPT", "OWNER", "WAITING"):
+    for col in (
+        "ID",
+        "NAME",
+        "KIND",
+        "STATE",
+        "PROGRESS",
+        "LOSS",
+        "IT/S",
+        "ETA",
+        "ELAPSED",
+        "NODE",
+        "GPU",
+        "ATTEMPT",
+        "OWNER",
+        "WAITING",
+    ):
         table.add_column(col, no_wrap=True)
     reasons = reasons or {}
     for j in jobs:

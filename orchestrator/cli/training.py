@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -22,10 +22,10 @@ from lorajobs.orchestrator.cli import context as ctx
 
 def run(
     spec_file: Path = typer.Argument(..., help="Spec file."),
-    output: Optional[str] = typer.Option(
+    output: str | None = typer.Option(
         None, "-o", "--output", help="Bucket URI or folder for the adapter (default: the bucket)."
     ),
-    job_id: Optional[str] = typer.Option(None, "--job-id", help="Id used in the output path."),
+    job_id: str | None = typer.Option(None, "--job-id", help="Id used in the output path."),
 ) -> None:
     """Train one job here, in this process: no database, no Ray. Prints the adapter's URI."""
     import secrets
@@ -43,8 +43,10 @@ def run(
     def report(p: dict[str, Any]) -> None:
         if time.monotonic() - last[0] > 1.0 or p.get("step") == p.get("total_steps"):
             last[0] = time.monotonic()
-            ctx.err.print(f"step {p.get('step')}/{p.get('total_steps')}  loss {p.get('loss', 0):.4f}"
-                      f"  {p.get('it_per_s', 0):.1f} it/s")
+            ctx.err.print(
+                f"step {p.get('step')}/{p.get('total_steps')}  loss {p.get('loss', 0):.4f}"
+                f"  {p.get('it_per_s', 0):.1f} it/s"
+            )
 
     worker_ctx = WorkerContext(
         job_id=job_id or f"run-{secrets.token_hex(6)}",
@@ -57,7 +59,6 @@ def run(
     result = run_job(spec, worker_ctx)
     ctx.err.print(f"adapter written to {result['adapter_uri']}")
     print(result["adapter_uri"])
-
 
 
 def _adapter_dir(ref: str, scratch: Path) -> Path:
@@ -93,7 +94,7 @@ def _say(msg: str) -> None:
 
 def merge(
     adapters: list[str] = typer.Argument(..., help="Two or more adapters: folders, URIs or jobs."),
-    weights: Optional[str] = typer.Option(
+    weights: str | None = typer.Option(
         None, "--weights", "-w", help="Comma-separated weights, one per adapter (default: all 1)."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the merged adapter."),
@@ -116,8 +117,10 @@ def merge(
     (output / "lorajobs-merge.json").write_text(
         json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
-    _say(f"merged {len(adapters)} {summary['kind']} adapters into rank {summary['rank']} "
-         f"({summary['modules']} modules)")
+    _say(
+        f"merged {len(adapters)} {summary['kind']} adapters into rank {summary['rank']} "
+        f"({summary['modules']} modules)"
+    )
     print(output.resolve())
 
 
@@ -127,21 +130,23 @@ def export(
         False, "--merge", help="Fold the adapter into its base model: a plain transformers folder."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write into."),
-    base_model: Optional[str] = typer.Option(
+    base_model: str | None = typer.Option(
         None, "--base-model", help="Base model folder/URI (default: the one the sidecar names)."
     ),
 ) -> None:
     """Export an adapter; `--merge` writes a full merged model (text adapters)."""
     if not merge_base:
         raise InvalidInput("export: nothing to do (only --merge is supported)")
-    from lorajobs.worker.merge import adapter_kind, merge_into_base
     from lorajobs.storage.pull import pull_model
+    from lorajobs.worker.merge import adapter_kind, merge_into_base
 
     with tempfile.TemporaryDirectory(prefix="lorajobs-export-") as tmp:
         folder = _adapter_dir(adapter, Path(tmp))
         if adapter_kind(folder) != "text":  # before pulling a base model for nothing
-            raise InvalidInput(f"{adapter}: an image adapter: export --merge builds full "
-                               "models from text adapters only")
+            raise InvalidInput(
+                f"{adapter}: an image adapter: export --merge builds full "
+                "models from text adapters only"
+            )
         if base_model is None:
             sidecar = folder / "lorajobs.json"
             if sidecar.is_file():
@@ -159,56 +164,49 @@ def export(
 
 def reproduce(
     job: str = typer.Argument(..., help="A finished job: job id, adapter folder or URI."),
-    output: Optional[str] = typer.Option(
+    output: str | None = typer.Option(
         None, "-o", "--output", help="Bucket/folder for the re-run (default: a temp folder)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:
     """Re-run a finished job from its sidecar here, in-process; exit 0 if the adapter's sha256
     matches the recorded one, 1 if not."""
-    from lorajobs.jobspecs.loader import parse_spec
-    from lorajobs.worker.context import WorkerContext
-    from lorajobs.worker.entrypoint import run_job
-
-    settings = ctx.settings()
     with tempfile.TemporaryDirectory(prefix="lorajobs-repro-") as tmp:
         folder = _adapter_dir(job, Path(tmp))
         sidecar_path = folder / "lorajobs.json"
         if not sidecar_path.is_file():
             raise InvalidInput(f"{job}: no lorajobs.json: not a lorajobs adapter")
         sidecar: dict[str, Any] = json.loads(sidecar_path.read_text(encoding="utf-8"))
-        spec = parse_spec(sidecar["spec"], f"{job} lorajobs.json")
-        threads = int(sidecar.get("resolved", {}).get("threads")
-                      or sidecar.get("hardware", {}).get("threads") or spec.resources.cpus)
-        recorded = {f: info["sha256"] for f, info in sidecar["files"].items()}
-        compare = sidecar.get("deterministic_files") or [
-            f for f in ("adapter_config.json", "adapter_model.safetensors",
-                        "pytorch_lora_weights.safetensors") if f in recorded
-        ]
-        device = sidecar.get("hardware", {}).get("device")
         bucket = output or Path(tmp, "bucket").as_uri()
-        if "://" not in bucket:
-            bucket = Path(bucket).resolve().as_uri()
-        worker_ctx = WorkerContext(
-            # A fresh id: never resume from the original job's checkpoints.
-            job_id=f"repro-{secrets.token_hex(6)}",
-            output_uri=bucket,
-            cache_dir=settings.cache_dir,
-            threads=threads,
-            node="local",
+        threads, result = _rerun(job, sidecar, bucket)
+    recorded = {f: info["sha256"] for f, info in sidecar["files"].items()}
+    compare = sidecar.get("deterministic_files") or [
+        f
+        for f in (
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "pytorch_lora_weights.safetensors",
         )
-        _say(f"re-running {sidecar.get('name')} (job {sidecar.get('job_id')}) with "
-             f"{threads} thread(s)")
-        result = run_job(spec, worker_ctx)
-    here = "cuda" if _has_cuda() else "cpu"
+        if f in recorded
+    ]
     rows = {
-        f: {"recorded": recorded.get(f), "reproduced": result["files"].get(f),
-            "match": recorded.get(f) is not None and recorded.get(f) == result["files"].get(f)}
+        f: {
+            "recorded": recorded.get(f),
+            "reproduced": result["files"].get(f),
+            "match": recorded.get(f) is not None and recorded.get(f) == result["files"].get(f),
+        }
         for f in compare
     }
     ok = bool(rows) and all(r["match"] for r in rows.values())
-    report = {"job_id": sidecar.get("job_id"), "match": ok, "files": rows,
-              "recorded_device": device, "device": here, "threads": threads}
+    device, here = sidecar.get("hardware", {}).get("device"), "cuda" if _has_cuda() else "cpu"
+    report = {
+        "job_id": sidecar.get("job_id"),
+        "match": ok,
+        "files": rows,
+        "recorded_device": device,
+        "device": here,
+        "threads": threads,
+    }
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -220,6 +218,32 @@ def reproduce(
         _say("reproduce: sha256 MISMATCH")
         raise typer.Exit(1)
     _say("reproduce: sha256 match")
+
+
+def _rerun(job: str, sidecar: dict[str, Any], bucket: str) -> tuple[int, dict[str, Any]]:
+    """Train the sidecar's spec again here, with its thread count: (threads, run_job's result)."""
+    from lorajobs.jobspecs.loader import parse_spec
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
+
+    spec = parse_spec(sidecar["spec"], f"{job} lorajobs.json")
+    threads = int(
+        sidecar.get("resolved", {}).get("threads")
+        or sidecar.get("hardware", {}).get("threads")
+        or spec.resources.cpus
+    )
+    if "://" not in bucket:
+        bucket = Path(bucket).resolve().as_uri()
+    worker_ctx = WorkerContext(
+        # A fresh id: never resume from the original job's checkpoints.
+        job_id=f"repro-{secrets.token_hex(6)}",
+        output_uri=bucket,
+        cache_dir=ctx.settings().cache_dir,
+        threads=threads,
+        node="local",
+    )
+    _say(f"re-running {sidecar.get('name')} (job {sidecar.get('job_id')}) with {threads} thread(s)")
+    return threads, run_job(spec, worker_ctx)
 
 
 def _has_cuda() -> bool:

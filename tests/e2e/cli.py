@@ -65,5 +65,6 @@ class CLI:
 
     def popen(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
         f = open(log, "wb")  # noqa: SIM115 - closed with the process by the caller
-        return subprocess.Popen([*LORAJOBS, *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=self.environ())
+        return subprocess.Popen(
+            [*LORAJOBS, *args], stdout=f, stderr=subprocess.STDOUT, env=self.environ()
+        )

@@ -20,26 +20,51 @@ pytestmark = pytest.mark.slow
 
 WEIGHTS = "0.7,0.5"
 # Two different adapters of each kind: rank 4, and rank 2 on fewer modules with another seed.
-SECOND = {"image": {"rank": 2, "alpha": 1.0, "target_modules": ["to_q", "to_k"]},
-          "text": {"rank": 2, "alpha": 4, "use_rslora": True,
-                   "target_modules": ["q_proj", "v_proj", "gate_proj"]}}
+SECOND = {
+    "image": {"rank": 2, "alpha": 1.0, "target_modules": ["to_q", "to_k"]},
+    "text": {
+        "rank": 2,
+        "alpha": 4,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "v_proj", "gate_proj"],
+    },
+}
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory, tiny_image_model: Path, tiny_text_model: Path,
-        tiny_image_dataset: Path, tiny_text_dataset: Path) -> dict[str, Any]:
+def ran(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_image_model: Path,
+    tiny_text_model: Path,
+    tiny_image_dataset: Path,
+    tiny_text_dataset: Path,
+) -> dict[str, Any]:
     """Four succeeded jobs (image a/b, text a/b) in one home: {"cli", "jobs": {key: job}}."""
     tmp = tmp_path_factory.mktemp("by-job-id")
-    inputs = {"image": (tiny_image_model, tiny_image_dataset),
-              "text": (tiny_text_model, tiny_text_dataset)}
+    inputs = {
+        "image": (tiny_image_model, tiny_image_dataset),
+        "text": (tiny_text_model, tiny_text_dataset),
+    }
     specs = []
     for kind, (model, data) in inputs.items():
         for which, seed in (("a", 1), ("b", 2)):
             over: dict[str, Any] = {"lora": SECOND[kind]} if which == "b" else {}
-            specs.append(write_spec(
-                tmp / f"{kind}-{which}.yaml", kind, f"{kind}-{which}", str(model), str(data),
-                training={"steps": 6, "learning_rate": 1e-2, "seed": seed, "checkpoint_every": 2},
-                **over))
+            specs.append(
+                write_spec(
+                    tmp / f"{kind}-{which}.yaml",
+                    kind,
+                    f"{kind}-{which}",
+                    str(model),
+                    str(data),
+                    training={
+                        "steps": 6,
+                        "learning_rate": 1e-2,
+                        "seed": seed,
+                        "checkpoint_every": 2,
+                    },
+                    **over,
+                )
+            )
     cli = CLI(home=tmp / "home")
     r = cli("submit", *map(str, specs), "--wait", "--json")
     assert r.code == 0, r.err[-3000:]
@@ -67,8 +92,9 @@ def test_reproduce_a_job_by_its_id(kind: str, ran: dict[str, Any]) -> None:
     assert report["files"] and all(f["match"] for f in report["files"].values())
 
 
-def test_export_merge_of_a_text_job(ran: dict[str, Any], tiny_text_model: Path,
-                                    tmp_path: Path) -> None:
+def test_export_merge_of_a_text_job(
+    ran: dict[str, Any], tiny_text_model: Path, tmp_path: Path
+) -> None:
     job = ran["jobs"]["text-a"]
     r = ran["cli"]("export", job["id"], "--merge", "-o", str(tmp_path / "full"))
     assert r.code == 0, r.err[-3000:]
@@ -83,8 +109,9 @@ def test_export_merge_of_a_text_job(ran: dict[str, Any], tiny_text_model: Path,
     torch.testing.assert_close(text_logits(tmp_path / "full"), with_peft, rtol=0, atol=1e-5)
 
 
-def test_export_merge_of_an_image_job_says_what_it_supports(ran: dict[str, Any],
-                                                            tmp_path: Path) -> None:
+def test_export_merge_of_an_image_job_says_what_it_supports(
+    ran: dict[str, Any], tmp_path: Path
+) -> None:
     r = ran["cli"]("export", ran["jobs"]["image-a"]["id"], "--merge", "-o", str(tmp_path / "x"))
     assert r.code == 2, r.err[-3000:]
     assert r.err.strip().splitlines()[-1].endswith("from text adapters only")
@@ -105,7 +132,6 @@ def test_merge_two_jobs_equals_their_weighted_stack(
     model = request.getfixturevalue(f"tiny_{kind}_model")
     output = unet_output if kind == "image" else text_logits
     weights = [float(w) for w in WEIGHTS.split(",")]
-    want = output(model, [adapter_path(a["adapter_uri"]), adapter_path(b["adapter_uri"])],
-                  weights)
+    want = output(model, [adapter_path(a["adapter_uri"]), adapter_path(b["adapter_uri"])], weights)
     assert (want - output(model)).abs().max().item() > 1e-4  # the stack does something
     torch.testing.assert_close(output(model, [out]), want, rtol=0, atol=1e-5)

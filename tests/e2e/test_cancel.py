@@ -29,10 +29,22 @@ def test_cancel_queued_and_running_jobs(
 ) -> None:
     cli = CLI(home=tmp_path / "home")
     long = {"steps": 1_000_000}
-    queued = write_spec(tmp_path / "q.yaml", "text", "to-cancel-queued", str(tiny_text_model),
-                        str(tiny_text_dataset), training=long)
-    running = write_spec(tmp_path / "r.yaml", "text", "to-cancel-running", str(tiny_text_model),
-                         str(tiny_text_dataset), training=long)
+    queued = write_spec(
+        tmp_path / "q.yaml",
+        "text",
+        "to-cancel-queued",
+        str(tiny_text_model),
+        str(tiny_text_dataset),
+        training=long,
+    )
+    running = write_spec(
+        tmp_path / "r.yaml",
+        "text",
+        "to-cancel-running",
+        str(tiny_text_model),
+        str(tiny_text_dataset),
+        training=long,
+    )
 
     q_id = cli("submit", str(queued)).out.strip()
     r = cli("cancel", q_id[:6])
@@ -67,8 +79,14 @@ def test_logs_show_attempts_and_retry_through_the_cli(
     tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
 ) -> None:
     cli = CLI(home=tmp_path / "home", env={"LORAJOBS_PRICES": "cpu=0.36"})
-    spec = write_spec(tmp_path / "ok.yaml", "text", "logged", str(tiny_text_model),
-                      str(tiny_text_dataset), max_runtime="10m")
+    spec = write_spec(
+        tmp_path / "ok.yaml",
+        "text",
+        "logged",
+        str(tiny_text_model),
+        str(tiny_text_dataset),
+        max_runtime="10m",
+    )
     r = cli("submit", str(spec), "--wait", "--json")
     assert r.code == 0, r.err[-2000:]
     assert "estimated cost: $0.36/h; at most $0.06 per attempt (max_runtime)" in r.err
@@ -78,8 +96,9 @@ def test_logs_show_attempts_and_retry_through_the_cli(
     assert "step 20/20" in log.out and "adapter uploaded to" in log.out
     assert cli("logs", job["id"], "-f", timeout=30).out == log.out  # ended: prints and returns
     shown = cli("show", job["id"], "--json").json()
-    sidecar = json.loads((Path(shown["adapter_uri"].removeprefix("file://")) / "lorajobs.json")
-                         .read_text())
+    sidecar = json.loads(
+        (Path(shown["adapter_uri"].removeprefix("file://")) / "lorajobs.json").read_text()
+    )
     assert sidecar["extra"]["cost"]["usd_per_hour"] == 0.36
     assert sidecar["extra"]["cost"]["total_usd"] > 0
     (attempt,) = shown["attempts"]
@@ -92,8 +111,9 @@ def test_logs_show_attempts_and_retry_through_the_cli(
     assert all(col in status for col in ("ETA", "NODE", "GPU", "ATTEMPT"))
 
     # A failed job goes back to the queue with `retry`, as a new attempt.
-    bad = write_spec(tmp_path / "bad.yaml", "text", "bad", str(tiny_text_model),
-                     str(tmp_path / "missing.jsonl"))
+    bad = write_spec(
+        tmp_path / "bad.yaml", "text", "bad", str(tiny_text_model), str(tmp_path / "missing.jsonl")
+    )
     r = cli("submit", str(bad), "--wait", "--json")
     (failed,) = r.json()
     assert r.code == 1 and failed["state"] == "failed" and failed["failure_kind"] == "user"

@@ -58,7 +58,9 @@ def test_malformed_files_give_one_line(cli: CLI, tmp_path: Path, content: str, n
 
 
 def test_validate_and_schema(cli: CLI) -> None:
-    examples = sorted((Path(__file__).resolve().parents[2] / "jobspecs" / "examples").glob("*.yaml"))
+    examples = sorted(
+        (Path(__file__).resolve().parents[2] / "jobspecs" / "examples").glob("*.yaml")
+    )
     r = cli("validate", *map(str, examples))
     assert r.code == 0, r.err
     schema = cli("schema").json()
@@ -81,8 +83,13 @@ def test_idempotency_key_returns_same_job(cli: CLI, tmp_path: Path) -> None:
 def test_missing_dataset_fails_as_user_error_naming_the_uri(
     cli: CLI, tmp_path: Path, tiny_text_model: Path
 ) -> None:
-    spec = write_spec(tmp_path / "s.yaml", "text", "nodata", str(tiny_text_model),
-                      "file:///nonexistent/lorajobs/data.jsonl")
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        "text",
+        "nodata",
+        str(tiny_text_model),
+        "file:///nonexistent/lorajobs/data.jsonl",
+    )
     r = cli("submit", str(spec), "--wait", "--json")
     assert r.code == 1
     (job,) = r.json()
@@ -95,8 +102,9 @@ def test_missing_dataset_fails_as_user_error_naming_the_uri(
 def test_missing_base_model_fails_as_user_error(
     cli: CLI, tmp_path: Path, tiny_text_dataset: Path
 ) -> None:
-    spec = write_spec(tmp_path / "s.yaml", "text", "nomodel", "/nonexistent/model",
-                      str(tiny_text_dataset))
+    spec = write_spec(
+        tmp_path / "s.yaml", "text", "nomodel", "/nonexistent/model", str(tiny_text_dataset)
+    )
     r = cli("submit", str(spec), "--wait", "--json")
     (job,) = r.json()
     assert r.code == 1 and job["failure_kind"] == "user"
@@ -106,8 +114,14 @@ def test_missing_base_model_fails_as_user_error(
 def test_gpu_job_on_a_cpu_only_local_ray_fails_clearly(
     cli: CLI, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
 ) -> None:
-    spec = write_spec(tmp_path / "s.yaml", "text", "gpu", str(tiny_text_model),
-                      str(tiny_text_dataset), resources={"gpus": 1, "cpus": 1})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        "text",
+        "gpu",
+        str(tiny_text_model),
+        str(tiny_text_dataset),
+        resources={"gpus": 1, "cpus": 1},
+    )
     r = cli("submit", str(spec), "--wait", "--json")
     (job,) = r.json()
     assert r.code == 1 and job["failure_kind"] == "user"

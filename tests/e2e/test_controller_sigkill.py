@@ -37,15 +37,28 @@ def test_controller_killed_three_times_every_job_succeeds_exactly_once(
     for _ in range(2):
         sim_cluster.add_gpu_node("A100")
     home = tmp_path / "home"
-    cli = CLI(home=home, env={
-        "LORAJOBS_RAY_ADDRESS": sim_cluster.address,
-        "LORAJOBS_LEASE_S": "5", "LORAJOBS_POLL_S": "0.2", "LORAJOBS_RETRY_BACKOFF_S": "0.2",
-    })
+    cli = CLI(
+        home=home,
+        env={
+            "LORAJOBS_RAY_ADDRESS": sim_cluster.address,
+            "LORAJOBS_LEASE_S": "5",
+            "LORAJOBS_POLL_S": "0.2",
+            "LORAJOBS_RETRY_BACKOFF_S": "0.2",
+        },
+    )
     names = ["survivor"] * 4  # one name: the adapter metadata carries it, so bytes compare
-    specs = [write_spec(tmp_path / f"s{i}.yaml", "text", n, str(tiny_text_model),
-                        str(tiny_text_dataset), resources={"gpus": 1, "cpus": 1},
-                        training={"steps": 500, "checkpoint_every": 50})
-             for i, n in enumerate(names)]
+    specs = [
+        write_spec(
+            tmp_path / f"s{i}.yaml",
+            "text",
+            n,
+            str(tiny_text_model),
+            str(tiny_text_dataset),
+            resources={"gpus": 1, "cpus": 1},
+            training={"steps": 500, "checkpoint_every": 50},
+        )
+        for i, n in enumerate(names)
+    ]
     r = cli("submit", *map(str, specs))
     assert r.code == 0, r.err
     ids = r.out.split()
@@ -59,8 +72,9 @@ def test_controller_killed_three_times_every_job_succeeds_exactly_once(
 
     def one_done_one_running() -> bool:
         js = jobs()
-        return (any(j.status is JobStatus.succeeded for j in js)
-                and any(j.status is JobStatus.running for j in js))
+        return any(j.status is JobStatus.succeeded for j in js) and any(
+            j.status is JobStatus.running for j in js
+        )
 
     def just_dispatched() -> bool:
         return any(j.status is JobStatus.dispatched for j in jobs())
@@ -89,7 +103,8 @@ def test_controller_killed_three_times_every_job_succeeds_exactly_once(
 
     final = jobs()
     assert [j.status for j in final] == [JobStatus.succeeded] * 4, [
-        (j.status.value, j.failure_reason) for j in final]
+        (j.status.value, j.failure_reason) for j in final
+    ]
     bucket = home / "bucket"
     shas = set()
     for j in final:
@@ -103,7 +118,11 @@ def test_controller_killed_three_times_every_job_succeeds_exactly_once(
         shas.add(hashlib.sha256(weights.read_bytes()).hexdigest())
         assert j.result["files"]["adapter_model.safetensors"] in shas
     assert len(shas) == 1, "same spec, same bytes, however often the controller died"
-    lost = [e for j in final for e in queue.events(j.id)
-            if e.to_status is JobStatus.queued and "controller" in e.reason]
+    lost = [
+        e
+        for j in final
+        for e in queue.events(j.id)
+        if e.to_status is JobStatus.queued and "controller" in e.reason
+    ]
     assert lost, f"the kills should have cost some attempts: {kills}"
     assert all(j.infra_retries == 0 for j in final), "controller loss is not charged to jobs"

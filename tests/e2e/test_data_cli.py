@@ -8,8 +8,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -28,13 +29,16 @@ def ray_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def cli(tmp_path: Path, s3_env: Any, ray_tmp: Path) -> CLI:
-    return CLI(home=tmp_path / "home", env={
-        **s3_env.server.env(),
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "LORAJOBS_BUCKET": f"{s3_env.uri}/lj",
-        "RAY_TMPDIR": str(ray_tmp),
-    })
+    return CLI(
+        home=tmp_path / "home",
+        env={
+            **s3_env.server.env(),
+            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+            "LORAJOBS_BUCKET": f"{s3_env.uri}/lj",
+            "RAY_TMPDIR": str(ray_tmp),
+        },
+    )
 
 
 def _folder(d: Path, n: int = 5) -> Path:
@@ -100,8 +104,11 @@ def test_fetch_never_writes_outside_its_folder(cli: CLI, tmp_path: Path, s3_env:
     sha = hashlib.sha256(b"pwn").hexdigest()
     client.put_object(Bucket=s3_env.bucket, Key="lj/adapters/evil/j1/x", Body=b"pwn")
     marker = {"files": {"../../etc/x": {"sha256": sha, "size": 3}}}
-    client.put_object(Bucket=s3_env.bucket, Key="lj/adapters/evil/j1/lorajobs.json",
-                      Body=json.dumps(marker).encode())
+    client.put_object(
+        Bucket=s3_env.bucket,
+        Key="lj/adapters/evil/j1/lorajobs.json",
+        Body=json.dumps(marker).encode(),
+    )
     out = tmp_path / "a" / "b" / "out"
     r = cli("fetch", "evil", "-o", str(out))
     assert r.code == 1 and "unsafe file path '../../etc/x'" in r.err
@@ -118,12 +125,25 @@ def test_a_job_named_to_climb_out_is_refused_and_inserts_nothing(cli: CLI, tmp_p
 
 
 def test_full_run_stages_once_pulls_once_and_leaks_no_secret(
-    cli: CLI, tmp_path: Path, s3_env: Any, ray_tmp: Path,
-    tiny_text_model: Path, tiny_text_dataset: Path,
+    cli: CLI,
+    tmp_path: Path,
+    s3_env: Any,
+    ray_tmp: Path,
+    tiny_text_model: Path,
+    tiny_text_dataset: Path,
 ) -> None:
     secret = s3_env.server.secret_key
-    specs = [write_spec(tmp_path / f"{i}.yaml", "text", "acme-bot", str(tiny_text_model),
-                        str(tiny_text_dataset), training={"steps": 4, "seed": i}) for i in (1, 2)]
+    specs = [
+        write_spec(
+            tmp_path / f"{i}.yaml",
+            "text",
+            "acme-bot",
+            str(tiny_text_model),
+            str(tiny_text_dataset),
+            training={"steps": 4, "seed": i},
+        )
+        for i in (1, 2)
+    ]
     outputs: list[str] = []
 
     def run(*args: str) -> Any:

@@ -26,8 +26,13 @@ main()
 
 
 def _heavy_modules(cli: CLI, *args: str) -> list[str]:
-    p = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
-                       capture_output=True, text=True, env=cli.environ(), timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
+        capture_output=True,
+        text=True,
+        env=cli.environ(),
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     line = [x for x in p.stderr.splitlines() if x.startswith("HEAVY=")][-1]
     return [m for m in line.removeprefix("HEAVY=").split(",") if m]

@@ -31,8 +31,9 @@ def _image_output(model_dir: Path, lora_dir: Path | None) -> Any:
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
     g = torch.Generator().manual_seed(0)
-    return pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=g,
-                output_type="np").images
+    return pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, generator=g, output_type="np"
+    ).images
 
 
 def _text_logits(model_dir: Path, adapter_dir: Path | None) -> torch.Tensor:
@@ -48,12 +49,25 @@ def _text_logits(model_dir: Path, adapter_dir: Path | None) -> torch.Tensor:
         return model(ids).logits
 
 
-def _walk_main_path(cli: CLI, tmp: Path, models: dict[str, str], data: dict[str, str],
-                    local_models: dict[str, Path]) -> None:
-    img = write_spec(tmp / "image.yaml", "image", "e2e-image", models["image"], data["image"],
-                     training={"steps": 15, "learning_rate": 1e-2})
-    txt = write_spec(tmp / "text.yaml", "text", "e2e-text", models["text"], data["text"],
-                     training={"steps": 15, "learning_rate": 1e-2})
+def _walk_main_path(
+    cli: CLI, tmp: Path, models: dict[str, str], data: dict[str, str], local_models: dict[str, Path]
+) -> None:
+    img = write_spec(
+        tmp / "image.yaml",
+        "image",
+        "e2e-image",
+        models["image"],
+        data["image"],
+        training={"steps": 15, "learning_rate": 1e-2},
+    )
+    txt = write_spec(
+        tmp / "text.yaml",
+        "text",
+        "e2e-text",
+        models["text"],
+        data["text"],
+        training={"steps": 15, "learning_rate": 1e-2},
+    )
 
     r = cli("submit", str(img), str(txt), "--wait", "--json")
     assert r.code == 0, r.err[-3000:]
@@ -66,7 +80,11 @@ def _walk_main_path(cli: CLI, tmp: Path, models: dict[str, str], data: dict[str,
 
     shown = cli("show", jobs[0]["id"], "--json").json()
     assert [e["to_status"] for e in shown["events"]] == [
-        "queued", "dispatched", "running", "succeeded"]
+        "queued",
+        "dispatched",
+        "running",
+        "succeeded",
+    ]
     assert cli("show", jobs[0]["id"]).code == 0
 
     fetched = {}
@@ -92,14 +110,18 @@ def _walk_main_path(cli: CLI, tmp: Path, models: dict[str, str], data: dict[str,
 
 
 def test_main_path_on_embedded_defaults(
-    tmp_path: Path, tiny_image_model: Path, tiny_text_model: Path,
-    tiny_image_dataset: Path, tiny_text_dataset: Path,
+    tmp_path: Path,
+    tiny_image_model: Path,
+    tiny_text_model: Path,
+    tiny_image_dataset: Path,
+    tiny_text_dataset: Path,
 ) -> None:
     cli = CLI(home=tmp_path / "home")
     models = {"image": str(tiny_image_model), "text": str(tiny_text_model)}
     data = {"image": str(tiny_image_dataset), "text": str(tiny_text_dataset)}
-    _walk_main_path(cli, tmp_path, models, data, {"image": tiny_image_model,
-                                                  "text": tiny_text_model})
+    _walk_main_path(
+        cli, tmp_path, models, data, {"image": tiny_image_model, "text": tiny_text_model}
+    )
     assert (tmp_path / "home" / "lorajobs.db").is_file()
     assert list((tmp_path / "home" / "bucket" / "adapters").iterdir())
 
@@ -117,21 +139,34 @@ def _stage(s3: Any, local: Path, key_prefix: str) -> str:
 
 
 def test_main_path_on_postgres_and_s3(
-    tmp_path: Path, pg_database: str, s3_env: Any, tiny_image_model: Path, tiny_text_model: Path,
-    tiny_image_dataset: Path, tiny_text_dataset: Path,
+    tmp_path: Path,
+    pg_database: str,
+    s3_env: Any,
+    tiny_image_model: Path,
+    tiny_text_model: Path,
+    tiny_image_dataset: Path,
+    tiny_text_dataset: Path,
 ) -> None:
-    models = {"image": _stage(s3_env, tiny_image_model, "models/tiny-sd"),
-              "text": _stage(s3_env, tiny_text_model, "models/tiny-llama")}
-    data = {"image": _stage(s3_env, tiny_image_dataset, "datasets/shapes"),
-            "text": _stage(s3_env, tiny_text_dataset, "datasets/patterns")}
-    cli = CLI(home=tmp_path / "home", env={
-        **s3_env.server.env(),
-        "LORAJOBS_DATABASE_URL": pg_database,
-        "LORAJOBS_BUCKET": f"{s3_env.uri.rstrip('/')}/lj",
-    })
+    models = {
+        "image": _stage(s3_env, tiny_image_model, "models/tiny-sd"),
+        "text": _stage(s3_env, tiny_text_model, "models/tiny-llama"),
+    }
+    data = {
+        "image": _stage(s3_env, tiny_image_dataset, "datasets/shapes"),
+        "text": _stage(s3_env, tiny_text_dataset, "datasets/patterns"),
+    }
+    cli = CLI(
+        home=tmp_path / "home",
+        env={
+            **s3_env.server.env(),
+            "LORAJOBS_DATABASE_URL": pg_database,
+            "LORAJOBS_BUCKET": f"{s3_env.uri.rstrip('/')}/lj",
+        },
+    )
     assert cli("db", "upgrade").code == 0
-    _walk_main_path(cli, tmp_path, models, data, {"image": tiny_image_model,
-                                                  "text": tiny_text_model})
+    _walk_main_path(
+        cli, tmp_path, models, data, {"image": tiny_image_model, "text": tiny_text_model}
+    )
     # Nothing of the embedded defaults was used.
     assert not (tmp_path / "home" / "lorajobs.db").exists()
     assert not (tmp_path / "home" / "bucket").exists()

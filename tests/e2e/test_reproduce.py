@@ -23,11 +23,16 @@ def test_stop_after_10_then_resume_in_a_new_process_equals_20_straight(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     model, data = tiny_inputs(request, kind)
-    spec = write_spec(tmp_path / "s.yaml", kind, f"resume-{kind}", str(model), str(data),
-                      # (accumulation is covered in-process: tests/integration/test_resume.py)
-                      training={"steps": 20, "checkpoint_every": 5, "lr_scheduler": "cosine",
-                                "warmup_steps": 2},
-                      lora={"rank": 4, "alpha": 8, "dropout": 0.1})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        kind,
+        f"resume-{kind}",
+        str(model),
+        str(data),
+        # (accumulation is covered in-process: tests/integration/test_resume.py)
+        training={"steps": 20, "checkpoint_every": 5, "lr_scheduler": "cosine", "warmup_steps": 2},
+        lora={"rank": 4, "alpha": 8, "dropout": 0.1},
+    )
     bucket = tmp_path / "bucket"
     cli = CLI(home=tmp_path / "home")
     straight = cli("run", str(spec), "-o", str(bucket), "--job-id", "straight")
@@ -54,8 +59,9 @@ def test_reproduce_reports_a_match_and_a_mismatch(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     model, data = tiny_inputs(request, kind)
-    spec = write_spec(tmp_path / "s.yaml", kind, f"repro-{kind}", str(model), str(data),
-                      training={"steps": 6})
+    spec = write_spec(
+        tmp_path / "s.yaml", kind, f"repro-{kind}", str(model), str(data), training={"steps": 6}
+    )
     cli = CLI(home=tmp_path / "home")
     run = cli("run", str(spec), "-o", str(tmp_path / "bucket"), "--job-id", "orig")
     assert run.code == 0, run.err[-3000:]

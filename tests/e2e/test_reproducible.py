@@ -20,8 +20,9 @@ def test_two_local_runs_give_identical_adapters(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     model, data = tiny_inputs(request, kind)
-    spec = write_spec(tmp_path / "s.yaml", kind, f"repro-{kind}", str(model), str(data),
-                      training={"steps": 8})
+    spec = write_spec(
+        tmp_path / "s.yaml", kind, f"repro-{kind}", str(model), str(data), training={"steps": 8}
+    )
     cli = CLI(home=tmp_path / "home")
     digests = []
     for i in range(2):

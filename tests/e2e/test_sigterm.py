@@ -36,13 +36,20 @@ def test_sigterm_checkpoints_then_the_next_run_resumes_to_the_same_adapter(
     tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path
 ) -> None:
     # No periodic checkpoints: the only one can come from the notice.
-    spec = write_spec(tmp_path / "s.yaml", "text", "sigterm", str(tiny_text_model),
-                      str(tiny_text_dataset), training={"steps": STEPS, "checkpoint_every": 0})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        "text",
+        "sigterm",
+        str(tiny_text_model),
+        str(tiny_text_dataset),
+        training={"steps": STEPS, "checkpoint_every": 0},
+    )
     bucket = tmp_path / "bucket"
     cli = CLI(home=tmp_path / "home")
     # The uninterrupted run, alongside (it shares nothing with the other job but the bucket).
-    straight = cli.popen("run", str(spec), "-o", str(bucket), "--job-id", "straight",
-                         log=tmp_path / "straight.log")
+    straight = cli.popen(
+        "run", str(spec), "-o", str(bucket), "--job-id", "straight", log=tmp_path / "straight.log"
+    )
 
     log = tmp_path / "first.log"
     proc = cli.popen("run", str(spec), "-o", str(bucket), "--job-id", "split", log=log)

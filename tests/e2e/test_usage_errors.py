@@ -47,26 +47,32 @@ def test_the_command_tree_is_walked() -> None:
 
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=" ".join)
-def test_an_unknown_option_is_a_usage_error(path: tuple[str, ...], capsys, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unknown_option_is_a_usage_error(
+    path: tuple[str, ...], capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LORAJOBS_HOME", str(tmp_path))
     _assert_one_line(*_run([*path, "--no-such-option"], capsys))
 
 
-REQUIRED = [p for p, cmd in COMMANDS
-            if any(getattr(param, "required", False) for param in getattr(cmd, "params", []))]
+REQUIRED = [
+    p
+    for p, cmd in COMMANDS
+    if any(getattr(param, "required", False) for param in getattr(cmd, "params", []))
+]
 
 
 @pytest.mark.parametrize("path", REQUIRED, ids=" ".join)
-def test_a_missing_argument_is_a_usage_error(path: tuple[str, ...], capsys, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_argument_is_a_usage_error(
+    path: tuple[str, ...], capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LORAJOBS_HOME", str(tmp_path))
     _assert_one_line(*_run(list(path), capsys))
     assert not (tmp_path / "lorajobs.db").exists(), "a usage error must change nothing"
 
 
-@pytest.mark.parametrize("argv", [["show"], ["status", "--limit", "x"], ["no-such-command"],
-                                  ["priority", "abc", "high"]])
+@pytest.mark.parametrize(
+    "argv", [["show"], ["status", "--limit", "x"], ["no-such-command"], ["priority", "abc", "high"]]
+)
 def test_usage_errors_through_the_real_command(argv: list[str], tmp_path: Path) -> None:
     """As a user meets them: a subprocess, the console entry point's module."""
     result = CLI(home=tmp_path / "home")(*argv)

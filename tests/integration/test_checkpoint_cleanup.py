@@ -34,17 +34,25 @@ def _keys(bucket: str, job_id: str) -> list[str]:
     return [o.key for o in open_storage(bucket).list(f"jobs/{job_id}/checkpoints/")]
 
 
-def _attempt(bucket: str, job_id: str, model: Path, data: Path, cache: Path,
-             stop: int | None = None) -> dict[str, Any]:
-    spec = parse_spec(spec_dict("text", "ckpt", str(model), str(data),
-                                training={"steps": 6, "checkpoint_every": 2}))
-    ctx = WorkerContext(job_id=job_id, output_uri=bucket, cache_dir=cache, threads=1,
-                        stop_after_step=stop)
+def _attempt(
+    bucket: str, job_id: str, model: Path, data: Path, cache: Path, stop: int | None = None
+) -> dict[str, Any]:
+    spec = parse_spec(
+        spec_dict(
+            "text", "ckpt", str(model), str(data), training={"steps": 6, "checkpoint_every": 2}
+        )
+    )
+    ctx = WorkerContext(
+        job_id=job_id, output_uri=bucket, cache_dir=cache, threads=1, stop_after_step=stop
+    )
     return run_job(spec, ctx)
 
 
 def test_a_failed_attempt_keeps_checkpoints_a_successful_one_removes_them(
-    bucket: str, tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path,
+    bucket: str,
+    tiny_text_model: Path,
+    tiny_text_dataset: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(KEEP_ENV, raising=False)

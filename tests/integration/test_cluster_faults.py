@@ -15,17 +15,21 @@ from typing import Any
 
 import pytest
 
-from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
 from tests.plugins.cluster import SimCluster, drive, start_controller, text_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
 WEIGHTS = "adapter_model.safetensors"
-CONFIG = ControllerConfig(poll_s=0.2, lease_s=10, policy=Policy(aging_s=0),
-                          retry=RetryPolicy(infra_retries=2, backoff_s=0.5))
+CONFIG = ControllerConfig(
+    poll_s=0.2,
+    lease_s=10,
+    policy=Policy(aging_s=0),
+    retry=RetryPolicy(infra_retries=2, backoff_s=0.5),
+)
 
 
 def _sha(path: Path) -> str:
@@ -37,8 +41,12 @@ def _reference(spec: Any, tmp: Path) -> str:
     from lorajobs.worker.context import WorkerContext
     from lorajobs.worker.entrypoint import run_job
 
-    ctx = WorkerContext(job_id="reference", output_uri=f"file://{tmp / 'ref-bucket'}",
-                        cache_dir=tmp / "ref-cache", threads=spec.resources.cpus)
+    ctx = WorkerContext(
+        job_id="reference",
+        output_uri=f"file://{tmp / 'ref-bucket'}",
+        cache_dir=tmp / "ref-cache",
+        threads=spec.resources.cpus,
+    )
     return str(run_job(spec, ctx)["files"][WEIGHTS])
 
 
@@ -72,8 +80,12 @@ def test_three_node_losses_cost_attempts_not_jobs_and_change_no_byte(
                 return
 
     ids = [j.id for j in jobs]
-    drive(ctl, lambda: all(queue.get(i).status.is_terminal() for i in ids), timeout=420,
-          each=kill_under_a_fresh_job)
+    drive(
+        ctl,
+        lambda: all(queue.get(i).status.is_terminal() for i in ids),
+        timeout=420,
+        each=kill_under_a_fresh_job,
+    )
     speeds = [queue.get(i).it_per_s for i in ids]
     assert len(removed) == 3, f"every job should have lost its node once (it/s: {speeds})"
     for job_id, dead_node in removed.items():
@@ -99,8 +111,9 @@ def test_cancel_frees_the_gpu_for_the_next_job_within_10_s(
     node = sim_cluster.add_gpu_node("A100")
     queue, ctl = start_controller(sim_cluster, tmp_path / "home", CONFIG)
     out = f"file://{tmp_path / 'bucket'}"
-    long = queue.submit(text_job("endless", tiny_text_model, tiny_text_dataset, steps=1_000_000),
-                        output_uri=out)[0]
+    long = queue.submit(
+        text_job("endless", tiny_text_model, tiny_text_dataset, steps=1_000_000), output_uri=out
+    )[0]
     nxt = queue.submit(text_job("next", tiny_text_model, tiny_text_dataset), output_uri=out)[0]
     drive(ctl, lambda: (queue.get(long.id).step or 0) >= 5, timeout=120)
     assert queue.get(nxt.id).status is JobStatus.queued  # one GPU: it waits
@@ -119,5 +132,9 @@ def test_cancel_frees_the_gpu_for_the_next_job_within_10_s(
     drive(ctl, lambda: queue.get(nxt.id).status.is_terminal(), timeout=120)
     assert queue.get(nxt.id).status is JobStatus.succeeded
     events = [e.to_status for e in queue.events(long.id)]
-    assert events == [JobStatus.queued, JobStatus.dispatched, JobStatus.running,
-                      JobStatus.cancelled]
+    assert events == [
+        JobStatus.queued,
+        JobStatus.dispatched,
+        JobStatus.running,
+        JobStatus.cancelled,
+    ]

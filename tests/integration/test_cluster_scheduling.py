@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy
+from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
 from tests.plugins.cluster import SimCluster, drive, start_controller, text_job
 
@@ -51,18 +51,38 @@ def test_two_gpus_six_jobs_priorities_owner_limits_and_gpu_types(
 ) -> None:
     a, b = sim_cluster.add_gpu_node("A100"), sim_cluster.add_gpu_node("A100")
     config = ControllerConfig(
-        poll_s=0.2, lease_s=10,
+        poll_s=0.2,
+        lease_s=10,
         policy=Policy(aging_s=0, limits=OwnerLimits(per_owner_jobs={"acme": 1})),
     )
     queue, ctl = start_controller(sim_cluster, tmp_path / "home", config)
     # Submitted lowest priority first, so FIFO alone would get the order wrong.
-    plan = [("carol-1", "carol", 0), ("carol-2", "carol", 0), ("bob-1", "bob", 5),
-            ("bob-2", "bob", 5), ("acme-1", "acme", 10), ("acme-2", "acme", 10)]
-    jobs = [queue.submit(text_job(n, tiny_text_model, tiny_text_dataset, owner=o, priority=p),
-                         output_uri=f"file://{tmp_path / 'bucket'}")[0] for n, o, p in plan]
-    typed = queue.submit(text_job("h100-job", tiny_text_model, tiny_text_dataset, gpu_type="H100",
-                                  owner="carol", priority=50),
-                         output_uri=f"file://{tmp_path / 'bucket'}")[0]
+    plan = [
+        ("carol-1", "carol", 0),
+        ("carol-2", "carol", 0),
+        ("bob-1", "bob", 5),
+        ("bob-2", "bob", 5),
+        ("acme-1", "acme", 10),
+        ("acme-2", "acme", 10),
+    ]
+    jobs = [
+        queue.submit(
+            text_job(n, tiny_text_model, tiny_text_dataset, owner=o, priority=p),
+            output_uri=f"file://{tmp_path / 'bucket'}",
+        )[0]
+        for n, o, p in plan
+    ]
+    typed = queue.submit(
+        text_job(
+            "h100-job",
+            tiny_text_model,
+            tiny_text_dataset,
+            gpu_type="H100",
+            owner="carol",
+            priority=50,
+        ),
+        output_uri=f"file://{tmp_path / 'bucket'}",
+    )[0]
     requests: list[Any] = []
 
     def observe() -> None:
@@ -73,8 +93,9 @@ def test_two_gpus_six_jobs_priorities_owner_limits_and_gpu_types(
         requests.append(autoscaler_request())
 
     ids = [j.id for j in jobs]
-    drive(ctl, lambda: all(queue.get(i).status.is_terminal() for i in ids), timeout=240,
-          each=observe)
+    drive(
+        ctl, lambda: all(queue.get(i).status.is_terminal() for i in ids), timeout=240, each=observe
+    )
     done = [queue.get(i) for i in ids]
     assert [j.status for j in done] == [JobStatus.succeeded] * 6
     assert {j.node_id for j in done} == {a.node_id, b.node_id}
@@ -100,8 +121,9 @@ def test_two_gpus_six_jobs_priorities_owner_limits_and_gpu_types(
     assert {queue.get(i).name for i, t in start.items() if t == first} == {"acme-1", "bob-1"}
 
     # The autoscaler heard of the waiting H100 job (and the others while they were queued).
-    assert any(r and {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001} in r
-               for r in requests)
+    assert any(
+        r and {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001} in r for r in requests
+    )
 
     # The typed job waited for its GPU type; a node of that type joins and it runs there.
     assert queue.get(typed.id).status is JobStatus.queued
@@ -120,11 +142,17 @@ def test_fractional_jobs_share_one_gpu(
     sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
 ) -> None:
     node = sim_cluster.add_gpu_node("L4", gpus=1, cpus=2)
-    queue, ctl = start_controller(sim_cluster, tmp_path / "home",
-                                  ControllerConfig(poll_s=0.2, policy=Policy(aging_s=0)))
+    queue, ctl = start_controller(
+        sim_cluster, tmp_path / "home", ControllerConfig(poll_s=0.2, policy=Policy(aging_s=0))
+    )
     out = f"file://{tmp_path / 'bucket'}"
-    jobs = [queue.submit(text_job(f"half-{i}", tiny_text_model, tiny_text_dataset, gpus=0.5,
-                                  steps=150), output_uri=out)[0] for i in range(4)]
+    jobs = [
+        queue.submit(
+            text_job(f"half-{i}", tiny_text_model, tiny_text_dataset, gpus=0.5, steps=150),
+            output_uri=out,
+        )[0]
+        for i in range(4)
+    ]
     ids = [j.id for j in jobs]
     drive(ctl, lambda: all(queue.get(i).status.is_terminal() for i in ids), timeout=180)
     done = [queue.get(i) for i in ids]
@@ -146,7 +174,8 @@ def test_status_and_show_say_why_jobs_wait(
 
     sim_cluster.add_gpu_node("A100")
     config = ControllerConfig(
-        poll_s=0.2, lease_s=10,
+        poll_s=0.2,
+        lease_s=10,
         policy=Policy(aging_s=0, limits=OwnerLimits(per_owner_jobs={"acme": 1})),
     )
     home = tmp_path / "home"
@@ -183,7 +212,13 @@ def test_status_and_show_say_why_jobs_wait(
     assert {j["id"]: j["wait_reason"] for j in listed} == {running.id: None, **why}
 
     # Once the GPU is free the capped owner's next job runs, and its reason is gone.
-    drive(ctl, lambda: queue.get(running.id).status.is_terminal()
-          and queue.get(capped.id).status.value in ACTIVE, timeout=120)
+    drive(
+        ctl,
+        lambda: (
+            queue.get(running.id).status.is_terminal()
+            and queue.get(capped.id).status.value in ACTIVE
+        ),
+        timeout=120,
+    )
     after = json.loads(cli.invoke(app, ["show", capped.id, "--json"]).stdout)
     assert after["wait_reason"] is None

@@ -20,8 +20,8 @@ import pytest
 from lorajobs.jobspecs import parse_spec
 from lorajobs.orchestrator.controller import Controller
 from lorajobs.orchestrator.db import ensure_schema, make_engine
-from lorajobs.orchestrator.ray_backend import Attempt, ClusterView
 from lorajobs.orchestrator.queue import JobRecord, Queue
+from lorajobs.orchestrator.ray_backend import Attempt, ClusterView
 from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
 from lorajobs.orchestrator.settings import ControllerConfig
@@ -29,8 +29,10 @@ from lorajobs.orchestrator.states import JobStatus
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
-NODES = {"node-a": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 1.0},
-         "node-b": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 1.0}}
+NODES = {
+    "node-a": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 1.0},
+    "node-b": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A100": 1.0},
+}
 
 
 class FakeRay:
@@ -38,8 +40,9 @@ class FakeRay:
 
     local = False
 
-    def __init__(self, driver: str = "session_t/01000000",
-                 nodes: dict[str, dict[str, float]] | None = None) -> None:
+    def __init__(
+        self, driver: str = "session_t/01000000", nodes: dict[str, dict[str, float]] | None = None
+    ) -> None:
         self.driver = driver
         self.nodes = nodes if nodes is not None else NODES
         self.alive: dict[str, bool] = {}
@@ -59,8 +62,17 @@ class FakeRay:
     def cluster(self) -> ClusterView:
         return ClusterView({k: dict(v) for k, v in self.nodes.items()}, None)
 
-    def launch(self, job_id: str, attempt: int, spec: dict[str, Any], output_uri: str, *,
-               shape: Any, node_id: str | None, extra: dict[str, Any] | None = None) -> Attempt:
+    def launch(
+        self,
+        job_id: str,
+        attempt: int,
+        spec: dict[str, Any],
+        output_uri: str,
+        *,
+        shape: Any,
+        node_id: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> Attempt:
         a = Attempt(job_id, attempt, ref=f"{job_id}:{attempt}", started=0.0, node_id=node_id)
         with self._lock:
             self.launched.append(a)
@@ -85,8 +97,14 @@ class FakeRay:
 
 
 def spec(name: str, **over: Any) -> Any:
-    data: dict[str, Any] = {"kind": "text", "name": name, "base_model": "m", "dataset": "d",
-                            "training": {"steps": 10}, "resources": {"gpus": 1, "cpus": 1}}
+    data: dict[str, Any] = {
+        "kind": "text",
+        "name": name,
+        "base_model": "m",
+        "dataset": "d",
+        "training": {"steps": 10},
+        "resources": {"gpus": 1, "cpus": 1},
+    }
     data.update(over)
     return parse_spec(data)
 
@@ -104,20 +122,35 @@ def bucket(tmp_path: Path) -> str:
     return f"file://{tmp_path / 'bucket'}"
 
 
-CONFIG = ControllerConfig(lease_s=30, retry=RetryPolicy(infra_retries=2, backoff_s=0.0),
-                          policy=Policy(aging_s=0), prices={"A100": 3.6})
+CONFIG = ControllerConfig(
+    lease_s=30,
+    retry=RetryPolicy(infra_retries=2, backoff_s=0.0),
+    policy=Policy(aging_s=0),
+    prices={"A100": 3.6},
+)
 
 
 def controller(queue: Queue, backend: FakeRay, **over: Any) -> Controller:
     return Controller(queue, backend, replace(CONFIG, **over))  # type: ignore[arg-type]
 
 
-def orphan(queue: Queue, job: JobRecord, *, driver: str = "session_t/07000000",
-           expires_in_s: float = -1.0, running: bool = True) -> JobRecord:
+def orphan(
+    queue: Queue,
+    job: JobRecord,
+    *,
+    driver: str = "session_t/07000000",
+    expires_in_s: float = -1.0,
+    running: bool = True,
+) -> JobRecord:
     """A job left active by a controller that is gone (or not), as a crash leaves it."""
     until = datetime.now(timezone.utc) + timedelta(seconds=expires_in_s)
-    queue.dispatch(job.id, lease_owner=f"dead-ctl {driver}", lease_expires_at=until,
-                   node_id="node-a", accelerator="A100")
+    queue.dispatch(
+        job.id,
+        lease_owner=f"dead-ctl {driver}",
+        lease_expires_at=until,
+        node_id="node-a",
+        accelerator="A100",
+    )
     if running:
         return queue.transition(job.id, expected=D, to=R, reason="training", node="host-a")
     return queue.get(job.id)
@@ -127,9 +160,14 @@ def complete_adapter(bucket: str, job: JobRecord) -> Path:
     folder = Path(bucket.removeprefix("file://")) / "adapters" / job.name / job.id
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(b"weights")
-    sidecar = {"job_id": job.id, "attempt": job.attempt, "node": "host-a",
-               "metrics": {"final_loss": 0.5}, "timings": {"train": 1.0},
-               "files": {"adapter_model.safetensors": {"sha256": "ab" * 32, "size": 7}}}
+    sidecar = {
+        "job_id": job.id,
+        "attempt": job.attempt,
+        "node": "host-a",
+        "metrics": {"final_loss": 0.5},
+        "timings": {"train": 1.0},
+        "files": {"adapter_model.safetensors": {"sha256": "ab" * 32, "size": 7}},
+    }
     (folder / "lorajobs.json").write_text(json.dumps(sidecar))
     return folder
 
@@ -162,7 +200,9 @@ def test_checkpoints_a_finished_attempt_left_go_when_it_is_recorded(
     done = orphan(queue, queue.submit(spec("done"), output_uri=bucket)[0])
     lost = orphan(queue, queue.submit(spec("lost"), output_uri=bucket)[0])
     for job in (done, lost):
-        CheckpointStore.for_job(bucket, job.id).save(Checkpoint(5, canonical_bytes({}), {"step": 5}), keep=1)
+        CheckpointStore.for_job(bucket, job.id).save(
+            Checkpoint(5, canonical_bytes({}), {"step": 5}), keep=1
+        )
     complete_adapter(bucket, done)
     controller(queue, FakeRay()).step()
     assert queue.get(done.id).status is S and queue.get(lost.id).attempt == 2
@@ -190,15 +230,30 @@ def test_an_unfinished_attempt_is_requeued_without_charging_the_job_and_runs_aga
 def test_a_live_lease_is_left_alone_and_a_dead_driver_is_taken_over_at_once(
     queue: Queue, bucket: str
 ) -> None:
-    live = orphan(queue, queue.submit(spec("live"), output_uri=bucket)[0], expires_in_s=60,
-                  driver="session_t/08000000")
-    dead = orphan(queue, queue.submit(spec("dead"), output_uri=bucket)[0], expires_in_s=60,
-                  driver="session_t/09000000")
-    stuck = orphan(queue, queue.submit(spec("stuck"), output_uri=bucket)[0], expires_in_s=-5,
-                   driver="session_t/0a000000")
+    live = orphan(
+        queue,
+        queue.submit(spec("live"), output_uri=bucket)[0],
+        expires_in_s=60,
+        driver="session_t/08000000",
+    )
+    dead = orphan(
+        queue,
+        queue.submit(spec("dead"), output_uri=bucket)[0],
+        expires_in_s=60,
+        driver="session_t/09000000",
+    )
+    stuck = orphan(
+        queue,
+        queue.submit(spec("stuck"), output_uri=bucket)[0],
+        expires_in_s=-5,
+        driver="session_t/0a000000",
+    )
     ray = FakeRay()
-    ray.alive = {"session_t/08000000": True, "session_t/09000000": False,
-                 "session_t/0a000000": True}
+    ray.alive = {
+        "session_t/08000000": True,
+        "session_t/09000000": False,
+        "session_t/0a000000": True,
+    }
     controller(queue, ray, takeover_grace_s=60).step()
     assert queue.get(live.id).status is R
     assert queue.get(dead.id).attempt == 2  # its Ray driver is gone: no need to wait the lease
@@ -228,8 +283,12 @@ def test_node_loss_uses_the_infra_budget_with_backoff_then_fails(queue: Queue, b
     ray = FakeRay()
     c = controller(queue, ray, retry=RetryPolicy(infra_retries=2, backoff_s=30.0))
     _run_to_dispatch(queue, ray, c, job.id)
-    ray.results[job.id] = {"ok": False, "kind": "infra", "error": "NodeDiedError: gone",
-                           "node_lost": True}
+    ray.results[job.id] = {
+        "ok": False,
+        "kind": "infra",
+        "error": "NodeDiedError: gone",
+        "node_lost": True,
+    }
     c.step()
     got = queue.get(job.id)
     assert got.status is Q and got.attempt == 2 and got.infra_retries == 1
@@ -260,13 +319,24 @@ def test_user_errors_are_not_retried_and_success_records_cost(queue: Queue, buck
     ray = FakeRay()
     c = controller(queue, ray)
     c.step()
-    ray.reports[good.id] = {"attempt": 1, "step": 5, "total_steps": 10, "loss": 1.0,
-                            "it_per_s": 2.0, "node": "host-b"}
+    ray.reports[good.id] = {
+        "attempt": 1,
+        "step": 5,
+        "total_steps": 10,
+        "loss": 1.0,
+        "it_per_s": 2.0,
+        "node": "host-b",
+    }
     c.step()
     assert queue.get(good.id).status is R and queue.get(good.id).step == 5
     ray.results[bad.id] = {"ok": False, "kind": "user", "error": "dataset is empty"}
-    ray.results[good.id] = {"ok": True, "adapter_uri": "u", "files": {}, "metrics": {},
-                            "node": "host-b"}
+    ray.results[good.id] = {
+        "ok": True,
+        "adapter_uri": "u",
+        "files": {},
+        "metrics": {},
+        "node": "host-b",
+    }
     c.step()
     assert queue.get(bad.id).status is F and queue.get(bad.id).failure_kind.value == "user"
     done = queue.get(good.id)
@@ -303,8 +373,9 @@ def test_cancel_of_a_running_job_stops_it(queue: Queue, bucket: str) -> None:
 def test_autoscaler_request_follows_the_queue(queue: Queue, bucket: str) -> None:
     ray = FakeRay(nodes={})  # scaled to zero: nothing fits until nodes come
     c = controller(queue, ray)
-    a, _ = queue.submit(spec("a", resources={"gpus": 1, "gpu_type": "A100", "cpus": 2}),
-                        output_uri=bucket)
+    a, _ = queue.submit(
+        spec("a", resources={"gpus": 1, "gpu_type": "A100", "cpus": 2}), output_uri=bucket
+    )
     c.step()
     assert ray.requests == [[{"CPU": 2.0, "GPU": 1.0, "accelerator_type:A100": 0.001}]]
     queue.request_cancel(a.id)
@@ -335,8 +406,12 @@ def test_two_controllers_never_dispatch_the_same_job(any_db_url: str, bucket: st
                 ctl.step()
                 time.sleep(0.005)  # let the other controller in: the test is about contention
                 for a in list(ctl.inflight.values()):  # every attempt finishes at once
-                    ray.results[a.job_id] = {"ok": True, "adapter_uri": "u", "files": {},
-                                             "metrics": {}}
+                    ray.results[a.job_id] = {
+                        "ok": True,
+                        "adapter_uri": "u",
+                        "files": {},
+                        "metrics": {},
+                    }
         except BaseException as err:  # noqa: BLE001
             errors.append(err)
 
@@ -366,9 +441,15 @@ def test_an_unreachable_ray_gives_one_line_after_retries(tmp_path: Path) -> None
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cli = CLI(home=tmp_path / "home", env={
-        "LORAJOBS_RAY_ADDRESS": f"ray://127.0.0.1:{port}", "LORAJOBS_RAY_CONNECT_TRIES": "2",
-        "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1"})
+    cli = CLI(
+        home=tmp_path / "home",
+        env={
+            "LORAJOBS_RAY_ADDRESS": f"ray://127.0.0.1:{port}",
+            "LORAJOBS_RAY_CONNECT_TRIES": "2",
+            "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1",
+            "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1",
+        },
+    )
     result = cli("controller", "--once", timeout=120)
     assert result.code == 1, result.err
     assert "Traceback" not in result.err, result.err

@@ -19,7 +19,12 @@ from PIL import Image
 
 from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
 from lorajobs.worker.trainers.image.data import build_image_dataset
-from lorajobs.worker.trainers.image.latents import LatentCache, cache_key, cache_plan, dataset_digest
+from lorajobs.worker.trainers.image.latents import (
+    LatentCache,
+    cache_key,
+    cache_plan,
+    dataset_digest,
+)
 from lorajobs.worker.trainers.text.data import build_text_dataset
 
 pytestmark = pytest.mark.slow
@@ -40,29 +45,51 @@ def _text_rows(fmt: str, n: int = 32) -> list[dict]:
     for _ in range(n):
         c = rng.choice(_COLOURS)
         q, a = f"which sentence goes with {c}?", _ANSWERS[c]
-        rows.append({
-            "text": {"text": f"{q} {a}"},
-            "completion": {"prompt": q + "\n", "completion": a},
-            "alpaca": {"instruction": q, "input": "", "output": a},
-            "chat": {"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": a}]},
-        }[fmt])
+        rows.append(
+            {
+                "text": {"text": f"{q} {a}"},
+                "completion": {"prompt": q + "\n", "completion": a},
+                "alpaca": {"instruction": q, "input": "", "output": a},
+                "chat": {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                    ]
+                },
+            }[fmt]
+        )
     return rows
 
 
 def _text_spec(fmt: str, packing: bool) -> TextJobSpec:
-    return TextJobSpec.model_validate({
-        "kind": "text", "name": "t", "base_model": "b", "dataset": "d",
-        "training": {"steps": 60, "batch_size": 4, "max_seq_length": 256, "seed": 0,
-                     "learning_rate": 1e-2},
-        "data": {"format": fmt, "packing": packing, "validation_split": 0.125},
-    })
+    return TextJobSpec.model_validate(
+        {
+            "kind": "text",
+            "name": "t",
+            "base_model": "b",
+            "dataset": "d",
+            "training": {
+                "steps": 60,
+                "batch_size": 4,
+                "max_seq_length": 256,
+                "seed": 0,
+                "learning_rate": 1e-2,
+            },
+            "data": {"format": fmt, "packing": packing, "validation_split": 0.125},
+        }
+    )
 
 
 @pytest.mark.parametrize(
     ("fmt", "packing"),
-    [("text", False), ("completion", False), ("alpaca", False), ("chat", False),
-     ("completion", True), ("chat", True)],
+    [
+        ("text", False),
+        ("completion", False),
+        ("alpaca", False),
+        ("chat", False),
+        ("completion", True),
+        ("chat", True),
+    ],
 )
 def test_text_format_trains_and_loss_halves(
     tmp_path: Path, tiny_text_model: Path, fmt: str, packing: bool
@@ -80,8 +107,10 @@ def test_text_format_trains_and_loss_halves(
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_text_model, local_files_only=True)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
-                                             target_modules=spec.target_modules()))
+    model = get_peft_model(
+        model,
+        LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=spec.target_modules()),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.training.learning_rate)
 
@@ -118,8 +147,12 @@ def _write_images(root: Path, fmt: str) -> Path:
         c = _COLOURS[i % 4]
         w, h = sizes[i % 3]
         arr = np.full((h, w, 3), 230, dtype=np.uint8)
-        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = [(200, 30, 30), (30, 30, 200),
-                                                        (30, 180, 30), (220, 200, 30)][i % 4]
+        arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = [
+            (200, 30, 30),
+            (30, 30, 200),
+            (30, 180, 30),
+            (220, 200, 30),
+        ][i % 4]
         folder = root / "4_shape" if fmt == "kohya" else root / "img"
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{i:02d}.png"
@@ -135,20 +168,32 @@ def _write_images(root: Path, fmt: str) -> Path:
 
 
 def _image_spec(**data) -> ImageJobSpec:
-    return ImageJobSpec.model_validate({
-        "kind": "image", "name": "i", "base_model": "b", "dataset": "d",
-        "training": {"steps": 4, "batch_size": 2, "resolution": 64, "seed": 0,
-                     "learning_rate": 1e-3},
-        "data": {"bucketing": True, "bucket_step": 16, **data},
-    })
+    return ImageJobSpec.model_validate(
+        {
+            "kind": "image",
+            "name": "i",
+            "base_model": "b",
+            "dataset": "d",
+            "training": {
+                "steps": 4,
+                "batch_size": 2,
+                "resolution": 64,
+                "seed": 0,
+                "learning_rate": 1e-3,
+            },
+            "data": {"bucketing": True, "bucket_step": 16, **data},
+        }
+    )
 
 
 @pytest.mark.parametrize(
     ("fmt", "data"),
     [
         ("captions", {"flip_p": 0.5, "trigger_word": "sks"}),
-        ("kohya", {"shuffle_tags": True, "keep_tokens": 1, "caption_dropout": 0.2,
-                   "crop": "random"}),
+        (
+            "kohya",
+            {"shuffle_tags": True, "keep_tokens": 1, "caption_dropout": 0.2, "crop": "random"},
+        ),
         ("imagefolder", {"require_captions": True, "flip_p": 0.5}),
     ],
 )
@@ -174,8 +219,11 @@ def test_image_format_trains_a_tiny_unet(
     for m in (unet, vae, te):
         m.requires_grad_(False)
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=spec.target_modules(),
-                                init_lora_weights="gaussian"))
+    unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=spec.target_modules(), init_lora_weights="gaussian"
+        )
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.training.learning_rate)
 
@@ -188,8 +236,13 @@ def test_image_format_trains_a_tiny_unet(
 
     @torch.no_grad()
     def embed(captions: tuple[str, ...]) -> torch.Tensor:
-        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            list(captions),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return te(ids)[0]
 
     gen = torch.Generator().manual_seed(0)

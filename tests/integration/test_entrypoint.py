@@ -11,10 +11,10 @@ import pytest
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
-from lorajobs.worker.context import WorkerContext
-from lorajobs.worker.entrypoint import run_job
 from lorajobs.storage.adapters import fetch_adapter
 from lorajobs.storage.transfer import sha256_file
+from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.entrypoint import run_job
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,9 @@ def test_registry_is_lazy_and_knows_both_kinds() -> None:
     with pytest.raises(InvalidInput, match="video"):
         get_trainer("video")
     # The control plane names trainers without paying for torch.
-    code = "import sys, lorajobs.worker.trainers; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, lorajobs.worker.trainers; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -211,10 +213,16 @@ def test_bad_data_fails_as_a_user_error_naming_the_file_and_uploads_nothing(
     model = request.getfixturevalue(f"tiny_{kind}_model")
     data = _write_bad_data(bucket / "datasets" / "data", case)
     spec_dict = {
-        "kind": kind, "name": f"bad-{case}", "base_model": str(model),
-        "dataset": data.as_uri(), "lora": {"rank": 4, "alpha": 8},
-        "training": {"steps": 4, "checkpoint_every": 1,
-                     **({"resolution": 64} if kind == "image" else {"max_seq_length": 64})},
+        "kind": kind,
+        "name": f"bad-{case}",
+        "base_model": str(model),
+        "dataset": data.as_uri(),
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {
+            "steps": 4,
+            "checkpoint_every": 1,
+            **({"resolution": 64} if kind == "image" else {"max_seq_length": 64}),
+        },
     }
     if case == "image-caption-missing":
         spec_dict["data"] = {"require_captions": True}

@@ -25,7 +25,10 @@ DIFFUSERS = "pytorch_lora_weights.safetensors"
 
 def _image_spec(steps: int = 3, **lora: Any) -> ImageJobSpec:
     return ImageJobSpec(
-        kind="image", name="shapes-lora", base_model="tiny-sd", dataset="data/shapes",
+        kind="image",
+        name="shapes-lora",
+        base_model="tiny-sd",
+        dataset="data/shapes",
         lora={"rank": 4, "alpha": 8.0, **lora},
         training={"steps": steps, "batch_size": 2, "resolution": 64, "learning_rate": 1e-2},
     )
@@ -58,8 +61,9 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(
 ) -> None:
     torch.set_num_threads(THREADS)
     out = tmp_path / "adapter"
-    result = _train("image", _image_spec(use_rslora=rslora), tiny_image_model, tiny_image_dataset,
-                    out)
+    result = _train(
+        "image", _image_spec(use_rslora=rslora), tiny_image_model, tiny_image_dataset, out
+    )
     kohya = "shapes-lora.safetensors"
     assert result.files == [DIFFUSERS, kohya, "loss.png"]
 
@@ -79,17 +83,34 @@ def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(
 
     plain = StableDiffusionPipeline.from_pretrained(tiny_image_model, local_files_only=True)
     gen = torch.Generator().manual_seed(0)
-    sample, context = torch.randn((1, 4, 32, 32), generator=gen), torch.randn((1, 77, 32), generator=gen)
+    sample, context = (
+        torch.randn((1, 4, 32, 32), generator=gen),
+        torch.randn((1, 77, 32), generator=gen),
+    )
     with torch.no_grad():
         untouched = plain.unet(sample, torch.tensor([500]), encoder_hidden_states=context).sample
     assert (via_kohya - untouched).abs().max().item() > 1e-4
 
     # Header metadata: kohya ss_* and modelspec.* keys, with the run's times.
-    for key in ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_output_name",
-                "ss_training_started_at", "ss_training_finished_at", "ss_num_train_images",
-                "ss_steps", "ss_seed", "ss_learning_rate", "ss_resolution", "ss_tag_frequency",
-                "ss_datasets", "modelspec.title", "modelspec.architecture", "modelspec.date",
-                "modelspec.hash_sha256"):
+    for key in (
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_base_model_version",
+        "ss_output_name",
+        "ss_training_started_at",
+        "ss_training_finished_at",
+        "ss_num_train_images",
+        "ss_steps",
+        "ss_seed",
+        "ss_learning_rate",
+        "ss_resolution",
+        "ss_tag_frequency",
+        "ss_datasets",
+        "modelspec.title",
+        "modelspec.architecture",
+        "modelspec.date",
+        "modelspec.hash_sha256",
+    ):
         assert key in meta, key
     assert meta["ss_network_dim"] == "4" and meta["ss_output_name"] == "shapes-lora"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_steps"] == "3"
@@ -128,8 +149,9 @@ def test_diffusers_file_is_byte_deterministic_kohya_file_only_in_its_tensors(
     assert times <= ma.keys()
 
 
-def test_loss_png_and_model_card(tiny_image_model: Path, tiny_image_dataset: Path,
-                                 tmp_path: Path) -> None:
+def test_loss_png_and_model_card(
+    tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
     from lorajobs.worker.sidecar import model_card
 
     out = tmp_path / "adapter"
@@ -139,15 +161,26 @@ def test_loss_png_and_model_card(tiny_image_model: Path, tiny_image_dataset: Pat
         # Something was drawn in the curve's colour.
         assert (31, 119, 180) in {c for _, c in img.convert("RGB").getcolors(1 << 20)}
     card = model_card(_image_spec(steps=3), result)
-    for needle in ("![training loss](loss.png)", "| learning_rate | 0.01 |",
-                   "shapes-lora.safetensors", "load_lora_weights", "Final loss"):
+    for needle in (
+        "![training loss](loss.png)",
+        "| learning_rate | 0.01 |",
+        "shapes-lora.safetensors",
+        "load_lora_weights",
+        "Final loss",
+    ):
         assert needle in card, needle
 
 
-def test_dora_image_adapter_has_no_kohya_file(tiny_image_model: Path, tiny_image_dataset: Path,
-                                              tmp_path: Path) -> None:
-    result = _train("image", _image_spec(steps=2, use_dora=True), tiny_image_model,
-                    tiny_image_dataset, tmp_path / "o")
+def test_dora_image_adapter_has_no_kohya_file(
+    tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    result = _train(
+        "image",
+        _image_spec(steps=2, use_dora=True),
+        tiny_image_model,
+        tiny_image_dataset,
+        tmp_path / "o",
+    )
     assert result.files == [DIFFUSERS, "loss.png"]
     assert result.resolved["kohya_file"] is None
 
@@ -161,7 +194,10 @@ def test_text_export_merge_gives_a_full_model_with_the_same_logits(
     from lorajobs.worker.merge import merge_into_base
 
     spec = TextJobSpec(
-        kind="text", name="t", base_model=str(tiny_text_model), dataset="d",
+        kind="text",
+        name="t",
+        base_model=str(tiny_text_model),
+        dataset="d",
         lora={"rank": 4, "alpha": 8},
         training={"steps": 8, "batch_size": 4, "learning_rate": 5e-3, "max_seq_length": 64},
     )
@@ -181,22 +217,28 @@ def test_text_export_merge_gives_a_full_model_with_the_same_logits(
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_export_merge_command(tiny_text_model: Path, tiny_text_dataset: Path,
-                              tmp_path: Path) -> None:
-    from typer.testing import CliRunner
+def test_export_merge_command(
+    tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
     from lorajobs.orchestrator.cli import app
 
     spec = TextJobSpec(
-        kind="text", name="t", base_model=str(tiny_text_model), dataset="d",
-        lora={"rank": 4, "alpha": 8}, training={"steps": 2, "max_seq_length": 64},
+        kind="text",
+        name="t",
+        base_model=str(tiny_text_model),
+        dataset="d",
+        lora={"rank": 4, "alpha": 8},
+        training={"steps": 2, "max_seq_length": 64},
     )
     adapter = tmp_path / "adapter"
     _train("text", spec, tiny_text_model, tiny_text_dataset, adapter)
     # No sidecar here: the base model comes from adapter_config.json (the spec's base_model).
     r = CliRunner(env={"LORAJOBS_HOME": str(tmp_path / "home")}).invoke(
-        app, ["export", str(adapter), "--merge", "-o", str(tmp_path / "full")])
+        app, ["export", str(adapter), "--merge", "-o", str(tmp_path / "full")]
+    )
     assert r.exit_code == 0, r.output
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "full", local_files_only=True)
     assert model.config.model_type == "llama"

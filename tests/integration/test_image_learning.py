@@ -24,26 +24,45 @@ import torch
 from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers.image.data import build_image_dataset
-from lorajobs.worker.trainers.image.tiny_learnable import COLOURS, LAYOUTS, write_colour_set
 from lorajobs.worker.trainers.image.recipe import train
+from lorajobs.worker.trainers.image.tiny_learnable import COLOURS, LAYOUTS, write_colour_set
 
 pytestmark = pytest.mark.slow
 
 THREADS = 1
 STEPS = 40
-TARGETS = ["conv1", "conv2", "conv_in", "conv_out", "conv_shortcut",
-           "to_k", "to_out.0", "to_q", "to_v"]
+TARGETS = [
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_out",
+    "conv_shortcut",
+    "to_k",
+    "to_out.0",
+    "to_q",
+    "to_v",
+]
 EVAL_TIMESTEPS = 8  # per image, evenly spaced over the schedule: the uniform training draw
 
 
 def _spec(layout: str) -> ImageJobSpec:
-    return ImageJobSpec.model_validate({
-        "kind": "image", "name": f"colours-{layout}", "base_model": "tiny", "dataset": "colours",
-        "lora": {"rank": 8, "alpha": 8.0, "target_modules": TARGETS},
-        "training": {"steps": STEPS, "batch_size": 2, "resolution": 64, "seed": 0,
-                     "learning_rate": 1e-2},
-        "data": {"format": layout},
-    })
+    return ImageJobSpec.model_validate(
+        {
+            "kind": "image",
+            "name": f"colours-{layout}",
+            "base_model": "tiny",
+            "dataset": "colours",
+            "lora": {"rank": 8, "alpha": 8.0, "target_modules": TARGETS},
+            "training": {
+                "steps": STEPS,
+                "batch_size": 2,
+                "resolution": 64,
+                "seed": 0,
+                "learning_rate": 1e-2,
+            },
+            "data": {"format": layout},
+        }
+    )
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -58,8 +77,9 @@ def trained(
     data = write_colour_set(root / "data", layout)
     out = root / "out"
     out.mkdir()
-    ctx = WorkerContext(job_id=layout, output_uri="file:///unused", cache_dir=root / "cache",
-                        threads=THREADS)
+    ctx = WorkerContext(
+        job_id=layout, output_uri="file:///unused", cache_dir=root / "cache", threads=THREADS
+    )
     return layout, data, out, train(_spec(layout), tiny_image_model, data, out, ctx)
 
 
@@ -94,9 +114,13 @@ def test_every_layout_halves_the_denoising_loss(
     with torch.no_grad():  # the trainer's inputs: VAE mean latents, scaled; full CLIP states
         pixels = torch.stack([ds.load(r, False) for r in range(len(ds.records))])
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer([r.caption for r in ds.records], padding="max_length",
-                             max_length=pipe.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            [r.caption for r in ds.records],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         context = pipe.text_encoder(ids)[0]
 
     before = _eval_loss(pipe, latents, context)

@@ -11,17 +11,24 @@ import pytest
 
 from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.models import ImageJobSpec
-from tests.plugins.pipelines import v_prediction_copy
-from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers.image.recipe import train
+from tests.plugins.pipelines import v_prediction_copy
+from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 
 pytestmark = pytest.mark.slow
 
 
 def _spec(**training: Any) -> ImageJobSpec:
-    spec = parse_spec(spec_dict("image", "opts", "tiny-sd", "shapes",
-                                training={"steps": 3, "learning_rate": 1e-2, **training}))
+    spec = parse_spec(
+        spec_dict(
+            "image",
+            "opts",
+            "tiny-sd",
+            "shapes",
+            training={"steps": 3, "learning_rate": 1e-2, **training},
+        )
+    )
     assert isinstance(spec, ImageJobSpec)
     return spec
 
@@ -44,8 +51,10 @@ def test_noise_offset_and_min_snr_change_the_adapter_and_repeat(
         "snr-again": {"min_snr_gamma": 5.0},
         "snr-gamma-1": {"min_snr_gamma": 1.0},
     }
-    runs = {name: _run(_spec(**o), tiny_image_model, tiny_image_dataset, tmp_path / name)
-            for name, o in options.items()}
+    runs = {
+        name: _run(_spec(**o), tiny_image_model, tiny_image_dataset, tmp_path / name)
+        for name, o in options.items()
+    }
     sha = {name: digest for name, (digest, _) in runs.items()}
     assert sha["off"] == sha["off-explicit"]
     assert sha["offset"] == sha["offset-again"] != sha["off"]

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec
-from tests.plugins.pipelines import pipeline, render, text_states
-from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers.image.recipe import train
+from tests.plugins.pipelines import pipeline, render, text_states
+from tests.plugins.specs import WEIGHTS, sha256, spec_dict
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,20 @@ DIFFUSERS = WEIGHTS["image"]
 KOHYA = "xl.safetensors"
 
 
-def _spec(lora: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-          **training: Any) -> ImageJobSpec:
-    spec = parse_spec(spec_dict("image", "xl", "tiny-sdxl", "shapes",
-                                lora={"rank": 4, "alpha": 8.0, **(lora or {})},
-                                data=data or {}, training={"steps": 8, "learning_rate": 1e-2,
-                                                           **training}))
+def _spec(
+    lora: dict[str, Any] | None = None, data: dict[str, Any] | None = None, **training: Any
+) -> ImageJobSpec:
+    spec = parse_spec(
+        spec_dict(
+            "image",
+            "xl",
+            "tiny-sdxl",
+            "shapes",
+            lora={"rank": 4, "alpha": 8.0, **(lora or {})},
+            data=data or {},
+            training={"steps": 8, "learning_rate": 1e-2, **training},
+        )
+    )
     assert isinstance(spec, ImageJobSpec)
     return spec
 
@@ -52,8 +60,10 @@ def trained(
     out = {}
     for te in (False, True):
         folder = tmp_path_factory.mktemp(f"sdxl-te-{te}")
-        out[te] = folder, _train(_spec(train_text_encoder=te), tiny_sdxl_model,
-                                 tiny_image_dataset, folder)
+        out[te] = (
+            folder,
+            _train(_spec(train_text_encoder=te), tiny_sdxl_model, tiny_image_dataset, folder),
+        )
     return out
 
 
@@ -64,7 +74,9 @@ def base_render(tiny_sdxl_model: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("te", [False, True], ids=["unet", "unet+text-encoders"])
 def test_sdxl_adapter_loads_in_the_sdxl_pipeline_and_kohya_plays_the_same(
-    te: bool, trained: dict[bool, tuple[Path, TrainOutput]], tiny_sdxl_model: Path,
+    te: bool,
+    trained: dict[bool, tuple[Path, TrainOutput]],
+    tiny_sdxl_model: Path,
     base_render: np.ndarray,
 ) -> None:
     folder, result = trained[te]
@@ -81,8 +93,7 @@ def test_sdxl_adapter_loads_in_the_sdxl_pipeline_and_kohya_plays_the_same(
     for c in components:  # each component's config, alpha kept
         assert packed[f"{c}.r"] == 4 and packed[f"{c}.lora_alpha"] == 8.0
     if te:
-        assert packed["text_encoder_2.target_modules"] == ["k_proj", "out_proj", "q_proj",
-                                                           "v_proj"]
+        assert packed["text_encoder_2.target_modules"] == ["k_proj", "out_proj", "q_proj", "v_proj"]
     with safe_open(folder / KOHYA, "pt") as f:
         prefixes = {k.split("_")[1] for k in f.keys()}  # lora_<this>_<module path>
         meta = f.metadata()
@@ -126,9 +137,16 @@ def test_sdxl_same_spec_same_bytes_with_everything_per_step(
     data = _mixed_sizes(tmp_path / "data")
     options = dict(
         lora={"dropout": 0.1},
-        data={"bucketing": True, "bucket_step": 16, "crop": "random", "flip_p": 0.5,
-              "caption_dropout": 0.3},
-        steps=4, noise_offset=0.05, min_snr_gamma=5.0,
+        data={
+            "bucketing": True,
+            "bucket_step": 16,
+            "crop": "random",
+            "flip_p": 0.5,
+            "caption_dropout": 0.3,
+        },
+        steps=4,
+        noise_offset=0.05,
+        min_snr_gamma=5.0,
     )
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

@@ -12,15 +12,14 @@ import torch
 from safetensors import safe_open
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput, Preempted
 from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.storage.checkpoints import CheckpointStore
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.safetensors_io import load_bytes
+from lorajobs.worker.trainers.image.recipe import train
 from tests.plugins.pipelines import keep_components, pipeline, render, text_states
 from tests.plugins.specs import WEIGHTS, sha256, spec_dict
-from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.worker.safetensors_io import load_bytes
-from lorajobs.jobspecs.failures import Preempted
-from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.trainers.image.recipe import train
 
 pytestmark = pytest.mark.slow
 
@@ -29,25 +28,41 @@ KOHYA = "te.safetensors"
 
 
 def _spec(lora: dict[str, Any] | None = None, **training: Any) -> ImageJobSpec:
-    spec = parse_spec(spec_dict("image", "te", "tiny-sd", "shapes",
-                                lora={"rank": 4, "alpha": 8.0, "dropout": 0.1, **(lora or {})},
-                                training={"steps": 8, "learning_rate": 1e-2,
-                                          "train_text_encoder": True, **training}))
+    spec = parse_spec(
+        spec_dict(
+            "image",
+            "te",
+            "tiny-sd",
+            "shapes",
+            lora={"rank": 4, "alpha": 8.0, "dropout": 0.1, **(lora or {})},
+            training={"steps": 8, "learning_rate": 1e-2, "train_text_encoder": True, **training},
+        )
+    )
     assert isinstance(spec, ImageJobSpec)
     return spec
 
 
-def _ctx(out: Path, job: str = "j", stop: int | None = None,
-         bucket: Path | None = None) -> WorkerContext:
+def _ctx(
+    out: Path, job: str = "j", stop: int | None = None, bucket: Path | None = None
+) -> WorkerContext:
     checkpoints = CheckpointStore.for_job(bucket.as_uri(), job) if bucket is not None else None
-    return WorkerContext(job_id=job, output_uri=out.as_uri(), cache_dir=out / "cache", threads=1,
-                         checkpoints=checkpoints, stop_after_step=stop)
+    return WorkerContext(
+        job_id=job,
+        output_uri=out.as_uri(),
+        cache_dir=out / "cache",
+        threads=1,
+        checkpoints=checkpoints,
+        stop_after_step=stop,
+    )
 
 
 def _te_up_weights(path: Path) -> list[torch.Tensor]:
     with safe_open(str(path), "pt") as f:
-        return [f.get_tensor(k) for k in f.keys()
-                if k.startswith("text_encoder.") and k.endswith(".up.weight")]
+        return [
+            f.get_tensor(k)
+            for k in f.keys()
+            if k.startswith("text_encoder.") and k.endswith(".up.weight")
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +70,9 @@ def trained(
     tiny_image_model: Path, tiny_image_dataset: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, TrainOutput]:
     out = tmp_path_factory.mktemp("sd1-te")
-    return out, train(_spec(text_encoder_learning_rate=5e-3), tiny_image_model,
-                      tiny_image_dataset, out, _ctx(out))
+    return out, train(
+        _spec(text_encoder_learning_rate=5e-3), tiny_image_model, tiny_image_dataset, out, _ctx(out)
+    )
 
 
 def test_sd1_text_encoder_lora_is_exported_and_recorded(
@@ -113,8 +129,13 @@ def test_text_encoder_learning_rate_drives_the_text_encoder_lora(
     """A near-zero text-encoder LR leaves its LoRA near its zero-initialised up weights while
     the UNet's trains at the main rate."""
     out = tmp_path / "slow-te"
-    train(_spec(steps=4, text_encoder_learning_rate=1e-7), tiny_image_model, tiny_image_dataset,
-          out, _ctx(out))
+    train(
+        _spec(steps=4, text_encoder_learning_rate=1e-7),
+        tiny_image_model,
+        tiny_image_dataset,
+        out,
+        _ctx(out),
+    )
     assert max(w.abs().max().item() for w in _te_up_weights(out / DIFFUSERS)) < 1e-5
     with safe_open(str(out / DIFFUSERS), "pt") as f:
         unet_up = [f.get_tensor(k) for k in f.keys() if k.startswith("unet.") and ".up." in k]
@@ -128,22 +149,45 @@ def test_resume_with_text_encoder_lora_gives_the_same_adapter(
     """10 steps + resume + 10 steps == 20 straight, with every LoRA (UNet and text encoders),
     their optimizer state and two param groups in the checkpoints."""
     model = request.getfixturevalue("tiny_image_model" if family == "sd1" else "tiny_sdxl_model")
-    spec = _spec(steps=20, gradient_accumulation_steps=2, learning_rate=5e-3,
-                 text_encoder_learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=3,
-                 checkpoint_every=4, keep_checkpoints=2, seed=5)
+    spec = _spec(
+        steps=20,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        text_encoder_learning_rate=2e-3,
+        lr_scheduler="cosine",
+        warmup_steps=3,
+        checkpoint_every=4,
+        keep_checkpoints=2,
+        seed=5,
+    )
     bucket = tmp_path / "bucket"
-    straight = train(spec, model, tiny_image_dataset, tmp_path / "straight",
-                     _ctx(tmp_path / "straight", "straight", bucket=bucket))
+    straight = train(
+        spec,
+        model,
+        tiny_image_dataset,
+        tmp_path / "straight",
+        _ctx(tmp_path / "straight", "straight", bucket=bucket),
+    )
     with pytest.raises(Preempted, match="after step 10"):
-        train(spec, model, tiny_image_dataset, tmp_path / "first",
-              _ctx(tmp_path / "first", "split", stop=10, bucket=bucket))
+        train(
+            spec,
+            model,
+            tiny_image_dataset,
+            tmp_path / "first",
+            _ctx(tmp_path / "first", "split", stop=10, bucket=bucket),
+        )
     store = CheckpointStore.for_job(bucket.as_uri(), "split")
     tensors = load_bytes(store.load(10).tensors)
     assert any(k.startswith("param/text_encoder.") for k in tensors)
     if family == "sdxl":
         assert any(k.startswith("param/text_encoder_2.") for k in tensors)
-    resumed = train(spec, model, tiny_image_dataset, tmp_path / "second",
-                    _ctx(tmp_path / "second", "split", bucket=bucket))
+    resumed = train(
+        spec,
+        model,
+        tiny_image_dataset,
+        tmp_path / "second",
+        _ctx(tmp_path / "second", "split", bucket=bucket),
+    )
 
     assert resumed.metrics["resumed_from_step"] == 10
     assert sha256(tmp_path / "second" / DIFFUSERS) == sha256(tmp_path / "straight" / DIFFUSERS)

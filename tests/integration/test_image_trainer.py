@@ -14,10 +14,10 @@ from safetensors import safe_open
 
 from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.jobspecs.models import ImageJobSpec
-from tests.plugins.pipelines import pipeline, render, v_prediction_copy
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.trainers.image.recipe import WEIGHTS_NAME, train
 from lorajobs.worker.trainers.image.tiny import build_tiny_image_model
+from tests.plugins.pipelines import pipeline, render, v_prediction_copy
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +155,7 @@ def test_unknown_target_modules_are_the_users_error(
 
 def test_tiny_model_rebuilds_to_the_same_bytes(tiny_image_model: Path, tmp_path: Path) -> None:
     again = build_tiny_image_model(tmp_path / "again", seed=0)
+
     def listing(root: Path) -> list[Path]:
         return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 

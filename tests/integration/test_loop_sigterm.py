@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorajobs.jobspecs.failures import Preempted
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers.loop import (
     LoopResult,
@@ -28,11 +28,22 @@ from lorajobs.worker.trainers.loop import (
 # 8 optimizer steps of 2 micro-batches, a warmup + cosine schedule: the resume must carry the
 # LR position and AdamW's moments, and a notice in a step's first micro-batch must still
 # finish that step's second.
-CFG = TextJobSpec.model_validate({
-    "kind": "text", "name": "n", "base_model": "m", "dataset": "d",
-    "training": {"steps": 8, "gradient_accumulation_steps": 2, "learning_rate": 0.05,
-                 "lr_scheduler": "cosine", "warmup_steps": 2, "checkpoint_every": 0},
-}).training
+CFG = TextJobSpec.model_validate(
+    {
+        "kind": "text",
+        "name": "n",
+        "base_model": "m",
+        "dataset": "d",
+        "training": {
+            "steps": 8,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 0.05,
+            "lr_scheduler": "cosine",
+            "warmup_steps": 2,
+            "checkpoint_every": 0,
+        },
+    }
+).training
 X = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
 Y = X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
 
@@ -44,12 +55,20 @@ def _train(bucket: Path | None, sigterm_at: int | None = None) -> tuple[LoopResu
     model = torch.nn.Linear(4, 1)
     device = torch.device("cpu")
     store = CheckpointStore.for_job(bucket.as_uri(), "j") if bucket is not None else None
-    ctx = WorkerContext(job_id="j", output_uri="file:///unused", cache_dir=Path("/unused"),
-                        checkpoints=store)
-    loop = TrainLoop(CFG, model=model, optimizer=build_optimizer(list(model.parameters()), CFG,
-                                                                  device),
-                     precision=resolve_precision("no", device), device=device, ctx=ctx,
-                     total=8, generators={}, fingerprint="f")
+    ctx = WorkerContext(
+        job_id="j", output_uri="file:///unused", cache_dir=Path("/unused"), checkpoints=store
+    )
+    loop = TrainLoop(
+        CFG,
+        model=model,
+        optimizer=build_optimizer(list(model.parameters()), CFG, device),
+        precision=resolve_precision("no", device),
+        device=device,
+        ctx=ctx,
+        total=8,
+        generators={},
+        fingerprint="f",
+    )
 
     def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
         if k == sigterm_at:

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from lorajobs.jobspecs import AnyJobSpec, parse_spec
-from lorajobs.jobspecs.failures import InvalidInput, InvalidTransition, JobNotFound
+from lorajobs.jobspecs.failures import FailureKind, InvalidInput, InvalidTransition, JobNotFound
 from lorajobs.orchestrator.db import EVENTS, JOBS
 from lorajobs.orchestrator.queue import JobRecord, Queue
-from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.states import JobStatus
 
 Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
@@ -59,8 +59,9 @@ def to_running(queue: Queue, job: JobRecord) -> JobRecord:
 
 
 def test_submit_creates_the_row_and_one_event(queue: Queue, engine: Engine) -> None:
-    spec = make_spec("alpha", owner="ana", priority=5, resources={"gpus": 0.5, "cpus": 3,
-                                                                   "gpu_type": "A100"})
+    spec = make_spec(
+        "alpha", owner="ana", priority=5, resources={"gpus": 0.5, "cpus": 3, "gpu_type": "A100"}
+    )
     job, created = queue.submit(spec, output_uri=OUT)
     assert created
     assert len(job.id) == 12 and all(c in "0123456789abcdef" for c in job.id)
@@ -114,9 +115,20 @@ def _insert_with_id(engine: Engine, job_id: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             JOBS.insert().values(
-                id=job_id, name="x", kind="text", owner="o", priority=0, status="queued",
-                spec='{"kind":"text"}', output_uri=OUT, gpus=0.0, cpus=1, created_at=now,
-                updated_at=now, attempt=1, cancel_requested=False,
+                id=job_id,
+                name="x",
+                kind="text",
+                owner="o",
+                priority=0,
+                status="queued",
+                spec='{"kind":"text"}',
+                output_uri=OUT,
+                gpus=0.0,
+                cpus=1,
+                created_at=now,
+                updated_at=now,
+                attempt=1,
+                cancel_requested=False,
             )
         )
 
@@ -164,14 +176,24 @@ def test_every_transition_appends_an_event_and_sets_its_timestamp(queue: Queue) 
     ticks = iter(t0 + timedelta(minutes=i) for i in range(100))
     q = Queue(queue.engine, clock=lambda: next(ticks))
     job, _ = q.submit(make_spec(), output_uri=OUT)
-    d = q.dispatch(job.id, reason="dispatched by c1", lease_owner="c1",
-                   lease_expires_at=t0 + timedelta(hours=1))
+    d = q.dispatch(
+        job.id,
+        reason="dispatched by c1",
+        lease_owner="c1",
+        lease_expires_at=t0 + timedelta(hours=1),
+    )
     assert d.status is D and d.dispatched_at == t0 + timedelta(minutes=1)
     assert d.lease_owner == "c1" and d.lease_expires_at == t0 + timedelta(hours=1)
     r = q.transition(job.id, expected=D, to=R, reason="training on n1", node="n1")
     assert r.started_at == t0 + timedelta(minutes=2) and r.node == "n1" and r.finished_at is None
-    s = q.transition(job.id, expected=[D, R], to=S, reason="done",
-                     data={"adapter": "s3://b/a"}, result={"ok": True, "loss": 0.5})
+    s = q.transition(
+        job.id,
+        expected=[D, R],
+        to=S,
+        reason="done",
+        data={"adapter": "s3://b/a"},
+        result={"ok": True, "loss": 0.5},
+    )
     assert s.status is S and s.finished_at == t0 + timedelta(minutes=3)
     assert s.result == {"ok": True, "loss": 0.5}
     assert s.lease_owner is None and s.lease_expires_at is None  # released when it ends
@@ -229,13 +251,26 @@ def test_failure_retry_and_manual_retry(queue: Queue) -> None:
     job, _ = queue.submit(make_spec(), output_uri=OUT)
     to_running(queue, job)
     # An infra failure: back to the queue as attempt 2, resuming later.
-    again = queue.transition(job.id, expected=R, to=Q, reason="node lost; retrying", attempt=2,
-                             failure_kind="infra", failure_reason="node lost")
+    again = queue.transition(
+        job.id,
+        expected=R,
+        to=Q,
+        reason="node lost; retrying",
+        attempt=2,
+        failure_kind="infra",
+        failure_reason="node lost",
+    )
     assert again.status is Q and again.attempt == 2 and again.failure_kind is FailureKind.infra
     assert again.dispatched_at is None and again.started_at is None and again.finished_at is None
     to_running(queue, again)
-    failed = queue.transition(job.id, expected=R, to=F, reason="user error: bad data",
-                              failure_kind=FailureKind.user, failure_reason="bad data")
+    failed = queue.transition(
+        job.id,
+        expected=R,
+        to=F,
+        reason="user error: bad data",
+        failure_kind=FailureKind.user,
+        failure_reason="bad data",
+    )
     assert failed.failure_kind is FailureKind.user and failed.finished_at is not None
     with pytest.raises(InvalidInput, match="only failed jobs"):
         queue.retry(queue.submit(make_spec("other"), output_uri=OUT)[0].id)
@@ -285,8 +320,7 @@ def test_progress_updates_only_active_jobs_and_writes_no_event(queue: Queue) -> 
     assert not queue.record_progress(job.id, step=1, total_steps=10, loss=1.0, it_per_s=2.0)
     assert queue.get(job.id).step is None
     to_running(queue, job)
-    assert queue.record_progress(job.id, step=4, total_steps=10, loss=0.25, it_per_s=3.5,
-                                 node="n2")
+    assert queue.record_progress(job.id, step=4, total_steps=10, loss=0.25, it_per_s=3.5, node="n2")
     got = queue.get(job.id)
     assert (got.step, got.total_steps, got.loss, got.it_per_s, got.node) == (4, 10, 0.25, 3.5, "n2")
     assert got.status is R and len(queue.events(job.id)) == 3
@@ -309,8 +343,12 @@ def test_claim_order_is_priority_then_age(queue: Queue) -> None:
     assert [j.id for j in q.scheduling.claim_queued(10)] == order
     assert [j.id for j in q.scheduling.claim_queued(2)] == order[:2]
     # claim() hands the candidates to the scheduler and dispatches what it picks.
-    got = q.scheduling.claim(10, choose=lambda jobs: [j for j in jobs if j.priority == 0],
-                  reason="dispatched by c1", lease_owner="c1")
+    got = q.scheduling.claim(
+        10,
+        choose=lambda jobs: [j for j in jobs if j.priority == 0],
+        reason="dispatched by c1",
+        lease_owner="c1",
+    )
     assert [j.id for j in got] == [mid_old.id, mid_new.id]
     assert all(j.status is D and j.lease_owner == "c1" for j in got)
     assert [j.id for j in q.scheduling.claim_queued(10)] == [high.id, low_old.id]
@@ -334,8 +372,9 @@ def test_renew_leases_only_for_the_owner(queue: Queue) -> None:
 def test_timestamps_come_back_as_utc_whatever_zone_went_in(queue: Queue) -> None:
     plus2 = timezone(timedelta(hours=2))
     job, _ = queue.submit(make_spec(), output_uri=OUT)
-    d = queue.dispatch(job.id, lease_owner="c", lease_expires_at=datetime(2030, 1, 1, 12,
-                                                                           tzinfo=plus2))
+    d = queue.dispatch(
+        job.id, lease_owner="c", lease_expires_at=datetime(2030, 1, 1, 12, tzinfo=plus2)
+    )
     assert d.lease_expires_at == datetime(2030, 1, 1, 10, tzinfo=timezone.utc)
     assert d.lease_expires_at.tzinfo == timezone.utc
     with pytest.raises(Exception, match="naive"):
@@ -344,5 +383,5 @@ def test_timestamps_come_back_as_utc_whatever_zone_went_in(queue: Queue) -> None
 
 def test_the_database_refuses_unknown_statuses(engine: Engine) -> None:
     _insert_with_id(engine, "aaaa00000000")
-    with pytest.raises(Exception), engine.begin() as conn:
+    with pytest.raises(DBAPIError), engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET status = 'lost' WHERE id = 'aaaa00000000'"))

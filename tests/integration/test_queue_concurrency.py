@@ -29,8 +29,9 @@ OUT = "file:///srv/bucket"
 
 
 def _spec(name: str) -> Any:
-    return parse_spec({"kind": "image", "name": name, "base_model": "m", "dataset": "d",
-                       "training": {"steps": 5}})
+    return parse_spec(
+        {"kind": "image", "name": name, "base_model": "m", "dataset": "d", "training": {"steps": 5}}
+    )
 
 
 def _submitter(url: str, worker: int, barrier: Any, results: Any) -> None:
@@ -42,8 +43,9 @@ def _submitter(url: str, worker: int, barrier: Any, results: Any) -> None:
         barrier.wait(timeout=60)
         for i in range(SUBMITS):
             if i % 2 == 0:
-                job, created = queue.submit(_spec(f"shared-{i}"), output_uri=OUT,
-                                            idempotency_key=f"shared-{i}")
+                job, created = queue.submit(
+                    _spec(f"shared-{i}"), output_uri=OUT, idempotency_key=f"shared-{i}"
+                )
             else:
                 job, created = queue.submit(_spec(f"w{worker}-{i}"), output_uri=OUT)
             out.append((i, job.id, created))
@@ -91,8 +93,9 @@ def _claimer(url: str, name: str, barrier: Any) -> list[str]:
         engine.dispose()
 
 
-def _proc_race(fn: Callable[..., list[str]], url: str, name: str, barrier: Any,
-               results: Any) -> None:
+def _proc_race(
+    fn: Callable[..., list[str]], url: str, name: str, barrier: Any, results: Any
+) -> None:
     try:
         results.put((name, fn(url, name, barrier), None))
     except BaseException as err:
@@ -104,9 +107,7 @@ def _counts(url: str) -> tuple[int, int]:
     try:
         with engine.connect() as conn:
             jobs = conn.execute(select(func.count()).select_from(JOBS)).scalar_one()
-            events = conn.execute(
-                select(func.count()).select_from(EVENTS)
-            ).scalar_one()
+            events = conn.execute(select(func.count()).select_from(EVENTS)).scalar_one()
         return int(jobs), int(events)
     finally:
         engine.dispose()
@@ -123,8 +124,9 @@ def test_concurrent_submits_lose_nothing_and_duplicate_nothing(any_db_url: str) 
     queue = _prepared(any_db_url)
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(PROCS), ctx.Queue()
-    procs = [ctx.Process(target=_submitter, args=(any_db_url, w, barrier, results))
-             for w in range(PROCS)]
+    procs = [
+        ctx.Process(target=_submitter, args=(any_db_url, w, barrier, results)) for w in range(PROCS)
+    ]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=240) for _ in procs]
@@ -173,8 +175,9 @@ def _race(fn: Callable[..., list[str]], url: str, how: str, n: int = 4) -> dict[
         return won
     ctx = mp.get_context("spawn")
     pbarrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_proc_race, args=(fn, url, f"c{i}", pbarrier, results))
-             for i in range(n)]
+    procs = [
+        ctx.Process(target=_proc_race, args=(fn, url, f"c{i}", pbarrier, results)) for i in range(n)
+    ]
     for p in procs:
         p.start()
     outcomes = [results.get(timeout=240) for _ in procs]
@@ -201,7 +204,8 @@ def test_racing_controllers_dispatch_each_job_exactly_once(
             job = queue.get(job_id)
             assert job.status is JobStatus.dispatched and job.lease_owner == name
             assert [(e.from_status, e.to_status) for e in queue.events(job_id)] == [
-                (None, JobStatus.queued), (JobStatus.queued, JobStatus.dispatched)
+                (None, JobStatus.queued),
+                (JobStatus.queued, JobStatus.dispatched),
             ]
             assert queue.events(job_id)[-1].reason == f"dispatched by {name}"
     assert _counts(any_db_url) == (40, 80)
@@ -222,8 +226,7 @@ def test_cancel_racing_dispatch_has_one_outcome(any_db_url: str) -> None:
             queue.request_cancel(job_id)
 
     threads = [threading.Thread(target=cancel_all)] + [
-        threading.Thread(target=_dispatcher, args=(any_db_url, f"c{i}", barrier))
-        for i in range(2)
+        threading.Thread(target=_dispatcher, args=(any_db_url, f"c{i}", barrier)) for i in range(2)
     ]
     for t in threads:
         t.start()

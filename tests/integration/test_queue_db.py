@@ -14,8 +14,8 @@ from sqlalchemy import inspect
 
 from lorajobs.jobspecs.failures import InvalidInput, LoraJobsError
 from lorajobs.orchestrator.db import (
-    UPGRADE_HINT,
     METADATA,
+    UPGRADE_HINT,
     current_revision,
     ensure_schema,
     head_revision,
@@ -47,30 +47,38 @@ def test_settings_default_home_is_in_the_user_folder() -> None:
 
 
 def test_settings_from_variables(tmp_path: Path) -> None:
-    s = Settings.from_env({
-        "LORAJOBS_HOME": str(tmp_path),
-        "LORAJOBS_DATABASE_URL": "postgresql://u:hunter2@db:5432/lj",
-        "LORAJOBS_RAY_ADDRESS": "ray://head:10001",
-        "LORAJOBS_BUCKET": "s3://bucket/prefix",
-        "LORAJOBS_CACHE_DIR": str(tmp_path / "c"),
-    })
+    s = Settings.from_env(
+        {
+            "LORAJOBS_HOME": str(tmp_path),
+            "LORAJOBS_DATABASE_URL": "postgresql://u:hunter2@db:5432/lj",
+            "LORAJOBS_RAY_ADDRESS": "ray://head:10001",
+            "LORAJOBS_BUCKET": "s3://bucket/prefix",
+            "LORAJOBS_CACHE_DIR": str(tmp_path / "c"),
+        }
+    )
     assert s.database_url == "postgresql://u:hunter2@db:5432/lj"
-    assert (s.ray_address, s.bucket, s.cache_dir) == ("ray://head:10001", "s3://bucket/prefix",
-                                                      tmp_path / "c")
+    assert (s.ray_address, s.bucket, s.cache_dir) == (
+        "ray://head:10001",
+        "s3://bucket/prefix",
+        tmp_path / "c",
+    )
     assert s.redacted_database_url() == "postgresql://u:***@db:5432/lj"
     assert "hunter2" not in repr(s) and "hunter2" not in str(s)
     with pytest.raises(AttributeError):
         s.bucket = "x"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("url,shown", [
-    ("sqlite:////tmp/a b/x.db", "sqlite:////tmp/a b/x.db"),
-    ("postgresql+psycopg://u:p%40ss@h:5432/d", "postgresql+psycopg://u:***@h:5432/d"),
-    ("postgres://u:pa/ss@h/d?sslmode=require", "postgres://u:***@h/d?sslmode=require"),
-    ("postgresql://u:pa?ss@h/d", "postgresql://u:***@h/d"),
-    ("postgresql://u@h/d", "postgresql://u@h/d"),
-    ("postgresql://h/d?user=u&password=secret", "postgresql://h/d?user=u&password=***"),
-])
+@pytest.mark.parametrize(
+    "url,shown",
+    [
+        ("sqlite:////tmp/a b/x.db", "sqlite:////tmp/a b/x.db"),
+        ("postgresql+psycopg://u:p%40ss@h:5432/d", "postgresql+psycopg://u:***@h:5432/d"),
+        ("postgres://u:pa/ss@h/d?sslmode=require", "postgres://u:***@h/d?sslmode=require"),
+        ("postgresql://u:pa?ss@h/d", "postgresql://u:***@h/d"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+        ("postgresql://h/d?user=u&password=secret", "postgresql://h/d?user=u&password=***"),
+    ],
+)
 def test_redaction_hides_every_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
@@ -144,8 +152,10 @@ def test_postgres_is_not_migrated_behind_the_operators_back(pg_db_url: str) -> N
     engine = make_engine(pg_db_url)
     with pytest.raises(LoraJobsError) as info:
         ensure_schema(engine)
-    assert str(info.value) == UPGRADE_HINT == (
-        "database schema is not up to date: run 'lorajobs db upgrade'"
+    assert (
+        str(info.value)
+        == UPGRADE_HINT
+        == ("database schema is not up to date: run 'lorajobs db upgrade'")
     )
     assert current_revision(engine) is None
     upgrade(engine)  # what `lorajobs db upgrade` does
@@ -195,8 +205,14 @@ def test_migrations_are_found_from_any_working_directory(tmp_path: Path) -> None
         f"e = make_engine('sqlite:///{tmp_path}/w.db'); ensure_schema(e);"
         "print(current_revision(e))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == head_revision()
 
@@ -208,8 +224,9 @@ def test_control_plane_modules_do_not_import_torch() -> None:
         "bad = [m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules];"
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 

@@ -12,34 +12,51 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput, Preempted
 from lorajobs.jobspecs.models import AnyJobSpec
-from tests.plugins.specs import WEIGHTS, sha256, spec_dict, tiny_inputs
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers import get_trainer
+from tests.plugins.specs import WEIGHTS, sha256, spec_dict, tiny_inputs
 
 pytestmark = pytest.mark.slow
 
 # Everything the resume must carry: dropout (global RNG), accumulation, a warmup + cosine
 # schedule (the LR position), the image trainer's noise generator, AdamW moments.
 TRAINING: dict[str, Any] = {
-    "steps": 20, "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
-    "lr_scheduler": "cosine", "warmup_steps": 3, "checkpoint_every": 4, "keep_checkpoints": 2,
+    "steps": 20,
+    "batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 5e-3,
+    "lr_scheduler": "cosine",
+    "warmup_steps": 3,
+    "checkpoint_every": 4,
+    "keep_checkpoints": 2,
     "seed": 5,
 }
 
 
 def _spec(kind: str, **training: Any) -> AnyJobSpec:
-    return parse_spec(spec_dict(kind, "r", "m", "d", lora={"rank": 4, "alpha": 8, "dropout": 0.1},
-                                training={**TRAINING, **training}))
+    return parse_spec(
+        spec_dict(
+            kind,
+            "r",
+            "m",
+            "d",
+            lora={"rank": 4, "alpha": 8, "dropout": 0.1},
+            training={**TRAINING, **training},
+        )
+    )
 
 
 def _ctx(bucket: Path, job: str, stop: int | None = None) -> WorkerContext:
     return WorkerContext(
-        job_id=job, output_uri=bucket.as_uri(), cache_dir=bucket, threads=1,
-        checkpoints=CheckpointStore.for_job(bucket.as_uri(), job), stop_after_step=stop,
+        job_id=job,
+        output_uri=bucket.as_uri(),
+        cache_dir=bucket,
+        threads=1,
+        checkpoints=CheckpointStore.for_job(bucket.as_uri(), job),
+        stop_after_step=stop,
     )
 
 
@@ -92,8 +109,18 @@ def test_a_checkpoint_of_another_spec_is_refused(
     train = get_trainer("text")
     bucket = tmp_path / "bucket"
     with pytest.raises(Preempted):
-        train(_spec("text", steps=4), tiny_text_model, tiny_text_dataset, tmp_path / "a",
-              _ctx(bucket, "j", stop=2))
+        train(
+            _spec("text", steps=4),
+            tiny_text_model,
+            tiny_text_dataset,
+            tmp_path / "a",
+            _ctx(bucket, "j", stop=2),
+        )
     with pytest.raises(InvalidInput, match="different spec"):
-        train(_spec("text", steps=4, learning_rate=1e-3), tiny_text_model, tiny_text_dataset,
-              tmp_path / "b", _ctx(bucket, "j"))
+        train(
+            _spec("text", steps=4, learning_rate=1e-3),
+            tiny_text_model,
+            tiny_text_dataset,
+            tmp_path / "b",
+            _ctx(bucket, "j"),
+        )

@@ -23,8 +23,14 @@ def test_save_load_round_trip_keeps_the_last_k(tmp_path: Path) -> None:
     store = _store(tmp_path)
     rng = torch.get_rng_state()
     for step in (2, 4, 6):
-        store.save(Checkpoint(step, canonical_bytes({"w": torch.full((2, 3), float(step)), "rng": rng}),
-                              {"step": step, "losses": [0.1, math.pi]}), keep=2)
+        store.save(
+            Checkpoint(
+                step,
+                canonical_bytes({"w": torch.full((2, 3), float(step)), "rng": rng}),
+                {"step": step, "losses": [0.1, math.pi]},
+            ),
+            keep=2,
+        )
     assert store.steps() == [4, 6] and store.latest() == 6
     ck = store.load(6)
     tensors = load_bytes(ck.tensors)
@@ -53,9 +59,11 @@ def test_lr_schedules_match_transformers() -> None:
     )
 
     total, warmup = 20, 4
-    for kind, make in (("constant", lambda o: get_constant_schedule_with_warmup(o, warmup)),
-                       ("linear", lambda o: get_linear_schedule_with_warmup(o, warmup, total)),
-                       ("cosine", lambda o: get_cosine_schedule_with_warmup(o, warmup, total))):
+    for kind, make in (
+        ("constant", lambda o: get_constant_schedule_with_warmup(o, warmup)),
+        ("linear", lambda o: get_linear_schedule_with_warmup(o, warmup, total)),
+        ("cosine", lambda o: get_cosine_schedule_with_warmup(o, warmup, total)),
+    ):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = make(opt)
         for step in range(total):
@@ -66,8 +74,9 @@ def test_lr_schedules_match_transformers() -> None:
 
 def test_epochs_or_steps() -> None:
     base = "kind: text\nname: a\nbase_model: /m\ndataset: /d\n"
-    spec = load_spec_text(base + "training: {epochs: 3, batch_size: 4, "
-                          "gradient_accumulation_steps: 2}\n")
+    spec = load_spec_text(
+        base + "training: {epochs: 3, batch_size: 4, gradient_accumulation_steps: 2}\n"
+    )
     assert total_steps(spec.training, 17) == 3 * 3  # ceil(17 / 8) steps per epoch
     with pytest.raises(SpecError, match="exactly one of steps or epochs"):
         load_spec_text(base + "training: {steps: 3, epochs: 2}\n")
@@ -92,14 +101,26 @@ def test_accumulated_micro_batches_step_like_one_big_batch(tmp_path: Path) -> No
     def run(batch: int, accum: int) -> torch.Tensor:
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
-        cfg = SimpleNamespace(gradient_accumulation_steps=accum, learning_rate=0.1,
-                              lr_scheduler="linear", warmup_steps=1, max_grad_norm=0.5,
-                              checkpoint_every=0, keep_checkpoints=1)
-        loop = TrainLoop(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                         precision=resolve_precision("no", torch.device("cpu")),
-                         device=torch.device("cpu"),
-                         ctx=WorkerContext(job_id="j", output_uri="", cache_dir=tmp_path),
-                         total=5, generators={}, fingerprint="")
+        cfg = SimpleNamespace(
+            gradient_accumulation_steps=accum,
+            learning_rate=0.1,
+            lr_scheduler="linear",
+            warmup_steps=1,
+            max_grad_norm=0.5,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+        )
+        loop = TrainLoop(
+            cfg,
+            model=model,
+            optimizer=torch.optim.AdamW(model.parameters()),
+            precision=resolve_precision("no", torch.device("cpu")),
+            device=torch.device("cpu"),
+            ctx=WorkerContext(job_id="j", output_uri="", cache_dir=tmp_path),
+            total=5,
+            generators={},
+            fingerprint="",
+        )
 
         def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
             rows = slice(k * batch, (k + 1) * batch)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError, StorageError
-from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.backends import open_storage
 from lorajobs.storage.base import Storage
 from lorajobs.storage.files import FileStorage
+from lorajobs.storage.s3 import S3Storage
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.slow)])
@@ -32,7 +32,10 @@ def test_put_get_list_exists_delete(storage: Storage, tmp_path: Path) -> None:
     storage.put_file(src, "a/w.bin")
     storage.put_bytes(b"cfg", "a/sub/config.json")
     storage.put_bytes(b"sibling", "ab/x")  # shares the letters, not the folder
-    assert [(o.key, o.size) for o in storage.list("a")] == [("a/sub/config.json", 3), ("a/w.bin", 3000)]
+    assert [(o.key, o.size) for o in storage.list("a")] == [
+        ("a/sub/config.json", 3),
+        ("a/w.bin", 3000),
+    ]
     assert [o.key for o in storage.list("a/")] == ["a/sub/config.json", "a/w.bin"]
     assert [o.key for o in storage.list("a/w.bin")] == ["a/w.bin"]
     assert [o.key for o in storage.list()] == ["a/sub/config.json", "a/w.bin", "ab/x"]
@@ -83,7 +86,9 @@ def test_list_pages(s3_env) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["secret", "key_id"])
-def test_wrong_credentials_one_clear_line(s3_env, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+def test_wrong_credentials_one_clear_line(
+    s3_env, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
     open_storage(s3_env.uri).put_bytes(b"x", "data/x")
     bad_secret = "definitely-wrong-secret-value"
     if which == "secret":
@@ -91,8 +96,12 @@ def test_wrong_credentials_one_clear_line(s3_env, monkeypatch: pytest.MonkeyPatc
     else:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN")
     st = open_storage(f"{s3_env.uri}/data")
-    for op in (lambda: st.list(), lambda: st.get_bytes("x"), lambda: st.exists("x"),
-               lambda: st.put_bytes(b"y", "y")):
+    for op in (
+        lambda: st.list(),
+        lambda: st.get_bytes("x"),
+        lambda: st.exists("x"),
+        lambda: st.put_bytes(b"y", "y"),
+    ):
         with pytest.raises(StorageAuthError) as info:
             op()
         msg = str(info.value)
@@ -144,8 +153,9 @@ def test_reads_return_stored_bytes_with_or_without_the_fast_path(
     monkeypatch.setenv("LORAJOBS_S3_FAST_GET", fast)
     raw = gzip.compress(os.urandom(5000))
     # Stored with a Content-Encoding: the bytes must come back as stored, not decoded.
-    s3_env.server.client().put_object(Bucket=s3_env.bucket, Key="p/x.gz", Body=raw,
-                                      ContentEncoding="gzip")
+    s3_env.server.client().put_object(
+        Bucket=s3_env.bucket, Key="p/x.gz", Body=raw, ContentEncoding="gzip"
+    )
     st = open_storage(f"{s3_env.uri}/p")
     calls: list[str] = []
     real = st.client.get_object

@@ -12,17 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from lorajobs.jobspecs.failures import UserDataError
+from lorajobs.jobspecs.failures import Preempted, UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, Samples
+from lorajobs.storage.adapters import fetch_adapter
 from lorajobs.storage.checkpoints import CheckpointStore
-from lorajobs.jobspecs.failures import Preempted
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.entrypoint import run_job
 from lorajobs.worker.plots import GridLayout, draw_image_grid
+from lorajobs.worker.trainers.image.recipe import WEIGHTS_NAME, train
 from lorajobs.worker.trainers.image.samples import FINAL_NAME, SampleRenderer
 from lorajobs.worker.trainers.loop import resolve_precision
-from lorajobs.worker.trainers.image.recipe import WEIGHTS_NAME, train
-from lorajobs.storage.adapters import fetch_adapter
 
 THREADS = 1  # pinned: the UNet's numbers depend on the thread count
 PROMPTS = ["a photo of a red circle", "a photo of a blue square on a grey background"]
@@ -72,8 +71,12 @@ def runs(
 ) -> dict[str, tuple[Path, TrainOutput]]:
     """The same 4-step job twice with samples every 2 steps, and once without samples."""
     return {
-        name: _train(_spec(samples), tiny_image_model, tiny_image_dataset,
-                     tmp_path_factory.mktemp(f"samples-{name}"))
+        name: _train(
+            _spec(samples),
+            tiny_image_model,
+            tiny_image_dataset,
+            tmp_path_factory.mktemp(f"samples-{name}"),
+        )
         for name, samples in (("a", SAMPLES), ("b", SAMPLES), ("off", None))
     }
 
@@ -113,7 +116,9 @@ def test_grids_show_the_lora_learning_and_repeat_byte_for_byte(
     layout = GridLayout.for_cells(len(PROMPTS), 64)
     for i in range(len(PROMPTS)):
         # Same seed, same base, only the LoRA moved between steps 2 and 4: the pixels did too.
-        diff = np.abs(_cell(out_a / STEP_FILES[0], layout, i) - _cell(out_a / FINAL_NAME, layout, i))
+        diff = np.abs(
+            _cell(out_a / STEP_FILES[0], layout, i) - _cell(out_a / FINAL_NAME, layout, i)
+        )
         assert diff.max() > 2, f"cell {i} did not change between step 2 and step 4"
     for rel in [*STEP_FILES, FINAL_NAME]:
         assert (out_a / rel).read_bytes() == (out_b / rel).read_bytes(), rel
@@ -130,10 +135,17 @@ def test_a_resumed_attempt_renders_the_steps_after_its_checkpoint(
     spec = _spec(SAMPLES)
     store = CheckpointStore.for_job((tmp_path / "bucket").as_uri(), "job")
     with pytest.raises(Preempted):
-        _train(spec, tiny_image_model, tiny_image_dataset, tmp_path / "first",
-               checkpoints=store, stop_after_step=2)
-    out, result = _train(spec, tiny_image_model, tiny_image_dataset, tmp_path / "second",
-                         checkpoints=store)
+        _train(
+            spec,
+            tiny_image_model,
+            tiny_image_dataset,
+            tmp_path / "first",
+            checkpoints=store,
+            stop_after_step=2,
+        )
+    out, result = _train(
+        spec, tiny_image_model, tiny_image_dataset, tmp_path / "second", checkpoints=store
+    )
     assert result.metrics["resumed_from_step"] == 2
     assert result.files[-2:] == [STEP_FILES[1], FINAL_NAME]  # step 2 is not rendered again
     assert result.metrics["samples_rendered"] == 1
@@ -155,7 +167,9 @@ def test_final_only_with_own_resolution(
         "num_inference_steps": 2,
     }
     out, result = _train(_spec(samples), tiny_image_model, tiny_image_dataset, tmp_path)
-    assert result.files[-1] == FINAL_NAME and not any(f.startswith("samples/") for f in result.files)
+    assert result.files[-1] == FINAL_NAME and not any(
+        f.startswith("samples/") for f in result.files
+    )
     assert result.metrics["samples_rendered"] == 1
     layout = GridLayout.for_cells(3, 32)
     assert (layout.cols, layout.rows) == (2, 2)
@@ -175,10 +189,15 @@ def test_grids_are_uploaded_with_the_adapter_and_fetched(
 ) -> None:
     """`run_job` on a file:// bucket: the grids are in the sidecar's manifest, uploaded, and
     `fetch_adapter` brings them back sha256-verified, the same bytes as a direct run."""
-    spec = _spec(SAMPLES).model_copy(update={"base_model": str(tiny_image_model),
-                                             "dataset": str(tiny_image_dataset)})
-    ctx = WorkerContext(job_id="job-s", output_uri=(tmp_path / "bucket").as_uri(),
-                        cache_dir=tmp_path / "cache", threads=THREADS)
+    spec = _spec(SAMPLES).model_copy(
+        update={"base_model": str(tiny_image_model), "dataset": str(tiny_image_dataset)}
+    )
+    ctx = WorkerContext(
+        job_id="job-s",
+        output_uri=(tmp_path / "bucket").as_uri(),
+        cache_dir=tmp_path / "cache",
+        threads=THREADS,
+    )
     result = run_job(spec, ctx)
     assert {*STEP_FILES, FINAL_NAME} <= set(result["files"])
     fetch_adapter(result["adapter_uri"], tmp_path / "fetched")
@@ -203,8 +222,9 @@ def test_a_folder_without_model_index_fails_before_training(tmp_path: Path) -> N
         )
 
 
-@pytest.mark.parametrize(("n", "cols", "rows"), [(1, 1, 1), (2, 2, 1), (3, 2, 2), (5, 3, 2),
-                                                 (10, 4, 3), (16, 4, 4)])
+@pytest.mark.parametrize(
+    ("n", "cols", "rows"), [(1, 1, 1), (2, 2, 1), (3, 2, 2), (5, 3, 2), (10, 4, 3), (16, 4, 4)]
+)
 def test_grid_is_near_square_and_cells_do_not_overlap(n: int, cols: int, rows: int) -> None:
     layout = GridLayout.for_cells(n, 48)
     assert (layout.cols, layout.rows) == (cols, rows)

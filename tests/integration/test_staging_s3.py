@@ -13,10 +13,10 @@ import pytest
 
 from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError
+from lorajobs.storage.backends import open_storage
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.staging import MANIFEST_SUFFIX, local_manifest, stage_local_inputs, stage_path
-from lorajobs.storage.backends import open_storage
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024
@@ -38,8 +38,9 @@ def _count(monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> list[tupl
     for name in names:
         real = getattr(S3Storage, name)
 
-        def counting(self: S3Storage, *args: Any, _real: Any = real, _name: str = name,
-                     **kwargs: Any) -> Any:
+        def counting(
+            self: S3Storage, *args: Any, _real: Any = real, _name: str = name, **kwargs: Any
+        ) -> Any:
             out = _real(self, *args, **kwargs)
             if _name == "put_file":
                 key, size = args[1], args[0].stat().st_size
@@ -93,8 +94,10 @@ def test_concurrent_pulls_of_staged_data_download_once(
     staged = stage_path(data, s3_env.uri, "model")
     gets = _count(monkeypatch, ("get_bytes", "get_range"))
     out: list[Path] = []
-    threads = [threading.Thread(target=lambda: out.append(pull_model(staged.uri, tmp_path / "c")))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: out.append(pull_model(staged.uri, tmp_path / "c")))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -110,12 +113,33 @@ def test_submit_staging_rewrites_local_paths_to_bucket_uris(s3_env: Any, tmp_pat
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "a"}\n')
     specs = [
-        parse_spec({"kind": "image", "name": "a", "base_model": str(model), "dataset": str(data),
-                    "training": {"steps": 1}}),
-        parse_spec({"kind": "text", "name": "b", "base_model": str(model), "dataset": str(rows),
-                    "training": {"steps": 1}}),
-        parse_spec({"kind": "text", "name": "c", "base_model": "org/hub-id",
-                    "dataset": f"{s3_env.uri}/datasets/elsewhere", "training": {"steps": 1}}),
+        parse_spec(
+            {
+                "kind": "image",
+                "name": "a",
+                "base_model": str(model),
+                "dataset": str(data),
+                "training": {"steps": 1},
+            }
+        ),
+        parse_spec(
+            {
+                "kind": "text",
+                "name": "b",
+                "base_model": str(model),
+                "dataset": str(rows),
+                "training": {"steps": 1},
+            }
+        ),
+        parse_spec(
+            {
+                "kind": "text",
+                "name": "c",
+                "base_model": "org/hub-id",
+                "dataset": f"{s3_env.uri}/datasets/elsewhere",
+                "training": {"steps": 1},
+            }
+        ),
     ]
     a, b, c = stage_local_inputs(specs, s3_env.uri)
     assert a.dataset.startswith(f"{s3_env.uri}/datasets/") and "/models/" in a.base_model

@@ -10,9 +10,9 @@ import pytest
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.storage.transfer import sha256_file
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers import get_trainer
-from lorajobs.storage.transfer import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,10 @@ def _spec(steps: int, **lora: Any) -> TextJobSpec:
 def _ctx(tmp_path: Path, reports: list[dict[str, Any]] | None = None) -> WorkerContext:
     sink = reports.append if reports is not None else (lambda _: None)
     return WorkerContext(
-        job_id="j1", output_uri=tmp_path.as_uri(), cache_dir=tmp_path / "cache", threads=2,
+        job_id="j1",
+        output_uri=tmp_path.as_uri(),
+        cache_dir=tmp_path / "cache",
+        threads=2,
         report=sink,
     )
 

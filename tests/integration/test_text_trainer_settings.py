@@ -22,10 +22,16 @@ def _spec(lora: dict[str, Any] | None = None, **training: Any) -> TextJobSpec:
     tr = {"steps": 4, "batch_size": 4, "learning_rate": 5e-3, "max_seq_length": 64, "seed": 3}
     if "epochs" in training:
         tr.pop("steps")
-    return TextJobSpec.model_validate({
-        "kind": "text", "name": "settings", "base_model": "m", "dataset": "d",
-        "lora": {"rank": 4, "alpha": 8, **(lora or {})}, "training": {**tr, **training},
-    })
+    return TextJobSpec.model_validate(
+        {
+            "kind": "text",
+            "name": "settings",
+            "base_model": "m",
+            "dataset": "d",
+            "lora": {"rank": 4, "alpha": 8, **(lora or {})},
+            "training": {**tr, **training},
+        }
+    )
 
 
 def _train(spec: TextJobSpec, model: Path, data: Path, out: Path) -> TrainOutput:
@@ -33,10 +39,15 @@ def _train(spec: TextJobSpec, model: Path, data: Path, out: Path) -> TrainOutput
     return get_trainer("text")(spec, model, data, out, ctx)
 
 
-def test_epochs_set_the_step_count(tiny_text_model: Path, tiny_text_dataset: Path,
-                                   tmp_path: Path) -> None:
-    out = _train(_spec(epochs=2, batch_size=8, gradient_accumulation_steps=2), tiny_text_model,
-                 tiny_text_dataset, tmp_path)
+def test_epochs_set_the_step_count(
+    tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path
+) -> None:
+    out = _train(
+        _spec(epochs=2, batch_size=8, gradient_accumulation_steps=2),
+        tiny_text_model,
+        tiny_text_dataset,
+        tmp_path,
+    )
     assert out.metrics["steps"] == 2 * 4  # 64 rows / (8 x 2) = 4 steps per epoch
     assert out.resolved["epochs"] == 2.0
     assert out.metrics["examples_seen"] == 8 * 8 * 2
@@ -48,11 +59,16 @@ def test_schedules_are_applied_and_warmup_starts_at_zero(
 ) -> None:
     from safetensors.torch import load_file
 
-    out = _train(_spec(lr_scheduler=schedule, warmup_steps=2), tiny_text_model,
-                 tiny_text_dataset, tmp_path)
+    out = _train(
+        _spec(lr_scheduler=schedule, warmup_steps=2), tiny_text_model, tiny_text_dataset, tmp_path
+    )
     assert out.resolved["lr_scheduler"] == schedule and out.resolved["warmup_steps"] == 2
-    frozen = _train(_spec(lr_scheduler=schedule, warmup_steps=10, steps=1), tiny_text_model,
-                    tiny_text_dataset, tmp_path / "warm")
+    frozen = _train(
+        _spec(lr_scheduler=schedule, warmup_steps=10, steps=1),
+        tiny_text_model,
+        tiny_text_dataset,
+        tmp_path / "warm",
+    )
     tensors = load_file(str(tmp_path / "warm" / "adapter_model.safetensors"))
     # Step 1 of a warmup runs at LR 0 (transformers' definition): LoRA B is still all zeros.
     assert all(t.abs().max().item() == 0 for k, t in tensors.items() if "lora_B" in k)
@@ -63,8 +79,9 @@ def test_gradient_checkpointing_gives_the_same_training(
     tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path
 ) -> None:
     plain = _train(_spec(), tiny_text_model, tiny_text_dataset, tmp_path / "a")
-    ckpt = _train(_spec(gradient_checkpointing=True), tiny_text_model, tiny_text_dataset,
-                  tmp_path / "b")
+    ckpt = _train(
+        _spec(gradient_checkpointing=True), tiny_text_model, tiny_text_dataset, tmp_path / "b"
+    )
     assert ckpt.resolved["gradient_checkpointing"] is True
     assert ckpt.metrics["final_loss"] == pytest.approx(plain.metrics["final_loss"], abs=1e-5)
 
@@ -90,8 +107,9 @@ def test_dora_and_rslora_train_and_load(
 def test_cpu_runs_fp32_whatever_precision_was_asked(
     tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path
 ) -> None:
-    out = _train(_spec(steps=1, mixed_precision="fp16"), tiny_text_model, tiny_text_dataset,
-                 tmp_path)
+    out = _train(
+        _spec(steps=1, mixed_precision="fp16"), tiny_text_model, tiny_text_dataset, tmp_path
+    )
     assert out.resolved["mixed_precision"] == "no"
     assert out.resolved["mixed_precision_requested"] == "fp16"
     assert out.resolved["dtype"] == "float32"
@@ -105,14 +123,18 @@ def test_8bit_adamw_without_a_gpu_is_a_user_error(
         _train(_spec(optimizer="adamw8bit"), tiny_text_model, tiny_text_dataset, tmp_path)
 
 
-def test_packing_and_a_validation_split(tiny_text_model: Path, tiny_text_dataset: Path,
-                                        tmp_path: Path) -> None:
+def test_packing_and_a_validation_split(
+    tiny_text_model: Path, tiny_text_dataset: Path, tmp_path: Path
+) -> None:
     """The data engineer's packed batches and eval split, driven by the trainer."""
+
     def run(packing: bool, out: Path) -> TrainOutput:
-        spec = TextJobSpec.model_validate({
-            **_spec(steps=4, max_seq_length=128).model_dump(mode="json"),
-            "data": {"packing": packing, "validation_split": 0.25},
-        })
+        spec = TextJobSpec.model_validate(
+            {
+                **_spec(steps=4, max_seq_length=128).model_dump(mode="json"),
+                "data": {"packing": packing, "validation_split": 0.25},
+            }
+        )
         return _train(spec, tiny_text_model, tiny_text_dataset, out)
 
     padded, packed = run(False, tmp_path / "a"), run(True, tmp_path / "b")

@@ -8,16 +8,21 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from lorajobs.jobspecs.failures import IntegrityError, ObjectNotFound, StorageAuthError, UserDataError
+from lorajobs.jobspecs.failures import (
+    IntegrityError,
+    ObjectNotFound,
+    StorageAuthError,
+    UserDataError,
+)
+from lorajobs.storage.adapters import delete_adapter, fetch_adapter, list_adapters, upload_adapter
+from lorajobs.storage.backends import open_storage
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.s3 import S3Storage
-from lorajobs.storage.backends import open_storage
-from lorajobs.storage.adapters import delete_adapter, fetch_adapter, list_adapters, upload_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = {
@@ -48,8 +53,12 @@ def test_upload_fetch_round_trip(bucket_uri: str, tmp_path: Path) -> None:
     dest = f"{bucket_uri}/adapters/my-lora/job-1"
     upload_adapter(make_adapter(tmp_path / "src"), dest)
     paths = fetch_adapter(dest, tmp_path / "out")
-    assert [p.name for p in paths] == ["README.md", "adapter_config.json",
-                                       "adapter_model.safetensors", "lorajobs.json"]
+    assert [p.name for p in paths] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorajobs.json",
+    ]
     for rel, data in FILES.items():
         assert (tmp_path / "out" / rel).read_bytes() == data
     (found,) = list_adapters(bucket_uri)
@@ -130,7 +139,10 @@ def test_pull_dataset_twice_downloads_once(s3_env, tmp_path: Path, monkeypatch) 
     _put_dataset(uri)
     gets = _count_gets(monkeypatch)
     first = pull_dataset(uri, tmp_path / "cache")
-    assert len(gets) == 24 and sorted(p.name for p in first.iterdir())[:2] == ["img-00.png", "img-00.txt"]
+    assert len(gets) == 24 and sorted(p.name for p in first.iterdir())[:2] == [
+        "img-00.png",
+        "img-00.txt",
+    ]
     before = _snapshot(first)
     assert pull_dataset(uri + "/", tmp_path / "cache") == first
     assert len(gets) == 24 and _snapshot(first) == before  # zero bytes the second time
@@ -153,8 +165,10 @@ def test_concurrent_thread_pulls_download_once(s3_env, tmp_path: Path, monkeypat
     _put_dataset(uri, n=10)
     gets = _count_gets(monkeypatch)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(pull_dataset(uri, tmp_path / "c")))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(pull_dataset(uri, tmp_path / "c")))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -190,9 +204,16 @@ def test_concurrent_process_pulls_download_once(s3_env, tmp_path: Path) -> None:
     uri = f"{s3_env.uri}/datasets/birds"
     _put_dataset(uri, n=15)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, uri, str(tmp_path / "cache")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, uri, str(tmp_path / "cache")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs.failures import ObjectNotFound, StorageAuthError, StorageError
-from tests.integration.test_transfer import make_adapter
+from lorajobs.storage.adapters import fetch_adapter, list_adapters, upload_adapter
+from lorajobs.storage.base import BytesCallback
 from lorajobs.storage.pull import pull_dataset
 from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.staging import local_manifest, stage_path
-from lorajobs.storage.base import BytesCallback
-from lorajobs.storage.adapters import fetch_adapter, list_adapters, upload_adapter
 from lorajobs.storage.transfer import sha256_file
+from tests.integration.test_transfer import make_adapter
 
 pytestmark = pytest.mark.slow
 MIB = 1024 * 1024
@@ -62,8 +62,9 @@ def fast_fail(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _big_adapter(tmp_path: Path) -> tuple[Path, bytes]:
     big = os.urandom(30 * MIB)
-    return make_adapter(tmp_path / "src", {"adapter_model.safetensors": big,
-                                           "adapter_config.json": b'{"r": 4}'}), big
+    return make_adapter(
+        tmp_path / "src", {"adapter_model.safetensors": big, "adapter_config.json": b'{"r": 4}'}
+    ), big
 
 
 def test_server_stopped_mid_upload_leaves_no_adapter_and_a_retry_completes(
@@ -84,8 +85,13 @@ def test_server_stopped_mid_upload_leaves_no_adapter_and_a_retry_completes(
 
             super().put_file(local, key, callback=watch)
 
-    storage = StopsMidUpload(s3_env.bucket, "adapters/faulty/job-1", multipart_threshold=5 * MIB,
-                             multipart_chunksize=5 * MIB, max_concurrency=2)
+    storage = StopsMidUpload(
+        s3_env.bucket,
+        "adapters/faulty/job-1",
+        multipart_threshold=5 * MIB,
+        multipart_chunksize=5 * MIB,
+        max_concurrency=2,
+    )
     try:
         with pytest.raises(StorageError) as info:
             upload_adapter(src, dest, storage=storage, concurrency=1)
@@ -108,7 +114,10 @@ def test_server_stopped_mid_upload_leaves_no_adapter_and_a_retry_completes(
     (found,) = list_adapters(s3_env.uri)
     assert found["uri"] == dest
     fetch_adapter(dest, tmp_path / "out")
-    assert sha256_file(tmp_path / "out" / "adapter_model.safetensors") == hashlib.sha256(big).hexdigest()
+    assert (
+        sha256_file(tmp_path / "out" / "adapter_model.safetensors")
+        == hashlib.sha256(big).hexdigest()
+    )
     # The broken attempt's parts were aborted, not left to cost storage.
     uploads = s3_env.server.client().list_multipart_uploads(Bucket=s3_env.bucket)
     assert not uploads.get("Uploads")
@@ -148,12 +157,16 @@ def test_server_stopped_mid_fetch_then_fetch_again_resumes_and_verifies(
             got.append(length)
             return super().get_range(key, start, length)
 
-    fetch_adapter(dest, out, storage=Counting(s3_env.bucket, "adapters/big/job-2"),
-                  chunk_size=5 * MIB)
+    fetch_adapter(
+        dest, out, storage=Counting(s3_env.bucket, "adapters/big/job-2"), chunk_size=5 * MIB
+    )
     assert sha256_file(out / "adapter_model.safetensors") == hashlib.sha256(big).hexdigest()
     assert sum(got) == len(big) - 10 * MIB  # the two chunks already there were kept
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "lorajobs.json"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorajobs.json",
+    ]
 
 
 def test_server_stopped_mid_pull_leaves_no_cache_entry_then_pull_completes(
@@ -197,11 +210,22 @@ def test_permanent_errors_fail_at_once_in_one_line(
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     src = make_adapter(tmp_path / "src", {"w.bin": b"w" * 1000})
     cases = [
-        ("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789", s3_env.uri, StorageAuthError,
-         "access denied"),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "wrong-secret-0123456789",
+            s3_env.uri,
+            StorageAuthError,
+            "access denied",
+        ),
         # (The first request is a HEAD, whose 403 carries no error code: the line says so.)
         ("AWS_ACCESS_KEY_ID", "AKIDUNKNOWN000", s3_env.uri, StorageAuthError, "access denied"),
-        (None, None, "s3://no-such-bucket-lj", ObjectNotFound, "s3://no-such-bucket-lj: no such bucket"),
+        (
+            None,
+            None,
+            "s3://no-such-bucket-lj",
+            ObjectNotFound,
+            "s3://no-such-bucket-lj: no such bucket",
+        ),
     ]
     for var, value, bucket, error, needle in cases:
         with monkeypatch.context() as m:

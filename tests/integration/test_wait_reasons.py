@@ -24,9 +24,19 @@ def test_published_reasons_replace_each_other_and_reach_a_queued_job(any_db_url:
     queue = Queue(engine, clock=lambda: T0)
     assert queue.scheduling.waiting() is None
 
-    job, _ = queue.submit(parse_spec(spec_dict(
-        "text", "h", "m", "d", owner="carol", resources={"gpus": 1, "gpu_type": "H100", "cpus": 2}
-    )), output_uri="file:///b")
+    job, _ = queue.submit(
+        parse_spec(
+            spec_dict(
+                "text",
+                "h",
+                "m",
+                "d",
+                owner="carol",
+                resources={"gpus": 1, "gpu_type": "H100", "cpus": 2},
+            )
+        ),
+        output_uri="file:///b",
+    )
     key = (0, "carol", 1.0, "H100", 2, None)
     first = WaitSummary(at=T0, stop=None, classes={key: "no node has 1 GPU H100, 2 CPU"})
     queue.scheduling.record_waiting(first)

@@ -33,13 +33,19 @@ class SimCluster:
     def address(self) -> str:
         return str(self.cluster.address)
 
-    def add_gpu_node(self, accelerator: str | None = "A100", *, gpus: float = 1,
-                     cpus: int = 1, wait: bool = True) -> Any:
+    def add_gpu_node(
+        self, accelerator: str | None = "A100", *, gpus: float = 1, cpus: int = 1, wait: bool = True
+    ) -> Any:
         """A worker node with `gpus` logical GPUs of type `accelerator`; returns it (`.node_id`).
         `wait=False` returns as soon as its processes start (it joins a few seconds later)."""
         resources = {f"accelerator_type:{accelerator}": 1.0} if accelerator else {}
-        node = self.cluster.add_node(num_cpus=cpus, num_gpus=gpus, resources=resources,
-                                     object_store_memory=80 * 1024**2, wait=wait)
+        node = self.cluster.add_node(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            resources=resources,
+            object_store_memory=80 * 1024**2,
+            wait=wait,
+        )
         self.nodes.append(node)
         if wait:
             self.cluster.wait_for_nodes()
@@ -64,8 +70,12 @@ def ray_head() -> Iterator[Any]:
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False,
-                        "object_store_memory": 80 * 1024**2},
+        head_node_args={
+            "num_cpus": 0,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "object_store_memory": 80 * 1024**2,
+        },
     )
     try:
         yield cluster
@@ -101,28 +111,49 @@ def sim_cluster(ray_head: Any) -> Iterator[SimCluster]:
 # ---- helpers for tests that run a controller against the simulated cluster ----------------------
 
 
-def text_job(name: str, model: Any, data: Any, *, steps: int = 40, gpus: float = 1,
-             gpu_type: str | None = None, owner: str = "default", priority: int = 0,
-             **training: Any) -> Any:
+def text_job(
+    name: str,
+    model: Any,
+    data: Any,
+    *,
+    steps: int = 40,
+    gpus: float = 1,
+    gpu_type: str | None = None,
+    owner: str = "default",
+    priority: int = 0,
+    **training: Any,
+) -> Any:
     """A tiny text job (the tiny Llama, a few steps) asking for logical GPUs."""
     from lorajobs.jobspecs import parse_spec
 
-    return parse_spec({
-        "kind": "text", "name": name, "owner": owner, "priority": priority,
-        "base_model": str(model), "dataset": str(data),
-        "lora": {"rank": 4, "alpha": 8},
-        "training": {"steps": steps, "batch_size": 2, "learning_rate": 1e-3, "seed": 0,
-                     "max_seq_length": 64, **training},
-        "resources": {"gpus": gpus, "gpu_type": gpu_type, "cpus": 1},
-    })
+    return parse_spec(
+        {
+            "kind": "text",
+            "name": name,
+            "owner": owner,
+            "priority": priority,
+            "base_model": str(model),
+            "dataset": str(data),
+            "lora": {"rank": 4, "alpha": 8},
+            "training": {
+                "steps": steps,
+                "batch_size": 2,
+                "learning_rate": 1e-3,
+                "seed": 0,
+                "max_seq_length": 64,
+                **training,
+            },
+            "resources": {"gpus": gpus, "gpu_type": gpu_type, "cpus": 1},
+        }
+    )
 
 
 def start_controller(sim: SimCluster, home: Any, config: Any) -> tuple[Any, Any]:
     """(queue, controller) for a fresh SQLite home, connected to the simulated cluster."""
     from lorajobs.orchestrator.controller import Controller
     from lorajobs.orchestrator.db import ensure_schema, make_engine
-    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.queue import Queue
+    from lorajobs.orchestrator.ray_backend import RayBackend
     from lorajobs.orchestrator.settings import Settings
 
     settings = Settings.from_env({"LORAJOBS_HOME": str(home), "LORAJOBS_RAY_ADDRESS": sim.address})
@@ -132,8 +163,9 @@ def start_controller(sim: SimCluster, home: Any, config: Any) -> tuple[Any, Any]
     return queue, Controller(queue, RayBackend(settings), config)
 
 
-def drive(controller: Any, until: Any, *, timeout: float, each: Any = None,
-          poll_s: float = 0.2) -> None:
+def drive(
+    controller: Any, until: Any, *, timeout: float, each: Any = None, poll_s: float = 0.2
+) -> None:
     """Step `controller` until `until()`; `each()` runs after every step (observe, inject)."""
     import time
 

@@ -18,8 +18,9 @@ def _weights(adapters: Sequence[Path], weights: Sequence[float] | None) -> list[
     return list(weights) if weights is not None else [1.0] * len(adapters)
 
 
-def text_logits(model_dir: Path, adapters: Sequence[Path] = (),
-                weights: Sequence[float] | None = None) -> Any:
+def text_logits(
+    model_dir: Path, adapters: Sequence[Path] = (), weights: Sequence[float] | None = None
+) -> Any:
     """Logits of the transformers model at `model_dir` (a base, or a merged export) on
     `TEXT_IDS`, with `adapters` all active at once in PEFT, each up-matrix scaled by its weight."""
     import torch
@@ -43,8 +44,7 @@ def text_logits(model_dir: Path, adapters: Sequence[Path] = (),
         return model(torch.tensor(TEXT_IDS)).logits
 
 
-def _sd_pipeline(model_dir: Path, adapters: Sequence[Path],
-                 weights: Sequence[float] | None) -> Any:
+def _sd_pipeline(model_dir: Path, adapters: Sequence[Path], weights: Sequence[float] | None) -> Any:
     """The SD pipeline at `model_dir` with `adapters` loaded by diffusers at `weights`."""
     from diffusers import StableDiffusionPipeline
 
@@ -57,8 +57,9 @@ def _sd_pipeline(model_dir: Path, adapters: Sequence[Path],
     return pipe
 
 
-def unet_output(model_dir: Path, adapters: Sequence[Path] = (),
-                weights: Sequence[float] | None = None) -> Any:
+def unet_output(
+    model_dir: Path, adapters: Sequence[Path] = (), weights: Sequence[float] | None = None
+) -> Any:
     """The UNet's prediction of the diffusers pipeline at `model_dir` on a fixed latent, text
     embedding and timestep, with `adapters` loaded by diffusers at `weights` (set_adapters)."""
     import torch
@@ -71,14 +72,19 @@ def unet_output(model_dir: Path, adapters: Sequence[Path] = (),
         return pipe.unet(sample, torch.tensor([400]), encoder_hidden_states=context).sample
 
 
-def text_encoder_output(model_dir: Path, adapters: Sequence[Path] = (),
-                        weights: Sequence[float] | None = None) -> Any:
+def text_encoder_output(
+    model_dir: Path, adapters: Sequence[Path] = (), weights: Sequence[float] | None = None
+) -> Any:
     """The SD pipeline's text-encoder hidden states for a fixed prompt, with `adapters` loaded
     by diffusers at `weights` (their text-encoder LoRA, where they have one)."""
     import torch
 
     pipe = _sd_pipeline(model_dir, adapters, weights)
-    ids = pipe.tokenizer(["a photo of a red circle"], padding="max_length",
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["a photo of a red circle"],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]

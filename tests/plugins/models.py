@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
 # --- image: tiny Stable-Diffusion-1.x and SDXL pipelines and a learnable set of shapes ---
 
 

@@ -49,8 +49,9 @@ def text_states(pipe: Any) -> list[torch.Tensor]:
         if te is None:
             continue
         tok = getattr(pipe, f"tokenizer{suffix}")
-        ids = tok(PROMPT, padding="max_length", max_length=tok.model_max_length,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            PROMPT, padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             out.append(te(ids, output_hidden_states=True).hidden_states[-1])
     return out
@@ -81,4 +82,3 @@ def v_prediction_copy(model: Path, dst: Path) -> Path:
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
     return out
-

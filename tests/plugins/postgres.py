@@ -150,8 +150,10 @@ def start_server(bin_dir: Path) -> PgServer:
     run(
         [
             str(bin_dir / "initdb"),
-            "-D", str(data),
-            "-U", "postgres",
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
             f"--pwfile={pwfile}",
@@ -171,10 +173,24 @@ def start_server(bin_dir: Path) -> PgServer:
         )
         proc = subprocess.run(
             _as_postgres_user(
-                [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-                 "-o", opts, "start"]
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    opts,
+                    "start",
+                ]
             ),
-            capture_output=True, text=True, timeout=120, cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=root,
         )
         if proc.returncode == 0:
             pid = int((data / "postmaster.pid").read_text().splitlines()[0])
@@ -190,10 +206,21 @@ def stop_server(server: PgServer, bin_dir: Path) -> None:
     assert server.data_dir is not None and server.pid is not None
     proc = subprocess.run(
         _as_postgres_user(
-            [str(bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-m", "fast", "-w", "-t", "30",
-             "stop"]
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(server.data_dir),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ]
         ),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if proc.returncode != 0:
         # pg_ctl could not do it: end the postmaster we started, by its PID.

@@ -24,9 +24,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -125,19 +126,38 @@ class SeaweedServer:
         if not self.ports:
             self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
         config = self.data_dir / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "lorajobs-test",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "lorajobs-test",
+                            "credentials": [
+                                {"accessKey": self.access_key, "secretKey": self.secret_key}
+                            ],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         d = str(self.data_dir)
         cmd = [
-            str(self.binary), f"-logdir={d}", "mini", f"-dir={d}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.config={config}", "-s3.autoCreateBucket=false",
-            "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-filer.localSocket={d}/filer.sock", f"-s3.localSocket={d}/s3.sock",
+            str(self.binary),
+            f"-logdir={d}",
+            "mini",
+            f"-dir={d}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            "-s3.autoCreateBucket=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-filer.localSocket={d}/filer.sock",
+            f"-s3.localSocket={d}/s3.sock",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
         log = open(self.data_dir / "weed.out", "ab")
@@ -247,7 +267,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
 
 
 @pytest.fixture
-def s3_env(s3_server: SeaweedServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Env]:
+def s3_env(
+    s3_server: SeaweedServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[S3Env]:
     # A developer's own AWS setup must not leak into the tests (nor the other way round).
     for var in list(os.environ):
         if var.startswith("AWS_") or var == "LORAJOBS_S3_ADDRESSING":

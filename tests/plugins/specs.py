@@ -36,20 +36,24 @@ def spec_dict(kind: str, name: str, base_model: str, dataset: str, **over: Any) 
     return spec
 
 
-def write_spec(path: Path, kind: str, name: str, base_model: str, dataset: str,
-               **over: Any) -> Path:
+def write_spec(
+    path: Path, kind: str, name: str, base_model: str, dataset: str, **over: Any
+) -> Path:
     """`spec_dict(...)` written as YAML to `path`."""
     import yaml
 
-    path.write_text(yaml.safe_dump(spec_dict(kind, name, base_model, dataset, **over),
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(spec_dict(kind, name, base_model, dataset, **over), sort_keys=False)
+    )
     return path
 
 
 def tiny_inputs(request: pytest.FixtureRequest, kind: str) -> tuple[Path, Path]:
     """(tiny model, tiny dataset) of `kind`, for tests parametrized over both kinds."""
-    return (request.getfixturevalue(f"tiny_{kind}_model"),
-            request.getfixturevalue(f"tiny_{kind}_dataset"))
+    return (
+        request.getfixturevalue(f"tiny_{kind}_model"),
+        request.getfixturevalue(f"tiny_{kind}_dataset"),
+    )
 
 
 def adapter_path(uri: str) -> Path:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from lorajobs.jobspecs.models import ImageData, ImageJobSpec
+from lorajobs.storage.files import FileStorage
 from lorajobs.worker.trainers.image.buckets import BucketBatchSampler, closest_bucket, make_buckets
 from lorajobs.worker.trainers.image.captions import caption_for
 from lorajobs.worker.trainers.image.data import build_image_dataset
-from lorajobs.worker.trainers.image.pixels import ImageCaptionDataset
 from lorajobs.worker.trainers.image.latents import (
     LatentCache,
     cache_key,
@@ -21,15 +21,21 @@ from lorajobs.worker.trainers.image.latents import (
     cacheable,
     dataset_digest,
 )
-from lorajobs.storage.files import FileStorage
+from lorajobs.worker.trainers.image.pixels import ImageCaptionDataset
 
 
 def _spec(**data) -> ImageJobSpec:
     training = {"steps": 4, "batch_size": 2, "resolution": 64, "seed": 3}
     training.update(data.pop("training", {}))
     return ImageJobSpec.model_validate(
-        {"kind": "image", "name": "t", "base_model": "b", "dataset": "d",
-         "training": training, "data": data}
+        {
+            "kind": "image",
+            "name": "t",
+            "base_model": "b",
+            "dataset": "d",
+            "training": training,
+            "data": data,
+        }
     )
 
 

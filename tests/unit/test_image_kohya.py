@@ -18,8 +18,7 @@ STATE = {
     "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": UP,
 }
 TE2 = {
-    "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_linear_layer.down.weight":
-        DOWN,
+    "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_linear_layer.down.weight": DOWN,
     "text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_linear_layer.up.weight": UP,
 }
 
@@ -52,8 +51,18 @@ def test_a_second_text_encoder_is_sdxl_only() -> None:
 
 def _meta(**over: Any) -> dict[str, str]:
     args: dict[str, Any] = dict(
-        name="n", rank=4, alpha=8.0, use_rslora=False, unet_config={}, steps=3, seed=0,
-        learning_rate=1e-3, resolution=64, captions=["a, b"], dataset="d", trigger=None,
+        name="n",
+        rank=4,
+        alpha=8.0,
+        use_rslora=False,
+        unet_config={},
+        steps=3,
+        seed=0,
+        learning_rate=1e-3,
+        resolution=64,
+        captions=["a, b"],
+        dataset="d",
+        trigger=None,
         tensors_sha256="0" * 64,
     )
     return header_metadata(**{**args, **over})

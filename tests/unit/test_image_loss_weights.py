@@ -50,5 +50,6 @@ def test_snr_matches_diffusers_compute_snr() -> None:
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 1, 250, 500, 999])
-    torch.testing.assert_close(snr_at(scheduler.alphas_cumprod, t), compute_snr(scheduler, t),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        snr_at(scheduler.alphas_cumprod, t), compute_snr(scheduler, t), rtol=1e-5, atol=0
+    )

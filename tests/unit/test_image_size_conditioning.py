@@ -14,10 +14,16 @@ from lorajobs.worker.trainers.image.pixels import cover_size, open_rgb, to_tenso
 
 
 def _spec(**data: object) -> ImageJobSpec:
-    return ImageJobSpec.model_validate({
-        "kind": "image", "name": "t", "base_model": "b", "dataset": "d",
-        "training": {"steps": 4, "batch_size": 2, "resolution": 64, "seed": 3}, "data": data,
-    })
+    return ImageJobSpec.model_validate(
+        {
+            "kind": "image",
+            "name": "t",
+            "base_model": "b",
+            "dataset": "d",
+            "training": {"steps": 4, "batch_size": 2, "resolution": 64, "seed": 3},
+            "data": data,
+        }
+    )
 
 
 def _noise_images(root: Path, sizes: list[tuple[int, int]]) -> Path:
@@ -45,9 +51,7 @@ def test_flipped_items_give_the_crop_in_the_flipped_image(tmp_path: Path) -> Non
     kohya's sd-scripts pass."""
     sizes = [(150, 64), (64, 100), (96, 80), (64, 64)]
     root = _noise_images(tmp_path / "d", sizes)
-    ds = build_image_dataset(
-        root, _spec(bucketing=True, bucket_step=16, flip_p=0.5, crop="random")
-    )
+    ds = build_image_dataset(root, _spec(bucketing=True, bucket_step=16, flip_p=0.5, crop="random"))
     seen_flip = seen_plain = asymmetric = 0
     for step in range(3 * ds.steps_per_epoch):
         batch = ds.batch(step)

@@ -16,12 +16,12 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -42,8 +42,15 @@ CLUSTER_DOC = ROOT / "docs" / "cluster.md"
 ACCEL = "accelerator_type:"
 # The files this suite owns; every one is scanned for secrets.
 INFRA_FILES = [
-    *LAUNCHER.values(), RAYCLUSTER, CONTROLLER, DOCKERFILE, DOCKERIGNORE, UNIT, ENV_EXAMPLE,
-    INFRA_README, CLUSTER_DOC,
+    *LAUNCHER.values(),
+    RAYCLUSTER,
+    CONTROLLER,
+    DOCKERFILE,
+    DOCKERIGNORE,
+    UNIT,
+    ENV_EXAMPLE,
+    INFRA_README,
+    CLUSTER_DOC,
 ]
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 # Where the image keeps its node-local cache; the controller forwards its own value to workers.
@@ -93,7 +100,7 @@ def node_types(config: str) -> tuple[dict[str, dict], str]:
 
 
 def accelerators(resources: dict) -> set[str]:
-    return {k[len(ACCEL):] for k in resources if k.startswith(ACCEL)}
+    return {k[len(ACCEL) :] for k in resources if k.startswith(ACCEL)}
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -169,15 +176,22 @@ def test_launcher_config_uses_none_of_rays_default_commands(cloud):
     from ray.autoscaler._private.util import prepare_config
 
     raw = load(LAUNCHER[cloud])
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands",
-            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     assert all(k in raw for k in keys), "a missing list would fall back to Ray's default one"
     prepared = prepare_config(copy.deepcopy(raw))
     commands = " ".join(c for k in keys for c in prepared[k])
     # Ray's defaults pip-install a nightly Ray wheel, which would not match the image.
     assert "ray-wheels" not in commands and "pip install" not in commands
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in " ".join(
-        raw["head_start_ray_commands"])
+        raw["head_start_ray_commands"]
+    )
     assert "--address=$RAY_HEAD_IP:6379" in " ".join(raw["worker_start_ray_commands"])
 
 
@@ -241,7 +255,8 @@ def test_accelerator_names_are_those_of_the_documented_table(config):
     for accel, row in table.items():
         assert declared.get(accel, set()) == row[config], (
             f"{config}: {ACCEL}{accel} is declared by {sorted(declared.get(accel, []))}, "
-            f"the table says {sorted(row[config])}")
+            f"the table says {sorted(row[config])}"
+        )
 
 
 def test_table_gpus_carry_the_name_ray_detects():
@@ -249,7 +264,7 @@ def test_table_gpus_carry_the_name_ray_detects():
 
     table = gpu_table()
     configs = {c: node_types(c)[0] for c in ("aws", "gcp", "kuberay")}
-    for accel, row in table.items():
+    for _accel, row in table.items():
         if row["device"] is None:
             continue
         # Ray labels a GPU node with this name by itself; declaring it lets the autoscaler pick
@@ -331,9 +346,11 @@ def test_raycluster_structure():
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "the head runs no jobs"
     terms = head["template"]["spec"]["affinity"]["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
     assert {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"} in [
-        e for t in terms for e in t["matchExpressions"]], "the head must stay off Spot nodes"
+        e for t in terms for e in t["matchExpressions"]
+    ], "the head must stay off Spot nodes"
     assert 10001 in [p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]]
     groups = spec["workerGroupSpecs"]
     names = [g["groupName"] for g in groups]
@@ -358,7 +375,8 @@ def test_raycluster_structure():
         assert container["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
         assert "cloud.google.com/gke-accelerator" in pod["nodeSelector"], g["groupName"]
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
-            "tolerations"], g["groupName"]
+            "tolerations"
+        ], g["groupName"]
         # The quoting KubeRay wants: a JSON object inside a quoted string.
         raw = g["rayStartParams"]["resources"]
         assert raw.startswith('"{') and raw.endswith('}"'), raw
@@ -407,20 +425,32 @@ def test_dockerfile_copies_only_files_that_exist_and_pass_its_dockerignore():
         words = [w for w in words if not w.startswith("--")]
         sources += words[:-1]
     # Every folder the package maps into the `lorajobs` namespace must reach the image.
-    package_dirs = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
-                       ["tool"]["setuptools"]["package-dir"].values())
+    package_dirs = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    )
     assert {"pyproject.toml", "README.md"} | package_dirs <= set(sources)
     for src in sources:
         path = ROOT / src
         assert path.exists(), f"the Dockerfile copies {src}, which does not exist"
-        files = [path] if path.is_file() else [
-            p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = (
+            [path]
+            if path.is_file()
+            else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         assert files, src
         for f in files:
             rel = f.relative_to(ROOT).as_posix()
             assert dockerignore_includes(rel), f"{rel} is copied but excluded by the dockerignore"
-    for rel in (".venv/bin/python", "tests/unit/test_specs.py", ".git/HEAD",
-                "infra/local/postgres.sh", "worker/__pycache__/x.pyc", "secrets.env"):
+    for rel in (
+        ".venv/bin/python",
+        "tests/unit/test_specs.py",
+        ".git/HEAD",
+        "infra/local/postgres.sh",
+        "worker/__pycache__/x.pyc",
+        "secrets.env",
+    ):
         assert not dockerignore_includes(rel), f"{rel} would be sent to the build"
 
 
@@ -437,7 +467,8 @@ def test_dockerfile_image_shape():
     assert "HF_HUB_DISABLE_TELEMETRY=1" in env
     assert f"LORAJOBS_CACHE_DIR={CACHE_DIR}" in env
     assert not [op for op, _ in steps if op == "ENTRYPOINT"], (
-        "the Ray launcher runs `bash` in the container and KubeRay sets its own command")
+        "the Ray launcher runs `bash` in the container and KubeRay sets its own command"
+    )
     runs = " ".join(rest for op, rest in steps if op == "RUN")
     assert "-r /src/pyproject.toml" in runs and "--no-deps /src" in runs, "installs this repo"
     assert '"ray[default]==${RAY_VERSION}"' in runs
@@ -478,7 +509,8 @@ def _unit() -> dict[str, dict[str, list[str]]]:
 
 def _env_file(path: Path) -> dict[str, str]:
     return dict(
-        line.split("=", 1) for line in path.read_text().splitlines()
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     )
 
@@ -501,15 +533,18 @@ def test_systemd_unit():
     assert settings.ray_address == example["LORAJOBS_RAY_ADDRESS"].strip()
     assert settings.bucket == example["LORAJOBS_BUCKET"].strip()
     assert settings.ray_address.startswith("ray://") and settings.database_url.startswith(
-        "postgresql://")
+        "postgresql://"
+    )
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
 def test_systemd_analyze_verify_finds_nothing_but_the_absent_venv():
-    proc = subprocess.run(["systemd-analyze", "verify", str(UNIT)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60
+    )
     problems = [
-        line for line in (proc.stdout + proc.stderr).splitlines()
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
         if line.strip() and "/opt/lorajobs/venv/bin/lorajobs" not in line
     ]
     assert not problems, "\n".join(problems)
@@ -519,8 +554,11 @@ def test_systemd_analyze_verify_finds_nothing_but_the_absent_venv():
 
 
 def test_docs_name_only_real_settings_and_existing_files():
-    code = "\n".join(p.read_text() for pkg in ("jobspecs", "orchestrator", "worker")
-                     for p in (ROOT / pkg).rglob("*.py"))
+    code = "\n".join(
+        p.read_text()
+        for pkg in ("jobspecs", "orchestrator", "worker")
+        for p in (ROOT / pkg).rglob("*.py")
+    )
     known = set(re.findall(r"LORAJOBS_[A-Z0-9_]+", code))
     assert {"LORAJOBS_DATABASE_URL", "LORAJOBS_RAY_ADDRESS", "LORAJOBS_BUCKET"} <= known
     for path in INFRA_FILES:

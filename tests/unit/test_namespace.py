@@ -6,8 +6,9 @@ import ast
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"jobspecs", "orchestrator", "worker", "storage"}
@@ -27,8 +28,11 @@ def test_no_module_imports_our_folders_by_their_bare_names() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            bad += [f"{path.relative_to(ROOT)}:{node.lineno} {n}"
-                    for n in names if n.split(".")[0] in OURS]
+            bad += [
+                f"{path.relative_to(ROOT)}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] in OURS
+            ]
     assert not bad, "import these as lorajobs.<name>:\n" + "\n".join(bad)
 
 
@@ -46,10 +50,18 @@ def test_every_package_folder_is_installed() -> None:
 
 def test_bare_names_are_not_importable_outside_the_repository(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = ("import importlib.util as u, lorajobs.worker, lorajobs.storage;"
-            "print([n for n in ('worker','orchestrator','jobspecs','storage') if u.find_spec(n)])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    code = (
+        "import importlib.util as u, lorajobs.worker, lorajobs.storage;"
+        "print([n for n in ('worker','orchestrator','jobspecs','storage') if u.find_spec(n)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == "[]"
 
 

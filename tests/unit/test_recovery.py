@@ -8,8 +8,9 @@ from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.recovery import Action, Loss, RetryPolicy, Verdict, decide
 
 INFRA, USER, INTERNAL = FailureKind.infra, FailureKind.user, FailureKind.internal
-POLICY = RetryPolicy(infra_retries=3, user_retries=1, internal_retries=0, backoff_s=2.0,
-                     backoff_max_s=5.0)
+POLICY = RetryPolicy(
+    infra_retries=3, user_retries=1, internal_retries=0, backoff_s=2.0, backoff_max_s=5.0
+)
 SUCCEED, FAIL = Verdict(Action.succeed), Verdict(Action.fail)
 
 

@@ -22,15 +22,26 @@ T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 NOAGING = Policy(aging_s=0)
 
 
-def job(jid: str, *, prio: int = 0, age_s: float = 0.0, owner: str = "o", gpus: float = 1,
-        gpu_type: str | None = None, cpus: int = 1, memory_gb: float | None = None,
-        now: datetime = T0) -> Candidate:
-    return Candidate(jid, owner, prio, now - timedelta(seconds=age_s), gpus, gpu_type, cpus,
-                     memory_gb)
+def job(
+    jid: str,
+    *,
+    prio: int = 0,
+    age_s: float = 0.0,
+    owner: str = "o",
+    gpus: float = 1,
+    gpu_type: str | None = None,
+    cpus: int = 1,
+    memory_gb: float | None = None,
+    now: datetime = T0,
+) -> Candidate:
+    return Candidate(
+        jid, owner, prio, now - timedelta(seconds=age_s), gpus, gpu_type, cpus, memory_gb
+    )
 
 
-def gpu_node(nid: str, gpus: float = 1, cpus: float = 8, accel: str | None = "A100",
-             memory_gb: float = 64) -> Node:
+def gpu_node(
+    nid: str, gpus: float = 1, cpus: float = 8, accel: str | None = "A100", memory_gb: float = 64
+) -> Node:
     total = {"CPU": cpus, "GPU": gpus, "memory": memory_gb * 1024**3}
     if accel:
         total[f"accelerator_type:{accel}"] = 1.0
@@ -95,7 +106,11 @@ def test_owner_job_limit_counts_active_jobs_and_this_round() -> None:
 def test_owner_gpu_limit_lets_small_jobs_through() -> None:
     nodes = [gpu_node("n", gpus=8)]
     policy = Policy(aging_s=0, limits=OwnerLimits(max_gpus=1.5))
-    jobs = [job("big", gpus=1, age_s=3), job("big2", gpus=1, age_s=2), job("small", gpus=0.5, age_s=1)]
+    jobs = [
+        job("big", gpus=1, age_s=3),
+        job("big2", gpus=1, age_s=2),
+        job("small", gpus=0.5, age_s=1),
+    ]
     p = plan(jobs, nodes, [], policy, T0)
     assert sorted(placed(p)) == ["big", "small"]
     assert "limit of 1.5 GPUs" in p.waiting["big2"]
@@ -133,8 +148,13 @@ def test_fit_is_per_node_not_cluster_wide() -> None:
 
 def test_cpu_jobs_keep_off_gpu_nodes_and_memory_counts() -> None:
     nodes = [gpu_node("g", cpus=8), cpu_node("c", cpus=2)]
-    p = plan([job("cpu1", gpus=0, age_s=3), job("cpu2", gpus=0, age_s=2), job("cpu3", gpus=0, age_s=1)],
-             nodes, [], NOAGING, T0)
+    p = plan(
+        [job("cpu1", gpus=0, age_s=3), job("cpu2", gpus=0, age_s=2), job("cpu3", gpus=0, age_s=1)],
+        nodes,
+        [],
+        NOAGING,
+        T0,
+    )
     assert placed(p) == {"cpu1": "c", "cpu2": "c", "cpu3": "g"}
     big = plan([job("mem", gpus=0, memory_gb=100)], [cpu_node("c")], [], NOAGING, T0)
     assert big.never_fits == {"mem"}
@@ -148,8 +168,13 @@ def test_untyped_jobs_take_the_cheapest_gpu_type() -> None:
 
 
 def test_round_cap() -> None:
-    p = plan([job(f"j{i}", gpus=0) for i in range(10)], [cpu_node("c", cpus=100)], [],
-             Policy(aging_s=0, max_per_round=3), T0)
+    p = plan(
+        [job(f"j{i}", gpus=0) for i in range(10)],
+        [cpu_node("c", cpus=100)],
+        [],
+        Policy(aging_s=0, max_per_round=3),
+        T0,
+    )
     assert len(p.placements) == 3 and list(p.waiting.values()).count("round full") == 7
 
 
@@ -169,6 +194,10 @@ def test_node_views_subtract_holds_cap_by_ray_and_skip_excluded_nodes() -> None:
 
 def test_shape_resources() -> None:
     s = Shape(0.5, "A100-80G", 2, 1.5)
-    assert s.ray_resources() == {"CPU": 2.0, "GPU": 0.5, "accelerator_type:A100-80G": 0.001,
-                                 "memory": float(1.5 * 1024**3)}
+    assert s.ray_resources() == {
+        "CPU": 2.0,
+        "GPU": 0.5,
+        "accelerator_type:A100-80G": 0.001,
+        "memory": float(1.5 * 1024**3),
+    }
     assert Shape(0, None, 1).ray_resources() == {"CPU": 1.0}

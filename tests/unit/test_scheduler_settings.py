@@ -10,11 +10,11 @@ import pytest
 
 from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator.autoscale import Autoscaler, bundles
-from lorajobs.orchestrator.settings import ControllerConfig, parse_limits
 from lorajobs.orchestrator.cost import attempt_cost, estimate, hourly_rate, parse_prices
-from lorajobs.orchestrator.records import JobRecord
 from lorajobs.orchestrator.reconcile import LIVE, TAKE, WAIT, lease_driver, lease_owner, verdict
+from lorajobs.orchestrator.records import JobRecord
 from lorajobs.orchestrator.scheduler import Shape
+from lorajobs.orchestrator.settings import ControllerConfig, parse_limits
 from lorajobs.orchestrator.states import JobStatus
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -24,11 +24,17 @@ T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
 
 def test_config_from_env() -> None:
-    c = ControllerConfig.from_env({
-        "LORAJOBS_LEASE_S": "6", "LORAJOBS_AGING_S": "0", "LORAJOBS_OWNER_MAX_JOBS": "2,acme=5",
-        "LORAJOBS_OWNER_MAX_GPUS": "acme=1.5", "LORAJOBS_INFRA_RETRIES": "5",
-        "LORAJOBS_PRICES": "A100=1.29, cpu=0.05", "LORAJOBS_AUTOSCALE": "off",
-    })
+    c = ControllerConfig.from_env(
+        {
+            "LORAJOBS_LEASE_S": "6",
+            "LORAJOBS_AGING_S": "0",
+            "LORAJOBS_OWNER_MAX_JOBS": "2,acme=5",
+            "LORAJOBS_OWNER_MAX_GPUS": "acme=1.5",
+            "LORAJOBS_INFRA_RETRIES": "5",
+            "LORAJOBS_PRICES": "A100=1.29, cpu=0.05",
+            "LORAJOBS_AUTOSCALE": "off",
+        }
+    )
     assert c.lease_s == 6 and c.takeover_grace_s == 60 and c.policy.aging_s == 0
     assert c.policy.limits.jobs("acme") == 5 and c.policy.limits.jobs("bob") == 2
     assert c.policy.limits.gpus("acme") == 1.5 and c.policy.limits.gpus("bob") is None
@@ -38,11 +44,18 @@ def test_config_from_env() -> None:
     assert d.policy.limits.jobs("x") is None and d.lease_s == 30 and d.autoscale == "auto"
 
 
-@pytest.mark.parametrize("env", [
-    {"LORAJOBS_LEASE_S": "soon"}, {"LORAJOBS_LEASE_S": "0"}, {"LORAJOBS_OWNER_MAX_JOBS": "x=y"},
-    {"LORAJOBS_OWNER_MAX_JOBS": "=3"}, {"LORAJOBS_PRICES": "A100"}, {"LORAJOBS_PRICES": "A=-1"},
-    {"LORAJOBS_AUTOSCALE": "maybe"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"LORAJOBS_LEASE_S": "soon"},
+        {"LORAJOBS_LEASE_S": "0"},
+        {"LORAJOBS_OWNER_MAX_JOBS": "x=y"},
+        {"LORAJOBS_OWNER_MAX_JOBS": "=3"},
+        {"LORAJOBS_PRICES": "A100"},
+        {"LORAJOBS_PRICES": "A=-1"},
+        {"LORAJOBS_AUTOSCALE": "maybe"},
+    ],
+)
 def test_bad_config_is_bad_input(env: dict[str, str]) -> None:
     with pytest.raises(InvalidInput):
         ControllerConfig.from_env(env)
@@ -74,8 +87,11 @@ def test_estimates_say_what_they_are() -> None:
     anyg = estimate(prices, gpus=1, gpu_type=None, cpus=4, max_runtime_s=None)
     assert (anyg.low_per_hour, anyg.high_per_hour) == (1.29, 2.49)
     assert "depending on the GPU type" in anyg.text() and "set max_runtime" in anyg.text()
-    assert estimate({}, gpus=1, gpu_type=None, cpus=1, max_runtime_s=None).text().startswith(
-        "no price configured")
+    assert (
+        estimate({}, gpus=1, gpu_type=None, cpus=1, max_runtime_s=None)
+        .text()
+        .startswith("no price configured")
+    )
 
 
 # ---- autoscaler -----------------------------------------------------------------------------
@@ -86,8 +102,12 @@ def test_one_bundle_per_job_active_first_cleared_when_nothing_is_queued() -> Non
     quarter = Shape(0.25, None, 1)
     demand = [(quarter, True, 2), (a100, False, 1), (a100, True, 1)]
     got = bundles(demand)
-    assert got == [a100.ray_resources(), a100.ray_resources(), quarter.ray_resources(),
-                   quarter.ray_resources()]
+    assert got == [
+        a100.ray_resources(),
+        a100.ray_resources(),
+        quarter.ray_resources(),
+        quarter.ray_resources(),
+    ]
     assert bundles([(a100, False, 3)]) == []  # only running jobs: no request
     assert len(bundles([(quarter, True, 5000)])) == 2000
 
@@ -115,20 +135,50 @@ def test_autoscaler_sends_only_changes() -> None:
 
 def _job(owner: str | None, expires: datetime | None) -> JobRecord:
     return JobRecord(
-        id="abc123abc123", name="n", kind="text", owner="o", priority=0,
-        status=JobStatus.running, spec={}, output_uri="file:///b", idempotency_key=None,
-        attempt=1, gpus=1, gpu_type=None, cpus=1, created_at=T0, updated_at=T0,
-        dispatched_at=T0, started_at=T0, finished_at=None, failure_kind=None,
-        failure_reason=None, cancel_requested=False, step=None, total_steps=None, loss=None,
-        it_per_s=None, node=None, result=None, lease_owner=owner, lease_expires_at=expires)
+        id="abc123abc123",
+        name="n",
+        kind="text",
+        owner="o",
+        priority=0,
+        status=JobStatus.running,
+        spec={},
+        output_uri="file:///b",
+        idempotency_key=None,
+        attempt=1,
+        gpus=1,
+        gpu_type=None,
+        cpus=1,
+        created_at=T0,
+        updated_at=T0,
+        dispatched_at=T0,
+        started_at=T0,
+        finished_at=None,
+        failure_kind=None,
+        failure_reason=None,
+        cancel_requested=False,
+        step=None,
+        total_steps=None,
+        loss=None,
+        it_per_s=None,
+        node=None,
+        result=None,
+        lease_owner=owner,
+        lease_expires_at=expires,
+    )
 
 
-@pytest.mark.parametrize("expired,alive,late,want", [
-    (False, None, False, LIVE), (False, True, False, LIVE),
-    (False, False, False, TAKE),  # its driver is dead: no need to wait for the lease
-    (True, None, False, TAKE), (True, False, False, TAKE),
-    (True, True, False, WAIT), (True, True, True, TAKE),
-])
+@pytest.mark.parametrize(
+    "expired,alive,late,want",
+    [
+        (False, None, False, LIVE),
+        (False, True, False, LIVE),
+        (False, False, False, TAKE),  # its driver is dead: no need to wait for the lease
+        (True, None, False, TAKE),
+        (True, False, False, TAKE),
+        (True, True, False, WAIT),
+        (True, True, True, TAKE),
+    ],
+)
 def test_takeover_verdicts(expired: bool, alive: bool | None, late: bool, want: str) -> None:
     owner = lease_owner("host-1-abc", "session_x/02000000")
     assert lease_driver(owner) == "session_x/02000000" and lease_driver("c1") is None
@@ -143,4 +193,5 @@ def test_takeover_verdicts(expired: bool, alive: bool | None, late: bool, want: 
     assert asked == ["session_x/02000000"]
     # A lease without a driver (older controllers, tests) goes by its expiry alone.
     assert verdict(_job("c1", expires), now=T0, grace_s=30, driver_alive=alive_fn) == (
-        TAKE if expired else LIVE)
+        TAKE if expired else LIVE
+    )

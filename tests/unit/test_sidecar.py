@@ -11,9 +11,16 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs.models import TextJobSpec
-from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.sidecar import FORMAT, SIDECAR, build_sidecar, redact_uri, tree_digest, write_metadata
 from lorajobs.storage.transfer import sha256_file
+from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.sidecar import (
+    FORMAT,
+    SIDECAR,
+    build_sidecar,
+    redact_uri,
+    tree_digest,
+    write_metadata,
+)
 
 REQUIRED = set(
     "format job_id name kind attempt spec seed base_model base_model_sha256 dataset dataset_sha256"

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from lorajobs.jobspecs import ImageJobSpec, SpecError, TextJobSpec, json_schema, load_spec, load_spec_text
+from lorajobs.jobspecs import (
+    ImageJobSpec,
+    SpecError,
+    TextJobSpec,
+    json_schema,
+    load_spec,
+    load_spec_text,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "jobspecs" / "examples"
 

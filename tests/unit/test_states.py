@@ -13,16 +13,30 @@ Q, D, R = JobStatus.queued, JobStatus.dispatched, JobStatus.running
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 
 EXPECTED = {
-    (Q, D), (Q, C), (Q, F),
-    (D, R), (D, Q), (D, F), (D, C), (D, S),
-    (R, S), (R, F), (R, C), (R, Q),
+    (Q, D),
+    (Q, C),
+    (Q, F),
+    (D, R),
+    (D, Q),
+    (D, F),
+    (D, C),
+    (D, S),
+    (R, S),
+    (R, F),
+    (R, C),
+    (R, Q),
     (F, Q),
 }
 
 
 def test_values_are_the_stored_strings() -> None:
     assert [s.value for s in JobStatus] == [
-        "queued", "dispatched", "running", "succeeded", "failed", "cancelled"
+        "queued",
+        "dispatched",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
     ]
     assert JobStatus("running") is R
     assert f"{R}" == "running" and str(F) == "failed"
@@ -70,7 +84,10 @@ def test_the_readme_state_diagram_shows_exactly_the_allowed_transitions() -> Non
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("```mermaid", 1)[1].split("```", 1)[0]
-    drawn = {(JobStatus(a), JobStatus(b))
-             for a, b in re.findall(r"^\s*(\w+) --> (\w+)", block, re.M) if a != "[*]"}
+    drawn = {
+        (JobStatus(a), JobStatus(b))
+        for a, b in re.findall(r"^\s*(\w+) --> (\w+)", block, re.M)
+        if a != "[*]"
+    }
     allowed = {(a, b) for a, tos in ALLOWED.items() for b in tos}
     assert drawn == allowed, f"missing: {allowed - drawn}; not allowed: {drawn - allowed}"

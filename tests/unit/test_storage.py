@@ -17,12 +17,12 @@ from lorajobs.jobspecs.failures import (
     StorageError,
     UserDataError,
 )
-from lorajobs.storage.pull import pull_dataset, pull_model, pull_to_cache
-from lorajobs.storage.s3 import S3Storage
+from lorajobs.storage.adapters import delete_adapter, fetch_adapter, list_adapters, upload_adapter
 from lorajobs.storage.backends import open_storage
 from lorajobs.storage.base import ObjectInfo, join_uri, safe_key
 from lorajobs.storage.files import FileStorage
-from lorajobs.storage.adapters import delete_adapter, fetch_adapter, list_adapters, upload_adapter
+from lorajobs.storage.pull import pull_dataset, pull_model, pull_to_cache
+from lorajobs.storage.s3 import S3Storage
 from lorajobs.storage.transfer import sha256_file
 
 
@@ -42,8 +42,11 @@ def make_adapter(d: Path, files: dict[str, bytes], base_model: str = "tiny/base"
     return d
 
 
-ADAPTER = {"adapter_model.safetensors": b"\x00" * 1000 + b"w", "adapter_config.json": b"{}",
-           "extra/README.md": b"# card"}
+ADAPTER = {
+    "adapter_model.safetensors": b"\x00" * 1000 + b"w",
+    "adapter_config.json": b"{}",
+    "extra/README.md": b"# card",
+}
 
 
 class CountingStorage:
@@ -183,7 +186,7 @@ def test_s3_addressing_override(aws_env: pytest.MonkeyPatch) -> None:
     assert S3Storage("bkt").client.meta.config.s3["addressing_style"] == "virtual"
     aws_env.setenv("LORAJOBS_S3_ADDRESSING", "sideways")
     with pytest.raises(InvalidInput, match="LORAJOBS_S3_ADDRESSING"):
-        S3Storage("bkt").client
+        _ = S3Storage("bkt").client
 
 
 def test_s3_unreachable_endpoint_is_one_line(aws_env: pytest.MonkeyPatch) -> None:
@@ -283,7 +286,9 @@ def test_reupload_replaces_leftovers(tmp_path: Path) -> None:
 def test_list_and_delete_adapters(tmp_path: Path) -> None:
     bucket = (tmp_path / "bucket").as_uri()
     upload_adapter(make_adapter(tmp_path / "a", ADAPTER, "org/base-a"), f"{bucket}/adapters/a/j1")
-    upload_adapter(make_adapter(tmp_path / "b", {"w": b"w"}, "org/base-b"), f"{bucket}/adapters/b/j2")
+    upload_adapter(
+        make_adapter(tmp_path / "b", {"w": b"w"}, "org/base-b"), f"{bucket}/adapters/b/j2"
+    )
     FileStorage(tmp_path / "bucket").put_bytes(b"partial", "adapters/c/j3/w")  # no marker
     found = {a["name"]: a for a in list_adapters(bucket)}
     assert sorted(found) == ["a", "b"]
@@ -318,8 +323,11 @@ def test_pull_to_cache_concurrent_threads_download_once(tmp_path: Path) -> None:
     results: list[Path] = []
 
     def pull() -> None:
-        results.append(pull_to_cache(st, "datasets/ds", tmp_path / "cache", uri="x://ds",
-                                     missing="nope", concurrency=2))
+        results.append(
+            pull_to_cache(
+                st, "datasets/ds", tmp_path / "cache", uri="x://ds", missing="nope", concurrency=2
+            )
+        )
 
     threads = [threading.Thread(target=pull) for _ in range(4)]
     for t in threads:
@@ -337,7 +345,9 @@ def test_pull_interrupted_leaves_no_entry(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         pull_to_cache(broken, "datasets/ds", cache, uri="x://ds", missing="nope", concurrency=1)
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []
-    path = pull_to_cache(CountingStorage(broken.inner), "datasets/ds", cache, uri="x://ds", missing="nope")
+    path = pull_to_cache(
+        CountingStorage(broken.inner), "datasets/ds", cache, uri="x://ds", missing="nope"
+    )
     assert len(list(path.iterdir())) == 5
     assert list((cache / ".tmp").iterdir()) == []  # the crashed attempt's temp folder is gone
 
@@ -351,8 +361,13 @@ def test_pull_single_object_returns_the_file(tmp_path: Path) -> None:
 
 def test_pull_missing_prefix_is_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserDataError, match="dataset x://gone: not found"):
-        pull_to_cache(FileStorage(tmp_path / "b"), "gone", tmp_path / "c", uri="x://gone",
-                      missing="dataset x://gone: not found (no objects under this prefix)")
+        pull_to_cache(
+            FileStorage(tmp_path / "b"),
+            "gone",
+            tmp_path / "c",
+            uri="x://gone",
+            missing="dataset x://gone: not found (no objects under this prefix)",
+        )
 
 
 def test_pull_local_paths_are_used_in_place(tmp_path: Path) -> None:

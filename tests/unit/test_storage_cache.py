@@ -15,8 +15,11 @@ import pytest
 
 from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.failures import IntegrityError, InvalidInput, SpecError, StorageError
-from tests.unit.test_storage import CountingStorage, make_adapter
-from lorajobs.storage.pull import cache_limit_from_env, evict, pull_dataset, pull_to_cache, release
+from lorajobs.storage.adapters import fetch_adapter, upload_adapter
+from lorajobs.storage.base import join_uri
+from lorajobs.storage.cache import cache_limit_from_env, evict, release
+from lorajobs.storage.files import FileStorage
+from lorajobs.storage.pull import pull_dataset, pull_to_cache
 from lorajobs.storage.staging import (
     MANIFEST_SUFFIX,
     local_manifest,
@@ -25,9 +28,7 @@ from lorajobs.storage.staging import (
     stage_path,
     staged_parts,
 )
-from lorajobs.storage.base import join_uri
-from lorajobs.storage.files import FileStorage
-from lorajobs.storage.adapters import fetch_adapter, upload_adapter
+from tests.unit.test_storage import CountingStorage, make_adapter
 
 KIB = 1024
 
@@ -96,9 +97,13 @@ def test_interrupted_staging_resumes_with_what_is_missing(tmp_path: Path) -> Non
     bucket.delete_prefix(f"models/{staged.digest}/sub/meta.json")
     bucket.puts.clear()
     again = stage_path(data, bucket.uri, "model", storage=bucket)
-    assert sorted(bucket.puts) == sorted([
-        f"models/{staged.digest}/img-1.png", f"models/{staged.digest}/sub/meta.json",
-        f"models/{staged.digest}{MANIFEST_SUFFIX}"])
+    assert sorted(bucket.puts) == sorted(
+        [
+            f"models/{staged.digest}/img-1.png",
+            f"models/{staged.digest}/sub/meta.json",
+            f"models/{staged.digest}{MANIFEST_SUFFIX}",
+        ]
+    )
     assert again.uploaded_files == 2 and not again.already
 
 
@@ -125,7 +130,10 @@ def test_stage_single_file_names_the_file(tmp_path: Path) -> None:
     staged = stage_path(f, bucket, "dataset")
     assert staged.uri == f"{bucket}/datasets/{staged.digest}/train.jsonl"
     assert staged_parts(f"datasets/{staged.digest}/train.jsonl") == (
-        f"datasets/{staged.digest}", staged.digest, "train.jsonl")
+        f"datasets/{staged.digest}",
+        staged.digest,
+        "train.jsonl",
+    )
     path = pull_dataset(staged.uri, tmp_path / "cache")  # a file:// dataset is read in place
     assert path.read_text() == '{"text": "a"}\n'
 
@@ -156,8 +164,15 @@ def test_hash_cache_skips_rehashing_unchanged_files(tmp_path: Path) -> None:
 
 def test_stage_local_inputs_keeps_local_paths_for_folder_buckets(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data")
-    spec = parse_spec({"kind": "text", "name": "n", "base_model": "org/hub-model",
-                       "dataset": str(data), "training": {"steps": 1}})
+    spec = parse_spec(
+        {
+            "kind": "text",
+            "name": "n",
+            "base_model": "org/hub-model",
+            "dataset": str(data),
+            "training": {"steps": 1},
+        }
+    )
     (same,) = stage_local_inputs([spec], (tmp_path / "bucket").as_uri())
     assert same.dataset == str(data)  # the embedded default: read in place, nothing copied
     assert not (tmp_path / "bucket").exists()
@@ -193,7 +208,10 @@ def test_staged_pull_refuses_tampered_objects_and_manifests(tmp_path: Path) -> N
     assert not (tmp_path / "cache" / f"sha256-{staged.digest}").exists()
 
     manifest = json.loads(bucket.get_bytes(key + MANIFEST_SUFFIX))
-    manifest["files"]["img-0.txt"] = {"size": 10, "sha256": hashlib.sha256(b"evil bytes").hexdigest()}
+    manifest["files"]["img-0.txt"] = {
+        "size": 10,
+        "sha256": hashlib.sha256(b"evil bytes").hexdigest(),
+    }
     bucket.put_bytes(json.dumps(manifest).encode(), key + MANIFEST_SUFFIX)
     with pytest.raises(IntegrityError, match="does not hash to the digest in its name"):
         pull_to_cache(bucket, key, tmp_path / "cache2", uri=staged.uri, missing="gone")
@@ -247,8 +265,11 @@ def test_fetch_resumes_a_broken_off_download(tmp_path: Path) -> None:
     fetch_adapter(dest, out, storage=again, chunk_size=10 * KIB, concurrency=1)
     assert (out / "adapter_model.safetensors").read_bytes() == big
     assert again.bytes <= len(big) - 40 * KIB + 100 + len((src / "lorajobs.json").read_bytes())
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "c.json",
-                                                      "lorajobs.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_model.safetensors",
+        "c.json",
+        "lorajobs.json",
+    ]
 
 
 def test_fetch_restarts_a_partial_that_does_not_verify(tmp_path: Path) -> None:
@@ -259,8 +280,13 @@ def test_fetch_restarts_a_partial_that_does_not_verify(tmp_path: Path) -> None:
     inner = FileStorage(tmp_path / "bucket" / "adapters" / "n" / "j1")
     out = tmp_path / "out"
     with pytest.raises(StorageError):
-        fetch_adapter(dest, out, storage=CountingStorage(inner, fail_after=3), chunk_size=10 * KIB,
-                      concurrency=1)
+        fetch_adapter(
+            dest,
+            out,
+            storage=CountingStorage(inner, fail_after=3),
+            chunk_size=10 * KIB,
+            concurrency=1,
+        )
     partial = out / ".w.bin.partial"
     with open(partial, "r+b") as f:  # rot in a chunk the record says is done
         f.write(b"\x00" * 100)
@@ -339,9 +365,16 @@ def test_concurrent_pulls_with_a_limit_download_once(tmp_path: Path) -> None:
     bucket, keys = _three_datasets(tmp_path)
     st = CountingStorage(bucket)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        pull_to_cache(st, keys[0], tmp_path / "cache", uri="a", missing="m", max_bytes=50_000)))
-        for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                pull_to_cache(
+                    st, keys[0], tmp_path / "cache", uri="a", missing="m", max_bytes=50_000
+                )
+            )
+        )
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -365,8 +398,15 @@ def test_cache_limit_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_job_names_cannot_climb_out_of_their_prefix() -> None:
     with pytest.raises(SpecError, match="name"):
-        parse_spec({"kind": "text", "name": "../../x", "base_model": "m", "dataset": "d",
-                    "training": {"steps": 1}})
+        parse_spec(
+            {
+                "kind": "text",
+                "name": "../../x",
+                "base_model": "m",
+                "dataset": "d",
+                "training": {"steps": 1},
+            }
+        )
     for evil in ("../../x", "..", "a/../../x", "..\\x"):
         with pytest.raises(InvalidInput):
             join_uri("s3://bucket/root", "adapters", evil, "job1")
@@ -375,8 +415,10 @@ def test_job_names_cannot_climb_out_of_their_prefix() -> None:
 def test_nothing_downloaded_is_ever_unpickled() -> None:
     """No code path may unpickle: a bucket's bytes are data, never code."""
     repo = Path(__file__).resolve().parents[2]
-    banned = re.compile(r"pickle\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|"
-                        r"weights_only\s*=\s*False|joblib\.load\(|dill\.load")
+    banned = re.compile(
+        r"pickle\.loads?\(|torch\.load\(|allow_pickle\s*=\s*True|"
+        r"weights_only\s*=\s*False|joblib\.load\(|dill\.load"
+    )
     hits = []
     for pkg in ("worker", "orchestrator", "jobspecs"):
         for py in (repo / pkg).rglob("*.py"):

@@ -9,9 +9,9 @@ import pytest
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
-from lorajobs.worker.trainers.text.packing import IGNORE
 from lorajobs.worker.trainers.text.data import build_text_dataset, load_rows, split_validation
 from lorajobs.worker.trainers.text.formats import ALPACA_PROMPT, to_records
+from lorajobs.worker.trainers.text.packing import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,14 @@ def _spec(**data) -> TextJobSpec:
     training = {"steps": 2, "batch_size": 2, "max_seq_length": 128, "seed": 1}
     training.update(data.pop("training", {}))
     return TextJobSpec.model_validate(
-        {"kind": "text", "name": "t", "base_model": "b", "dataset": "d",
-         "training": training, "data": data}
+        {
+            "kind": "text",
+            "name": "t",
+            "base_model": "b",
+            "dataset": "d",
+            "training": training,
+            "data": data,
+        }
     )
 
 
@@ -93,9 +99,7 @@ CHAT = {
 }
 
 
-def test_chat_with_the_tokenizers_template_trains_only_assistant_turns(
-    tmp_path: Path, tok
-) -> None:
+def test_chat_with_the_tokenizers_template_trains_only_assistant_turns(tmp_path: Path, tok) -> None:
     f = _jsonl(tmp_path / "d.jsonl", [CHAT])
     ex = build_text_dataset(f, _spec(), tok).examples[0]
     eos = tok.eos_token
@@ -130,28 +134,35 @@ def test_tokenizer_without_template_needs_one_named(tmp_path: Path, tok) -> None
     assert build_text_dataset(f, _spec(chat_template="chatml"), bare).examples
 
 
-def test_truncated_away_completion_is_dropped_and_all_gone_is_an_error(
-    tmp_path: Path, tok
-) -> None:
+def test_truncated_away_completion_is_dropped_and_all_gone_is_an_error(tmp_path: Path, tok) -> None:
     rows = [{"prompt": "word " * 50, "completion": " x"}, {"prompt": "Q", "completion": " yes"}]
     f = _jsonl(tmp_path / "d.jsonl", rows)
     ds = build_text_dataset(f, _spec(training={"max_seq_length": 16}), tok)
     assert len(ds.examples) == 1 and ds.dropped == 1
     with pytest.raises(UserDataError, match="no example has a token to train on"):
-        build_text_dataset(_jsonl(tmp_path / "e.jsonl", rows[:1]), _spec(
-            training={"max_seq_length": 16}), tok)
+        build_text_dataset(
+            _jsonl(tmp_path / "e.jsonl", rows[:1]), _spec(training={"max_seq_length": 16}), tok
+        )
 
 
 @pytest.mark.parametrize(
     ("lines", "needle"),
     [
         (['{"text": "ok"}', '{"text": 3}'], "line 2: 'text' must be a string, got number"),
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'],
-         "line 2: missing the 'completion' field"),
-        (['{"messages": [{"role": "user", "content": "hi"}]}'],
-         "line 1: chat example has no assistant turn"),
-        (['{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "x"}]}'],
-         r"line 1: messages\[0\].content must be a string"),
+        (
+            ['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'],
+            "line 2: missing the 'completion' field",
+        ),
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}]}'],
+            "line 1: chat example has no assistant turn",
+        ),
+        (
+            [
+                '{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "x"}]}'
+            ],
+            r"line 1: messages\[0\].content must be a string",
+        ),
         (['{"messages": [{"role": "wizard", "content": "x"}]}'], r"line 1: messages\[0\].role"),
         (['{"messages": "hi"}'], "line 1: 'messages' must be a non-empty array"),
         (['{"question": "a", "answer": "b"}'], "line 1: unknown format"),
@@ -202,8 +213,9 @@ def test_validation_file(tmp_path: Path, tok) -> None:
     ds = build_text_dataset(train, _spec(validation="s3://b/v.jsonl"), tok, validation_path=val)
     assert len(ds.examples) == 4 and len(ds.validation) == 2
     with pytest.raises(UserDataError, match="v2.jsonl: line 1: missing the 'text' field"):
-        build_text_dataset(train, _spec(), tok,
-                           validation_path=_jsonl(tmp_path / "v2.jsonl", [{"prompt": "x"}]))
+        build_text_dataset(
+            train, _spec(), tok, validation_path=_jsonl(tmp_path / "v2.jsonl", [{"prompt": "x"}])
+        )
 
 
 def test_spec_refuses_two_validation_sources() -> None:

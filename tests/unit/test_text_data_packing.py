@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorajobs.jobspecs.models import TextJobSpec
+from lorajobs.worker.trainers.text.data import build_text_dataset
 from lorajobs.worker.trainers.text.packing import (
     IGNORE,
     TokenizedExample,
@@ -17,7 +18,6 @@ from lorajobs.worker.trainers.text.packing import (
     collate_padded,
     pack,
 )
-from lorajobs.worker.trainers.text.data import build_text_dataset
 
 
 def _examples(seed: int = 0, n: int = 40) -> list[TokenizedExample]:
@@ -70,8 +70,9 @@ def test_batches_from_the_unit_table_are_the_units_padded_row_by_row(packed: boo
             assert b.labels[row].tolist() == list(u.labels) + [IGNORE] * (width - n)
             if packed:
                 assert b.attention_mask is None and b.position_ids is not None
-                assert b.position_ids[row].tolist() == (list(u.position_ids)
-                                                        + list(range(width - n)))
+                assert b.position_ids[row].tolist() == (
+                    list(u.position_ids) + list(range(width - n))
+                )
             else:
                 assert b.position_ids is None and b.attention_mask is not None
                 assert b.attention_mask[row].tolist() == [1] * n + [0] * (width - n)
@@ -93,23 +94,31 @@ def test_packing_reduces_padding(tmp_path: Path, tiny_text_model: Path) -> None:
     f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     def spec(packing: bool) -> TextJobSpec:
-        return TextJobSpec.model_validate({
-            "kind": "text", "name": "t", "base_model": "b", "dataset": "d",
-            "training": {"steps": 1, "batch_size": 4, "max_seq_length": 256},
-            "data": {"packing": packing},
-        })
+        return TextJobSpec.model_validate(
+            {
+                "kind": "text",
+                "name": "t",
+                "base_model": "b",
+                "dataset": "d",
+                "training": {"steps": 1, "batch_size": 4, "max_seq_length": 256},
+                "data": {"packing": packing},
+            }
+        )
 
     plain = build_text_dataset(f, spec(False), tok)
     packed = build_text_dataset(f, spec(True), tok)
     s_plain, s_packed = plain.stats(), packed.stats()
-    assert s_plain["tokens"] == s_packed["tokens"] and s_plain["label_tokens"] == s_packed[
-        "label_tokens"]
+    assert (
+        s_plain["tokens"] == s_packed["tokens"]
+        and s_plain["label_tokens"] == s_packed["label_tokens"]
+    )
     assert s_packed["useful_fraction"] > 0.9 > s_plain["useful_fraction"]
     assert s_packed["blocks"] < len(plain)
     b = packed.batch(0)
     assert b.attention_mask is None and b.position_ids is not None
     assert packed.batch(3).input_ids.equal(
-        build_text_dataset(f, spec(True), tok).batch(3).input_ids)
+        build_text_dataset(f, spec(True), tok).batch(3).input_ids
+    )
 
 
 def test_packed_examples_do_not_see_each_other(tiny_text_model: Path) -> None:
@@ -137,7 +146,9 @@ def test_packed_examples_do_not_see_each_other(tiny_text_model: Path) -> None:
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_loss_over_packed_equals_mean_over_label_tokens(tiny_text_model: Path, packing: bool) -> None:
+def test_loss_over_packed_equals_mean_over_label_tokens(
+    tiny_text_model: Path, packing: bool
+) -> None:
     """The batch's loss is the mean over exactly the labelled tokens, packed or not."""
     from transformers import AutoModelForCausalLM
 

@@ -14,21 +14,51 @@ from lorajobs.orchestrator.states import JobStatus
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
-def cand(jid: str, *, owner: str = "o", gpus: float = 1, gpu_type: str | None = None,
-         prio: int = 0, age_s: float = 0) -> Candidate:
+def cand(
+    jid: str,
+    *,
+    owner: str = "o",
+    gpus: float = 1,
+    gpu_type: str | None = None,
+    prio: int = 0,
+    age_s: float = 0,
+) -> Candidate:
     return Candidate(jid, owner, prio, T0 - timedelta(seconds=age_s), gpus, gpu_type, 1)
 
 
 def record(c: Candidate, **over: Any) -> JobRecord:
     """The queue row of candidate `c`."""
     fields: dict[str, Any] = dict(
-        id=c.id, name=c.id, kind="text", owner=c.owner, priority=c.priority,
-        status=JobStatus.queued, spec={}, output_uri="file:///b", idempotency_key=None,
-        attempt=1, gpus=c.gpus, gpu_type=c.gpu_type, cpus=c.cpus, created_at=c.created_at,
-        updated_at=c.created_at, dispatched_at=None, started_at=None, finished_at=None,
-        failure_kind=None, failure_reason=None, cancel_requested=False, step=None,
-        total_steps=None, loss=None, it_per_s=None, node=None, result=None, lease_owner=None,
-        lease_expires_at=None, memory_gb=c.memory_gb,
+        id=c.id,
+        name=c.id,
+        kind="text",
+        owner=c.owner,
+        priority=c.priority,
+        status=JobStatus.queued,
+        spec={},
+        output_uri="file:///b",
+        idempotency_key=None,
+        attempt=1,
+        gpus=c.gpus,
+        gpu_type=c.gpu_type,
+        cpus=c.cpus,
+        created_at=c.created_at,
+        updated_at=c.created_at,
+        dispatched_at=None,
+        started_at=None,
+        finished_at=None,
+        failure_kind=None,
+        failure_reason=None,
+        cancel_requested=False,
+        step=None,
+        total_steps=None,
+        loss=None,
+        it_per_s=None,
+        node=None,
+        result=None,
+        lease_owner=None,
+        lease_expires_at=None,
+        memory_gb=c.memory_gb,
     )
     fields.update(over)
     return JobRecord(**fields)
@@ -39,8 +69,12 @@ def a100(nid: str = "n1", gpus: float = 1, cpus: float = 4) -> Node:
     return Node(nid, dict(total), dict(total))
 
 
-def run_round(cands: list[Candidate], nodes: list[Node], policy: Policy = Policy(aging_s=0),
-              per_class: int | None = None) -> waiting.WaitSummary:
+def run_round(
+    cands: list[Candidate],
+    nodes: list[Node],
+    policy: Policy = Policy(aging_s=0),
+    per_class: int | None = None,
+) -> waiting.WaitSummary:
     """One round offered at most `per_class` candidates of each class (as the queue does)."""
     rnd = Round(nodes, [], policy, T0)
     seen: dict[Any, int] = {}
@@ -55,9 +89,13 @@ def run_round(cands: list[Candidate], nodes: list[Node], policy: Policy = Policy
 
 
 def test_each_class_gets_its_reason_even_jobs_the_round_never_read() -> None:
-    jobs = [cand("run", owner="acme"), cand("capped1", owner="acme", age_s=-1),
-            cand("capped2", owner="acme", age_s=-2), cand("h100", gpu_type="H100"),
-            cand("busy", owner="bob", age_s=-3)]
+    jobs = [
+        cand("run", owner="acme"),
+        cand("capped1", owner="acme", age_s=-1),
+        cand("capped2", owner="acme", age_s=-2),
+        cand("h100", gpu_type="H100"),
+        cand("busy", owner="bob", age_s=-3),
+    ]
     policy = Policy(aging_s=0, limits=OwnerLimits(per_owner_jobs={"acme": 1}))
     summary = run_round(jobs, [a100()], policy, per_class=2)
     why = {c.id: waiting.reason(record(c), summary, T0) for c in jobs[1:]}
@@ -84,10 +122,12 @@ def test_backoff_missing_and_stale_summaries() -> None:
     later = T0 + timedelta(seconds=30)
     backoff = record(job, not_before=later, failure_reason="node lost")
     assert waiting.reason(backoff, None, T0) == (
-        "retry backoff until 12:00:30 UTC (last attempt: node lost)")
+        "retry backoff until 12:00:30 UTC (last attempt: node lost)"
+    )
     assert waiting.reason(record(job), None, T0) == waiting.NEXT_ROUND
     assert "is a controller running (lorajobs controller)?" in str(
-        waiting.reason(record(job), None, T0 + timedelta(minutes=5)))
+        waiting.reason(record(job), None, T0 + timedelta(minutes=5))
+    )
 
     summary = run_round([job], [])
     assert waiting.reason(record(job), summary, T0) == summary.stop
@@ -103,6 +143,7 @@ def test_summary_round_trips_through_json_and_short_form() -> None:
     assert back == summary and back.same_as(summary)
     assert len(back.classes) == 2
     assert waiting.short("retry backoff until 12:00:30 UTC (last attempt: x)") == (
-        "retry backoff until 12:00:30 UTC")
+        "retry backoff until 12:00:30 UTC"
+    )
     assert waiting.short("x" * 60, width=10) == "x" * 9 + "…"
     assert waiting.short(None) == "-"

@@ -6,8 +6,9 @@ Importing this module imports no torch, so the control plane can name trainers c
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.worker.context import TrainOutput, WorkerContext

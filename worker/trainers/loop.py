@@ -18,8 +18,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -286,8 +287,14 @@ class TrainLoop:
                 self._read_losses()
             if report:
                 rate = (self.step - last_step) / max(now - last_report, 1e-9)
-                self.ctx.report({"step": self.step, "total_steps": self.total,
-                                 "loss": self.losses[-1], "it_per_s": rate})
+                self.ctx.report(
+                    {
+                        "step": self.step,
+                        "total_steps": self.total,
+                        "loss": self.losses[-1],
+                        "it_per_s": rate,
+                    }
+                )
                 last_report, last_step = now, self.step
             if save and store is not None:
                 store.save(self._capture(), keep=self.cfg.keep_checkpoints)

@@ -84,9 +84,7 @@ class BucketBatchSampler:
         self.groups: dict[int, list[int]] = {}
         for item, bucket in enumerate(item_buckets):
             self.groups.setdefault(bucket, []).append(item)
-        self.batches_per_epoch = sum(
-            math.ceil(len(g) / batch_size) for g in self.groups.values()
-        )
+        self.batches_per_epoch = sum(math.ceil(len(g) / batch_size) for g in self.groups.values())
         self._cache: tuple[int, list[PlannedBatch]] | None = None
 
     def epoch(self, epoch: int) -> list[PlannedBatch]:

@@ -38,7 +38,6 @@ from lorajobs.worker.trainers.image.buckets import (
     make_buckets,
 )
 from lorajobs.worker.trainers.image.captions import caption_for, sample_rng
-from lorajobs.worker.trainers.image.sources import ImageRecord, read_image_records
 from lorajobs.worker.trainers.image.pixels import (
     cover_size,
     image_size,
@@ -46,6 +45,7 @@ from lorajobs.worker.trainers.image.pixels import (
     resize_and_crop,
     to_tensor,
 )
+from lorajobs.worker.trainers.image.sources import ImageRecord, read_image_records
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,13 @@ def header_metadata(
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_tag_frequency": json.dumps({folder: dict(sorted(tags.items()))}, sort_keys=True),
         "ss_datasets": json.dumps(
-            [{"num_train_images": len(captions), "resolution": [resolution, resolution],
-              "subsets": [{"image_dir": folder, "num_repeats": 1}]}],
+            [
+                {
+                    "num_train_images": len(captions),
+                    "resolution": [resolution, resolution],
+                    "subsets": [{"image_dir": folder, "num_repeats": 1}],
+                }
+            ],
             sort_keys=True,
         ),
         "modelspec.sai_model_spec": "1.0.0",

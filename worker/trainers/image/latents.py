@@ -70,7 +70,7 @@ def cacheable(spec: ImageJobSpec) -> bool:
     return plan.latents and plan.text
 
 
-def dataset_digest(ds: "ImageTrainSet") -> str:
+def dataset_digest(ds: ImageTrainSet) -> str:
     """sha256 over each image's relative order, bytes and raw caption (repeats excluded)."""
     h = hashlib.sha256()
     for record in ds.records:
@@ -125,8 +125,9 @@ class LatentCache:
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
         os.close(fd)
         try:
-            save_canonical({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                           Path(tmp))
+            save_canonical(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, Path(tmp)
+            )
             os.replace(tmp, self.path(record, flipped))
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -135,7 +136,7 @@ class LatentCache:
         """Whether every record has every flip variant stored."""
         return all(self.path(r, f).is_file() for r in range(records) for f in flips)
 
-    def upload(self, storage: "Storage", prefix: str = BUCKET_PREFIX) -> int:
+    def upload(self, storage: Storage, prefix: str = BUCKET_PREFIX) -> int:
         """Copy every stored file to `<storage>/<prefix>/<key>/`; returns files uploaded."""
         n = 0
         for path in sorted(self.dir.glob("*.safetensors")):
@@ -145,7 +146,7 @@ class LatentCache:
                 n += 1
         return n
 
-    def download(self, storage: "Storage", prefix: str = BUCKET_PREFIX) -> int:
+    def download(self, storage: Storage, prefix: str = BUCKET_PREFIX) -> int:
         """Fetch what the bucket holds under `<prefix>/<key>/`; returns files fetched."""
         n = 0
         base = f"{prefix}/{self.key}/"
@@ -212,8 +213,10 @@ def encode_captions(
     first_item: dict[int, int] = {}
     for item, record in enumerate(ds.items):
         first_item.setdefault(record, item)
-    captions = sorted({
-        caption_for(ds.records[r].caption, spec.data, spec.training.seed, 0, item)
-        for r, item in first_item.items()
-    })
+    captions = sorted(
+        {
+            caption_for(ds.records[r].caption, spec.data, spec.training.seed, 0, item)
+            for r, item in first_item.items()
+        }
+    )
     return {c: encoder.captions([c])[0] for c in captions}

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from lorajobs.jobspecs.failures import UserDataError
-from lorajobs.worker.trainers.image.kohya import base_model_version
 from lorajobs.worker.safetensors_io import save_canonical
+from lorajobs.worker.trainers.image.kohya import base_model_version
 
 # The safetensors header key diffusers reads the LoRA config from (diffusers.loaders.lora_base
 # LORA_ADAPTER_METADATA_KEY); without it, alpha is lost on load and the LoRA plays at scale 1.
@@ -41,11 +41,11 @@ class Conditioning:
     context: torch.Tensor  # (B, tokens, D): encoder_hidden_states
     pooled: torch.Tensor | None = None  # (B, P): SDXL's text_embeds; None on SD-1.x/2.x
 
-    def __getitem__(self, i: int) -> "Conditioning":
+    def __getitem__(self, i: int) -> Conditioning:
         return Conditioning(self.context[i], None if self.pooled is None else self.pooled[i])
 
     @staticmethod
-    def stack(items: list["Conditioning"]) -> "Conditioning":
+    def stack(items: list[Conditioning]) -> Conditioning:
         pooled = [c.pooled for c in items if c.pooled is not None]
         return Conditioning(
             torch.stack([c.context for c in items]), torch.stack(pooled) if pooled else None
@@ -241,8 +241,10 @@ def lora_state(module: Any, prefix: str) -> dict[str, torch.Tensor]:
 
 def _unet_lora_name(key: str) -> str:
     """`<module>.lora_A.weight` → `<module>.lora.down.weight` (B: up); other keys as they are."""
-    for peft, diffusers in ((".lora_A.weight", ".lora.down.weight"),
-                            (".lora_B.weight", ".lora.up.weight")):
+    for peft, diffusers in (
+        (".lora_A.weight", ".lora.down.weight"),
+        (".lora_B.weight", ".lora.up.weight"),
+    ):
         if key.endswith(peft):
             return key[: -len(peft)] + diffusers
     return key

@@ -41,8 +41,13 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     raise UserDataError(f"base model scheduler: unsupported prediction_type {prediction_type!r}")
 
 
-def target(prediction_type: str, scheduler: Any, clean: torch.Tensor, noise: torch.Tensor,
-           timesteps: torch.Tensor) -> torch.Tensor:
+def target(
+    prediction_type: str,
+    scheduler: Any,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
     """What the UNet should predict for noised `clean` latents."""
     if prediction_type == "epsilon":
         return noise
@@ -56,10 +61,19 @@ def target(prediction_type: str, scheduler: Any, clean: torch.Tensor, noise: tor
 class DenoisingLoss:
     """The loss of micro-batch `k` (its images: a function of k and the seed)."""
 
-    def __init__(self, spec: ImageJobSpec, ds: ImageTrainSet, base: ImageBase, cache: CachePlan,
-                 encoders: Encoders, latents: dict[tuple[int, bool], torch.Tensor] | None,
-                 embeddings: dict[str, Conditioning], noise_gen: torch.Generator,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        spec: ImageJobSpec,
+        ds: ImageTrainSet,
+        base: ImageBase,
+        cache: CachePlan,
+        encoders: Encoders,
+        latents: dict[tuple[int, bool], torch.Tensor] | None,
+        embeddings: dict[str, Conditioning],
+        noise_gen: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.cfg, self.ds, self.base, self.cache = spec.training, ds, base, cache
         self.encoders, self.latents, self.embeddings = encoders, latents, embeddings
         self.noise_gen, self.device, self.dtype = noise_gen, device, dtype
@@ -112,7 +126,10 @@ class DenoisingLoss:
         if self.base.sdxl:
             added = {"text_embeds": on["pooled"].to(dtype), "time_ids": on["time_ids"]}
         pred = self.base.unet(
-            noisy.to(dtype), timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
+            noisy.to(dtype),
+            timesteps,
+            encoder_hidden_states=context,
+            added_cond_kwargs=added,
         ).sample
         want = target(self.prediction_type, scheduler, clean, noise, timesteps)
         if self.cfg.min_snr_gamma is None:
@@ -122,4 +139,6 @@ class DenoisingLoss:
         # On the device (add_noise moved alphas_cumprod there): no read-back. Indexing and
         # one IEEE division: the same values as on the CPU.
         snr = snr_at(scheduler.alphas_cumprod, timesteps)
-        return (per_item * min_snr_weights(snr, self.cfg.min_snr_gamma, self.prediction_type)).mean()
+        return (
+            per_item * min_snr_weights(snr, self.cfg.min_snr_gamma, self.prediction_type)
+        ).mean()

@@ -87,19 +87,35 @@ def train(
     trained, lora_params = _add_lora(spec, base)
     # Validation grids (`samples:`), rendered by the training modules; the folder is checked now.
     renderer = SampleRenderer.for_spec(
-        spec, model_dir, out_dir, unet=base.unet, precision=precision, device=device,
+        spec,
+        model_dir,
+        out_dir,
+        unet=base.unet,
+        precision=precision,
+        device=device,
         text_encoders={k: m for k, m in trained.items() if k != "unet"},
     )
-    encoders, latents, embeddings = _encode_once(ds, cache, base, spec, model_dir, ctx, device,
-                                                 precision.base_dtype)
+    encoders, latents, embeddings = _encode_once(
+        ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype
+    )
     optimizer = _optimizer(spec, lora_params, device)
     # Noise and timesteps come from their own CPU generator so they do not depend on the device
     # or on anything else drawing random numbers; the global generator drives LoRA dropout.
     noise_gen = torch.Generator().manual_seed(cfg.seed)
     seed_everything(cfg.seed)
     total = total_steps(cfg, len(ds), batches_per_epoch=ds.steps_per_epoch)
-    micro_loss = DenoisingLoss(spec, ds, base, cache, encoders, latents, embeddings, noise_gen,
-                               device, precision.base_dtype)
+    micro_loss = DenoisingLoss(
+        spec,
+        ds,
+        base,
+        cache,
+        encoders,
+        latents,
+        embeddings,
+        noise_gen,
+        device,
+        precision.base_dtype,
+    )
 
     # One module for the loop: its trainable parameters are what checkpoints hold. A UNet-only
     # job passes the UNet itself, so its checkpoints keep their parameter names.
@@ -144,8 +160,9 @@ def _refuse_unloadable(spec: ImageJobSpec) -> None:
         )
 
 
-def _add_lora(spec: ImageJobSpec, base: ImageBase
-              ) -> tuple[dict[str, Any], dict[str, list[torch.nn.Parameter]]]:
+def _add_lora(
+    spec: ImageJobSpec, base: ImageBase
+) -> tuple[dict[str, Any], dict[str, list[torch.nn.Parameter]]]:
     """LoRA on the UNet, and on each text encoder when asked: ({component: module},
     {component: its trainable parameters, in fp32}), each module in train mode."""
     cfg = spec.training
@@ -163,8 +180,9 @@ def _add_lora(spec: ImageJobSpec, base: ImageBase
         for name, te in base.text_encoders.items():
             add_text_encoder_lora(te, _lora_config(spec.lora, TEXT_ENCODER_TARGETS))
             trained[name] = te
-    lora_params = {name: [p for p in m.parameters() if p.requires_grad]
-                   for name, m in trained.items()}
+    lora_params = {
+        name: [p for p in m.parameters() if p.requires_grad] for name, m in trained.items()
+    }
     for params in lora_params.values():
         for p in params:
             p.data = p.data.float()
@@ -194,8 +212,14 @@ def _lora_config(lora: LoraSettings, target_modules: list[str]) -> Any:
 
 
 def _encode_once(
-    ds: ImageTrainSet, cache: CachePlan, base: ImageBase, spec: ImageJobSpec, model_dir: Path,
-    ctx: WorkerContext, device: torch.device, dtype: torch.dtype,
+    ds: ImageTrainSet,
+    cache: CachePlan,
+    base: ImageBase,
+    spec: ImageJobSpec,
+    model_dir: Path,
+    ctx: WorkerContext,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[Encoders, dict[tuple[int, bool], torch.Tensor] | None, dict[str, Conditioning]]:
     """Work done once: VAE latents per (image, flip) and caption embeddings per caption, unless
     the spec makes them vary per step (random crop; caption dropout / tag shuffling; a text
@@ -213,23 +237,33 @@ def _encode_once(
     return encoders, latents, embeddings
 
 
-def _optimizer(spec: ImageJobSpec, lora_params: dict[str, list[torch.nn.Parameter]],
-               device: torch.device) -> Any:
+def _optimizer(
+    spec: ImageJobSpec, lora_params: dict[str, list[torch.nn.Parameter]], device: torch.device
+) -> Any:
     """AdamW over the LoRA parameters; the text encoders' with their own peak LR."""
     cfg = spec.training
     if not cfg.train_text_encoder:
         return build_optimizer(lora_params["unet"], cfg, device)
     te_lr = cfg.text_encoder_learning_rate or cfg.learning_rate
     return build_optimizer(
-        [{"params": ps, "peak_lr": cfg.learning_rate if name == "unet" else te_lr}
-         for name, ps in lora_params.items()],
+        [
+            {"params": ps, "peak_lr": cfg.learning_rate if name == "unet" else te_lr}
+            for name, ps in lora_params.items()
+        ],
         cfg,
         device,
     )
 
 
-def _export(spec: ImageJobSpec, trained: dict[str, Any], base: ImageBase, ds: ImageTrainSet,
-            out_dir: Path, total: int, times: tuple[float, float]) -> list[str]:
+def _export(
+    spec: ImageJobSpec,
+    trained: dict[str, Any],
+    base: ImageBase,
+    ds: ImageTrainSet,
+    out_dir: Path,
+    total: int,
+    times: tuple[float, float],
+) -> list[str]:
     """The diffusers file (a deterministic header) and, unless DoRA, the kohya file (which adds
     the training times, as the UIs show them). Returns the files written."""
     cfg = spec.training
@@ -263,8 +297,9 @@ def _export(spec: ImageJobSpec, trained: dict[str, Any], base: ImageBase, ds: Im
     return files
 
 
-def _metrics(spec: ImageJobSpec, ds: ImageTrainSet, cache: CachePlan, result: LoopResult,
-             total: int) -> dict[str, Any]:
+def _metrics(
+    spec: ImageJobSpec, ds: ImageTrainSet, cache: CachePlan, result: LoopResult, total: int
+) -> dict[str, Any]:
     cfg, losses = spec.training, result.losses
     curve_every = max(1, total // 50)
     return {
@@ -283,9 +318,16 @@ def _metrics(spec: ImageJobSpec, ds: ImageTrainSet, cache: CachePlan, result: Lo
     }
 
 
-def _resolved(spec: ImageJobSpec, base: ImageBase, ds: ImageTrainSet, precision: Precision,
-              total: int, device: torch.device, ctx: WorkerContext,
-              files: list[str]) -> dict[str, Any]:
+def _resolved(
+    spec: ImageJobSpec,
+    base: ImageBase,
+    ds: ImageTrainSet,
+    precision: Precision,
+    total: int,
+    device: torch.device,
+    ctx: WorkerContext,
+    files: list[str],
+) -> dict[str, Any]:
     """Every setting the job ran with, defaults resolved (the sidecar's `resolved`)."""
     cfg, lora = spec.training, spec.lora
     return {

@@ -185,7 +185,9 @@ class SampleRenderer:
         base = self.precision.base_dtype
         kwargs: dict[str, Any] = dict(self.shared)
         if "safety_checker" in self._index:  # SD 1.x/2.x folders: no NSFW filter on samples
-            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            kwargs.update(
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         try:
             pipe = DiffusionPipeline.from_pretrained(
                 self.model_dir,

@@ -21,8 +21,13 @@ from pathlib import Path
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageData
-from lorajobs.worker.trainers.image.pixels import IMAGE_SUFFIXES, _IGNORED_SUFFIXES, image_files, read_caption
 from lorajobs.worker.jsonl import read_rows, type_name
+from lorajobs.worker.trainers.image.pixels import (
+    _IGNORED_SUFFIXES,
+    IMAGE_SUFFIXES,
+    image_files,
+    read_caption,
+)
 
 METADATA_FILE = "metadata.jsonl"
 KOHYA_DIR_RE = re.compile(r"^(\d+)_(.*)$")

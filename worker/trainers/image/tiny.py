@@ -80,7 +80,7 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _build_tokenizer(max_merges: int = 400) -> "CLIPTokenizer":
+def _build_tokenizer(max_merges: int = 400) -> CLIPTokenizer:
     """A CLIP tokenizer whose byte-level BPE is trained on `_CORPUS`, the same in every process."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
@@ -222,7 +222,7 @@ def build_tiny_sdxl_model(out: Path, *, seed: int = 0) -> Path:
     return out
 
 
-def _tiny_vae(*, scaling_factor: float) -> "AutoencoderKL":
+def _tiny_vae(*, scaling_factor: float) -> AutoencoderKL:
     """A 2-block VAE: 64 px images to 32x32x4 latents."""
     from diffusers import AutoencoderKL
 
@@ -241,8 +241,8 @@ def _tiny_vae(*, scaling_factor: float) -> "AutoencoderKL":
 
 
 def _clip_config(
-    tokenizer: "CLIPTokenizer", *, hidden_size: int, projection_dim: int
-) -> "CLIPTextConfig":
+    tokenizer: CLIPTokenizer, *, hidden_size: int, projection_dim: int
+) -> CLIPTextConfig:
     """A 2-layer CLIP text encoder config over `tokenizer`'s vocabulary."""
     from transformers import CLIPTextConfig
 

@@ -19,13 +19,15 @@ Integration contract (what the text trainer calls):
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextData, TextJobSpec
-from lorajobs.worker.trainers.text.chat import render_with_spans, resolve_chat_template
 from lorajobs.worker.jsonl import JsonRow, read_rows
+from lorajobs.worker.trainers.text.chat import render_with_spans, resolve_chat_template
+from lorajobs.worker.trainers.text.formats import Record, to_records
 from lorajobs.worker.trainers.text.packing import (
     IGNORE,
     PackedBlock,
@@ -37,7 +39,6 @@ from lorajobs.worker.trainers.text.packing import (
     pack,
 )
 from lorajobs.worker.trainers.text.plain import jsonl_files
-from lorajobs.worker.trainers.text.formats import Record, to_records
 
 
 def load_rows(path: Path) -> list[JsonRow]:
@@ -255,8 +256,11 @@ def build_text_dataset(
             f"dataset {spec.dataset}: no example has a token to train on after tokenising "
             f"(max_seq_length {tr.max_seq_length} may cut off every completion)"
         )
-    val = [e for e in tokenize_records(val_records, tokenizer, data, tr.max_seq_length)
-           if _trainable(e)]
+    val = [
+        e
+        for e in tokenize_records(val_records, tokenizer, data, tr.max_seq_length)
+        if _trainable(e)
+    ]
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     return TextTrainSet(
         kept,

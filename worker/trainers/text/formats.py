@@ -82,7 +82,9 @@ def to_record(row: JsonRow, fmt: str) -> Record:
         return Record(fmt, row.source, row.line, (Segment(_str(d, "text", where), True),))
     if fmt == "completion":
         prompt, completion = _str(d, "prompt", where), _str(d, "completion", where)
-        return Record(fmt, row.source, row.line, (Segment(prompt, False), Segment(completion, True)))
+        return Record(
+            fmt, row.source, row.line, (Segment(prompt, False), Segment(completion, True))
+        )
     if fmt == "alpaca":
         instruction, output = _str(d, "instruction", where), _str(d, "output", where)
         extra = _str(d, "input", where, optional=True)
@@ -107,8 +109,13 @@ def _str(d: dict[str, Any], key: str, where: str, *, optional: bool = False) -> 
 def _messages(d: dict[str, Any], where: str) -> tuple[dict[str, str], ...]:
     msgs = d.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        got = "missing" if msgs is None else f"got {type_name(msgs)}" if not isinstance(
-            msgs, list) else "got an empty array"
+        got = (
+            "missing"
+            if msgs is None
+            else f"got {type_name(msgs)}"
+            if not isinstance(msgs, list)
+            else "got an empty array"
+        )
         raise UserDataError(f"{where}: 'messages' must be a non-empty array ({got})")
     out = []
     for i, m in enumerate(msgs):
@@ -137,5 +144,7 @@ def to_records(rows: list[JsonRow], fmt: str = "auto") -> list[Record]:
     if fmt == "auto":
         fmt = detect_format(rows[0])
     elif fmt not in FORMATS:
-        raise UserDataError(f"{rows[0].source}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+        raise UserDataError(
+            f"{rows[0].source}: unknown format {fmt!r} (known: {', '.join(FORMATS)})"
+        )
     return [to_record(row, fmt) for row in rows]

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence, cast
+from typing import cast
 
 import torch
 

@@ -18,7 +18,6 @@ import torch
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
-from lorajobs.worker.trainers.text.data import TextTrainSet, build_text_dataset
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
 from lorajobs.worker.trainers.loop import (
@@ -34,6 +33,7 @@ from lorajobs.worker.trainers.loop import (
     to_device,
     total_steps,
 )
+from lorajobs.worker.trainers.text.data import TextTrainSet, build_text_dataset
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,8 +67,11 @@ def train(
         """The LM loss of micro-batch `k` (its rows: a function of k and the seed)."""
         batch = ds.batch(k)
         out = model(**to_device(batch.model_inputs(), device), use_cache=False)
-        return out.loss, {"tokens": batch.num_tokens, "label_tokens": batch.num_label_tokens,
-                          "capacity": batch.capacity}
+        return out.loss, {
+            "tokens": batch.num_tokens,
+            "label_tokens": batch.num_label_tokens,
+            "capacity": batch.capacity,
+        }
 
     loop = TrainLoop(
         tr,
@@ -116,8 +119,9 @@ def _load(spec: TextJobSpec, model_dir: Path, what: str, **kwargs: Any) -> Any:
         ) from None
 
 
-def _dataset(spec: TextJobSpec, data_path: Path, tokenizer: Any, ctx: WorkerContext
-             ) -> TextTrainSet:
+def _dataset(
+    spec: TextJobSpec, data_path: Path, tokenizer: Any, ctx: WorkerContext
+) -> TextTrainSet:
     """The tokenised training set (and the validation set it names or splits off)."""
     validation_path = None
     if spec.data.validation is not None:
@@ -127,8 +131,9 @@ def _dataset(spec: TextJobSpec, data_path: Path, tokenizer: Any, ctx: WorkerCont
     return build_text_dataset(data_path, spec, tokenizer, validation_path=validation_path)
 
 
-def _model_with_lora(spec: TextJobSpec, model_dir: Path, device: torch.device,
-                     dtype: torch.dtype) -> Any:
+def _model_with_lora(
+    spec: TextJobSpec, model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> Any:
     """The frozen base model with the spec's LoRA on it, on `device`, in train mode."""
     from peft import LoraConfig, get_peft_model
 
@@ -176,8 +181,9 @@ def _export(spec: TextJobSpec, model: Any, out_dir: Path, total: int) -> None:
     _canonicalise_peft_folder(out_dir, spec.base_model, header)
 
 
-def _metrics(spec: TextJobSpec, ds: TextTrainSet, result: LoopResult, total: int,
-             eval_loss: float | None) -> dict[str, Any]:
+def _metrics(
+    spec: TextJobSpec, ds: TextTrainSet, result: LoopResult, total: int, eval_loss: float | None
+) -> dict[str, Any]:
     tr, losses, counters = spec.training, result.losses, result.counters
     return {
         "first_loss": losses[0],
@@ -191,15 +197,23 @@ def _metrics(spec: TextJobSpec, ds: TextTrainSet, result: LoopResult, total: int
         "tokens": counters.get("tokens", 0),
         "label_tokens": counters.get("label_tokens", 0),
         # Real tokens / tokens computed: what padding wastes (packing brings it near 1).
-        "useful_fraction": round(counters.get("tokens", 0) / max(1, counters.get("capacity", 0)),
-                                 4),
+        "useful_fraction": round(
+            counters.get("tokens", 0) / max(1, counters.get("capacity", 0)), 4
+        ),
         "resumed_from_step": result.resumed_from_step,
         "train_seconds": round(result.train_seconds, 3),
     }
 
 
-def _resolved(spec: TextJobSpec, ds: TextTrainSet, precision: Precision, total: int,
-              device: torch.device, ctx: WorkerContext, params: list[Any]) -> dict[str, Any]:
+def _resolved(
+    spec: TextJobSpec,
+    ds: TextTrainSet,
+    precision: Precision,
+    total: int,
+    device: torch.device,
+    ctx: WorkerContext,
+    params: list[Any],
+) -> dict[str, Any]:
     """Every setting the job ran with, defaults resolved (the sidecar's `resolved`)."""
     tr, lora = spec.training, spec.lora
     return {
