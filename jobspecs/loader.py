@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +94,39 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
+#: `org/name` or `org/name@revision`, as the Hugging Face hub names repositories.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:[.][A-Za-z0-9_-]+)*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
+
+
 def _looks_like_uri(value: str) -> bool:
     return "://" in value
 
 
-def resolve_local_paths(spec: AnyJobSpec, base_dir: Path) -> AnyJobSpec:
-    """Make local `base_model` / `dataset` paths absolute, relative to the spec file's folder.
+def resolve_local_paths(spec: AnyJobSpec, base_dir: Path, source: str | None = None) -> AnyJobSpec:
+    """Make local `base_model` / `dataset` paths absolute, relative to the spec file's folder
+    (`base_dir`), and refuse one that does not exist (SpecError naming the resolved path).
 
     The worker runs in another directory (and, on a cluster, another machine), so a relative
-    path only means something where the spec was written. URIs are left alone, and so is a
-    `base_model` like `org/name` that is not an existing local path: that is a hub id.
+    path only means something where the spec was written, and a path missing here is almost
+    always a typo that would queue a job bound to fail. URIs (`s3://`, and `file://` for a path
+    that only the workers have) are left alone, and so is a `base_model` of the hub's
+    `org/name` form when no such local path exists.
     """
     update: dict[str, str] = {}
+    problems: list[str] = []
     for field in ("base_model", "dataset"):
         value: str = getattr(spec, field)
         if _looks_like_uri(value):
             continue
         p = Path(value).expanduser()
-        candidate = p if p.is_absolute() else (base_dir / p)
-        if field == "base_model" and not candidate.exists() and not p.is_absolute():
-            continue  # a hub id such as "stabilityai/sd-turbo"
-        update[field] = str(candidate.resolve())
+        candidate = (p if p.is_absolute() else (base_dir / p)).resolve()
+        if not candidate.exists():
+            if field == "base_model" and not p.is_absolute() and _HUB_ID.fullmatch(value):
+                continue  # a hub id such as "stabilityai/sd-turbo"
+            where = "" if p.is_absolute() else f" (relative paths are read from {base_dir})"
+            problems.append(f"{field}: {candidate} does not exist{where}")
+            continue
+        update[field] = str(candidate)
+    if problems:
+        raise SpecError(source or str(base_dir), problems)
     return spec.model_copy(update=update) if update else spec

@@ -99,9 +99,10 @@ class Controller:
         self._collect_finished()
         active = self.queue.list(statuses=ACTIVE)
         self._heartbeat(active)
-        self._apply_cancels(active)
-        self._enforce_max_runtime(active)
-        self._reconcile(active)
+        settled = self._apply_cancels(active) | self._enforce_max_runtime(active)
+        # Attempts ended just above are no longer active: the snapshot must not make them look
+        # like jobs whose controller is gone (a cancel once logged a takeover of itself).
+        self._reconcile([j for j in active if j.id not in settled])
         self._dispatch()
         self._autoscale()
 
@@ -157,16 +158,21 @@ class Controller:
         self.queue.renew_leases(self.lease, list(self.inflight), self._lease_until())
         self._last_heartbeat = time.monotonic()
 
-    def _apply_cancels(self, active: list[JobRecord]) -> None:
+    def _apply_cancels(self, active: list[JobRecord]) -> set[str]:
+        """Stop the attempts of jobs whose cancel was requested; returns their ids."""
+        settled = set()
         for job in active:
             if job.cancel_requested and job.id in self.inflight:
                 self.backend.cancel(self._forget(job.id))
                 # The worker may have been killed mid-upload: nothing of it may stay visible.
                 self._delete_partial_adapter(job)
                 self._end(job, JobStatus.cancelled, "cancelled by user")
+                settled.add(job.id)
+        return settled
 
-    def _enforce_max_runtime(self, active: list[JobRecord]) -> None:
-        now = self._clock()
+    def _enforce_max_runtime(self, active: list[JobRecord]) -> set[str]:
+        """Stop the attempts that ran past their job's `max_runtime`; returns their ids."""
+        now, settled = self._clock(), set()
         for job in active:
             started = _aware(job.dispatched_at)
             if job.id not in self.inflight or not job.max_runtime_s or started is None:
@@ -182,6 +188,8 @@ class Controller:
                     failure_kind=FailureKind.user,
                     failure_reason=error,
                 )
+                settled.add(job.id)
+        return settled
 
     def _reconcile(self, active: list[JobRecord]) -> None:
         now = self._clock()

@@ -1,4 +1,5 @@
-"""Job states, the transitions allowed between them, and failure kinds. Pure: no database.
+"""Job states and the transitions allowed between them. Pure: no database. (Failure kinds are
+the failure vocabulary's: `lorajobs.jobspecs.failures.FailureKind`.)
 
 ```
 queued     → dispatched | cancelled | failed
@@ -7,7 +8,7 @@ running    → succeeded | failed | cancelled | queued (retry after infra failur
 failed     → queued (manual retry)
 succeeded, cancelled: final
 ```
-`lorajobs.orchestrator.queue.Queue.transition` is the only code that changes a job's status, and it
+`lorajobs.orchestrator.queue.Queue.apply` is the only code that changes a job's status, and it
 refuses anything not in `ALLOWED`.
 """
 

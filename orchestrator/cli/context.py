@@ -49,7 +49,7 @@ def load_specs(paths: list[Path]) -> list[AnyJobSpec]:
     specs, problems = [], []
     for p in paths:
         try:
-            specs.append(resolve_local_paths(load_spec(p), p.resolve().parent))
+            specs.append(resolve_local_paths(load_spec(p), p.resolve().parent, source=str(p)))
         except InvalidInput as e:
             problems.append(str(e))
     if problems:

@@ -109,21 +109,25 @@ def fetch(
     ref: str = typer.Argument(
         ..., metavar="JOB|NAME", help="Job id (or unique prefix) or adapter name."
     ),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Folder to write into."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output",
+        help="Folder to put the adapter's own folder (<name>-<job id>/) in; default: here.",
+    ),
     latest: bool = typer.Option(
         False, "--latest", help="NAME: take the newest adapter of that name."
     ),
 ) -> None:
     """Download an adapter, verifying every file's sha256; run again to resume.
 
-    JOB is looked up in the queue, a NAME among the bucket's complete adapters.
-    Nothing is written outside the output folder.
+    JOB is looked up in the queue, a NAME among the bucket's complete adapters. Each adapter
+    lands in its own folder, <name>-<job id>/, so adapters fetched into one place never mix;
+    its path is printed. Nothing is written outside it.
     """
     from lorajobs.storage.adapters import fetch_adapter
 
     settings = ctx.settings()
     uri, default_dir = resolve_adapter(settings, ref, latest)
-    dest = output or Path(default_dir)
+    dest = (output or Path(".")) / default_dir
     files = fetch_adapter(uri, dest)
     ctx.err.print(
         f"fetched {len(files)} files from {uri}, sha256 verified", markup=False, highlight=False

@@ -154,10 +154,11 @@ def register(app: typer.Typer) -> None:
     dev_app.command("tiny-models")(tiny_models)
 
 
-def demo(
-    keep: bool = typer.Option(True, help="Keep the demo's jobs and files in LORAJOBS_HOME."),
-) -> None:
-    """Build tiny models and data, train one image and one text LoRA, fetch both."""
+def demo() -> None:
+    """Build tiny models and data, train one image and one text LoRA, fetch both.
+
+    Everything it makes stays in LORAJOBS_HOME (the jobs, the bucket, `demo/`), to look at
+    with `status`, `show` and `logs`; a throwaway LORAJOBS_HOME keeps it apart."""
     run_demo(ctx.settings(), ctx.out, ctx.err)
 
 

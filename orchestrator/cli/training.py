@@ -1,7 +1,8 @@
-"""Training commands: `run` (one job here, in-process), `merge` (compose adapters), `export --merge` (a text adapter folded into a full model) and
-`reproduce` (re-run a finished job from its sidecar and compare hashes). Each takes adapters as
-a folder, a `file://` / `s3://` URI, a job id (or unique prefix) of a succeeded job, or an
-adapter name, found as `lorajobs fetch` finds them.
+"""Training commands: `run` (one job here, in-process), `merge` (compose adapters),
+`export --merge` (a text adapter folded into a full model) and `reproduce` (re-run a finished
+job from its sidecar and compare hashes). Each takes adapters as a folder, a `file://` /
+`s3://` URI, a job id (or unique prefix) of a succeeded job, or an adapter name, found as
+`lorajobs fetch` finds them.
 """
 
 from __future__ import annotations

@@ -71,6 +71,11 @@ def test_cancel_queued_and_running_jobs(
 
     events = cli("show", r_id, "--json").json()["events"]
     assert [e["to_status"] for e in events] == ["queued", "dispatched", "running", "cancelled"]
+    # The controller stopped its own attempt: no "taking it over", no refused transition, and
+    # every line says its level.
+    log = (tmp_path / "controller.log").read_text()
+    assert "taking it over" not in log and "cannot move it" not in log, log[-3000:]
+    assert f"INFO lorajobs.controller job {r_id} -> cancelled: cancelled by user" in log
     adapters = tmp_path / "home" / "bucket" / "adapters"
     assert not adapters.exists() or not any(p.is_file() for p in adapters.rglob("*"))
 
@@ -112,7 +117,7 @@ def test_logs_show_attempts_and_retry_through_the_cli(
 
     # A failed job goes back to the queue with `retry`, as a new attempt.
     bad = write_spec(
-        tmp_path / "bad.yaml", "text", "bad", str(tiny_text_model), str(tmp_path / "missing.jsonl")
+        tmp_path / "bad.yaml", "text", "bad", str(tiny_text_model), (tmp_path / "missing.jsonl").as_uri()
     )
     r = cli("submit", str(bad), "--wait", "--json")
     (failed,) = r.json()

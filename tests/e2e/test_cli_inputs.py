@@ -32,7 +32,7 @@ def test_three_errors_reported_at_once_exit_2_nothing_inserted(cli: CLI, tmp_pat
 
 
 def test_one_bad_file_among_good_ones_inserts_nothing(cli: CLI, tmp_path: Path) -> None:
-    good = write_spec(tmp_path / "good.yaml", "text", "fine", "/m", "/d.jsonl")
+    good = write_spec(tmp_path / "good.yaml", "text", "fine", "file:///m", "file:///d.jsonl")
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: text\n")
     r = cli("submit", str(good), str(bad))
@@ -73,7 +73,7 @@ def test_unknown_job_is_bad_input(cli: CLI) -> None:
 
 
 def test_idempotency_key_returns_same_job(cli: CLI, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "s.yaml", "text", "idem", "/m", "/d.jsonl")
+    spec = write_spec(tmp_path / "s.yaml", "text", "idem", "file:///m", "file:///d.jsonl")
     a = cli("submit", str(spec), "--idempotency-key", "k1")
     b = cli("submit", str(spec), "--idempotency-key", "k1")
     assert a.code == b.code == 0 and a.out == b.out
@@ -99,16 +99,28 @@ def test_missing_dataset_fails_as_user_error_naming_the_uri(
     assert not (tmp_path / "home" / "bucket" / "adapters").exists()
 
 
-def test_missing_base_model_fails_as_user_error(
+def test_a_missing_local_path_is_bad_input_naming_the_resolved_path(
     cli: CLI, tmp_path: Path, tiny_text_dataset: Path
 ) -> None:
-    spec = write_spec(
-        tmp_path / "s.yaml", "text", "nomodel", "/nonexistent/model", str(tiny_text_dataset)
-    )
-    r = cli("submit", str(spec), "--wait", "--json")
-    (job,) = r.json()
-    assert r.code == 1 and job["failure_kind"] == "user"
-    assert "/nonexistent/model" in job["failure_reason"]
+    """Relative paths resolve against the spec file's folder; one that does not exist there
+    (or an absolute one that does not exist) is refused at submit: exit 2, nothing queued."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    relative = write_spec(specs / "rel.yaml", "text", "rel", "./models/llama", "data/train.jsonl")
+    r = cli("submit", str(relative))
+    assert r.code == 2 and "Traceback" not in r.err, r.err
+    assert f"base_model: {specs / 'models' / 'llama'} does not exist" in r.err
+    assert f"dataset: {specs / 'data' / 'train.jsonl'} does not exist" in r.err
+    assert f"relative paths are read from {specs}" in r.err
+    absolute = write_spec(tmp_path / "abs.yaml", "text", "abs", "/nonexistent/model",
+                          str(tiny_text_dataset))
+    r = cli("submit", str(absolute))
+    assert r.code == 2 and "base_model: /nonexistent/model does not exist" in r.err
+    assert cli("validate", str(relative)).code == 2
+    assert cli("status", "--json").json() == []
+    # A hub id (org/name) that is no local path stays a hub id.
+    hub = write_spec(tmp_path / "hub.yaml", "text", "hub", "org/model", str(tiny_text_dataset))
+    assert cli("validate", str(hub)).code == 0
 
 
 def test_gpu_job_on_a_cpu_only_local_ray_fails_clearly(

@@ -118,7 +118,7 @@ def test_fetch_never_writes_outside_its_folder(cli: CLI, tmp_path: Path, s3_env:
 
 
 def test_a_job_named_to_climb_out_is_refused_and_inserts_nothing(cli: CLI, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "s.yaml", "text", "../../x", "/m", "/d.jsonl")
+    spec = write_spec(tmp_path / "s.yaml", "text", "../../x", "file:///m", "file:///d.jsonl")
     r = cli("submit", str(spec))
     assert r.code == 2 and "name" in r.err
     assert cli("status", "--json").json() == []
@@ -181,12 +181,14 @@ def test_full_run_stages_once_pulls_once_and_leaks_no_secret(
     dest = tmp_path / "fetched"
     got = run("fetch", "acme-bot", "--latest", "-o", str(dest))
     assert got.code == 0, got.err
+    assert Path(got.out.strip()) == (dest / f"acme-bot-{listed[0]['job_id']}").resolve()
+    dest = Path(got.out.strip())
     sidecar = json.loads((dest / "lorajobs.json").read_text())
     assert sidecar["job_id"] == listed[0]["job_id"]
     for rel, meta in sidecar["files"].items():
         assert hashlib.sha256((dest / rel).read_bytes()).hexdigest() == meta["sha256"]
     by_id = run("fetch", jobs[0]["id"], "-o", str(tmp_path / "by-id"))
-    assert by_id.code == 0 and (tmp_path / "by-id" / "lorajobs.json").is_file()
+    assert by_id.code == 0 and (Path(by_id.out.strip()) / "lorajobs.json").is_file()
 
     # The secret key is nowhere: database, cache, staging records, sidecars, Ray's logs (the
     # controller's and the workers'), every object in the bucket, every CLI output.

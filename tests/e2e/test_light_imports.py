@@ -41,7 +41,7 @@ def _heavy_modules(cli: CLI, *args: str) -> list[str]:
 @pytest.mark.slow
 def test_queue_commands_import_no_training_stack(tmp_path: Path) -> None:
     cli = CLI(home=tmp_path / "home")
-    spec = write_spec(tmp_path / "s.yaml", "text", "light", "/m", "/d.jsonl")
+    spec = write_spec(tmp_path / "s.yaml", "text", "light", "file:///m", "file:///d.jsonl")
     assert _heavy_modules(cli, "validate", str(spec)) == []
     assert _heavy_modules(cli, "submit", str(spec)) == []
     job_id = cli("status", "--json").json()[0]["id"]

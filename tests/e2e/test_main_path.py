@@ -89,14 +89,24 @@ def _walk_main_path(
 
     fetched = {}
     for j in jobs:
-        dest = tmp / "fetched" / j["kind"]
-        r = cli("fetch", j["id"], "-o", str(dest))
+        r = cli("fetch", j["id"], "-o", str(tmp / "fetched" / j["kind"]))
         assert r.code == 0, r.err
+        dest = tmp / "fetched" / j["kind"] / f"{j['name']}-{j['id']}"
         assert Path(r.out.strip()) == dest.resolve()
         sidecar = json.loads((dest / "lorajobs.json").read_text())
         for rel, meta in sidecar["files"].items():
             assert _sha(dest / rel) == meta["sha256"]
         fetched[j["kind"]] = dest
+
+    # Both into one -o folder: each in its own subfolder, every file of both kept byte for byte
+    # (both adapters have a lorajobs.json, a README.md and a loss.png).
+    for j in jobs:
+        assert cli("fetch", j["id"], "-o", str(tmp / "together")).code == 0
+    for kind, dest in fetched.items():
+        mine = tmp / "together" / dest.name
+        names = sorted(p.name for p in dest.iterdir())
+        assert sorted(p.name for p in mine.iterdir()) == names
+        assert all((mine / n).read_bytes() == (dest / n).read_bytes() for n in names), kind
 
     assert (fetched["image"] / "pytorch_lora_weights.safetensors").is_file()
     before = _image_output(local_models["image"], None)
