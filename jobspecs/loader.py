@@ -95,7 +95,9 @@ def json_schema() -> dict[str, Any]:
 
 
 #: `org/name` or `org/name@revision`, as the Hugging Face hub names repositories.
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:[.][A-Za-z0-9_-]+)*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
+_HUB_ID = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9_-]*(?:[.][A-Za-z0-9_-]+)*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?"
+)
 
 
 def _looks_like_uri(value: str) -> bool:

@@ -325,21 +325,25 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine) -> None:
-    """Migrate the database to the newest schema (`lorajobs db upgrade`). Safe to run twice,
-    also concurrently: the upgrade runs in one transaction that holds a lock first."""
+def upgrade(engine: Engine) -> tuple[str | None, str | None]:
+    """Migrate the database to the newest schema (`lorajobs db upgrade`); returns the revision
+    before and after (None: no schema). Safe to run twice, also concurrently: the upgrade runs
+    in one transaction that holds a lock first."""
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
     from alembic.util import CommandError
 
     with _db_errors(engine), write_engine(engine).connect() as conn:
         with conn.begin():
             if conn.dialect.name == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+            before = MigrationContext.configure(conn).get_current_revision()
             try:
                 # Alembic sees the open transaction and runs every migration inside it.
                 command.upgrade(_alembic_config(conn), "head")
             except CommandError as err:  # e.g. a revision from a newer lorajobs
                 raise LoraJobsError(f"cannot upgrade the database schema: {err}") from None
+            return before, MigrationContext.configure(conn).get_current_revision()
 
 
 #: The newest migration shipped; a test checks it against Alembic's own head. Knowing it lets

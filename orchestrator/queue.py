@@ -413,14 +413,17 @@ class Queue:
             return self._get_exact(conn, job.id)
 
     def retry(self, ref: str, *, reason: str = "retried by user") -> JobRecord:
-        """Manual retry: failed → queued as a new attempt (resumes from its last checkpoint)."""
+        """Manual retry: failed or cancelled → queued as a new attempt (resumes from its last
+        checkpoint, which a failed or cancelled attempt keeps)."""
         job = self.get(ref)
-        if job.status is not JobStatus.failed:
-            raise InvalidInput(f"job {job.id} is {job.status}: only failed jobs can be retried")
+        if job.status not in (JobStatus.failed, JobStatus.cancelled):
+            raise InvalidInput(
+                f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
+            )
         # A manual retry starts with fresh budgets; the events keep the history.
         return self.transition(
             job.id,
-            expected=JobStatus.failed,
+            expected=(JobStatus.failed, JobStatus.cancelled),
             to=JobStatus.queued,
             reason=reason,
             data={"attempt": job.attempt + 1, "manual": True},

@@ -6,7 +6,8 @@ queued     → dispatched | cancelled | failed
 dispatched → running | succeeded | failed | cancelled | queued (Ray refused or lost the task)
 running    → succeeded | failed | cancelled | queued (retry after infra failure / preemption)
 failed     → queued (manual retry)
-succeeded, cancelled: final
+cancelled  → queued (manual retry)
+succeeded: final
 ```
 `lorajobs.orchestrator.queue.Queue.apply` is the only code that changes a job's status, and it
 refuses anything not in `ALLOWED`.
@@ -69,10 +70,11 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
             JobStatus.queued,
         }
     ),
-    # A manual retry (`lorajobs retry`) of a failed job starts a new attempt.
+    # A manual retry (`lorajobs retry`) of a failed or cancelled job starts a new attempt; it
+    # resumes from the checkpoints the stopped attempt kept.
     JobStatus.failed: frozenset({JobStatus.queued}),
     JobStatus.succeeded: frozenset(),
-    JobStatus.cancelled: frozenset(),
+    JobStatus.cancelled: frozenset({JobStatus.queued}),
 }
 
 

@@ -71,6 +71,15 @@ class _Tee(io.TextIOBase):
             pass
 
 
+#: Libraries whose INFO lines are noise in a job's log ("Found credentials in environment
+#: variables" on every S3 client): only their warnings and errors are kept.
+QUIET = ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in QUIET
+
+
 class AttemptLog:
     """Context manager: capture this process's output for one attempt and keep uploading it."""
 
@@ -91,6 +100,7 @@ class AttemptLog:
         self._handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
+        self._handler.addFilter(_quiet_libraries)
 
     def write(self, text: str) -> None:
         with self._lock:

@@ -90,6 +90,10 @@ def log_to_stderr() -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # Their INFO lines say nothing an operator acts on (Alembic's "Context impl SQLiteImpl",
+    # botocore's "Found credentials"); their warnings still show.
+    for noisy in ("alembic", "botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def human_size(n: float) -> str:

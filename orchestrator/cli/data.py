@@ -93,7 +93,8 @@ def adapters(
 
     table = Table(box=None, pad_edge=False)
     for col in ("NAME", "JOB", "SIZE", "BASE MODEL", "CREATED"):
-        table.add_column(col, overflow="fold")
+        # Whole values on one line, however long (a base model URI is copied, not read).
+        table.add_column(col, no_wrap=True, overflow="ignore")
     for a in found:
         table.add_row(
             a["name"],
@@ -110,7 +111,9 @@ def fetch(
         ..., metavar="JOB|NAME", help="Job id (or unique prefix) or adapter name."
     ),
     output: Path | None = typer.Option(
-        None, "-o", "--output",
+        None,
+        "-o",
+        "--output",
         help="Folder to put the adapter's own folder (<name>-<job id>/) in; default: here.",
     ),
     latest: bool = typer.Option(

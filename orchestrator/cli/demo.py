@@ -68,6 +68,7 @@ def stage_demo_inputs(bucket: str, err: Console) -> None:
     from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, make_image_dataset
     from lorajobs.worker.trainers.text.tiny import build_tiny_text_model, make_text_dataset
 
+    quiet_ml_libraries()
     storage = open_storage(bucket)
     if storage.exists("models/tiny-llama/config.json") and storage.exists(
         "datasets/demo-patterns/train.jsonl"
@@ -167,20 +168,49 @@ def db_upgrade() -> None:
     from lorajobs.orchestrator.db import make_engine, upgrade
 
     settings = ctx.settings()
-    upgrade(make_engine(settings))
-    ctx.err.print(f"database at {settings.redacted_database_url()} is up to date")
+    before, after = upgrade(make_engine(settings))
+    where = settings.redacted_database_url()
+    if before is None:
+        said = f"created the schema at revision {after}"
+    elif before != after:
+        said = f"upgraded the schema from revision {before} to {after}"
+    else:
+        said = f"the schema is already at revision {after}"
+    ctx.err.print(f"database at {where}: {said}", markup=False, highlight=False)
 
 
 def tiny_models(
     out_dir: Path = typer.Option(
-        ..., "--out", help="Folder to write tiny-sd/, tiny-sdxl/ and tiny-llama/ into."
+        ..., "--out", help="Folder to write tiny-sd/, tiny-sdxl/, tiny-llama/ and data/ into."
     ),
     seed: int = typer.Option(0, help="Seed for the random weights."),
 ) -> None:
-    """Build tiny SD-1.x and SDXL pipelines and a tiny causal LM, offline."""
-    from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, build_tiny_sdxl_model
-    from lorajobs.worker.trainers.text.tiny import build_tiny_text_model
+    """Build tiny SD-1.x and SDXL pipelines, a tiny causal LM and two sample data sets
+    (data/shapes/: images with captions; data/patterns/train.jsonl: text), offline: enough
+    to try a cluster end to end in minutes, even on CPU-only nodes."""
+    from lorajobs.worker.trainers.image.tiny import (
+        build_tiny_image_model,
+        build_tiny_sdxl_model,
+        make_image_dataset,
+    )
+    from lorajobs.worker.trainers.text.tiny import build_tiny_text_model, make_text_dataset
 
+    quiet_ml_libraries()
     print(build_tiny_image_model(out_dir / "tiny-sd", seed=seed))
     print(build_tiny_sdxl_model(out_dir / "tiny-sdxl", seed=seed))
     print(build_tiny_text_model(out_dir / "tiny-llama", seed=seed))
+    print(make_image_dataset(out_dir / "data" / "shapes"))
+    print(make_text_dataset(out_dir / "data" / "patterns" / "train.jsonl"))
+
+
+def quiet_ml_libraries() -> None:
+    """Building tiny models makes transformers and diffusers warn about things that do not
+    matter here (a torchvision-less image processor) and draw progress bars: keep stderr for
+    what the user needs."""
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()

@@ -149,15 +149,22 @@ def status(
         listed = jobs()
         print_jobs(listed, as_json, reasons=wait_reasons(queue, listed))
         return
-    from rich.live import Live
+    try:
+        if ctx.out.is_terminal:
+            from rich.live import Live
 
-    with Live(table(), console=ctx.out, refresh_per_second=1) as live:
-        try:
-            while True:
-                time.sleep(2)
-                live.update(table())
-        except KeyboardInterrupt:
-            pass
+            with Live(table(), console=ctx.out, refresh_per_second=1) as live:
+                while True:
+                    time.sleep(2)
+                    live.update(table())
+        # Piped (to a file, `tee`, a pager): a plain table per refresh, written at once.
+        while True:
+            ctx.out.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            ctx.out.print(table())
+            ctx.out.file.flush()
+            time.sleep(2)
+    except KeyboardInterrupt:
+        pass
 
 
 def show(

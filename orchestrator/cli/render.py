@@ -19,8 +19,9 @@ def _aware(t: datetime | None) -> datetime | None:
 
 
 def elapsed_s(job: JobRecord, now: datetime | None = None) -> float | None:
-    """Seconds since training started (or dispatch), up to the end if it ended."""
-    start = _aware(job.started_at or job.dispatched_at)
+    """Seconds since the attempt was dispatched (pulling and loading count: the node is held),
+    up to the end if it ended."""
+    start = _aware(job.dispatched_at or job.started_at)
     if start is None:
         return None
     end = _aware(job.finished_at) or now or datetime.now(timezone.utc)

@@ -117,7 +117,11 @@ def test_logs_show_attempts_and_retry_through_the_cli(
 
     # A failed job goes back to the queue with `retry`, as a new attempt.
     bad = write_spec(
-        tmp_path / "bad.yaml", "text", "bad", str(tiny_text_model), (tmp_path / "missing.jsonl").as_uri()
+        tmp_path / "bad.yaml",
+        "text",
+        "bad",
+        str(tiny_text_model),
+        (tmp_path / "missing.jsonl").as_uri(),
     )
     r = cli("submit", str(bad), "--wait", "--json")
     (failed,) = r.json()

@@ -112,8 +112,9 @@ def test_a_missing_local_path_is_bad_input_naming_the_resolved_path(
     assert f"base_model: {specs / 'models' / 'llama'} does not exist" in r.err
     assert f"dataset: {specs / 'data' / 'train.jsonl'} does not exist" in r.err
     assert f"relative paths are read from {specs}" in r.err
-    absolute = write_spec(tmp_path / "abs.yaml", "text", "abs", "/nonexistent/model",
-                          str(tiny_text_dataset))
+    absolute = write_spec(
+        tmp_path / "abs.yaml", "text", "abs", "/nonexistent/model", str(tiny_text_dataset)
+    )
     r = cli("submit", str(absolute))
     assert r.code == 2 and "base_model: /nonexistent/model does not exist" in r.err
     assert cli("validate", str(relative)).code == 2
@@ -138,3 +139,56 @@ def test_gpu_job_on_a_cpu_only_local_ray_fails_clearly(
     (job,) = r.json()
     assert r.code == 1 and job["failure_kind"] == "user"
     assert "GPU" in job["failure_reason"] and "resources.gpus: 0" in job["failure_reason"]
+
+
+def test_db_upgrade_says_what_it_did_and_the_controller_starts_quietly(tmp_path: Path) -> None:
+    from lorajobs.orchestrator.db import SCHEMA_HEAD
+
+    cli = CLI(home=tmp_path / "home")
+    first = cli("db", "upgrade")
+    assert first.code == 0 and f"created the schema at revision {SCHEMA_HEAD}" in first.err
+    again = cli("db", "upgrade")
+    assert again.code == 0 and f"already at revision {SCHEMA_HEAD}" in again.err
+    # A controller on a database it has to create: no Alembic chatter.
+    fresh = CLI(home=tmp_path / "fresh")
+    r = fresh("controller", "--once", timeout=180)
+    assert r.code == 0, r.err[-2000:]
+    assert "alembic" not in r.err.lower() and "Context impl" not in r.err, r.err
+
+
+def test_dev_tiny_models_builds_models_and_sample_data_quietly(tmp_path: Path) -> None:
+    r = CLI(home=tmp_path / "home")("dev", "tiny-models", "--out", str(tmp_path / "t"))
+    assert r.code == 0, r.err
+    assert r.err.strip() == "", r.err  # no library warnings, no progress bars
+    printed = [Path(p) for p in r.out.split()]
+    assert [p.name for p in printed] == [
+        "tiny-sd",
+        "tiny-sdxl",
+        "tiny-llama",
+        "shapes",
+        "train.jsonl",
+    ]
+    assert all(p.exists() for p in printed)
+    assert list((tmp_path / "t" / "data" / "shapes").glob("*.txt"))
+
+
+def test_status_watch_piped_to_a_file_prints_tables(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from tests.e2e.cli import LORAJOBS
+
+    cli = CLI(home=tmp_path / "home")
+    spec = write_spec(tmp_path / "s.yaml", "text", "watched", "file:///m", "file:///d.jsonl")
+    assert cli("submit", str(spec)).code == 0
+    out = tmp_path / "watch.txt"
+    with open(out, "wb") as f:
+        p = subprocess.Popen([*LORAJOBS, "status", "--watch"], stdout=f, env=cli.environ())
+        deadline = time.monotonic() + 60
+        while out.read_text().count("watched") < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 0
+    text = out.read_text()
+    assert text.count("watched") >= 2 and "STATE" in text, text

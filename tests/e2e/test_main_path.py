@@ -86,6 +86,10 @@ def _walk_main_path(
         "succeeded",
     ]
     assert cli("show", jobs[0]["id"]).code == 0
+    for j in jobs:  # the worker's log: ours, not botocore's chatter about credentials
+        log = cli("logs", j["id"])
+        assert log.code == 0 and "adapter uploaded to" in log.out, log.err
+        assert "Found credentials" not in log.out
 
     fetched = {}
     for j in jobs:

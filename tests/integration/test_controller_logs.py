@@ -54,3 +54,24 @@ def test_the_log_streams_while_the_attempt_runs_and_is_whole_at_the_end(bucket: 
     assert b"second attempt" in (read_log(bucket, "job1", 2) or b"")
     assert b"second attempt" not in (read_log(bucket, "job1", 1) or b"")
     assert logging.getLogger().handlers == handlers and sys.stdout is stdout
+
+
+def test_library_chatter_stays_out_of_the_attempt_log(tmp_path: Path) -> None:
+    """botocore logs "Found credentials in environment variables" at INFO for every client:
+    a job's log keeps only the libraries' warnings, and everything of ours."""
+    import logging
+
+    from lorajobs.storage.logs import AttemptLog, read_log
+
+    bucket = (tmp_path / "bucket").as_uri()
+    with AttemptLog(bucket, "job1", 1, every_s=60):
+        logging.getLogger("botocore.credentials").info(
+            "Found credentials in environment variables."
+        )
+        logging.getLogger("urllib3.connectionpool").info("Starting new HTTPS connection")
+        logging.getLogger("botocore.retryhandler").warning("retry needed")
+        logging.getLogger("lorajobs.worker").info("pulling the model")
+    text = (read_log(bucket, "job1", 1) or b"").decode()
+    assert "Found credentials" not in text and "Starting new HTTPS" not in text
+    assert "WARNING botocore.retryhandler: retry needed" in text
+    assert "INFO lorajobs.worker: pulling the model" in text

@@ -223,7 +223,7 @@ def test_a_transition_outside_the_map_is_refused(queue: Queue, engine: Engine) -
         queue.transition(job.id, expected=Q, to=R, reason="skip dispatch")
     queue.transition(job.id, expected=Q, to=C, reason="cancelled")
     with pytest.raises(InvalidTransition):
-        queue.transition(job.id, expected=C, to=Q, reason="resurrect")
+        queue.transition(job.id, expected=C, to=R, reason="resurrect")
     assert count(engine, EVENTS) == 2
     assert queue.get(job.id).status is C
 
@@ -272,8 +272,12 @@ def test_failure_retry_and_manual_retry(queue: Queue) -> None:
         failure_reason="bad data",
     )
     assert failed.failure_kind is FailureKind.user and failed.finished_at is not None
-    with pytest.raises(InvalidInput, match="only failed jobs"):
-        queue.retry(queue.submit(make_spec("other"), output_uri=OUT)[0].id)
+    other = queue.submit(make_spec("other"), output_uri=OUT)[0]
+    with pytest.raises(InvalidInput, match="only failed or cancelled jobs"):
+        queue.retry(other.id)
+    # A cancelled job keeps its checkpoints for a retry, so it can be retried too.
+    queue.request_cancel(other.id)
+    assert queue.retry(other.id).status is Q and queue.get(other.id).attempt == 2
     retried = queue.retry(job.id[:6])
     assert retried.status is Q and retried.attempt == 3
     assert retried.failure_kind is None and retried.finished_at is None

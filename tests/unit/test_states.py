@@ -26,6 +26,7 @@ EXPECTED = {
     (R, C),
     (R, Q),
     (F, Q),
+    (C, Q),
 }
 
 
@@ -58,9 +59,9 @@ def test_allowed_map_is_exactly_the_documented_one(src: JobStatus, dst: JobStatu
 def test_terminal_states() -> None:
     assert TERMINAL == {S, F, C}
     assert [s for s in JobStatus if s.is_terminal()] == [S, F, C]
-    # Only a manual retry leaves a terminal state, and only from failed.
-    assert ALLOWED[S] == ALLOWED[C] == frozenset()
-    assert ALLOWED[F] == {Q}
+    # Only a manual retry leaves a terminal state, and only from failed or cancelled.
+    assert ALLOWED[S] == frozenset()
+    assert ALLOWED[F] == ALLOWED[C] == {Q}
 
 
 def test_no_status_moves_to_itself() -> None:
