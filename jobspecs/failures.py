@@ -31,6 +31,9 @@ class LoraJobsError(Exception):
 
     exit_code = 1
     kind = FailureKind.internal
+    #: The node the attempt ran on is at fault (its environment or hardware, not the job): the
+    #: controller keeps jobs off that node for a while and retries elsewhere.
+    node_fault = False
 
 
 class InvalidInput(LoraJobsError):
@@ -74,6 +77,11 @@ class StorageAuthError(StorageError):
     kind = FailureKind.user
 
 
+class MissingCredentials(StorageAuthError):
+    """No credentials for the bucket at all (as opposed to wrong ones). On the user's machine
+    that is theirs to fix; on a worker node it is the node's environment (`NodeUnfit`)."""
+
+
 class ObjectNotFound(StorageError):
     """A bucket, prefix or object that should exist does not."""
 
@@ -107,3 +115,11 @@ class ClusterUnavailable(LoraJobsError):
     """Ray (or another piece of the platform) could not be reached, after retries."""
 
     kind = FailureKind.infra
+
+
+class NodeUnfit(LoraJobsError):
+    """The node cannot run this attempt through no fault of the job: no usable GPU where the
+    job asked for one, no credentials for the bucket. Retried on another node."""
+
+    kind = FailureKind.infra
+    node_fault = True

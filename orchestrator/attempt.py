@@ -15,7 +15,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lorajobs.jobspecs.failures import FailureKind, LoraJobsError, classify
+from lorajobs.jobspecs.failures import (
+    FailureKind,
+    LoraJobsError,
+    MissingCredentials,
+    NodeUnfit,
+    classify,
+)
 from lorajobs.orchestrator.settings import Settings
 
 PROGRESS_LOG_EVERY_S = 2.0
@@ -61,7 +67,16 @@ def run(
         try:
             out = {"ok": True, **base, **run_job(parsed, ctx)}  # run_job logs the upload
         except LoraJobsError as err:
-            out = {"ok": False, "kind": classify(err), "error": str(err), **base}
+            err = _on_this_node(err, node)
+            # The hostname alone may not tell nodes apart (containers, a simulated cluster).
+            error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
+            out = {
+                "ok": False,
+                "kind": classify(err),
+                "error": error,
+                "node_fault": err.node_fault,
+                **base,
+            }
         except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
             traceback.print_exc()
             out = {
@@ -76,6 +91,17 @@ def run(
         if not out["ok"]:
             log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
     return out
+
+
+def _on_this_node(err: LoraJobsError, node: str) -> LoraJobsError:
+    """Missing bucket credentials on a worker node are the node's environment, not the job's
+    spec: an infra failure that names the node, retried elsewhere."""
+    if isinstance(err, MissingCredentials):
+        return NodeUnfit(
+            f"node {node} has no credentials for the bucket ({err}); give every worker node "
+            "the bucket's credentials (environment or instance role)"
+        )
+    return err
 
 
 def _reporter(

@@ -143,6 +143,16 @@ class Controller:
                 continue
             if out.get("node_lost") and attempt.node_id:
                 self._suspect[attempt.node_id] = time.monotonic() + SUSPECT_NODE_S
+            if out.get("node_fault") and attempt.node_id:
+                # The node itself cannot run jobs (no usable GPU, no bucket credentials): keep
+                # jobs off it for a while, so the retry lands elsewhere.
+                log.warning(
+                    "node %s: %s; no jobs go there for %.0f s",
+                    out.get("node"),
+                    out.get("error"),
+                    self.config.node_fault_s,
+                )
+                self._suspect[attempt.node_id] = time.monotonic() + self.config.node_fault_s
             self._lost(
                 job, FailureKind(out.get("kind", FailureKind.internal)), out.get("error", "failed")
             )

@@ -19,6 +19,7 @@ The controller's knobs:
 | `LORAJOBS_RETRY_BACKOFF_S` | 2 | first backoff; doubles per retry of that kind |
 | `LORAJOBS_RETRY_BACKOFF_MAX_S` | 60 | backoff cap |
 | `LORAJOBS_PRICES` | none | `A100=1.29,H100=2.49,cpu=0.05`: $/GPU-hour by type, $/core-hour |
+| `LORAJOBS_NODE_FAULT_S` | 300 | how long a node that failed an attempt itself (no usable GPU, no bucket credentials) gets no jobs |
 | `LORAJOBS_AUTOSCALE` | auto | `auto`: tell Ray's autoscaler the demand when on a cluster; `off` |
 """
 
@@ -165,6 +166,9 @@ class ControllerConfig:
     #: An expired lease whose controller is still connected to Ray (stuck, or cut off from the
     #: database) is taken over only after this much longer; a dead one's at once.
     takeover_grace_s: float = 300.0
+    #: A node whose own environment failed an attempt (no usable GPU, no bucket credentials)
+    #: gets no jobs for this long.
+    node_fault_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -202,4 +206,5 @@ class ControllerConfig:
             prices=prices,
             autoscale=autoscale,
             takeover_grace_s=10 * lease_s,
+            node_fault_s=_float(env, "LORAJOBS_NODE_FAULT_S", 300.0),
         )

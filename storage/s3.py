@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lorajobs.jobspecs.failures import InvalidInput, ObjectNotFound, StorageAuthError, StorageError
+from lorajobs.jobspecs.failures import (
+    InvalidInput,
+    MissingCredentials,
+    ObjectNotFound,
+    StorageAuthError,
+    StorageError,
+)
 from lorajobs.storage.base import BytesCallback, ObjectInfo, safe_key
 
 log = logging.getLogger(__name__)
@@ -239,7 +245,7 @@ class S3Storage:
             msg = _one_line(str(err.get("Message", "")) or str(e))
             return StorageError(f"{where}: S3 error {code or status}: {msg}")
         if isinstance(e, (bex.NoCredentialsError, bex.PartialCredentialsError)):
-            return StorageAuthError(
+            return MissingCredentials(
                 f"{where}: no usable AWS credentials: set AWS_ACCESS_KEY_ID / "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
             )

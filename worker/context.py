@@ -48,6 +48,9 @@ class WorkerContext:
     # TEST HOOK (env LORAJOBS_STOP_AFTER_STEP): after this step, checkpoint and raise
     # `Preempted`, as a preempted node would stop. Never set in production.
     stop_after_step: int | None = None
+    # A job that asked for GPUs may train on this machine's CPU (`lorajobs run`, or a node
+    # with LORAJOBS_ALLOW_CPU_FALLBACK=1) instead of failing as the node's fault.
+    cpu_fallback: bool = False
 
 
 @dataclass

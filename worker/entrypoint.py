@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorajobs.jobspecs.failures import StorageError
+from lorajobs.jobspecs.failures import NodeUnfit, StorageError
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.storage.adapters import upload_adapter
 from lorajobs.storage.base import join_uri
@@ -38,6 +38,37 @@ def adapter_uri(spec: AnyJobSpec, ctx: WorkerContext) -> str:
 STOP_AFTER_STEP_ENV = "LORAJOBS_STOP_AFTER_STEP"
 
 
+CPU_FALLBACK_ENV = "LORAJOBS_ALLOW_CPU_FALLBACK"
+
+
+def check_device(spec: AnyJobSpec, ctx: WorkerContext) -> None:
+    """A job that asked for GPUs never trains on the CPU unannounced: without a usable CUDA
+    device it fails as the node's fault (`NodeUnfit`, retried on another node), unless CPU
+    fallback is allowed here, and then it says so in the log and the sidecar."""
+    gpus = spec.resources.gpus
+    if gpus <= 0:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    node = ctx.node or "this machine"
+    if ctx.cpu_fallback or os.environ.get(CPU_FALLBACK_ENV, "").strip() == "1":
+        log.warning(
+            "job %s asked for %g GPU(s) but %s has no usable CUDA device: training on "
+            "the CPU (CPU fallback allowed)",
+            ctx.job_id,
+            gpus,
+            node,
+        )
+        ctx.extra["cpu_fallback"] = {"gpus_requested": gpus, "device": "cpu"}
+        return
+    raise NodeUnfit(
+        f"node {node}: the job asks for {gpus:g} GPU(s) but no usable CUDA device is here "
+        f"(torch.cuda.is_available() is False; {CPU_FALLBACK_ENV}=1 on the node allows the CPU)"
+    )
+
+
 def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
     """Run one attempt of `spec`, resuming from the job's latest checkpoint if it has one.
 
@@ -53,6 +84,7 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
     if ctx.stop_after_step is None and os.environ.get(STOP_AFTER_STEP_ENV, "").strip():
         ctx.stop_after_step = int(os.environ[STOP_AFTER_STEP_ENV])
 
+    check_device(spec, ctx)
     # Pull. The dataset first: it is usually the smaller of the two, and a missing one should
     # fail before a many-GB model download.
     # (The pull functions file entries under <cache_dir>/datasets and <cache_dir>/models.)

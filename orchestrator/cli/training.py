@@ -56,6 +56,7 @@ def run(
         report=report,
         threads=spec.resources.cpus,
         node="local",
+        cpu_fallback=True,  # this machine, the user's own choice: warn, do not fail
     )
     result = run_job(spec, worker_ctx)
     ctx.err.print(f"adapter written to {result['adapter_uri']}")
@@ -242,6 +243,7 @@ def _rerun(job: str, sidecar: dict[str, Any], bucket: str) -> tuple[int, dict[st
         cache_dir=ctx.settings().cache_dir,
         threads=threads,
         node="local",
+        cpu_fallback=True,  # this machine, the user's own choice: warn, do not fail
     )
     _say(f"re-running {sidecar.get('name')} (job {sidecar.get('job_id')}) with {threads} thread(s)")
     return threads, run_job(spec, worker_ctx)

@@ -46,6 +46,7 @@ def _reference(spec: Any, tmp: Path) -> str:
         output_uri=f"file://{tmp / 'ref-bucket'}",
         cache_dir=tmp / "ref-cache",
         threads=spec.resources.cpus,
+        cpu_fallback=True,  # the job asks for a logical GPU; the reference runs on this CPU
     )
     return str(run_job(spec, ctx)["files"][WEIGHTS])
 

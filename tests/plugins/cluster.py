@@ -34,18 +34,39 @@ class SimCluster:
         return str(self.cluster.address)
 
     def add_gpu_node(
-        self, accelerator: str | None = "A100", *, gpus: float = 1, cpus: int = 1, wait: bool = True
+        self,
+        accelerator: str | None = "A100",
+        *,
+        gpus: float = 1,
+        cpus: int = 1,
+        wait: bool = True,
+        usable: bool = True,
+        env: dict[str, str | None] | None = None,
     ) -> Any:
         """A worker node with `gpus` logical GPUs of type `accelerator`; returns it (`.node_id`).
-        `wait=False` returns as soon as its processes start (it joins a few seconds later)."""
+        `wait=False` returns as soon as its processes start (it joins a few seconds later).
+
+        Its GPUs are logical: jobs train on the CPU, which the node allows (as
+        LORAJOBS_ALLOW_CPU_FALLBACK=1 does on a real one) unless `usable=False`, a node whose
+        GPU does not work. `env` changes the node's own environment (None: unset), which its
+        worker processes inherit, e.g. to take the bucket credentials away from one node."""
         resources = {f"accelerator_type:{accelerator}": 1.0} if accelerator else {}
-        node = self.cluster.add_node(
-            num_cpus=cpus,
-            num_gpus=gpus,
-            resources=resources,
-            object_store_memory=80 * 1024**2,
-            wait=wait,
-        )
+        changes: dict[str, str | None] = {
+            "LORAJOBS_ALLOW_CPU_FALLBACK": "1" if usable else None,
+            **(env or {}),
+        }
+        saved = {k: os.environ.get(k) for k in changes}
+        try:
+            _apply_env(changes)  # the node's processes are spawned now, with this environment
+            node = self.cluster.add_node(
+                num_cpus=cpus,
+                num_gpus=gpus,
+                resources=resources,
+                object_store_memory=80 * 1024**2,
+                wait=wait,
+            )
+        finally:
+            _apply_env(saved)
         self.nodes.append(node)
         if wait:
             self.cluster.wait_for_nodes()
@@ -55,6 +76,14 @@ class SimCluster:
         """Kill the node at once, as a preempted spot instance goes."""
         self.cluster.remove_node(node, allow_graceful=False)
         self.nodes.remove(node)
+
+
+def _apply_env(changes: dict[str, str | None]) -> None:
+    for key, value in changes.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
