@@ -35,8 +35,15 @@ def walk_blocks(text: str) -> tuple[list[str], str]:
 def test_the_walk_is_found() -> None:
     steps, cleanup = walk_blocks(DOC.read_text())
     commands = "\n".join(steps)
-    for needed in ("ray start --head", "lorajobs controller", "lorajobs data push",
-                   "lorajobs submit", "lorajobs logs -f", "lorajobs fetch", "lorajobs cancel"):
+    for needed in (
+        "ray start --head",
+        "lorajobs controller",
+        "lorajobs data push",
+        "lorajobs submit",
+        "lorajobs logs -f",
+        "lorajobs fetch",
+        "lorajobs cancel",
+    ):
         assert needed in commands, needed
     assert "kill" in cleanup and "ray stop" not in cleanup
 
@@ -55,19 +62,34 @@ def test_a_newcomer_walks_docs_cluster_md_to_a_succeeded_job(tmp_path: Path) -> 
         "ip link set lo up\n"
         f"cd {ROOT}\n"
         # The cleanup runs however the walk ends; its own failures must not hide the walk's.
-        "cleanup() {\n  set +e\n" + cleanup + "}\ntrap cleanup EXIT\n"
+        "cleanup() {\n  set +e\n"
+        + cleanup
+        + "}\ntrap cleanup EXIT\n"
         + "\n".join(f"echo '+++ walk step {i}'\n{body}" for i, body in enumerate(steps, 1))
         + "echo '+++ walk done'\n"
     )
     bin_dir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LORAJOBS_", "AWS_", "RAY_", "SEAWEED_"))}
-    env.update(TRY=str(try_dir), PATH=f"{bin_dir}:{env.get('PATH', '')}",
-               RAY_TMPDIR=str(try_dir / "r"), RAY_AUTH_MODE="disabled",
-               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LORAJOBS_", "AWS_", "RAY_", "SEAWEED_"))
+    }
+    env.update(
+        TRY=str(try_dir),
+        PATH=f"{bin_dir}:{env.get('PATH', '')}",
+        RAY_TMPDIR=str(try_dir / "r"),
+        RAY_AUTH_MODE="disabled",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     try:
-        proc = subprocess.run([unshare, "--net", "--", "bash", str(script)], env=env,
-                              capture_output=True, text=True, timeout=840)
+        proc = subprocess.run(
+            [unshare, "--net", "--", "bash", str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=840,
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "+++ walk done" in out, out[-6000:]
         assert "created the schema at revision" in out
