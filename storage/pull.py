@@ -118,39 +118,24 @@ def pull_to_cache(
     roots = list(scope or [cache_root])
     cache_root.mkdir(parents=True, exist_ok=True)
 
-    staged = staged_parts(key)
-    if staged is not None:
-        # Named by content: the cache is checked (and locked) before any request, and the
-        # manifest is read only by the one pull that builds the entry.
-        plan = _Plan(f"sha256-{staged[1]}", staged[2], None)
-        found = _pull(
-            storage,
-            key,
-            cache_root,
-            plan,
-            roots,
-            uri=uri,
-            missing=missing,
-            concurrency=concurrency,
-            max_bytes=max_bytes,
-            chunk_size=chunk_size,
-        )
-        if found is not None:
-            return found
-        # No manifest there: a prefix that only looks staged. Pull it by its listing.
-    plan = _listing_plan(storage, key, uri, missing)
-    found = _pull(
-        storage,
-        key,
-        cache_root,
-        plan,
-        roots,
+    how = dict(
         uri=uri,
         missing=missing,
         concurrency=concurrency,
         max_bytes=max_bytes,
         chunk_size=chunk_size,
     )
+    staged = staged_parts(key)
+    if staged is not None:
+        # Named by content: the cache is checked (and locked) before any request, and the
+        # manifest is read only by the one pull that builds the entry.
+        plan = _Plan(f"sha256-{staged[1]}", staged[2], None)
+        found = _pull(storage, key, cache_root, plan, roots, **how)
+        if found is not None:
+            return found
+        # No manifest there: a prefix that only looks staged. Pull it by its listing.
+    plan = _listing_plan(storage, key, uri, missing)
+    found = _pull(storage, key, cache_root, plan, roots, **how)
     assert found is not None  # a listing plan always knows its files
     return found
 

@@ -14,7 +14,6 @@ back to the normal botocore call, so retries, redirects and error messages are b
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import random
@@ -34,6 +33,7 @@ from lorajobs.jobspecs.failures import (
     StorageError,
 )
 from lorajobs.storage.base import BytesCallback, ObjectInfo, safe_key
+from lorajobs.storage.s3_errors import one_line, root_cause, stream_errors, transport_errors
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class S3Storage:
         """Turn boto errors into one-line lorajobs errors (no traceback chain, no secrets)."""
         try:
             yield
-        except _transport_errors() as e:
+        except transport_errors() as e:
             err = self._translate(e, full_key)
             log.debug("s3 error on %s", self._where(full_key), exc_info=True)
             raise err from None
@@ -225,7 +225,7 @@ class S3Storage:
         from botocore import exceptions as bex
 
         where = self._where(full_key)
-        e = _root_cause(exc)
+        e = root_cause(exc)
         if isinstance(e, bex.ClientError):
             err = e.response.get("Error", {})
             code = str(err.get("Code", ""))
@@ -242,7 +242,7 @@ class S3Storage:
                 if not self._bucket_exists():
                     return ObjectNotFound(f"s3://{self.bucket}: no such bucket")
                 return ObjectNotFound(f"{where}: no such object")
-            msg = _one_line(str(err.get("Message", "")) or str(e))
+            msg = one_line(str(err.get("Message", "")) or str(e))
             return StorageError(f"{where}: S3 error {code or status}: {msg}")
         if isinstance(e, (bex.NoCredentialsError, bex.PartialCredentialsError)):
             return MissingCredentials(
@@ -259,8 +259,8 @@ class S3Storage:
                 f"{where}: cannot reach the S3 endpoint {endpoint} (connection refused or down)"
             )
         if isinstance(e, OSError) and not isinstance(e, bex.BotoCoreError):
-            return StorageError(f"{where}: local I/O failed: {_one_line(str(e))}")
-        return StorageError(f"{where}: {type(e).__name__}: {_one_line(str(e))}")
+            return StorageError(f"{where}: local I/O failed: {one_line(str(e))}")
+        return StorageError(f"{where}: {type(e).__name__}: {one_line(str(e))}")
 
     def _safe_endpoint(self) -> str:
         try:
@@ -336,7 +336,7 @@ class S3Storage:
             resp = self.client.get_object(Bucket=self.bucket, Key=full, **kwargs)
             try:
                 return bytes(resp["Body"].read())
-            except _stream_errors():
+            except stream_errors():
                 if attempt >= self._attempts:
                     raise
                 log.debug("s3 body of %s broke off; retrying", self._where(full), exc_info=True)
@@ -446,60 +446,10 @@ class S3Storage:
                     first = resp["Errors"][0]
                     raise StorageError(
                         f"{self._where(first.get('Key', full))}: delete failed: "
-                        f"{first.get('Code')}: {_one_line(str(first.get('Message', '')))}"
+                        f"{first.get('Code')}: {one_line(str(first.get('Message', '')))}"
                     )
         return len(keys)
 
     def _transfer_config_(self) -> Any:
         _ = self.client  # creates the transfer config alongside the client
         return self._transfer_config
-
-
-@functools.cache
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """What boto3 / botocore / s3transfer raise, plus local I/O; programming errors pass."""
-    import s3transfer.exceptions as s3t
-    from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (
-        BotoCoreError,
-        ClientError,
-        Boto3Error,
-        s3t.RetriesExceededError,
-        s3t.S3UploadFailedError,
-        s3t.S3DownloadFailedError,
-        OSError,
-    )
-
-
-@functools.cache
-def _stream_errors() -> tuple[type[BaseException], ...]:
-    """What reading a response body raises when the connection breaks mid-way."""
-    from botocore import exceptions as bex
-    from urllib3.exceptions import HTTPError
-
-    found = [bex.ReadTimeoutError, bex.ConnectionClosedError, bex.IncompleteReadError, HTTPError]
-    streaming = getattr(bex, "ResponseStreamingError", None)  # botocore >= 1.29
-    if streaming is not None:
-        found.append(streaming)
-    return (*found, ConnectionError)
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """Unwrap s3transfer/boto3 wrappers (S3UploadFailedError, RetriesExceededError)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    seen = 0
-    cur: BaseException | None = e
-    while cur is not None and seen < 10:
-        if isinstance(cur, (ClientError, BotoCoreError)):
-            return cur
-        last = getattr(cur, "last_exception", None)
-        cur = last if isinstance(last, BaseException) else (cur.__cause__ or cur.__context__)
-        seen += 1
-    return e
-
-
-def _one_line(s: str) -> str:
-    return " ".join(s.split())[:300]

@@ -447,3 +447,34 @@ class TrainLoop:
         self.losses = [float(v) for v in st["losses"]]
         self.counters = {k: int(v) for k, v in st["counters"].items()}
         return self.step
+
+
+def resolved_settings(
+    spec: Any, precision: Precision, total: int, device: torch.device, threads: int
+) -> dict[str, Any]:
+    """The settings every trainer resolves the same way (LoRA, optimisation, precision,
+    device); each recipe adds its own to these for the sidecar's `resolved`."""
+    cfg, lora = spec.training, spec.lora
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "use_dora": lora.use_dora,
+        "use_rslora": lora.use_rslora,
+        "target_modules": spec.target_modules(),
+        "steps": total,
+        "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "optimizer": cfg.optimizer,
+        "mixed_precision": precision.used,
+        "mixed_precision_requested": precision.requested,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "seed": cfg.seed,
+        "device": device.type,
+        "threads": threads,
+    }

@@ -28,6 +28,7 @@ from lorajobs.worker.trainers.loop import (
     loss_curve,
     pick_device,
     resolve_precision,
+    resolved_settings,
     seed_everything,
     spec_fingerprint,
     to_device,
@@ -215,35 +216,15 @@ def _resolved(
     params: list[Any],
 ) -> dict[str, Any]:
     """Every setting the job ran with, defaults resolved (the sidecar's `resolved`)."""
-    tr, lora = spec.training, spec.lora
+    tr = spec.training
     return {
-        "rank": lora.rank,
-        "alpha": lora.alpha,
-        "dropout": lora.dropout,
-        "use_dora": lora.use_dora,
-        "use_rslora": lora.use_rslora,
-        "target_modules": spec.target_modules(),
-        "steps": total,
-        "batch_size": tr.batch_size,
-        "gradient_accumulation_steps": tr.gradient_accumulation_steps,
-        "learning_rate": tr.learning_rate,
-        "lr_scheduler": tr.lr_scheduler,
-        "warmup_steps": tr.warmup_steps,
-        "weight_decay": tr.weight_decay,
+        **resolved_settings(spec, precision, total, device, ctx.threads),
         "max_seq_length": tr.max_seq_length,
-        "seed": tr.seed,
-        "optimizer": tr.optimizer,
-        "max_grad_norm": tr.max_grad_norm,
-        "mixed_precision": precision.used,
-        "mixed_precision_requested": precision.requested,
-        "gradient_checkpointing": tr.gradient_checkpointing,
         "epochs": round(total * tr.batch_size * tr.gradient_accumulation_steps / len(ds), 3),
         "packing": spec.data.packing,
         "data_format": spec.data.format,
         "trainable_params": sum(p.numel() for p in params),
-        "device": device.type,
         "dtype": str(precision.base_dtype).removeprefix("torch."),
-        "threads": ctx.threads,
     }
 
 
