@@ -96,10 +96,10 @@ def fetch_adapter(
     except ObjectNotFound:
         raise ObjectNotFound(f"{adapter_uri}: no complete adapter here") from None
     files = _read_manifest(raw, f"{adapter_uri.rstrip('/')}/{marker}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     root = out_dir.resolve()
-    # Every path is checked before a single byte is written.
+    # Every path is checked before a single byte (or folder) is written.
     targets = {rel: _inside(root, rel, adapter_uri, marker) for rel in files}
+    out_dir.mkdir(parents=True, exist_ok=True)
     # A marker from an earlier fetch must not vouch for files this one may not finish.
     (root / marker).unlink(missing_ok=True)
 
