@@ -103,8 +103,10 @@ def print_jobs(
     elif ids_only:
         for j in jobs:
             print(j.id)
-    else:
+    elif ctx.out.is_terminal:
         ctx.out.print(render.status_table(jobs, reasons))
+    else:
+        print(render.status_text(jobs, reasons))
 
 
 def wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
@@ -159,9 +161,9 @@ def status(
                     live.update(table())
         # Piped (to a file, `tee`, a pager): a plain table per refresh, written at once.
         while True:
-            ctx.out.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            ctx.out.print(table())
-            ctx.out.file.flush()
+            listed = jobs()
+            print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            print(render.status_text(listed, wait_reasons(queue, listed)), flush=True)
             time.sleep(2)
     except KeyboardInterrupt:
         pass

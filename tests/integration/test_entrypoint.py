@@ -37,6 +37,7 @@ def _ctx(bucket: Path, tmp_path: Path, job_id: str, reports: list[dict[str, Any]
         report=reports.append,
         node="test-node",
         extra={"submitted_by": "tests"},
+        cpu_fallback=True,  # the specs ask for the default 1 GPU; this machine has none
     )
 
 
@@ -64,7 +65,11 @@ def _assert_complete_adapter(bucket: Path, result: dict[str, Any], weights: str,
 
     sidecar = json.loads((adapter / "lorajobs.json").read_text())
     assert {rel: f["sha256"] for rel, f in sidecar["files"].items()} == result["files"]
-    assert sidecar["node"] == "test-node" and sidecar["extra"] == {"submitted_by": "tests"}
+    # What the job was given, and that it asked for a GPU and trained on the CPU.
+    assert sidecar["node"] == "test-node" and sidecar["extra"] == {
+        "submitted_by": "tests",
+        "cpu_fallback": {"gpus_requested": 1, "device": "cpu"},
+    }
     assert set(result["timings"]) == {"pull", "train", "export", "upload"}
     assert set(sidecar["timings"]) == {"pull", "train", "export", "upload"}
     json.dumps(result)  # the result crosses a Ray boundary: it must be plain JSON

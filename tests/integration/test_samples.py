@@ -197,6 +197,7 @@ def test_grids_are_uploaded_with_the_adapter_and_fetched(
         output_uri=(tmp_path / "bucket").as_uri(),
         cache_dir=tmp_path / "cache",
         threads=THREADS,
+        cpu_fallback=True,  # the spec asks for the default 1 GPU; this machine has none
     )
     result = run_job(spec, ctx)
     assert {*STEP_FILES, FINAL_NAME} <= set(result["files"])
