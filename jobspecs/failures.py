@@ -60,6 +60,14 @@ class JobNotFound(InvalidInput):
     """No job matches the id (or prefix) given."""
 
 
+class NotAuthenticated(InvalidInput):
+    """No API token, or one that is unknown or revoked (HTTP 401)."""
+
+
+class AccessDenied(InvalidInput):
+    """The token is valid but its role may not do this (HTTP 403)."""
+
+
 class InvalidTransition(LoraJobsError):
     """A status change was refused: the job was not in the state the caller expected."""
 

@@ -36,6 +36,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The URI schemes a job may read from or write to; anything else ("ftp://", "http://") is
+#: refused at validation, in every mode, so no spec queues a job bound to fail or to reach a
+#: store nobody configured.
+SCHEMES = ("file", "s3")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def check_location(value: str | None) -> str | None:
+    """A data / model / output location: a local path, a hub id, or a `file://` / `s3://`
+    URI. Raises ValueError for another scheme or a URI without a path."""
+    if value is None:
+        return None
+    m = _SCHEME_RE.match(value)
+    if m is None or len(m.group(1)) == 1:  # no scheme (a Windows drive letter is a path)
+        return value
+    scheme = m.group(1).lower()
+    if scheme not in SCHEMES or not value[m.end() :].startswith("//"):
+        raise ValueError(f"unsupported scheme '{scheme}://': use a local path, file:// or s3://")
+    if not value[m.end() + 2 :].strip("/"):
+        raise ValueError(f"{value!r} names no bucket or folder")
+    return value
+
+
 class LoraSettings(_Strict):
     """The adapter's shape."""
 
@@ -327,6 +350,8 @@ class TextData(_Strict):
         description="A validation JSONL file/folder (path or URI); excludes validation_split.",
     )
 
+    _location = field_validator("validation")(check_location)
+
     @model_validator(mode="after")
     def _one_validation_source(self) -> TextData:
         if self.validation is not None and self.validation_split > 0:
@@ -403,6 +428,8 @@ class _JobSpec(_Strict):
     @classmethod
     def _duration(cls, v: object) -> object:
         return parse_duration(v) if isinstance(v, str) else v
+
+    _locations = field_validator("base_model", "dataset", "output")(check_location)
 
     @field_validator("name")
     @classmethod

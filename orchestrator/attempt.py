@@ -8,6 +8,7 @@ a plain dict (`ok`, and for a failure its `kind` from the failure vocabulary and
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -45,6 +46,16 @@ def run(
 
     started = time.monotonic()
     node = socket.gethostname()
+    refused = _outside_boundary(spec, output_uri)
+    if refused:  # before a single byte is read or written, the log included
+        return {
+            "ok": False,
+            "kind": FailureKind.user,
+            "error": f"job {job_id} reaches outside its owner's prefix: {refused}",
+            "node": node,
+            "ray_node_id": ray_node_id,
+            "attempt_seconds": 0.0,
+        }
     cache = Settings.from_env().cache_dir  # this node's: LORAJOBS_CACHE_DIR or its home's
     parsed = parse_spec(spec, f"job {job_id}")
     extra = dict(extra or {})
@@ -91,6 +102,22 @@ def run(
         if not out["ok"]:
             log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
     return out
+
+
+def _outside_boundary(spec: dict[str, Any], output_uri: str) -> str | None:
+    """In a shared deployment (`LORAJOBS_TENANCY=shared`, forwarded by the controller), the
+    worker checks again what the server checked at submit: every place the job reads or
+    writes lies under its owner's prefix or the allowed ones. None when it may run."""
+    from lorajobs.storage.boundaries import boundary_from_env
+
+    boundary = boundary_from_env(os.environ)
+    if boundary is None:
+        return None
+    try:
+        problems = boundary.problems(str(spec.get("owner") or ""), spec, output_uri)
+    except ValueError as err:  # an owner name that cannot be a prefix
+        problems = [str(err)]
+    return "; ".join(problems) or None
 
 
 def _on_this_node(err: LoraJobsError, node: str) -> LoraJobsError:

@@ -40,10 +40,6 @@ SUSPECT_NODE_S = 60.0
 FRESH_S = 3.0
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def _aware(t: datetime | None) -> datetime | None:
     return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
 
@@ -57,12 +53,14 @@ class Controller:
         backend: RayBackend,
         config: ControllerConfig | None = None,
         *,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] | None = None,
     ):
         self.queue = queue
         self.backend = backend
         self.config = config or ControllerConfig()
-        self._clock = clock
+        # Leases and backoff are compared with times other controllers wrote: one clock for
+        # all of them, the database's (the queue's), unless a test injects one.
+        self._clock = clock or queue.clock
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         # The lease names this controller's Ray driver too, so a successor can tell a dead
         # controller (its tasks died with it) from a slow one.

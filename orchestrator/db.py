@@ -8,12 +8,13 @@ the two cannot drift; a test compares them.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,36 @@ _MIGRATION_LOCK_KEY = 0x6C6F72616A6F62  # "lorajob"
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC (the only kind stored)."""
     return datetime.now(timezone.utc)
+
+
+class DbClock:
+    """The database server's clock: every timestamp that orders or expires anything (created_at,
+    leases, backoff, aging) comes from here, never from the machine a client or a controller
+    runs on, so a machine whose clock is off neither jumps the queue nor takes over (or loses)
+    another controller's jobs.
+
+    PostgreSQL is asked (`clock_timestamp()`) at most every `every_s` seconds; in between the
+    answer advances with this process's monotonic clock, which wall-clock steps do not move.
+    The embedded SQLite database has no server: its clock is this machine's.
+    """
+
+    def __init__(self, engine: Engine, every_s: float = 10.0) -> None:
+        self.engine = engine
+        self.every_s = every_s
+        self._server = engine.dialect.name == "postgresql"
+        self._base: datetime | None = None
+        self._at = 0.0
+
+    def __call__(self) -> datetime:
+        if not self._server:
+            return utcnow()
+        mono = time.monotonic()
+        if self._base is None or mono - self._at >= self.every_s:
+            with self.engine.connect() as conn:
+                now = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+            self._base, self._at = now.astimezone(timezone.utc), time.monotonic()
+            return self._base
+        return self._base + timedelta(seconds=mono - self._at)
 
 
 def new_job_id() -> str:
@@ -207,6 +238,23 @@ SCHEDULER_STATE = Table(
 )
 
 
+#: API tokens of the shared service (0004). Only a hash of each token is kept.
+TOKENS = Table(
+    "api_tokens",
+    METADATA,
+    Column("id", String(12), primary_key=True),
+    Column("owner", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("label", String(128), nullable=True),
+    Column("secret_hash", String(64), unique=True, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("created_by", String(128), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("last_used_at", UTCDateTime(), nullable=True),
+    CheckConstraint("role IN ('admin', 'member', 'viewer')", name="role"),
+)
+
+
 def normalize_url(url: str) -> str:
     """Pin PostgreSQL URLs to the psycopg 3 driver (the one lorajobs installs)."""
     for prefix in ("postgres://", "postgresql://"):
@@ -242,8 +290,12 @@ def make_engine(settings_or_url: Settings | str, **kwargs: Any) -> Engine:
 
 
 def _sqlite_engine(url_text: str, database: str | None, **kwargs: Any) -> Engine:
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    private = database and database != ":memory:" and not database.startswith("file:")
+    if private:
+        # The queue holds every owner's specs: this user's only (the folder and the file).
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(Path(database).expanduser(), os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
     connect_args = dict(kwargs.pop("connect_args", {}))
     connect_args.setdefault("timeout", 30)
     # Pooled connections move between threads, one at a time; the pool guarantees that.
@@ -348,7 +400,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
 
 #: The newest migration shipped; a test checks it against Alembic's own head. Knowing it lets
 #: every command check the schema with one query instead of loading Alembic and its scripts.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 
 def _stamped_revision(engine: Engine) -> str | None:

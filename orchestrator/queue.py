@@ -26,7 +26,7 @@ from lorajobs.jobspecs.failures import (
     JobNotFound,
     LoraJobsError,
 )
-from lorajobs.orchestrator.db import EVENTS, JOBS, new_job_id, utcnow, write_engine
+from lorajobs.orchestrator.db import EVENTS, JOBS, DbClock, new_job_id, write_engine
 from lorajobs.orchestrator.records import (
     Change,
     EventRecord,
@@ -54,20 +54,28 @@ class Queue:
     """All reads and writes of jobs and their events, on one engine. Its scheduling reads and
     claims are `queue.scheduling` (`lorajobs.orchestrator.scheduling`)."""
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] | None = None):
         self.engine = engine
         self._writer = write_engine(engine)
-        self._clock = clock
+        # The database's clock, unless a test injects one: see `db.DbClock`.
+        self.clock: Callable[[], datetime] = clock or DbClock(engine)
+        self._clock = self.clock
         self._postgres = engine.dialect.name == "postgresql"
-        self.scheduling = Scheduling(engine, self._writer, clock, self.apply)
+        self.scheduling = Scheduling(engine, self._writer, self.clock, self.apply)
 
     # ---- submit ------------------------------------------------------------------------
 
     def submit(
-        self, spec: AnyJobSpec, *, output_uri: str, idempotency_key: str | None = None
+        self,
+        spec: AnyJobSpec,
+        *,
+        output_uri: str,
+        idempotency_key: str | None = None,
+        by: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a job; returns (job, created). A repeated idempotency key returns the job it
-        first created (and writes nothing), even when the repeats race from other processes."""
+        first created (and writes nothing), even when the repeats race from other processes.
+        `by` names who submitted it (an API token) in the submit event."""
         from lorajobs.jobspecs import spec_to_dict
 
         spec_json = dump_json(spec_to_dict(spec))
@@ -103,7 +111,9 @@ class Queue:
                             cancel_requested=False,
                         )
                     )
-                    self._append_event(conn, job_id, now, None, JobStatus.queued, "submitted")
+                    self._append_event(
+                        conn, job_id, now, None, JobStatus.queued, "submitted", _by(None, by)
+                    )
                     return self._get_exact(conn, job_id), True
             except IntegrityError:
                 # Either another process just inserted this idempotency key (use its job), or
@@ -130,8 +140,10 @@ class Queue:
 
     # ---- reads -------------------------------------------------------------------------
 
-    def get(self, ref: str) -> JobRecord:
-        """The job with id `ref`, or the one job whose id starts with `ref` (4+ characters)."""
+    def get(self, ref: str, *, owner: str | None = None) -> JobRecord:
+        """The job with id `ref`, or the one job whose id starts with `ref` (4+ characters).
+        With `owner`, only that owner's jobs are looked at: another owner's job is not found,
+        and does not make a prefix ambiguous."""
         prefix = ref.strip().lower()
         if not prefix or not _HEX_RE.match(prefix):
             raise JobNotFound(f"no job {ref!r}")
@@ -140,9 +152,10 @@ class Queue:
                 f"job id prefix {ref!r} is too short: give at least {MIN_PREFIX} characters"
             )
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(JOBS).where(JOBS.c.id.like(prefix + "%")).order_by(JOBS.c.id).limit(5)
-            ).all()
+            query = select(JOBS).where(JOBS.c.id.like(prefix + "%"))
+            if owner is not None:
+                query = query.where(JOBS.c.owner == owner)
+            rows = conn.execute(query.order_by(JOBS.c.id).limit(5)).all()
         if not rows:
             raise JobNotFound(f"no job {ref!r}")
         if len(rows) > 1:
@@ -155,10 +168,21 @@ class Queue:
         *,
         statuses: Iterable[JobStatus] | None = None,
         owner: str | None = None,
+        name: str | None = None,
         limit: int | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[JobRecord]:
-        """Jobs, newest first, optionally only those in `statuses` / of `owner`."""
+        """Jobs, newest first, optionally only those in `statuses` / of `owner` / named `name`.
+        `before` = (created_at, id) of the last job of the previous page: keyset pagination,
+        which stays fast and stable however deep the page and however many jobs arrive."""
         query = select(JOBS).order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc())
+        if before is not None:
+            at, job_id = before
+            query = query.where(
+                (JOBS.c.created_at < at) | ((JOBS.c.created_at == at) & (JOBS.c.id < job_id))
+            )
+        if name is not None:
+            query = query.where(JOBS.c.name == name)
         if statuses is not None:
             wanted = sorted(s.value for s in status_set(statuses))
             if not wanted:
@@ -355,11 +379,14 @@ class Queue:
             )
         return result.rowcount == 1
 
-    def request_cancel(self, ref: str) -> JobRecord:
+    def request_cancel(
+        self, ref: str, *, owner: str | None = None, by: str | None = None
+    ) -> JobRecord:
         """Cancel a job: a queued one at once; a dispatched/running one is flagged
-        (`cancel_requested`) for the controller, which stops it and records the end."""
+        (`cancel_requested`) for the controller, which stops it and records the end.
+        `owner` limits the lookup to that owner's jobs; `by` is recorded in the event."""
         for _ in range(10):
-            job = self.get(ref)
+            job = self.get(ref, owner=owner)
             if job.status.is_terminal():
                 raise InvalidInput(f"job {job.id} is already {job.status}")
             if job.status is JobStatus.queued:
@@ -369,6 +396,7 @@ class Queue:
                         expected=JobStatus.queued,
                         to=JobStatus.cancelled,
                         reason="cancelled by user",
+                        data=_by(None, by),
                     )
                 except InvalidTransition:
                     continue  # dispatched meanwhile: flag it instead
@@ -379,15 +407,27 @@ class Queue:
                     .values(cancel_requested=True, updated_at=self._clock())
                 )
                 if result.rowcount == 1:
+                    if by is not None:  # who asked; the controller records the end
+                        self._append_event(
+                            conn,
+                            job.id,
+                            self._clock(),
+                            job.status,
+                            job.status,
+                            "cancel requested",
+                            _by(None, by),
+                        )
                     return self._get_exact(conn, job.id)
         raise InvalidTransition(f"job {ref}: status kept changing, cancel not recorded; try again")
 
-    def set_priority(self, ref: str, priority: int) -> JobRecord:
+    def set_priority(
+        self, ref: str, priority: int, *, owner: str | None = None, by: str | None = None
+    ) -> JobRecord:
         """Reprioritise a job that is still queued (its spec's priority changes with it). Not a
         status change, but recorded as an event (queued -> queued) so `show` lists it."""
         if not -100 <= priority <= 100:
             raise InvalidInput(f"priority must be between -100 and 100 (got {priority})")
-        job = self.get(ref)
+        job = self.get(ref, owner=owner)
         if job.status is not JobStatus.queued:
             raise InvalidInput(
                 f"job {job.id} is {job.status}: only queued jobs can be reprioritised"
@@ -408,14 +448,21 @@ class Queue:
                 JobStatus.queued,
                 JobStatus.queued,
                 f"priority {job.priority} -> {priority}",
-                {"priority": priority, "was": job.priority},
+                _by({"priority": priority, "was": job.priority}, by),
             )
             return self._get_exact(conn, job.id)
 
-    def retry(self, ref: str, *, reason: str = "retried by user") -> JobRecord:
+    def retry(
+        self,
+        ref: str,
+        *,
+        reason: str = "retried by user",
+        owner: str | None = None,
+        by: str | None = None,
+    ) -> JobRecord:
         """Manual retry: failed or cancelled → queued as a new attempt (resumes from its last
         checkpoint, which a failed or cancelled attempt keeps)."""
-        job = self.get(ref)
+        job = self.get(ref, owner=owner)
         if job.status not in (JobStatus.failed, JobStatus.cancelled):
             raise InvalidInput(
                 f"job {job.id} is {job.status}: only failed or cancelled jobs can be retried"
@@ -426,7 +473,7 @@ class Queue:
             expected=(JobStatus.failed, JobStatus.cancelled),
             to=JobStatus.queued,
             reason=reason,
-            data={"attempt": job.attempt + 1, "manual": True},
+            data=_by({"attempt": job.attempt + 1, "manual": True}, by),
             attempt=job.attempt + 1,
             cancel_requested=False,
             not_before=None,
@@ -434,3 +481,8 @@ class Queue:
             user_retries=0,
             internal_retries=0,
         )
+
+
+def _by(data: dict[str, Any] | None, by: str | None) -> dict[str, Any] | None:
+    """An event's data with who made the change (an API token), when one is known."""
+    return data if by is None else {**(data or {}), "by": by}

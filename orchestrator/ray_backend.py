@@ -41,6 +41,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lorajobs.jobspecs.failures import FailureKind
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
+from lorajobs.storage.boundaries import ENV_KEYS
 
 NAMESPACE = "lorajobs"
 log = logging.getLogger("lorajobs.ray")
@@ -347,6 +348,7 @@ def _worker_env() -> dict[str, str]:
         "LORAJOBS_PULL_CONCURRENCY",
         "LORAJOBS_S3_FAST_GET",
         "LORAJOBS_KEEP_CHECKPOINTS",
+        *ENV_KEYS,  # the deployment's boundary: workers check it again before a job runs
     ):
         if key in os.environ:
             env[key] = os.environ[key]

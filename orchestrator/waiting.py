@@ -27,6 +27,8 @@ REFRESH_S = 15.0
 STALE_S = 60.0
 #: At most this many classes are kept; jobs of others get the round's general reason.
 MAX_CLASSES = 2000
+#: ... and at most this many nodes.
+MAX_NODES = 500
 NEXT_ROUND = "waiting for the next scheduling round"
 
 
@@ -38,6 +40,9 @@ class WaitSummary:
     #: Why the round could place nothing more (None: it saw every candidate).
     stop: str | None = None
     classes: dict[ClassKey, str] = field(default_factory=dict)
+    #: The nodes the round saw: id, accelerators, GPUs and CPUs in all and free (the
+    #: dashboard's cluster view). Not part of `same_as`: free capacity changes all the time.
+    nodes: list[dict[str, object]] = field(default_factory=list)
 
     def same_as(self, other: WaitSummary) -> bool:
         """The same reasons (whenever each was found)."""
@@ -45,19 +50,30 @@ class WaitSummary:
 
     def to_json(self) -> str:
         rows = sorted(([list(k), v] for k, v in self.classes.items()), key=json.dumps)
-        return json.dumps({"stop": self.stop, "classes": rows}, sort_keys=True)
+        return json.dumps({"stop": self.stop, "classes": rows, "nodes": self.nodes}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, at: datetime) -> WaitSummary:
         data = json.loads(text)
         classes = {class_key(*key): reason for key, reason in data.get("classes", [])}
-        return cls(at=at, stop=data.get("stop"), classes=classes)
+        return cls(at=at, stop=data.get("stop"), classes=classes, nodes=data.get("nodes", []))
 
 
 def summarize(rnd: Round, at: datetime) -> WaitSummary:
     """The summary of a finished round."""
     classes = dict(list(rnd.plan.waiting_classes.items())[:MAX_CLASSES])
-    return WaitSummary(at=at, stop=rnd.stop_reason, classes=classes)
+    nodes: list[dict[str, object]] = [
+        {
+            "id": n.id,
+            "accelerators": n.accelerators,
+            "gpus": n.total.get("GPU", 0.0),
+            "gpus_free": n.free.get("GPU", 0.0),
+            "cpus": n.total.get("CPU", 0.0),
+            "cpus_free": n.free.get("CPU", 0.0),
+        }
+        for n in rnd.nodes[:MAX_NODES]
+    ]
+    return WaitSummary(at=at, stop=rnd.stop_reason, classes=classes, nodes=nodes)
 
 
 def _aware(t: datetime | None) -> datetime | None:

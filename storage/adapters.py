@@ -91,11 +91,7 @@ def fetch_adapter(
     is written last: a folder with it is complete. Returns the paths, the marker last.
     """
     storage = storage or open_storage(adapter_uri)
-    try:
-        raw = storage.get_bytes(marker)
-    except ObjectNotFound:
-        raise ObjectNotFound(f"{adapter_uri}: no complete adapter here") from None
-    files = _read_manifest(raw, f"{adapter_uri.rstrip('/')}/{marker}")
+    raw, files = adapter_manifest(adapter_uri, marker=marker, storage=storage)
     root = out_dir.resolve()
     # Every path is checked before a single byte (or folder) is written.
     targets = {rel: _inside(root, rel, adapter_uri, marker) for rel in files}
@@ -133,6 +129,19 @@ def fetch_adapter(
     tmp.write_bytes(raw)
     os.replace(tmp, marker_path)
     return [targets[rel] for rel in sorted(files)] + [marker_path]
+
+
+def adapter_manifest(
+    adapter_uri: str, *, marker: str = MARKER, storage: Storage | None = None
+) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """(the marker's bytes, its `files` table) of a complete adapter; ObjectNotFound if the
+    adapter is missing or unfinished."""
+    storage = storage or open_storage(adapter_uri)
+    try:
+        raw = storage.get_bytes(marker)
+    except ObjectNotFound:
+        raise ObjectNotFound(f"{adapter_uri}: no complete adapter here") from None
+    return raw, _read_manifest(raw, f"{adapter_uri.rstrip('/')}/{marker}")
 
 
 def delete_adapter(adapter_uri: str, *, marker: str = MARKER) -> int:

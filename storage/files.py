@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from lorajobs.jobspecs.failures import ObjectNotFound
+from lorajobs.jobspecs.failures import InvalidInput, ObjectNotFound
 from lorajobs.storage.base import BytesCallback, ObjectInfo, safe_key
 
 
@@ -21,7 +21,16 @@ class FileStorage:
         self.uri = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        return self.root / safe_key(key) if key else self.root
+        """Where `key` lives; refuses a key that a symlink would lead out of the bucket (a
+        `file://` bucket never follows one out of itself)."""
+        path = self.root / safe_key(key) if key else self.root
+        if not self._inside(path):
+            raise InvalidInput(f"{self._where(key)}: a symlink leads outside the bucket")
+        return path
+
+    def _inside(self, path: Path) -> bool:
+        real = os.path.realpath(path)
+        return real == str(self.root) or real.startswith(str(self.root).rstrip("/") + "/")
 
     def _where(self, key: str) -> str:
         return f"{self.uri}/{key}" if key else self.uri
@@ -70,7 +79,7 @@ class FileStorage:
         out = []
         # Dot-files are skipped: they are this class's own in-flight temp files.
         for p in sorted(base.rglob("*")):
-            if p.is_file() and not p.name.startswith("."):
+            if p.is_file() and not p.name.startswith(".") and self._inside(p):
                 out.append(_info(p.relative_to(self.root).as_posix(), p))
         return out
 

@@ -201,6 +201,10 @@ class S3Storage:
             return f"{self.prefix}/{k}"
         return self.prefix or k
 
+    def object_key(self, key: str) -> str:
+        """The object's key in the bucket (this storage's prefix included)."""
+        return self._key(key)
+
     def _rel(self, full: str) -> str:
         if not self.prefix:
             return full

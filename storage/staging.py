@@ -69,6 +69,24 @@ def manifest_digest(files: dict[str, dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def write_manifest(storage: Storage, entry: str, kind: str, files: dict[str, Any]) -> str:
+    """Write the manifest of a staged entry (`datasets/<digest>`) whose files are all in place:
+    from then on the entry is complete. Returns the digest."""
+    digest = manifest_digest(files)
+    manifest = {
+        "format": FORMAT,
+        "kind": kind,
+        "digest": digest,
+        "count": len(files),
+        "size": sum(f["size"] for f in files.values()),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+    }
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    storage.put_bytes(body, entry + MANIFEST_SUFFIX)
+    return digest
+
+
 def staged_parts(key: str) -> tuple[str, str, str] | None:
     """`a/datasets/<digest>/x.jsonl` -> (`a/datasets/<digest>`, digest, `x.jsonl`); None when
     the key names no staged entry."""
@@ -224,18 +242,7 @@ def stage_path(
                 raise InvalidInput(f"{src}: changed while it was uploaded; stage again")
 
         run_parallel(put, missing, concurrency)
-    manifest = {
-        "format": FORMAT,
-        "kind": kind,
-        "digest": digest,
-        "count": len(files),
-        "size": size,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
-    }
-    # Last: from here on the staged copy is complete and trusted by pulls.
-    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    storage.put_bytes(body, entry + MANIFEST_SUFFIX)
+    write_manifest(storage, entry, kind, files)  # last: from here on pulls trust the copy
     _say(
         console,
         f"staged {kind} {path} -> {uri} ({len(missing)} of {len(files)} files, "

@@ -4,6 +4,7 @@
 - `data`: data push, adapters, fetch
 - `training`: run, reproduce, merge, export
 - `demo`: demo, db upgrade, dev tiny-models
+- `service`: server, admin token, login, logout (`remote` is the API client)
 - `render`: tables and JSON; `context`: consoles, settings, the queue, spec loading
 
 Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 a job or an operation failed,
@@ -17,7 +18,7 @@ import sys
 
 import typer
 
-from lorajobs.orchestrator.cli import data, demo, jobs, training
+from lorajobs.orchestrator.cli import data, demo, jobs, service, training
 
 app = typer.Typer(
     name="lorajobs",
@@ -26,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for group in (jobs, data, training, demo):
+for group in (jobs, data, training, demo, service):
     group.register(app)
 
 

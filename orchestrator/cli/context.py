@@ -19,6 +19,7 @@ from lorajobs.orchestrator.settings import Settings
 
 if TYPE_CHECKING:
     from lorajobs.jobspecs import AnyJobSpec
+    from lorajobs.orchestrator.cli.remote import ApiClient
     from lorajobs.orchestrator.queue import Queue
 
 # stdout: data. Piped output gets a wide console so tables are not cut to 80 columns.
@@ -27,8 +28,12 @@ err = Console(stderr=True, soft_wrap=True)  # stderr: messages
 
 
 def settings() -> Settings:
-    """This process's settings, from the environment."""
-    return Settings.from_env()
+    """This process's settings, from the environment. A new LORAJOBS_HOME is made private
+    (0700): it holds the queue, the bucket and the cache of every job run here."""
+    s = Settings.from_env()
+    if not s.home.exists():
+        s.home.mkdir(parents=True, mode=0o700, exist_ok=True)
+    return s
 
 
 def open_queue(s: Settings) -> Queue:
@@ -103,3 +108,11 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def api() -> ApiClient | None:
+    """The lorajobs server this CLI talks to (`LORAJOBS_API_URL`, or `lorajobs login`); None
+    for the embedded single-user mode, which works on the database and bucket directly."""
+    from lorajobs.orchestrator.cli.remote import client_from_env
+
+    return client_from_env()

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from lorajobs.jobspecs.failures import InvalidInput, JobNotFound
+from lorajobs.orchestrator.cli import client
 from lorajobs.orchestrator.cli import context as ctx
 from lorajobs.orchestrator.settings import Settings
 
@@ -45,6 +46,12 @@ def data_push(
 
     if kind not in KINDS:
         raise InvalidInput(f"--kind must be one of: {', '.join(KINDS)} (got {kind!r})")
+    if (api := ctx.api()) is not None:
+        if bucket is not None:
+            raise InvalidInput("--bucket: a lorajobs server puts data under your own prefix")
+        pushed = client.data_push(api, path, kind)
+        print(json.dumps(pushed, indent=2) if as_json else pushed["uri"])
+        return
     settings = ctx.settings()
     target = bucket or settings.bucket
     hashes = settings.home / "stage-hashes" / "push.json"
@@ -83,7 +90,10 @@ def adapters(
     """
     from lorajobs.storage.adapters import list_adapters
 
-    found = list_adapters(bucket or ctx.settings().bucket)
+    if (api := ctx.api()) is not None:
+        found = client.adapters(api, name)
+    else:
+        found = list_adapters(bucket or ctx.settings().bucket)
     if name is not None:
         found = [a for a in found if a["name"] == name]
     if as_json:
@@ -128,6 +138,9 @@ def fetch(
     """
     from lorajobs.storage.adapters import fetch_adapter
 
+    if (api := ctx.api()) is not None:
+        print(client.fetch(api, ref, latest, output))
+        return
     settings = ctx.settings()
     uri, default_dir = resolve_adapter(settings, ref, latest)
     dest = (output or Path(".")) / default_dir

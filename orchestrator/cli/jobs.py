@@ -17,6 +17,8 @@ from typing import Any
 import typer
 
 from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.orchestrator import views
+from lorajobs.orchestrator.cli import client
 from lorajobs.orchestrator.cli import context as ctx
 
 FOLLOW_POLL_S = 1.0
@@ -41,6 +43,9 @@ def register(app: typer.Typer) -> None:
 
 def validate(specs: list[Path] = typer.Argument(..., help="Spec files to check.")) -> None:
     """Check spec files and report every problem; changes nothing."""
+    if (api := ctx.api()) is not None:
+        client.validate(api, specs)
+        return
     for spec, path in zip(ctx.load_specs(specs), specs):
         ctx.err.print(f"{path}: ok ({spec.kind} job '{spec.name}')")
 
@@ -63,6 +68,14 @@ def submit(
     """Queue jobs; print their ids."""
     if idempotency_key and len(specs) > 1:
         raise InvalidInput("--idempotency-key takes exactly one spec file")
+    if (api := ctx.api()) is not None:
+        jobs = client.submit(api, specs, idempotency_key)
+        if wait:
+            jobs = client.wait(api, jobs)
+        print_jobs(jobs, as_json, ids_only=not wait)
+        if wait and any(j.status.value != "succeeded" for j in jobs):
+            raise typer.Exit(1)
+        return
     settings = ctx.settings()
     parsed = ctx.load_specs(specs)
     # Local data bound for an object-store bucket is uploaded first (content-addressed, once).
@@ -112,12 +125,11 @@ def print_jobs(
 def wait_reasons(queue: Any, jobs: list[Any]) -> dict[str, str | None]:
     """Why each queued job of `jobs` waits (from the last scheduling round's summary)."""
     from lorajobs.orchestrator import waiting
-    from lorajobs.orchestrator.db import utcnow
 
     queued = [j for j in jobs if j.status.value == "queued"]
     if not queued:
         return {}
-    summary, now = queue.scheduling.waiting(), utcnow()
+    summary, now = queue.scheduling.waiting(), queue.clock()
     return {j.id: waiting.reason(j, summary, now) for j in queued}
 
 
@@ -138,18 +150,21 @@ def status(
         raise InvalidInput(
             f"--state must be one of: {', '.join(s.value for s in JobStatus)}"
         ) from None
-    queue = ctx.open_queue(ctx.settings())
+    api = ctx.api()
+    queue = ctx.open_queue(ctx.settings()) if api is None else None
 
-    def jobs() -> list[Any]:
-        return queue.list(statuses=statuses, owner=owner, limit=limit)
+    def jobs() -> tuple[list[Any], dict[str, str | None]]:
+        if api is not None:
+            return client.listing(api, state, owner, limit)
+        listed = queue.list(statuses=statuses, owner=owner, limit=limit)  # type: ignore[union-attr]
+        return listed, wait_reasons(queue, listed)
 
     def table() -> Any:
-        listed = jobs()
-        return render.status_table(listed, wait_reasons(queue, listed))
+        return render.status_table(*jobs())
 
     if not watch:
-        listed = jobs()
-        print_jobs(listed, as_json, reasons=wait_reasons(queue, listed))
+        listed, reasons = jobs()
+        print_jobs(listed, as_json, reasons=reasons)
         return
     try:
         if ctx.out.is_terminal:
@@ -161,9 +176,8 @@ def status(
                     live.update(table())
         # Piped (to a file, `tee`, a pager): a plain table per refresh, written at once.
         while True:
-            listed = jobs()
             print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            print(render.status_text(listed, wait_reasons(queue, listed)), flush=True)
+            print(render.status_text(*jobs()), flush=True)
             time.sleep(2)
     except KeyboardInterrupt:
         pass
@@ -177,15 +191,20 @@ def show(
     import yaml
 
     from lorajobs.orchestrator.cli import render
+    from lorajobs.orchestrator.cost import Estimate, estimate_for
 
-    queue = ctx.open_queue(ctx.settings())
-    rec = queue.get(job)
-    events = queue.events(rec.id)
-    from lorajobs.orchestrator.cost import estimate_for
-
+    if (api := ctx.api()) is not None:
+        shown = client.show(api, job)
+        rec, wait_reason = views.job_from_json(shown), shown.get("wait_reason")
+        events = [views.event_from_json(e) for e in shown["events"]]
+        estimate = Estimate(**shown["cost_estimate"])
+    else:
+        queue = ctx.open_queue(ctx.settings())
+        rec = queue.get(job)
+        events = queue.events(rec.id)
+        estimate = estimate_for(rec)
+        wait_reason = wait_reasons(queue, [rec]).get(rec.id)
     attempts = render.attempts(events)
-    estimate = estimate_for(rec)
-    wait_reason = wait_reasons(queue, [rec]).get(rec.id)
     if as_json:
         print(
             render.dumps(
@@ -232,8 +251,12 @@ def show(
 
 def cancel(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> None:
     """Cancel a job: at once if queued; a running job is stopped by its controller."""
-    queue = ctx.open_queue(ctx.settings())
-    rec = queue.request_cancel(job)
+    api = ctx.api()
+    rec = (
+        client.act(api, job, "cancel")
+        if api is not None
+        else ctx.open_queue(ctx.settings()).request_cancel(job)
+    )
     if rec.status.value == "cancelled":
         ctx.err.print(f"job {rec.id} cancelled")
     else:
@@ -270,7 +293,8 @@ def controller(
 def retry(job: str = typer.Argument(..., help="Job id or a unique prefix.")) -> None:
     """Queue a failed job again as a new attempt; it resumes from its last checkpoint."""
 
-    rec = ctx.open_queue(ctx.settings()).retry(job)
+    api = ctx.api()
+    rec = client.act(api, job, "retry") if api else ctx.open_queue(ctx.settings()).retry(job)
     ctx.err.print(f"job {rec.id} queued again as attempt {rec.attempt}")
     print(rec.id)
 
@@ -281,9 +305,13 @@ def priority(
 ) -> None:
     """Change the priority of a job that is still queued."""
 
-    queue = ctx.open_queue(ctx.settings())
-    before = queue.get(job)
-    rec = queue.set_priority(before.id, value)
+    if (api := ctx.api()) is not None:
+        before = views.job_from_json(client.show(api, job))
+        rec = client.act(api, before.id, "priority", {"priority": value})
+    else:
+        queue = ctx.open_queue(ctx.settings())
+        before = queue.get(job)
+        rec = queue.set_priority(before.id, value)
     ctx.err.print(f"job {rec.id}: priority {before.priority} -> {rec.priority}")
     print(rec.id)
 
@@ -303,6 +331,12 @@ def logs(
     """Print the worker's log of a job (its latest attempt unless --attempt)."""
     from lorajobs.storage.logs import read_log
 
+    if (api := ctx.api()) is not None:
+        try:
+            client.logs(api, job, follow, attempt)
+        except KeyboardInterrupt:
+            pass
+        return
     queue = ctx.open_queue(ctx.settings())
     rec = queue.get(job)
     if attempt is not None and not 1 <= attempt <= rec.attempt:

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 from rich.table import Table
 
 from lorajobs.orchestrator import waiting
 from lorajobs.orchestrator.queue import EventRecord, JobRecord
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
-
-
-def elapsed_s(job: JobRecord, now: datetime | None = None) -> float | None:
-    """Seconds since the attempt was dispatched (pulling and loading count: the node is held),
-    up to the end if it ended."""
-    start = _aware(job.dispatched_at or job.started_at)
-    if start is None:
-        return None
-    end = _aware(job.finished_at) or now or datetime.now(timezone.utc)
-    return max(0.0, (end - start).total_seconds())
+from lorajobs.orchestrator.views import (  # noqa: F401 - `render.job_json` & co. for callers
+    _aware,
+    adapter_uri,
+    attempts,
+    dumps,
+    elapsed_s,
+    eta_s,
+    event_json,
+    job_json,
+)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -46,59 +39,12 @@ def progress_text(job: JobRecord) -> str:
     return "-"
 
 
-def adapter_uri(job: JobRecord) -> str | None:
-    return (job.result or {}).get("adapter_uri")
-
-
-def eta_s(job: JobRecord) -> float | None:
-    """Seconds left at the current speed, for an active job that reports progress."""
-    if job.status.is_terminal() or not job.total_steps or not job.it_per_s:
-        return None
-    return max(0.0, (job.total_steps - (job.step or 0)) / job.it_per_s)
-
-
 def gpu_text(job: JobRecord) -> str:
     """The GPU type the job got (or asked for), 'cpu' for CPU jobs."""
     if not job.gpus:
         return "cpu"
     kind = job.accelerator or job.gpu_type or "any"
     return kind if job.gpus == 1 else f"{job.gpus:g}x {kind}"
-
-
-def attempts(events: list[EventRecord]) -> list[dict[str, Any]]:
-    """Every attempt of a job, rebuilt from its events: when and where it ran, how it ended,
-    what it cost."""
-    out: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    for e in events:
-        data = e.data or {}
-        if e.to_status.value == "dispatched":
-            current = {
-                "attempt": len(out) + 1,
-                "dispatched_at": _aware(e.at).isoformat(),  # type: ignore[union-attr]
-                "node_id": data.get("node_id"),
-                "accelerator": data.get("accelerator"),
-                "started_at": None,
-                "ended_at": None,
-                "outcome": None,
-                "reason": None,
-                "node": None,
-                "cost_usd": None,
-            }
-            out.append(current)
-        elif current is not None and e.to_status.value == "running":
-            current["started_at"] = _aware(e.at).isoformat()  # type: ignore[union-attr]
-        elif current is not None:
-            current.update(
-                ended_at=_aware(e.at).isoformat(),  # type: ignore[union-attr]
-                outcome="requeued" if e.to_status.value == "queued" else e.to_status.value,
-                reason=e.reason,
-                cost_usd=data.get("cost_usd"),
-            )
-            current["attempt"] = data.get("attempt", current["attempt"])
-            current["node"] = data.get("node") or current["node"]
-            current = None
-    return out
 
 
 def attempts_table(rows: list[dict[str, Any]]) -> Table:
@@ -116,39 +62,6 @@ def attempts_table(rows: list[dict[str, Any]]) -> Table:
             a["reason"] or "",
         )
     return table
-
-
-def job_json(job: JobRecord, wait_reason: str | None = None) -> dict[str, Any]:
-    """The stable JSON shape of a job for `--json` (adds `state`, the user-facing name, and
-    for a queued job `wait_reason`, why it is not running yet)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(job):
-        v = getattr(job, f.name)
-        if isinstance(v, datetime):
-            v = _aware(v).isoformat()  # type: ignore[union-attr]
-        elif hasattr(v, "value"):
-            v = v.value
-        out[f.name] = v
-    out["state"] = out["status"]
-    out["adapter_uri"] = adapter_uri(job)
-    out["elapsed_s"] = elapsed_s(job)
-    out["eta_s"] = eta_s(job)
-    out["wait_reason"] = wait_reason
-    return out
-
-
-def event_json(ev: EventRecord) -> dict[str, Any]:
-    out = dataclasses.asdict(ev)
-    for k, v in out.items():
-        if isinstance(v, datetime):
-            out[k] = _aware(v).isoformat()  # type: ignore[union-attr]
-        elif hasattr(v, "value"):
-            out[k] = v.value
-    return out
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
 STATE_STYLE = {

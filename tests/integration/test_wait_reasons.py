@@ -9,7 +9,13 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import func, select
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.orchestrator.db import SCHEDULER_STATE, current_revision, ensure_schema, make_engine
+from lorajobs.orchestrator.db import (
+    SCHEDULER_STATE,
+    SCHEMA_HEAD,
+    current_revision,
+    ensure_schema,
+    make_engine,
+)
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.waiting import WaitSummary, reason
 from tests.plugins.specs import spec_dict
@@ -20,7 +26,7 @@ T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 def test_published_reasons_replace_each_other_and_reach_a_queued_job(any_db_url: str) -> None:
     engine = make_engine(any_db_url)
     ensure_schema(engine, auto=True)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == SCHEMA_HEAD
     queue = Queue(engine, clock=lambda: T0)
     assert queue.scheduling.waiting() is None
 
