@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.plugins.seaweed",
     "tests.plugins.models",
     "tests.plugins.cluster",
+    "tests.plugins.service",
 ]
 
 

@@ -48,6 +48,8 @@ class CLI:
             RAY_AUTH_MODE="disabled",
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
             PYTHONUNBUFFERED="1",
+            # `lorajobs login` keeps its token here: never the developer's own.
+            XDG_CONFIG_HOME=str(self.home / "config"),
         )
         env.update(self.env)
         return env
