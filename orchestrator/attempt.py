@@ -1,9 +1,9 @@
 """One attempt of one job, as it runs on a worker node: train, report, log, and say how it ended.
 
 Called inside the Ray task (`ray_backend.run_attempt`) but free of Ray itself: progress leaves
-through `send`, the log streams to `<bucket>/jobs/<id>/logs/attempt-<N>.log`, and the outcome is
-a plain dict (`ok`, and for a failure its `kind` from the failure vocabulary and a one-line
-`error`), so the controller needs no exception pickling to classify it.
+through `send`, the log streams to `<bucket>/jobs/<id>/logs/attempt-<N>/` (appended parts), and
+the outcome is a plain dict (`ok`, and for a failure its `kind` from the failure vocabulary and a
+one-line `error`), so the controller needs no exception pickling to classify it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lorajobs.storage.checkpoints import CheckpointStore
+    from lorajobs.worker.board import Board
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -48,6 +49,9 @@ class WorkerContext:
     # TEST HOOK (env LORAJOBS_STOP_AFTER_STEP): after this step, checkpoint and raise
     # `Preempted`, as a preempted node would stop. Never set in production.
     stop_after_step: int | None = None
+    # This attempt's TensorBoard events; None: none written (trainer unit tests).
+    # `run_job` sets it to <output_uri>/jobs/<job_id>/tensorboard/attempt-<N>/.
+    board: Board | None = None
     # A job that asked for GPUs may train on this machine's CPU (`lorajobs run`, or a node
     # with LORAJOBS_ALLOW_CPU_FALLBACK=1) instead of failing as the node's fault.
     cpu_fallback: bool = False

@@ -20,6 +20,7 @@ from lorajobs.storage.adapters import upload_adapter
 from lorajobs.storage.base import join_uri
 from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
 from lorajobs.storage.pull import pull_dataset, pull_model
+from lorajobs.worker.board import Board
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.sidecar import SIDECAR, write_metadata
 from lorajobs.worker.trainers import get_trainer
@@ -73,7 +74,8 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
     """Run one attempt of `spec`, resuming from the job's latest checkpoint if it has one.
 
     Returns `{"adapter_uri", "files": {relpath: sha256}, "metrics", "timings",
-    "checkpoints_removed"}`, plain JSON. Once the adapter is complete its checkpoints are
+    "checkpoints_removed"}`, plain JSON. Its TensorBoard events go to
+    `<output_uri>/jobs/<job_id>/tensorboard/attempt-<N>/` (`lorajobs.worker.board`). Once the adapter is complete its checkpoints are
     deleted (`lorajobs.storage.checkpoints.discard_after_success`); a failed attempt keeps them.
     """
     timings: dict[str, float | None] = {}
@@ -101,8 +103,18 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         out_dir = Path(tmp) / "adapter"
         out_dir.mkdir()
 
+        own_board = ctx.board is None
+        if own_board:  # TensorBoard events: written here, uploaded with checkpoints and now
+            ctx.board = Board.for_attempt(
+                Path(tmp) / "tensorboard", ctx.output_uri, ctx.job_id, ctx.attempt
+            )
         t = time.monotonic()
-        output = train(spec, model_dir, data_path, out_dir, ctx)
+        try:
+            output = train(spec, model_dir, data_path, out_dir, ctx)
+        finally:
+            if own_board and ctx.board is not None:
+                ctx.board.close()
+                ctx.board = None
         timings["train"] = _since(t)
 
         t = time.monotonic()

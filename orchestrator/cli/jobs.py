@@ -2,8 +2,9 @@
 controller loop. None of them imports torch; only `controller` and `submit --wait` import Ray.
 
 `lorajobs logs JOB [-f]` prints (and follows) the worker's log, which the worker streams to
-`<bucket>/jobs/<job_id>/logs/attempt-<N>.log`, so it is readable from any machine that can read
-the bucket.
+`<bucket>/jobs/<job_id>/logs/attempt-<N>/part-*.log` (each part the bytes written since the
+previous one), so it is readable from any machine that can read the bucket; following fetches
+only the parts it has not printed yet.
 """
 
 from __future__ import annotations
@@ -329,7 +330,9 @@ def logs(
     ),
 ) -> None:
     """Print the worker's log of a job (its latest attempt unless --attempt)."""
-    from lorajobs.storage.logs import read_log
+    import codecs
+
+    from lorajobs.storage.logs import read_log_from
 
     if (api := ctx.api()) is not None:
         try:
@@ -343,14 +346,16 @@ def logs(
         raise InvalidInput(f"job {rec.id} has attempts 1-{rec.attempt}, not {attempt}")
     n = attempt or rec.attempt
     printed = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def drain() -> None:
+        # Only the bytes after those printed: each poll fetches the new parts, not the log.
         nonlocal printed
-        data = read_log(rec.output_uri, rec.id, n) or b""
-        if len(data) > printed:
-            sys.stdout.write(data[printed:].decode("utf-8", errors="replace"))
+        data = read_log_from(rec.output_uri, rec.id, n, printed)
+        if data:
+            sys.stdout.write(decoder.decode(data))
             sys.stdout.flush()
-            printed = len(data)
+            printed += len(data)
 
     drain()
     if not follow:
@@ -364,6 +369,7 @@ def logs(
             drain()
             if attempt is None and now.attempt > n:
                 n, printed = now.attempt, 0  # the old attempt's log was final before this
+                decoder.reset()
                 ctx.err.print(f"--- attempt {n} ---")
                 continue
             if now.status.is_terminal():

@@ -4,6 +4,7 @@ rendering mid-run leaves the trained adapter bit for bit what it is without samp
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,16 @@ def test_grids_are_uploaded_with_the_adapter_and_fetched(
     direct = runs["a"][0]
     for rel in [*STEP_FILES, FINAL_NAME]:
         assert (tmp_path / "fetched" / rel).read_bytes() == (direct / rel).read_bytes(), rel
+    # Each rendered grid is also an image in the attempt's TensorBoard events.
+    from lorajobs.worker.board import read_events
+
+    tb = tmp_path / "bucket" / "jobs" / "job-s" / "tensorboard" / "attempt-1"
+    [events_file] = tb.glob("events.out.tfevents.*")
+    events = read_events(events_file.read_bytes())
+    images = [(e.step, v.image) for e in events for v in e.summary.value if v.tag == "samples"]
+    assert [step for step, _ in images] == [2, 4]
+    grid = Image.open(io.BytesIO(images[-1][1].encoded_image_string))
+    assert grid.size == Image.open(direct / FINAL_NAME).size
 
 
 def test_a_folder_without_model_index_fails_before_training(tmp_path: Path) -> None:

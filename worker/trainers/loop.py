@@ -298,6 +298,8 @@ class TrainLoop:
                 last_report, last_step = now, self.step
             if save and store is not None:
                 store.save(self._capture(), keep=self.cfg.keep_checkpoints)
+                if self.ctx.board is not None:
+                    self.ctx.board.upload()  # the events go up with each checkpoint
             if stop:
                 raise Preempted(f"stopped after step {self.step} (LORAJOBS_STOP_AFTER_STEP)")
             if notice.received:
@@ -354,7 +356,18 @@ class TrainLoop:
                     f"at step {n}"
                 )
             self.losses.append(loss)
+            self._board_step(n, loss)
         self._unread.clear()
+
+    def _board_step(self, step: int, loss: float) -> None:
+        """TensorBoard scalars of optimizer step `step` (from 1): its loss and learning rate."""
+        board = self.ctx.board
+        if board is None:
+            return
+        cfg = self.cfg
+        factor = lr_factor(cfg.lr_scheduler, step - 1, self.total, cfg.warmup_steps)
+        board.scalar("train/loss", loss, step)
+        board.scalar("train/learning_rate", cfg.learning_rate * factor, step)
 
     # -- checkpoints --------------------------------------------------------------------------
 

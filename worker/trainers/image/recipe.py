@@ -95,6 +95,7 @@ def train(
         precision=precision,
         device=device,
         text_encoders={k: m for k, m in trained.items() if k != "unet"},
+        board=ctx.board,
     )
     encoders, latents, embeddings = _encode_once(
         ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype

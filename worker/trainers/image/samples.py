@@ -32,6 +32,7 @@ from PIL import Image
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, Samples
+from lorajobs.worker.board import Board
 from lorajobs.worker.plots import draw_image_grid, save_png
 from lorajobs.worker.trainers.loop import Precision
 
@@ -59,10 +60,11 @@ class SampleRenderer:
         resolution: int,
         title: str,
         text_encoders: Mapping[str, torch.nn.Module] | None = None,
+        board: Board | None = None,
     ) -> None:
         """`text_encoders`: pipeline component name (`text_encoder`, `text_encoder_2`) → a
         trained text encoder; pass only those that carry LoRA (the others load from the folder,
-        so the trainer can free its own)."""
+        so the trainer can free its own). `board`: where each grid also goes, as an image."""
         # Checked now, before any training, rather than at the first render.
         index_path = model_dir / "model_index.json"
         try:
@@ -77,6 +79,7 @@ class SampleRenderer:
         self.precision, self.device = precision, device
         self.resolution, self.title = resolution, title
         self.shared: dict[str, torch.nn.Module] = {"unet": unet, **(text_encoders or {})}
+        self.board = board
         self.files: list[str] = []  # written so far, relative to out_dir
         self.rendered = 0
         self.seconds = 0.0
@@ -94,6 +97,7 @@ class SampleRenderer:
         precision: Precision,
         device: torch.device,
         text_encoders: Mapping[str, torch.nn.Module] | None = None,
+        board: Board | None = None,
     ) -> SampleRenderer | None:
         """The renderer of `spec.samples`; None when the spec asks for no samples."""
         if spec.samples is None:
@@ -108,6 +112,7 @@ class SampleRenderer:
             resolution=spec.samples.resolution or spec.training.resolution,
             title=spec.name,
             text_encoders=text_encoders,
+            board=board,
         )
 
     def on_step(self, step: int) -> None:
@@ -140,6 +145,8 @@ class SampleRenderer:
             pipe = self._pipeline()
             images = [self._image(pipe, prompt) for prompt in prompts]
         grid = draw_image_grid(images, prompts, title=f"{self.title} - step {step}")
+        if self.board is not None:
+            self.board.image("samples", grid, step)
         self.rendered += 1
         self.seconds += time.monotonic() - started
         return grid

@@ -87,6 +87,8 @@ def train(
     )
     result = loop.run(micro_loss)
     eval_loss = _eval_loss(model, ds, device, precision) if ds.validation else None
+    if eval_loss is not None and ctx.board is not None:
+        ctx.board.scalar("eval/loss", eval_loss, total)
 
     _export(spec, model, out_dir, total)
     draw_loss_curve(result.losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
