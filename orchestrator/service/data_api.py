@@ -29,7 +29,7 @@ from lorajobs.storage import handoff
 from lorajobs.storage.adapters import MARKER, adapter_manifest, list_adapters
 from lorajobs.storage.backends import open_storage
 from lorajobs.storage.base import join_uri, safe_key
-from lorajobs.storage.logs import read_log
+from lorajobs.storage.logs import read_log, read_log_from
 from lorajobs.storage.staging import KINDS, MANIFEST_SUFFIX, manifest_digest, write_manifest
 
 router = APIRouter(prefix="/v1", tags=["data"])
@@ -56,11 +56,11 @@ def logs(
 
     def chunks() -> Iterator[bytes]:
         n, sent = attempt or job.attempt, offset
-        while True:
-            data = read_log(job.output_uri, job.id, n) or b""
-            if len(data) > sent:
-                yield data[sent:]
-                sent = len(data)
+        while True:  # each poll fetches only the parts past what was sent
+            data = read_log_from(job.output_uri, job.id, n, sent)
+            if data:
+                yield data
+                sent += len(data)
             if not follow:
                 return
             now = svc.queue.get(job.id)
@@ -69,7 +69,7 @@ def logs(
                 yield f"--- attempt {n} ---\n".encode()
                 continue
             if now.status.is_terminal():
-                tail = (read_log(job.output_uri, job.id, n) or b"")[sent:]
+                tail = read_log_from(job.output_uri, job.id, n, sent)
                 if tail:
                     yield tail
                 return
