@@ -9,13 +9,15 @@ part, and completes it with the ETags the client got back.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from lorajobs.storage.base import Storage
 from lorajobs.storage.s3 import S3Storage
 
 EXPIRES_S = 3600
-PART_SIZE = 64 * 1024 * 1024
+#: Parts of a multipart upload; S3 wants at least 5 MiB (`LORAJOBS_UPLOAD_PART_MB`).
+PART_SIZE = int(float(os.environ.get("LORAJOBS_UPLOAD_PART_MB") or 64) * 1024 * 1024)
 
 
 def presignable(storage: Storage) -> bool:
