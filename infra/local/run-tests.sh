@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# `make test`: make sure the PostgreSQL server binaries exist (installing them from Debian's
-# packages if missing), then run the whole suite. The tests themselves start PostgreSQL and a
-# SeaweedFS S3 server on 127.0.0.1 and stop them by PID.
+# `make test`: make sure the PostgreSQL server binaries and Chromium exist (installing them from
+# Debian's packages if missing), then run the whole suite. The tests themselves start PostgreSQL,
+# a SeaweedFS S3 server and lorajobs servers on 127.0.0.1 and stop them by PID.
 set -euo pipefail
 BIN=${1:?usage: run-tests.sh VENV_BIN [pytest args]}
 shift
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/ensure-postgres.sh"
+bash "$here/ensure-chromium.sh"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 # Every test gets its own LORAJOBS_HOME; this keeps anything that slips through out of ~.
 export LORAJOBS_HOME=${LORAJOBS_HOME:-$(mktemp -d /tmp/lorajobs-test-home.XXXXXX)}
