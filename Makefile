@@ -8,6 +8,10 @@ TORCH_CPU ?= torch==2.13.0
 # adapters depend on exact library versions. `make lock` regenerates it.
 CONSTRAINTS := infra/constraints.txt
 STAMP := $(VENV)/.installed
+# The tests' MLflow tracking server lives in its own venv: its pins (SQLAlchemy, Alembic, pandas)
+# are its own business, not the project's.
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
 .PHONY: demo test test-fast lint lock venv clean bench
 
@@ -18,6 +22,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@touch $(STAMP)
 
+$(MLFLOW_STAMP): infra/mlflow-constraints.txt
+	@test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q -c infra/mlflow-constraints.txt mlflow
+	@touch $(MLFLOW_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -25,7 +34,7 @@ demo: $(STAMP)
 
 # Lint (ruff), formatting and the import contracts first, then the whole suite: infra/local/
 # run-tests.sh starts nothing itself; the tests start PostgreSQL and SeaweedFS and stop them by PID.
-test: $(STAMP) lint
+test: $(STAMP) $(MLFLOW_STAMP) lint
 	bash infra/local/run-tests.sh $(BIN) $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -41,4 +50,4 @@ lock:
 	bash infra/lock.sh $(PYTHON) "$(TORCH_CPU)" $(CONSTRAINTS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(MLFLOW_VENV) .pytest_cache

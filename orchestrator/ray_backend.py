@@ -348,6 +348,8 @@ def _worker_env() -> dict[str, str]:
         "LORAJOBS_PULL_CONCURRENCY",
         "LORAJOBS_S3_FAST_GET",
         "LORAJOBS_KEEP_CHECKPOINTS",
+        "LORAJOBS_MLFLOW_URI",  # the tracking server; its credentials stay in the node's env
+        "LORAJOBS_MLFLOW_EXPERIMENT",
         *ENV_KEYS,  # the deployment's boundary: workers check it again before a job runs
     ):
         if key in os.environ:

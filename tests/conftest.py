@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.plugins.models",
     "tests.plugins.cluster",
     "tests.plugins.service",
+    "tests.plugins.mlflow",
 ]
 
 

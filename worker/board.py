@@ -39,25 +39,32 @@ def board_uri(output_uri: str, job_id: str, attempt: int) -> str:
 class Board:
     """One attempt's event file: write scalars and images, upload it to `uri`."""
 
-    def __init__(self, local_dir: Path, uri: str) -> None:
+    def __init__(self, local_dir: Path, uri: str, mirror: Any = None) -> None:
         from tensorboardX.event_file_writer import EventsWriter
 
         local_dir.mkdir(parents=True, exist_ok=True)
         self.dir, self.uri = local_dir, uri
+        # The job's MLflow run (`lorajobs.worker.tracking.MlflowRun`), when there is one: it
+        # gets every scalar too, and is flushed with each upload.
+        self.mirror = mirror
         self._writer: Any = EventsWriter(str(local_dir / "events"))
         self._closed = False
         self._written = 0  # events since the file's header: a board with none uploads nothing
 
     @classmethod
-    def for_attempt(cls, local_dir: Path, output_uri: str, job_id: str, attempt: int) -> Board:
+    def for_attempt(
+        cls, local_dir: Path, output_uri: str, job_id: str, attempt: int, mirror: Any = None
+    ) -> Board:
         """The board of attempt `attempt` of `job_id`, writing under `local_dir`."""
-        return cls(local_dir, board_uri(output_uri, job_id, attempt))
+        return cls(local_dir, board_uri(output_uri, job_id, attempt), mirror)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Record `value` of the series `tag` at `step`."""
         from tensorboardX import summary
 
         self._write(summary.scalar(tag, float(value)), step)
+        if self.mirror is not None:
+            self.mirror.scalar(tag, value, step)
 
     def image(self, tag: str, image: Image.Image, step: int) -> None:
         """Record an RGB image (a sample grid) under `tag` at `step`."""
@@ -70,6 +77,8 @@ class Board:
     def upload(self) -> None:
         """Flush the event file and upload it (the whole file: it is small next to a
         checkpoint); never raise: a lost event file must not fail the attempt."""
+        if self.mirror is not None:
+            self.mirror.flush()
         if self._closed or not self._written:
             return
         try:

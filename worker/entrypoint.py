@@ -20,9 +20,11 @@ from lorajobs.storage.adapters import upload_adapter
 from lorajobs.storage.base import join_uri
 from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
 from lorajobs.storage.pull import pull_dataset, pull_model
+from lorajobs.storage.staging import manifest_digest
 from lorajobs.worker.board import Board
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.sidecar import SIDECAR, write_metadata
+from lorajobs.worker.tracking import MlflowRun, flat_params
 from lorajobs.worker.trainers import get_trainer
 
 log = logging.getLogger("lorajobs.worker")
@@ -104,13 +106,18 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         out_dir.mkdir()
 
         own_board = ctx.board is None
+        tracking = _mlflow_run(spec, ctx) if own_board else None
         if own_board:  # TensorBoard events: written here, uploaded with checkpoints and now
             ctx.board = Board.for_attempt(
-                Path(tmp) / "tensorboard", ctx.output_uri, ctx.job_id, ctx.attempt
+                Path(tmp) / "tensorboard", ctx.output_uri, ctx.job_id, ctx.attempt, tracking
             )
         t = time.monotonic()
         try:
             output = train(spec, model_dir, data_path, out_dir, ctx)
+        except BaseException:
+            if tracking is not None:
+                tracking.finish(ok=False)
+            raise
         finally:
             if own_board and ctx.board is not None:
                 ctx.board.close()
@@ -138,6 +145,8 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         # Said here, the moment it is true: the attempt may still be killed during the clean-up
         # below, and its log must then show that the adapter is complete anyway.
         log.info("adapter uploaded to %s", dest)
+        if tracking is not None:
+            tracking.finish(ok=True, tags={"lorajobs.adapter_digest": _digest(sidecar)})
 
     try:
         removed = discard_after_success(ctx.output_uri, ctx.job_id, dest, adapter_marker=SIDECAR)
@@ -151,6 +160,25 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         "timings": timings,
         "checkpoints_removed": removed,
     }
+
+
+def _mlflow_run(spec: AnyJobSpec, ctx: WorkerContext) -> MlflowRun | None:
+    """The job's MLflow run when the deployment names a tracking server; else None."""
+    from lorajobs.jobspecs import spec_to_dict
+
+    job = {
+        "lorajobs.job_id": ctx.job_id,
+        "lorajobs.owner": spec.owner,
+        "lorajobs.name": spec.name,
+        "lorajobs.kind": spec.kind,
+        "lorajobs.attempt": str(ctx.attempt),
+    }
+    return MlflowRun.from_env(job, flat_params(spec_to_dict(spec)))
+
+
+def _digest(sidecar: dict[str, Any]) -> str:
+    """The adapter's digest: over every file's path, size and sha256 (as staging names data)."""
+    return manifest_digest(sidecar["files"])
 
 
 def _since(t: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -32,6 +33,7 @@ def server(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     ssl_certfile: str | None = typer.Option(None, "--ssl-certfile", help="TLS certificate."),
     ssl_keyfile: str | None = typer.Option(None, "--ssl-keyfile", help="TLS private key."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64, help="Server processes."),
 ) -> None:
     """Serve the HTTP API (/v1) and the dashboard over this deployment's queue and bucket."""
     import uvicorn
@@ -45,7 +47,10 @@ def server(
         config = ServiceConfig.from_env(settings)
     except ValueError as err:
         raise InvalidInput(str(err)) from None
-    app = create_app(settings, config, ctx.open_queue(settings))
+    queue = ctx.open_queue(settings)  # creates or checks the schema once, before any worker
+    # Several processes: each builds its own app (uvicorn imports the factory in each).
+    app: Any = "lorajobs.orchestrator.service.app:from_env" if workers > 1 else None
+    app = app or create_app(settings, config, queue)
     ctx.err.print(
         f"lorajobs server on http{'s' if ssl_certfile else ''}://{host}:{port} "
         f"(database {settings.redacted_database_url()}, bucket {settings.bucket})",
@@ -61,6 +66,8 @@ def server(
         log_level="warning",
         server_header=False,
         proxy_headers=True,
+        workers=workers if workers > 1 else None,
+        factory=workers > 1,
     )
 
 

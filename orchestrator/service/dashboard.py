@@ -101,29 +101,32 @@ def logout() -> Response:
     return out
 
 
-@router.get("/")
-def queue_page(request: Request) -> Response:
+def _signed_in_page(request: Request, title: str, body: str, page: str) -> Response:
+    """A page for a signed-in user; the sign-in form for anyone else."""
     who = _signed_in(request)
     if who is None:
         return RedirectResponse("/login", status_code=303)
-    return _page(
+    return _page(title, body, who, page)
+
+
+@router.get("/")
+def queue_page(request: Request) -> Response:
+    return _signed_in_page(
+        request,
         "Queue",
         "<h1>Queue</h1><section id='cluster' class='cluster'></section>"
         "<table id='jobs'><thead><tr><th>ID</th><th>Name</th><th>Owner</th><th>State</th>"
         "<th>Progress</th><th>Loss</th><th>ETA</th><th>Waiting</th></tr></thead>"
         "<tbody></tbody></table>",
-        who,
         "queue",
     )
 
 
 @router.get("/jobs/{job_id}")
 def job_page(job_id: str, request: Request) -> Response:
-    who = _signed_in(request)
-    if who is None:
-        return RedirectResponse("/login", status_code=303)
     jid = html.escape(job_id)
-    return _page(
+    return _signed_in_page(
+        request,
         f"Job {job_id}",
         f"<h1 id='title' data-job='{jid}'>Job {jid}</h1>"
         "<p id='summary'></p><p><button id='cancel'>Cancel</button> <span id='msg'></span></p>"
@@ -134,21 +137,17 @@ def job_page(job_id: str, request: Request) -> Response:
         "<h2>Attempts</h2><table id='attempts'><tbody></tbody></table>"
         "<h2>Events</h2><table id='events'><tbody></tbody></table>"
         "<h2>Spec</h2><pre id='spec'></pre>",
-        who,
         "job",
     )
 
 
 @router.get("/adapters")
 def adapters_page(request: Request) -> Response:
-    who = _signed_in(request)
-    if who is None:
-        return RedirectResponse("/login", status_code=303)
-    return _page(
+    return _signed_in_page(
+        request,
         "Adapters",
         "<h1>Adapters</h1><table id='adapters'><thead><tr><th>Name</th><th>Job</th>"
         "<th>Owner</th><th>Size</th><th>Base model</th><th>Created</th></tr></thead>"
         "<tbody></tbody></table>",
-        who,
         "adapters",
     )

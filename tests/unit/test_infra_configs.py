@@ -36,6 +36,8 @@ CONTROLLER = INFRA / "kuberay" / "controller.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 DOCKERIGNORE = INFRA / "docker" / "Dockerfile.dockerignore"
 UNIT = INFRA / "systemd" / "lorajobs-controller.service"
+SERVER_UNIT = INFRA / "systemd" / "lorajobs-server.service"
+SERVER = INFRA / "kuberay" / "server.yaml"
 ENV_EXAMPLE = INFRA / "systemd" / "controller.env.example"
 INFRA_README = INFRA / "README.md"
 CLUSTER_DOC = ROOT / "docs" / "cluster.md"
@@ -48,6 +50,8 @@ INFRA_FILES = [
     DOCKERFILE,
     DOCKERIGNORE,
     UNIT,
+    SERVER_UNIT,
+    SERVER,
     ENV_EXAMPLE,
     INFRA_README,
     CLUSTER_DOC,
@@ -492,10 +496,10 @@ def test_versions_agree_across_image_configs_and_docs():
 # -- the controller as a systemd service ---------------------------------------------------------
 
 
-def _unit() -> dict[str, dict[str, list[str]]]:
+def _unit(path: Path = UNIT) -> dict[str, dict[str, list[str]]]:
     sections: dict[str, dict[str, list[str]]] = {}
     current = None
-    for line in UNIT.read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -537,10 +541,34 @@ def test_systemd_unit():
     )
 
 
+def test_server_beside_the_controller():
+    """The server runs with the controller's settings file, on loopback behind a TLS proxy
+    (systemd), or as a Deployment and Service next to the controller (Kubernetes); both
+    controller manifests keep jobs inside their owners' prefixes."""
+    unit = _unit(SERVER_UNIT)
+    svc = unit["Service"]
+    assert svc["EnvironmentFile"][0] == "/etc/lorajobs/controller.env"
+    assert svc["ExecStart"][0].endswith("/lorajobs server --host 127.0.0.1 --port 8000")
+    assert svc["User"] == ["lorajobs"] and svc["UMask"] == ["0077"]
+    dep, service = yaml.safe_load_all(SERVER.read_text())
+    assert dep["kind"] == "Deployment" and service["kind"] == "Service"
+    assert dep["metadata"]["namespace"] == load(CONTROLLER)["metadata"]["namespace"]
+    (main,) = dep["spec"]["template"]["spec"]["containers"]
+    assert main["command"][:2] == ["lorajobs", "server"]
+    _assert_no_inline_secrets(main)
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["LORAJOBS_TENANCY"] == "shared" and env["LORAJOBS_SECURE_COOKIES"] == "1"
+    assert main["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    (ctl,) = load(CONTROLLER)["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in ctl["env"]}["LORAJOBS_TENANCY"] == "shared"
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
-def test_systemd_analyze_verify_finds_nothing_but_the_absent_venv():
+@pytest.mark.parametrize("unit", [UNIT, SERVER_UNIT], ids=["controller", "server"])
+def test_systemd_analyze_verify_finds_nothing_but_the_absent_venv(unit: Path):
     proc = subprocess.run(
-        ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     problems = [
         line
@@ -556,7 +584,7 @@ def test_systemd_analyze_verify_finds_nothing_but_the_absent_venv():
 def test_docs_name_only_real_settings_and_existing_files():
     code = "\n".join(
         p.read_text()
-        for pkg in ("jobspecs", "orchestrator", "worker")
+        for pkg in ("jobspecs", "storage", "orchestrator", "worker")
         for p in (ROOT / pkg).rglob("*.py")
     )
     known = set(re.findall(r"LORAJOBS_[A-Z0-9_]+", code))
