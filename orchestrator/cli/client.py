@@ -12,7 +12,7 @@ from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator import views
 from lorajobs.orchestrator.cli import context as ctx
 from lorajobs.orchestrator.cli.remote import ApiClient
-from lorajobs.orchestrator.queue import JobRecord
+from lorajobs.orchestrator.records import JobRecord
 
 POLL_S = 2.0
 
