@@ -22,7 +22,7 @@ from lorajobs.storage.checkpoints import CheckpointStore, discard_after_success
 from lorajobs.storage.pull import pull_dataset, pull_model
 from lorajobs.storage.staging import manifest_digest
 from lorajobs.worker.board import Board
-from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.sidecar import SIDECAR, write_metadata
 from lorajobs.worker.tracking import MlflowRun, flat_params
 from lorajobs.worker.trainers import get_trainer
@@ -97,7 +97,6 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
     model_dir = pull_model(spec.base_model, ctx.cache_dir)
     timings["pull"] = _since(t)
 
-    train = get_trainer(spec.kind)
     work_root = ctx.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
     # A fresh folder per attempt, on the cache disk (large) rather than /tmp (often small).
@@ -105,23 +104,8 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         out_dir = Path(tmp) / "adapter"
         out_dir.mkdir()
 
-        own_board = ctx.board is None
-        tracking = _mlflow_run(spec, ctx) if own_board else None
-        if own_board:  # TensorBoard events: written here, uploaded with checkpoints and now
-            ctx.board = Board.for_attempt(
-                Path(tmp) / "tensorboard", ctx.output_uri, ctx.job_id, ctx.attempt, tracking
-            )
         t = time.monotonic()
-        try:
-            output = train(spec, model_dir, data_path, out_dir, ctx)
-        except BaseException:
-            if tracking is not None:
-                tracking.finish(ok=False)
-            raise
-        finally:
-            if own_board and ctx.board is not None:
-                ctx.board.close()
-                ctx.board = None
+        output, tracking = _train(spec, ctx, model_dir, data_path, out_dir, Path(tmp))
         timings["train"] = _since(t)
 
         t = time.monotonic()
@@ -160,6 +144,29 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         "timings": timings,
         "checkpoints_removed": removed,
     }
+
+
+def _train(
+    spec: AnyJobSpec, ctx: WorkerContext, model_dir: Path, data_path: Path, out_dir: Path, tmp: Path
+) -> tuple[TrainOutput, MlflowRun | None]:
+    """Train into `out_dir`, with the attempt's TensorBoard events (and MLflow run, when the
+    deployment names a server) written as it goes; returns the run, still open, for its end."""
+    own_board = ctx.board is None
+    tracking = _mlflow_run(spec, ctx) if own_board else None
+    if own_board:  # TensorBoard events: written here, uploaded with checkpoints and at the end
+        ctx.board = Board.for_attempt(
+            tmp / "tensorboard", ctx.output_uri, ctx.job_id, ctx.attempt, tracking
+        )
+    try:
+        return get_trainer(spec.kind)(spec, model_dir, data_path, out_dir, ctx), tracking
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(ok=False)
+        raise
+    finally:
+        if own_board and ctx.board is not None:
+            ctx.board.close()
+            ctx.board = None
 
 
 def _mlflow_run(spec: AnyJobSpec, ctx: WorkerContext) -> MlflowRun | None:
