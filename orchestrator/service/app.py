@@ -113,6 +113,17 @@ def create_app(settings: Settings, config: ServiceConfig, queue: Queue) -> FastA
     return app
 
 
+def from_env() -> FastAPI:
+    """The app for this process's environment: what `lorajobs server --workers N` builds in
+    each uvicorn worker process."""
+    from lorajobs.orchestrator.db import ensure_schema, make_engine
+
+    settings = Settings.from_env()
+    engine = make_engine(settings)
+    ensure_schema(engine, auto=settings.database_url.startswith("sqlite"))
+    return create_app(settings, ServiceConfig.from_env(settings), Queue(engine))
+
+
 class _Hardening:
     """ASGI middleware: security headers on every response, and a cap on request bodies (file
     uploads, `/v1/data/.../files/`, are capped by their route instead)."""

@@ -121,7 +121,7 @@ def list_jobs(
     name: str | None = Query(None, description="Only jobs with this adapter name."),
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, description="`next_cursor` of the previous page."),
-) -> dict[str, Any]:
+) -> JSONResponse:
     svc = service(request)
     try:
         statuses = [JobStatus(s) for s in state] if state else None
@@ -136,10 +136,14 @@ def list_jobs(
     )
     page, more = jobs[:limit], len(jobs) > limit
     reasons = wait_reasons(svc, page)
-    return {
-        "jobs": [job_out(svc, j, reasons) for j in page],
-        "next_cursor": _cursor(page[-1]) if more and page else None,
-    }
+    # Already plain JSON types: a JSONResponse skips FastAPI's recursive re-encoding, which
+    # costs more than the query on the queue's hottest route.
+    return JSONResponse(
+        {
+            "jobs": [job_out(svc, j, reasons) for j in page],
+            "next_cursor": _cursor(page[-1]) if more and page else None,
+        }
+    )
 
 
 @router.get("/jobs/{ref}", summary="One job: its state, attempts, events and cost")
