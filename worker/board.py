@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def samples_uri(output_uri: str, job_id: str) -> str:
+    """Where sample grids go the moment they are rendered: `<bucket>/jobs/<job_id>/samples`
+    (`step-NNNNNN.png`), so the dashboard shows them during training, not only at the end."""
+    return join_uri(output_uri, "jobs", job_id, "samples")
+
+
 def board_uri(output_uri: str, job_id: str, attempt: int) -> str:
     """Where an attempt's event files go: `<bucket>/jobs/<job_id>/tensorboard/attempt-<N>`."""
     return join_uri(output_uri, "jobs", job_id, "tensorboard", f"attempt-{attempt}")
@@ -39,7 +45,9 @@ def board_uri(output_uri: str, job_id: str, attempt: int) -> str:
 class Board:
     """One attempt's event file: write scalars and images, upload it to `uri`."""
 
-    def __init__(self, local_dir: Path, uri: str, mirror: Any = None) -> None:
+    def __init__(
+        self, local_dir: Path, uri: str, mirror: Any = None, samples: str | None = None
+    ) -> None:
         from tensorboardX.event_file_writer import EventsWriter
 
         local_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +55,7 @@ class Board:
         # The job's MLflow run (`lorajobs.worker.tracking.MlflowRun`), when there is one: it
         # gets every scalar too, and is flushed with each upload.
         self.mirror = mirror
+        self.samples = samples  # where each sample grid is also put as a PNG, at once
         self._writer: Any = EventsWriter(str(local_dir / "events"))
         self._closed = False
         self._written = 0  # events since the file's header: a board with none uploads nothing
@@ -56,7 +65,12 @@ class Board:
         cls, local_dir: Path, output_uri: str, job_id: str, attempt: int, mirror: Any = None
     ) -> Board:
         """The board of attempt `attempt` of `job_id`, writing under `local_dir`."""
-        return cls(local_dir, board_uri(output_uri, job_id, attempt), mirror)
+        return cls(
+            local_dir,
+            board_uri(output_uri, job_id, attempt),
+            mirror,
+            samples_uri(output_uri, job_id),
+        )
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Record `value` of the series `tag` at `step`."""
@@ -73,6 +87,18 @@ class Board:
 
         pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
         self._write(summary.image(tag, pixels, dataformats="HWC"), step)
+        if self.samples is not None:
+            self._put_png(image, f"step-{step:06d}.png")
+
+    def _put_png(self, image: Image.Image, name: str) -> None:
+        import io
+
+        try:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            open_storage(self.samples).put_bytes(buf.getvalue(), name)  # type: ignore[arg-type]
+        except Exception as err:  # noqa: BLE001 - a view: never fail the attempt for it
+            log.warning("sample grid %s not uploaded: %s", name, err)
 
     def upload(self) -> None:
         """Flush the event file and upload it (the whole file: it is small next to a

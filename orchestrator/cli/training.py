@@ -78,6 +78,10 @@ def _adapter_dir(ref: str, scratch: Path) -> Path:
         uri = ref
     elif "/" in ref or ref.startswith("."):
         raise InvalidInput(f"{ref}: no such adapter folder")
+    elif (api := ctx.api()) is not None:  # through the server: its presigned URLs
+        from lorajobs.orchestrator.cli import client
+
+        return client.fetch(api, ref, False, scratch)
     else:
         uri, _ = resolve_adapter(ctx.settings(), ref, latest=False)
     if uri.startswith("file://"):

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import distinct, select
 
@@ -96,6 +96,28 @@ def metrics(
         for step, loss in _STEP.findall(read_log(job.output_uri, job.id, a) or b""):
             points[int(step)] = float(loss)
     return {"job_id": job.id, "loss": sorted(points.items())}
+
+
+_SAMPLE = re.compile(r"^step-\d{6}\.png$")
+
+
+@router.get("/jobs/{ref}/samples", summary="Sample grids rendered so far, newest first")
+def samples(ref: str, request: Request, who: Principal = Depends(principal)) -> list[dict]:
+    svc = service(request)
+    job = svc.job(who, ref)
+    storage = open_storage(join_uri(job.output_uri, "jobs", job.id, "samples"))
+    names = sorted((o.key for o in storage.list("") if _SAMPLE.match(o.key)), reverse=True)
+    return [{"step": int(n[5:11]), "url": f"/v1/jobs/{job.id}/samples/{n}"} for n in names]
+
+
+@router.get("/jobs/{ref}/samples/{name}", summary="One sample grid (PNG)")
+def sample(ref: str, name: str, request: Request, who: Principal = Depends(principal)) -> Response:
+    svc = service(request)
+    job = svc.job(who, ref)
+    if not _SAMPLE.match(name):
+        raise ObjectNotFound(f"{name}: no such sample")
+    storage = open_storage(join_uri(job.output_uri, "jobs", job.id, "samples"))
+    return Response(storage.get_bytes(name), media_type="image/png")
 
 
 # -- adapters --------------------------------------------------------------------------------

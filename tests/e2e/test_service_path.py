@@ -106,6 +106,10 @@ def _walk(user: CLI, tmp: Path, model: Path, dataset: Path, env: dict[str, str])
     for rel, meta in sidecar["files"].items():
         assert hashlib.sha256((dest / rel).read_bytes()).hexdigest() == meta["sha256"]
     assert (dest / "adapter_config.json").is_file()
+    # Commands that take a job id fetch its adapter through the server too.
+    merged = user("merge", job, job, "--weights", "0.5,0.5", "-o", str(tmp / "merged"))
+    assert merged.code == 0, merged.err
+    assert (tmp / "merged" / "adapter_model.safetensors").is_file()
 
 
 def _no_secrets(env: dict[str, str], db: str, s3_env: Any, secrets: list[str]) -> None:

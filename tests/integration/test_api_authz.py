@@ -54,6 +54,9 @@ def _succeed_with_adapter(server: ApiServer, job: dict[str, Any], tmp: Path) -> 
     upload_adapter(folder, uri)
     log = Path(job["output_uri"].removeprefix("file://")) / "jobs" / job["id"] / "logs"
     log.mkdir(parents=True)
+    grids = log.parent / "samples"
+    grids.mkdir()
+    (grids / "step-000002.png").write_bytes(b"\x89PNG not really")
     (log / "attempt-1.log").write_text("step 1/2  loss 0.5000\nstep 2/2  loss 0.2500\n")
     queue = Queue(make_engine(_db(server)))
     for to in (JobStatus.dispatched, JobStatus.running):
@@ -121,6 +124,12 @@ READS: list[tuple[str, Call, tuple[int, int, int, int]]] = [
     (
         "adapter file",
         lambda c, w: c.get(f"/v1/jobs/{w['done']['id']}/adapter/files/adapter_model.safetensors"),
+        (200, 200, 404, 200),
+    ),
+    ("samples", lambda c, w: c.get(f"/v1/jobs/{w['done']['id']}/samples"), (200, 200, 404, 200)),
+    (
+        "sample",
+        lambda c, w: c.get(f"/v1/jobs/{w['done']['id']}/samples/step-000002.png"),
         (200, 200, 404, 200),
     ),
     ("schema", lambda c, w: c.get("/v1/schema"), (200, 200, 200, 200)),

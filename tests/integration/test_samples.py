@@ -216,6 +216,10 @@ def test_grids_are_uploaded_with_the_adapter_and_fetched(
     assert [step for step, _ in images] == [2, 4]
     grid = Image.open(io.BytesIO(images[-1][1].encoded_image_string))
     assert grid.size == Image.open(direct / FINAL_NAME).size
+    # ... and a PNG in the bucket the moment it is rendered, for the dashboard.
+    live = tmp_path / "bucket" / "jobs" / "job-s" / "samples"
+    assert sorted(p.name for p in live.iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert Image.open(live / "step-000004.png").size == grid.size
 
 
 def test_a_folder_without_model_index_fails_before_training(tmp_path: Path) -> None:

@@ -115,6 +115,7 @@ async function refreshJob(id) {
   }
   const m = await api(`/v1/jobs/${id}/metrics`);
   if (m.ok) drawLoss((await m.json()).loss);
+  await showSamples(id);
   if (job.state === "succeeded" && !jobState.files) await showFiles(id);
 }
 
@@ -128,8 +129,20 @@ async function showFiles(id) {
     li.appendChild(a); li.appendChild(el("span", ` ${f.size} bytes · sha256 ${f.sha256.slice(0, 12)}…`));
     return li;
   }));
-  document.getElementById("samples").replaceChildren(...files.filter((f) => f.path.endsWith(".png"))
-    .map((f) => { const img = el("img"); img.src = f.url; img.alt = f.path; return img; }));
+}
+
+async function showSamples(id) {
+  // Sample grids as the worker renders them (image jobs with `samples:`), newest first.
+  const r = await api(`/v1/jobs/${id}/samples`);
+  if (!r.ok) return;
+  const grids = (await r.json()).slice(0, 4);
+  const box = document.getElementById("samples");
+  if (box.dataset.shown === grids.map((g) => g.step).join(",")) return;
+  box.dataset.shown = grids.map((g) => g.step).join(",");
+  box.replaceChildren(...grids.map((g) => {
+    const fig = el("figure"); const img = el("img"); img.src = g.url; img.alt = "step " + g.step;
+    fig.appendChild(img); fig.appendChild(el("figcaption", "step " + g.step)); return fig;
+  }));
 }
 
 async function cancelJob(id) {
