@@ -95,9 +95,18 @@ def test_sdxl_adapter_loads_in_the_sdxl_pipeline_and_kohya_plays_the_same(
     if te:
         assert packed["text_encoder_2.target_modules"] == ["k_proj", "out_proj", "q_proj", "v_proj"]
     with safe_open(folder / KOHYA, "pt") as f:
-        prefixes = {k.split("_")[1] for k in f.keys()}  # lora_<this>_<module path>
+        f_keys = list(f.keys())
+        prefixes = {k.split("_")[1] for k in f_keys}  # lora_<this>_<module path>
         meta = f.metadata()
     assert prefixes == ({"te1", "te2", "unet"} if te else {"unet"})
+    # The original UNet's names, as kohya's SDXL files have them (e.g. input_blocks_3_1_...).
+    unet_keys = {k.split(".")[0] for k in f_keys if k.startswith("lora_unet_")}
+    assert unet_keys and all(
+        k.startswith(
+            ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+        )
+        for k in unet_keys
+    ), sorted(unet_keys)[:3]
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_network_train_unet_only"] == str(not te)

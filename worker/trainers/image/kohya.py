@@ -4,9 +4,11 @@ kohya's sd-scripts trains SD 1.x/2.x LoRAs on the diffusers UNet, so its keys ar
 module paths with '.' turned into '_': `lora_unet_<path>.lora_down.weight`, `.lora_up.weight`
 and a scalar `.alpha` per module (scale = alpha / rank). Text-encoder modules are
 `lora_te_<path>` (SD 1.x/2.x's one encoder) or `lora_te1_` / `lora_te2_` (SDXL's two), their
-paths starting `text_model_` as in kohya's files. SDXL UNet modules keep their diffusers paths
-too (kohya's own SDXL files use the original `input_blocks` names); diffusers, ComfyUI and
-A1111 read both spellings. diffusers' `load_lora_weights` reads these files back (tested).
+paths starting `text_model_` as in kohya's files. SDXL UNet modules get the original UNet names
+that kohya's own SDXL files use (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+`sgm_names.sgm_path`), which every tool reads, not only those that also map diffusers names.
+diffusers' `load_lora_weights` reads these files back and plays them exactly like the diffusers
+file (tested, text encoders included).
 
 Determinism: `pytorch_lora_weights.safetensors` carries only metadata that is a function of the
 spec and the data, so its bytes repeat run after run. The kohya file also carries the real
@@ -20,10 +22,19 @@ import hashlib
 import json
 import math
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
+
+from lorajobs.worker.trainers.image.sgm_names import sgm_path
+
+#: The SDXL base UNet's layout, for names when no config is given.
+SDXL_UNET = {
+    "layers_per_block": 2,
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
 
 _DIFFUSERS_SUFFIXES = {
     ".lora.down.weight": ".lora_down.weight",  # UNet modules
@@ -47,10 +58,15 @@ def kohya_prefixes(sdxl: bool) -> dict[str, str]:
 
 
 def diffusers_to_kohya(
-    state: dict[str, torch.Tensor], alpha: float, use_rslora: bool = False, sdxl: bool = False
+    state: dict[str, torch.Tensor],
+    alpha: float,
+    use_rslora: bool = False,
+    sdxl: bool = False,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`unet.<path>.lora.{down,up}.weight` and `text_encoder[_2].<path>.lora_linear_layer.*` →
-    kohya `lora_unet_` / `lora_te[12]_<path_>` tensors, plus alphas."""
+    kohya `lora_unet_` / `lora_te[12]_<path_>` tensors, plus alphas. SDXL UNet paths become the
+    original UNet's names, laid out by `unet_config` (default: SDXL's own)."""
     prefixes = kohya_prefixes(sdxl)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -62,6 +78,8 @@ def diffusers_to_kohya(
         for src, dst in _DIFFUSERS_SUFFIXES.items():
             if rest.endswith(src):
                 module = rest[: -len(src)]
+                if sdxl and component == "unet":
+                    module = sgm_path(module, unet_config or SDXL_UNET)
                 name = prefixes[component] + module.replace(".", "_")
                 out[name + dst] = value.detach().to("cpu", torch.float32).contiguous()
                 if dst == ".lora_down.weight":

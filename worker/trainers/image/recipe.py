@@ -291,7 +291,9 @@ def _export(
     save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
     files = [WEIGHTS_NAME]
     if not spec.lora.use_dora:  # kohya's format has no DoRA magnitudes
-        kohya = diffusers_to_kohya(state, spec.lora.alpha, spec.lora.use_rslora, base.sdxl)
+        kohya = diffusers_to_kohya(
+            state, spec.lora.alpha, spec.lora.use_rslora, base.sdxl, dict(base.unet.config)
+        )
         started_at, finished_at = times
         meta = header_metadata(**meta_args, started_at=started_at, finished_at=finished_at)
         save_canonical(kohya, out_dir / _kohya_name(spec), {"format": "pt", **meta})
