@@ -21,6 +21,7 @@ from lorajobs.jobspecs.loader import spec_to_dict
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.storage.transfer import sha256_file
 from lorajobs.worker.context import TrainOutput, WorkerContext
+from lorajobs.worker.serving import card_lines, serving_of
 
 FORMAT = "lorajobs.adapter/v1"
 SIDECAR = "lorajobs.json"
@@ -163,12 +164,15 @@ def build_sidecar(
         # What `lorajobs reproduce` compares: files whose bytes the same spec, data, base model
         # and thread count always reproduce (the kohya file carries timestamps: not these).
         "deterministic_files": sorted(output.deterministic),
+        # Text: whether vLLM can serve it as a LoRA (else: export --merge), `worker.serving`.
+        "serving": serving_of(adapter_dir) if spec.kind == "text" else None,
         "extra": ctx.extra,
     }
 
 
-def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
-    """README.md: what the adapter is, how it was trained, how it did, how to load it.
+def model_card(spec: AnyJobSpec, output: TrainOutput, serving: dict[str, Any] | None = None) -> str:
+    """README.md: what the adapter is, how it was trained, how it did, how to load it (and,
+    for a text adapter, how to serve it).
 
     Built from the spec and the trainer's figures only (no times), so it repeats with the run.
     """
@@ -180,6 +184,8 @@ def model_card(spec: AnyJobSpec, output: TrainOutput) -> str:
         lines.append(f"- `{name}`")
     lines += [f"- `{SIDECAR}`: the full record (spec, hashes, versions, hardware, metrics)", ""]
     lines += _card_loading(spec, output.resolved)
+    if serving is not None:
+        lines += ["", *card_lines(serving, spec.name)]
     return "\n".join(lines) + "\n"
 
 
@@ -298,7 +304,8 @@ def write_metadata(
 
     The card goes first so the sidecar's `files` covers it.
     """
-    (adapter_dir / MODEL_CARD).write_text(model_card(spec, output), encoding="utf-8")
+    serving = serving_of(adapter_dir) if spec.kind == "text" else None
+    (adapter_dir / MODEL_CARD).write_text(model_card(spec, output, serving), encoding="utf-8")
     sidecar = build_sidecar(
         spec,
         ctx,

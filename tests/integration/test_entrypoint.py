@@ -97,6 +97,10 @@ def test_run_job_text(
         (bucket / "adapters" / "tiny-text" / "job-text-1" / "lorajobs.json").read_text()
     )
     assert sidecar["kind"] == "text" and sidecar["resolved"]["rank"] == 4
+    vllm = sidecar["serving"]["vllm"]  # a plain rank-4 LoRA: vLLM serves it as it is
+    assert vllm["servable"] is True and vllm["rank"] == 4 and vllm["max_lora_rank"] == 8
+    card = (bucket / "adapters" / "tiny-text" / "job-text-1" / "README.md").read_text()
+    assert "vllm serve <base model> --enable-lora --lora-modules tiny-text=" in card
     assert list((tmp_path / "cache" / "work").iterdir()) == []  # the temp out dir is gone
 
     from peft import PeftModel
