@@ -397,7 +397,11 @@ class Controller:
         spend: tuple[float | None, float | None] | None = None,
         **fields: Any,
     ) -> bool:
-        """End the current attempt: `to`, with its cost added and its facts in the event."""
+        """End the current attempt: `to`, with its cost added and its facts in the event.
+
+        Only while the job's lease is still the one in `job` (ours, or the dead controller's
+        on a takeover): a controller that lost the job meanwhile writes nothing."""
+        fields.setdefault("lease_owner_was", job.lease_owner)
         spent, total = spend or self._spend(job)
         data = {**self._attempt_data(job, spent), **(info or {})}
         return self._try(job.id, ACTIVE, to, reason, data=data, cost_usd=total, **fields)

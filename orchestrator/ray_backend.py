@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from ray.exceptions import (
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from lorajobs.jobspecs.failures import FailureKind
+from lorajobs.jobspecs.failures import FailureKind, InvalidInput
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
 from lorajobs.storage.boundaries import ENV_KEYS
@@ -148,10 +149,47 @@ def connect(
             delay = min(delay * 2, 30.0)
 
 
+def is_this_machine(host: str) -> bool:
+    """Whether `host` is one of this machine's own addresses (it can be bound here)."""
+    if host.lower() in ("auto", "local", "localhost"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def refuse_folder_bucket_on_remote_cluster(settings: Settings, node_ips: list[str]) -> None:
+    """A `file://` bucket is a folder on this machine: workers on other machines would write
+    adapters into folders of their own that nobody reads. Refused at controller start, in one
+    line, rather than found out when the first job's adapter is missing."""
+    address = settings.ray_address
+    if address is None or not settings.bucket.startswith("file://"):
+        return
+    rest = address.split("://", 1)[-1]
+    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    elsewhere = [h for h in [host, *node_ips] if not is_this_machine(h)]
+    if elsewhere:
+        raise InvalidInput(
+            f"LORAJOBS_BUCKET={settings.bucket} is a folder on this machine, but the Ray "
+            f"cluster at {address} runs jobs on other machines ({elsewhere[0]}): use an s3:// "
+            "bucket every node can reach"
+        )
+
+
 class RayBackend:
     """A connection to Ray: the local in-process default, or a cluster at `ray_address`."""
 
     def __init__(self, settings: Settings) -> None:
+        refuse_folder_bucket_on_remote_cluster(settings, [])  # before connecting: the address
         self.settings = settings
         self.local = settings.ray_address is None
         ray_environment()
@@ -171,6 +209,9 @@ class RayBackend:
                 )
             else:
                 connect(settings.ray_address, common)
+        if not self.local:  # ... and the nodes the cluster has now
+            ips = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+            refuse_folder_bucket_on_remote_cluster(settings, ips)
         self.board = ProgressBoard.options(**self._near_head()).remote()
         # Wait for it here, at start-up, rather than in the first pass with jobs waiting.
         ray.get(self.board.drain.remote(), timeout=120)

@@ -91,3 +91,22 @@ def test_a_client_behind_does_not_jump_the_queue(engine: Any, skew: Skew) -> Non
 
         server_now: datetime = conn.execute(text("SELECT now()")).scalar_one()
     assert abs((server_now - second.created_at).total_seconds()) < 30
+
+
+def test_end_of_attempt_writes_check_the_lease(engine: Any) -> None:
+    """A controller that lost a job's lease (taken over while it was still finishing) cannot
+    record the end of its attempt: the write checks the lease it read."""
+    from sqlalchemy import update
+
+    from lorajobs.orchestrator.db import JOBS
+
+    a = controller(Queue(engine), FakeRay(driver="session_a/01000000"))
+    job, _ = a.queue.submit(spec("j"), output_uri="file:///tmp/unused")
+    a.step()
+    stale = a.queue.get(job.id)
+    assert stale.lease_owner == a.lease
+    with engine.begin() as conn:  # another controller takes it over meanwhile
+        conn.execute(update(JOBS).where(JOBS.c.id == job.id).values(lease_owner="other-ctl x/01"))
+    assert a._end(stale, JobStatus.failed, "late") is False
+    after = a.queue.get(job.id)
+    assert after.status is JobStatus.dispatched and after.lease_owner == "other-ctl x/01"

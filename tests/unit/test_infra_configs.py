@@ -650,3 +650,20 @@ def test_ci_and_the_image_install_the_locked_versions():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(rf"TORCH_CPU \?= torch=={re.escape(pins['torch'])}\n", makefile)
     assert makefile.count("-c $(CONSTRAINTS)") >= 2
+
+
+def test_a_folder_bucket_is_refused_with_a_cluster_elsewhere():
+    from lorajobs.jobspecs.failures import InvalidInput
+    from lorajobs.orchestrator.ray_backend import refuse_folder_bucket_on_remote_cluster
+
+    far = Settings.from_env({"LORAJOBS_RAY_ADDRESS": "ray://203.0.113.7:10001"})
+    with pytest.raises(InvalidInput, match="use an s3:// bucket every node can reach"):
+        refuse_folder_bucket_on_remote_cluster(far, [])
+    near = Settings.from_env({"LORAJOBS_RAY_ADDRESS": "ray://127.0.0.1:10001"})
+    refuse_folder_bucket_on_remote_cluster(near, ["127.0.0.1"])  # one machine: fine
+    with pytest.raises(InvalidInput, match=r"\(203\.0\.113\.9\)"):  # a worker node elsewhere
+        refuse_folder_bucket_on_remote_cluster(near, ["127.0.0.1", "203.0.113.9"])
+    s3 = Settings.from_env(
+        {"LORAJOBS_RAY_ADDRESS": "ray://203.0.113.7:10001", "LORAJOBS_BUCKET": "s3://b/lj"}
+    )
+    refuse_folder_bucket_on_remote_cluster(s3, ["203.0.113.9"])
