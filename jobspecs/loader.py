@@ -55,16 +55,20 @@ def parse_spec(data: Any, source: str = "spec") -> AnyJobSpec:
         raise SpecError(source, problems_from(err)) from None
 
 
-def load_spec_text(text: str, source: str = "spec") -> AnyJobSpec:
-    """Parse YAML text (safely: no arbitrary object construction) and validate it."""
+def load_yaml(text: str, source: str = "spec") -> Any:
+    """Parse YAML text safely (no arbitrary object construction); SpecError naming the line."""
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(source, [f"not valid YAML{where}: {problem}"]) from None
-    return parse_spec(data, source)
+
+
+def load_spec_text(text: str, source: str = "spec") -> AnyJobSpec:
+    """Parse YAML text and validate it."""
+    return parse_spec(load_yaml(text, source), source)
 
 
 def load_spec(path: str | Path) -> AnyJobSpec:

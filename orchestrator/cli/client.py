@@ -111,7 +111,7 @@ def fetch(api: ApiClient, ref: str, latest: bool, output: Path | None) -> Path:
     """Download an adapter file by file, each checked against its sha256; the marker last."""
     job_id = ref
     if latest or not _is_job(api, ref):
-        named = [a for a in adapters(api, ref)]
+        named = adapters(api, ref)
         if not named:
             raise InvalidInput(f"no job {ref!r}, and no complete adapter named {ref!r}")
         if len(named) > 1 and not latest:

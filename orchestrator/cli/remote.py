@@ -86,6 +86,9 @@ class ApiClient:
             timeout=TIMEOUT_S,
             follow_redirects=False,
         )
+        # Presigned URLs carry their own signature: no token is ever sent to the bucket. One
+        # client for all of them, so files reuse its connections.
+        self._bare = httpx.Client(timeout=None, follow_redirects=False)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
@@ -127,7 +130,7 @@ class ApiClient:
         tmp = dest.with_name(f".{dest.name}.part")
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            client = self._http if own else httpx.Client(timeout=TIMEOUT_S)
+            client = self._http if own else self._bare
             with client.stream("GET", url) as r, open(tmp, "wb") as f:
                 if r.status_code >= 400:
                     r.read()
@@ -146,19 +149,16 @@ class ApiClient:
     def upload(self, plan: dict[str, Any], path: Path, sha256: str) -> dict[str, Any] | None:
         """Send one file as the server planned: a PUT (to the server or a presigned URL), or a
         multipart upload; returns what `commit` needs for a multipart one."""
-        import httpx
-
         if plan["method"] == "PUT":
-            own = plan["url"].startswith("/")
-            client = self._http if own else httpx.Client(timeout=None)
+            client = self._http if plan["url"].startswith("/") else self._bare
             with open(path, "rb") as f:
                 r = client.put(plan["url"], content=f, headers={"X-Content-SHA256": sha256})
             _raise_for(r)
             return None
         etags = []
-        with open(path, "rb") as f, httpx.Client(timeout=None) as s3:
+        with open(path, "rb") as f:
             for part in plan["parts"]:
-                r = s3.put(part["url"], content=f.read(plan["part_size"]))
+                r = self._bare.put(part["url"], content=f.read(plan["part_size"]))
                 _raise_for(r)
                 etags.append(r.headers["etag"])
         return {"upload_id": plan["upload_id"], "etags": etags}

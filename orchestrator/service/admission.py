@@ -11,22 +11,26 @@ from lorajobs.orchestrator.tokens import Principal
 from lorajobs.storage.boundaries import PINNED, Boundary, is_hub_id, owner_root
 
 
-def parse_body(body: dict[str, Any]) -> Any:
-    """The spec in a request body: `{"spec": {...}}` (a mapping) or `{"yaml": "..."}`."""
-    from lorajobs.jobspecs import load_spec_text, parse_spec
+def parse_body(body: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(the validated spec, the mapping as sent) of a request body: `{"spec": {...}}` or
+    `{"yaml": "..."}`. The mapping tells whether the spec named an owner itself."""
+    from lorajobs.jobspecs import parse_spec
+    from lorajobs.jobspecs.loader import load_yaml
 
     if isinstance(body.get("yaml"), str):
-        return load_spec_text(body["yaml"], "spec")
-    if "spec" in body:
-        return parse_spec(body["spec"], "spec")
-    raise SpecError("request", ['give the spec as {"spec": {...}} or {"yaml": "..."}'])
+        data = load_yaml(body["yaml"], "spec")
+    elif "spec" in body:
+        data = body["spec"]
+    else:
+        raise SpecError("request", ['give the spec as {"spec": {...}} or {"yaml": "..."}'])
+    spec = parse_spec(data, "spec")  # a mapping from here on: parse_spec refuses anything else
+    return spec, data
 
 
 def admit(principal: Principal, body: dict[str, Any], boundary: Boundary) -> tuple[Any, str]:
     """(the spec as it will be queued, its output URI), or SpecError listing every problem."""
-    spec = parse_body(body)
-    raw = body.get("spec") if isinstance(body.get("spec"), dict) else None
-    named_owner = (raw or {}).get("owner") if raw is not None else _yaml_owner(body)
+    spec, raw = parse_body(body)
+    named_owner = raw.get("owner")
     problems: list[str] = []
     owner = principal.owner
     if named_owner is not None and named_owner != principal.owner:
@@ -53,13 +57,6 @@ def admit(principal: Principal, body: dict[str, Any], boundary: Boundary) -> tup
     if problems:
         raise SpecError("spec", problems)
     return spec, output_uri
-
-
-def _yaml_owner(body: dict[str, Any]) -> object:
-    import yaml
-
-    data = yaml.safe_load(body.get("yaml") or "") if isinstance(body.get("yaml"), str) else None
-    return data.get("owner") if isinstance(data, dict) else None
 
 
 def pin_hub_id(ref: str) -> str:

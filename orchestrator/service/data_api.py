@@ -101,11 +101,16 @@ def metrics(
 _SAMPLE = re.compile(r"^step-\d{6}\.png$")
 
 
+def _samples_of(job: Any) -> Any:
+    """The storage of a job's live sample grids (`worker.board.samples_uri`'s folder)."""
+    return open_storage(join_uri(job.output_uri, "jobs", job.id, "samples"))
+
+
 @router.get("/jobs/{ref}/samples", summary="Sample grids rendered so far, newest first")
 def samples(ref: str, request: Request, who: Principal = Depends(principal)) -> list[dict]:
     svc = service(request)
     job = svc.job(who, ref)
-    storage = open_storage(join_uri(job.output_uri, "jobs", job.id, "samples"))
+    storage = _samples_of(job)
     names = sorted((o.key for o in storage.list("") if _SAMPLE.match(o.key)), reverse=True)
     return [{"step": int(n[5:11]), "url": f"/v1/jobs/{job.id}/samples/{n}"} for n in names]
 
@@ -116,7 +121,7 @@ def sample(ref: str, name: str, request: Request, who: Principal = Depends(princ
     job = svc.job(who, ref)
     if not _SAMPLE.match(name):
         raise ObjectNotFound(f"{name}: no such sample")
-    storage = open_storage(join_uri(job.output_uri, "jobs", job.id, "samples"))
+    storage = _samples_of(job)
     return Response(storage.get_bytes(name), media_type="image/png")
 
 

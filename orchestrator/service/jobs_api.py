@@ -43,7 +43,7 @@ class PriorityBody(BaseModel):
     priority: int = Field(..., ge=-100, le=100, description="New priority; higher runs first.")
 
 
-def job_out(svc: Service, job: JobRecord, reasons: dict[str, str | None] | None = None) -> dict:
+def job_out(job: JobRecord, reasons: dict[str, str | None] | None = None) -> dict:
     out = render.job_json(job, (reasons or {}).get(job.id))
     out.pop("idempotency_key", None)  # the caller's own key, scoped by owner: not for others
     out.pop("lease_owner", None)
@@ -93,7 +93,7 @@ def submit(
     job, created = svc.queue.submit(spec, output_uri=output_uri, idempotency_key=key, by=who.actor)
     estimate = estimate_for(job).as_dict()
     return JSONResponse(
-        {"job": job_out(svc, job), "created": created, "cost_estimate": estimate},
+        {"job": job_out(job), "created": created, "cost_estimate": estimate},
         status_code=201 if created else 200,
     )
 
@@ -140,7 +140,7 @@ def list_jobs(
     # costs more than the query on the queue's hottest route.
     return JSONResponse(
         {
-            "jobs": [job_out(svc, j, reasons) for j in page],
+            "jobs": [job_out(j, reasons) for j in page],
             "next_cursor": _cursor(page[-1]) if more and page else None,
         }
     )
@@ -152,7 +152,7 @@ def show(ref: str, request: Request, who: Principal = Depends(principal)) -> dic
     job = svc.job(who, ref)
     events = svc.queue.events(job.id)
     return {
-        **job_out(svc, job, wait_reasons(svc, [job])),
+        **job_out(job, wait_reasons(svc, [job])),
         "events": [render.event_json(e) for e in events],
         "attempts": render.attempts(events),
         "cost_estimate": estimate_for(job).as_dict(),
@@ -169,14 +169,14 @@ def events(ref: str, request: Request, who: Principal = Depends(principal)) -> l
 def cancel(ref: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
     svc = service(request)
     job = svc.writable_job(who, ref)
-    return job_out(svc, svc.queue.request_cancel(job.id, by=who.actor))
+    return job_out(svc.queue.request_cancel(job.id, by=who.actor))
 
 
 @router.post("/jobs/{ref}/retry", summary="Queue a failed or cancelled job again")
 def retry(ref: str, request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
     svc = service(request)
     job = svc.writable_job(who, ref)
-    return job_out(svc, svc.queue.retry(job.id, by=who.actor))
+    return job_out(svc.queue.retry(job.id, by=who.actor))
 
 
 @router.post("/jobs/{ref}/priority", summary="Change a queued job's priority")
@@ -185,7 +185,7 @@ def priority(
 ) -> dict[str, Any]:
     svc = service(request)
     job = svc.writable_job(who, ref)
-    return job_out(svc, svc.queue.set_priority(job.id, body.priority, by=who.actor))
+    return job_out(svc.queue.set_priority(job.id, body.priority, by=who.actor))
 
 
 @router.get("/cluster", summary="Nodes and GPUs in use, and the queue's demand")
