@@ -1,0 +1,152 @@
+"""Spot reclaims with notice: attempts on a draining Ray node checkpoint and go, uncharged.
+
+When a node will go, Ray is told first: its autoscaler drains a reclaimed spot node (the GCS
+`DrainNode` RPC with reason `DRAIN_NODE_REASON_PREEMPTION` and a deadline), and so does
+`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N` by hand.
+Ray keeps running the node's tasks until it is killed at the deadline and refuses new ones (a
+hard node affinity to it fails at once), and it accepts an idle-termination drain only for an
+idle node: a draining node with one of our attempts on it is going away.
+
+Each pass the controller reads the draining nodes (`read_drains`, from the GCS), and
+`DrainWatch` asks every attempt it runs on one of them to checkpoint after its current step and
+stop (through the progress board; the worker polls it, see `ray_backend.StopPoll`). The attempt
+ends `Preempted`; the controller requeues the job without charging its infra retries and the
+scheduler keeps it (and everything else) off draining nodes, so it resumes on another node from
+that checkpoint, well before the deadline. Nothing here waits for SIGTERM, whose grace before
+SIGKILL under Ray may be too short for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
+
+log = logging.getLogger("lorajobs.controller")
+#: How often a running attempt asks the board whether it must checkpoint and stop.
+STOP_POLL_S = 1.0
+
+#: Ray's reason for a drain (`NodeDeathInfo.Reason`, set while the node drains) in words.
+WHY = {"AUTOSCALER_DRAIN_PREEMPTED": "spot reclaim", "AUTOSCALER_DRAIN_IDLE": "idle"}
+
+
+@dataclass(frozen=True)
+class Drain:
+    """One node Ray is draining."""
+
+    node_id: str
+    #: When the node will be killed, Unix milliseconds (the drainer's clock); 0: not said.
+    deadline_ms: int
+    #: Ray's reason (`AUTOSCALER_DRAIN_PREEMPTED`, ...); "" when it could not be read.
+    reason: str = ""
+    #: The drainer's own words (`ray drain-node --reason-message`).
+    message: str = ""
+
+    @property
+    def deadline(self) -> datetime | None:
+        if self.deadline_ms <= 0:
+            return None
+        return datetime.fromtimestamp(self.deadline_ms / 1000, tz=timezone.utc)
+
+    def describe(self) -> str:
+        """What an attempt stopped for it is told, and what `show` says:
+        `preempted: node <id> draining (spot reclaim), deadline <UTC time>`."""
+        at = self.deadline
+        when = f"deadline {at:%Y-%m-%d %H:%M:%S} UTC" if at else "no deadline given"
+        text = f"preempted: node {self.node_id[:12]} draining ({WHY.get(self.reason, 'drain')}), {when}"
+        return f"{text} ({self.message})" if self.message else text
+
+
+def read_drains() -> dict[str, Drain]:
+    """The nodes Ray is draining now, by node id: deadlines from the GCS's draining list, the
+    reason from each node's info. Runs where the GCS can be reached (a driver, or a task)."""
+    import ray
+    import ray._private.state as state
+
+    deadlines = state.state.get_draining_nodes()
+    if not deadlines:
+        return {}
+    why: dict[str, tuple[str, str]] = {}
+    try:
+        from ray.core.generated.common_pb2 import NodeDeathInfo
+
+        gcs: Any = ray._private.worker.global_worker.gcs_client
+        for node_id, info in gcs.get_all_node_info(timeout=10).items():
+            if node_id.hex() in deadlines and info.HasField("death_info"):
+                reason = NodeDeathInfo.Reason.Name(info.death_info.reason)
+                why[node_id.hex()] = (reason, info.death_info.reason_message)
+    except Exception as err:  # noqa: BLE001 - private API; the reason is for people only
+        log.debug("could not read why nodes drain: %s", err)
+    return {n: Drain(n, int(ms), *why.get(n, ("", ""))) for n, ms in deadlines.items()}
+
+
+class DrainWatch:
+    """A controller's attempts on draining nodes: each is asked to checkpoint and stop (again
+    every pass, in case a request was lost), and the notice is kept until its attempt ends."""
+
+    def __init__(self, backend: RayBackend) -> None:
+        self.backend = backend
+        self._notices: dict[str, str] = {}  # job id -> what its attempt was told
+
+    def sweep(self, inflight: Mapping[str, Attempt]) -> None:
+        """Ask the attempts in `inflight` whose node is draining to checkpoint and stop now."""
+        for gone in set(self._notices) - set(inflight):  # ended another way (cancel, takeover)
+            del self._notices[gone]
+        if not inflight:
+            return
+        drains = self.backend.draining()
+        for job_id, attempt in inflight.items():
+            drain = drains.get(attempt.node_id or "")
+            if drain is None:
+                continue
+            if job_id not in self._notices:
+                self._notices[job_id] = drain.describe()
+                log.warning(
+                    "job %s: %s; asking attempt %d to checkpoint and stop",
+                    job_id,
+                    self._notices[job_id],
+                    attempt.attempt,
+                )
+            self.backend.request_stop(attempt, self._notices[job_id])
+
+    def settle(self, job_id: str) -> str | None:
+        """The notice given to `job_id`'s attempt, which has ended (None: it was given none)."""
+        return self._notices.pop(job_id, None)
+
+
+class StopPoll:
+    """In an attempt's process: a daemon thread asks the board every `STOP_POLL_S` whether the
+    controller wants this attempt to checkpoint and stop (its node is draining). Calling it
+    returns why, or None: the training loop calls it after every step, so it only reads."""
+
+    def __init__(self, board: Any, job_id: str, attempt: int, every_s: float = STOP_POLL_S):
+        self.why: str | None = None
+        self._done = threading.Event()
+        threading.Thread(
+            target=self._poll,
+            args=(board, job_id, attempt, every_s),
+            name=f"lorajobs-stop-poll-{job_id}",
+            daemon=True,
+        ).start()
+
+    def __call__(self) -> str | None:
+        return self.why
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _poll(self, board: Any, job_id: str, attempt: int, every_s: float) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        while self.why is None and not self._done.wait(every_s):
+            try:
+                self.why = ray.get(board.stop_requested.remote(job_id, attempt), timeout=30)
+            except (RayError, GetTimeoutError):
+                continue  # the board is restarting: ask again
