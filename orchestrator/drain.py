@@ -3,13 +3,14 @@
 When a node will go, Ray is told first: its autoscaler drains a reclaimed spot node (the GCS
 `DrainNode` RPC with reason `DRAIN_NODE_REASON_PREEMPTION` and a deadline), and so does
 `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N` by hand.
-Ray keeps running the node's tasks until it is killed at the deadline and refuses new ones (a
-hard node affinity to it fails at once), and it accepts an idle-termination drain only for an
-idle node: a draining node with one of our attempts on it is going away.
+Ray keeps running the node's tasks until it is killed at the deadline (or shuts it down itself
+once it is idle), refuses new ones (a hard node affinity to it fails at once), and accepts an
+idle-termination drain only for an idle node: a draining node under one of our attempts is
+going away.
 
 Each pass the controller reads the draining nodes (`read_drains`, from the GCS), and
 `DrainWatch` asks every attempt it runs on one of them to checkpoint after its current step and
-stop (through the progress board; the worker polls it, see `ray_backend.StopPoll`). The attempt
+stop (through the progress board, which the worker polls: `StopPoll`). The attempt
 ends `Preempted`; the controller requeues the job without charging its infra retries and the
 scheduler keeps it (and everything else) off draining nodes, so it resumes on another node from
 that checkpoint, well before the deadline. Nothing here waits for SIGTERM, whose grace before
@@ -32,21 +33,17 @@ log = logging.getLogger("lorajobs.controller")
 #: How often a running attempt asks the board whether it must checkpoint and stop.
 STOP_POLL_S = 1.0
 
-#: Ray's reason for a drain (`NodeDeathInfo.Reason`, set while the node drains) in words.
-WHY = {"AUTOSCALER_DRAIN_PREEMPTED": "spot reclaim", "AUTOSCALER_DRAIN_IDLE": "idle"}
-
 
 @dataclass(frozen=True)
 class Drain:
-    """One node Ray is draining."""
+    """One node Ray is draining. Ray accepts a drain of a busy node only for preemption (an
+    idle-termination drain of a node running tasks is refused), so a drain under one of our
+    attempts is a reclaim. (Ray records the drain's reason in the node's `death_info` only
+    seconds later, often once the node is idle: too late to say why here.)"""
 
     node_id: str
     #: When the node will be killed, Unix milliseconds (the drainer's clock); 0: not said.
     deadline_ms: int
-    #: Ray's reason (`AUTOSCALER_DRAIN_PREEMPTED`, ...); "" when it could not be read.
-    reason: str = ""
-    #: The drainer's own words (`ray drain-node --reason-message`).
-    message: str = ""
 
     @property
     def deadline(self) -> datetime | None:
@@ -59,31 +56,15 @@ class Drain:
         `preempted: node <id> draining (spot reclaim), deadline <UTC time>`."""
         at = self.deadline
         when = f"deadline {at:%Y-%m-%d %H:%M:%S} UTC" if at else "no deadline given"
-        text = f"preempted: node {self.node_id[:12]} draining ({WHY.get(self.reason, 'drain')}), {when}"
-        return f"{text} ({self.message})" if self.message else text
+        return f"preempted: node {self.node_id[:12]} draining (spot reclaim), {when}"
 
 
 def read_drains() -> dict[str, Drain]:
-    """The nodes Ray is draining now, by node id: deadlines from the GCS's draining list, the
-    reason from each node's info. Runs where the GCS can be reached (a driver, or a task)."""
-    import ray
+    """The nodes Ray is draining now, by node id, with their deadlines (the GCS's list of
+    draining nodes). Runs where the GCS can be reached: a driver, or a task."""
     import ray._private.state as state
 
-    deadlines = state.state.get_draining_nodes()
-    if not deadlines:
-        return {}
-    why: dict[str, tuple[str, str]] = {}
-    try:
-        from ray.core.generated.common_pb2 import NodeDeathInfo
-
-        gcs: Any = ray._private.worker.global_worker.gcs_client
-        for node_id, info in gcs.get_all_node_info(timeout=10).items():
-            if node_id.hex() in deadlines and info.HasField("death_info"):
-                reason = NodeDeathInfo.Reason.Name(info.death_info.reason)
-                why[node_id.hex()] = (reason, info.death_info.reason_message)
-    except Exception as err:  # noqa: BLE001 - private API; the reason is for people only
-        log.debug("could not read why nodes drain: %s", err)
-    return {n: Drain(n, int(ms), *why.get(n, ("", ""))) for n, ms in deadlines.items()}
+    return {n: Drain(n, int(ms)) for n, ms in state.state.get_draining_nodes().items()}
 
 
 class DrainWatch:

@@ -12,19 +12,12 @@ NODE_A, NODE_B = "a" * 56, "b" * 56
 DEADLINE_MS = 1796405412000
 
 
-def test_a_spot_reclaim_names_the_node_the_reason_and_the_deadline() -> None:
-    drain = Drain(NODE_A, DEADLINE_MS, "AUTOSCALER_DRAIN_PREEMPTED")
-    assert drain.describe() == (
+def test_a_drain_names_the_node_and_the_deadline() -> None:
+    assert Drain(NODE_A, DEADLINE_MS).describe() == (
         "preempted: node aaaaaaaaaaaa draining (spot reclaim), deadline 2026-12-04 17:30:12 UTC"
     )
-    by_hand = Drain(NODE_A, 0, "AUTOSCALER_DRAIN_PREEMPTED", "maintenance")
-    assert by_hand.describe() == (
-        "preempted: node aaaaaaaaaaaa draining (spot reclaim), no deadline given (maintenance)"
-    )
-    assert (
-        Drain(NODE_A, DEADLINE_MS)
-        .describe()
-        .startswith("preempted: node aaaaaaaaaaaa draining (drain)")
+    assert Drain(NODE_A, 0).describe() == (
+        "preempted: node aaaaaaaaaaaa draining (spot reclaim), no deadline given"
     )
 
 
@@ -56,7 +49,7 @@ def test_only_attempts_on_draining_nodes_are_asked_and_again_each_pass() -> None
     watch.sweep(inflight)  # type: ignore[arg-type]
     assert backend.asked == []
 
-    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS, "AUTOSCALER_DRAIN_PREEMPTED")}
+    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS + 1000)}  # drained again, later
     watch.sweep(inflight)  # type: ignore[arg-type]
     watch.sweep(inflight)  # type: ignore[arg-type]
     why = backend.drains[NODE_A].describe()
@@ -66,7 +59,7 @@ def test_only_attempts_on_draining_nodes_are_asked_and_again_each_pass() -> None
 
 
 def test_a_notice_outlives_the_drain_but_not_its_attempt() -> None:
-    backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS, "AUTOSCALER_DRAIN_PREEMPTED")})
+    backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS)})
     watch = DrainWatch(backend)  # type: ignore[arg-type]
     watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
     backend.drains = {}  # the node is gone: the attempt's loss is still the drain's
@@ -74,7 +67,7 @@ def test_a_notice_outlives_the_drain_but_not_its_attempt() -> None:
     assert watch.settle("j1") is not None
 
     watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
-    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS)}
+    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS + 1000)}  # drained again, later
     watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
     watch.sweep({})  # cancelled meanwhile: forgotten, and no GCS read with nothing in flight
     assert watch.settle("j1") is None and backend.reads == 4
