@@ -379,7 +379,7 @@ class Controller:
             self._succeed(job, done, "adapter found complete in the bucket", **guard)
             return
         failure = {"failure_kind": kind, "failure_reason": error}
-        info = {"kind": kind.value, "error": error}
+        info = {"kind": kind.value, "error": error, "preempted": preempted}
         if verdict.action is Action.fail:
             self._end(job, JobStatus.failed, f"{kind} error: {error}", info, **failure, **guard)
             return

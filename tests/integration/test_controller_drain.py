@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from lorajobs.orchestrator import views
 from lorajobs.orchestrator.db import ensure_schema, make_engine
 from lorajobs.orchestrator.drain import Drain
 from lorajobs.orchestrator.queue import Queue
@@ -65,6 +66,10 @@ def test_a_draining_node_s_attempt_is_stopped_and_requeued_uncharged(queue: Queu
     assert requeued.reason == f"attempt 1 {NOTICE}; requeued (no retry charged)"
     assert requeued.data["node_id"] == "node-a" and requeued.data["kind"] == "infra"
     assert got.failure_reason == NOTICE
+    # `show`'s attempts table: the first attempt was preempted, on node-a.
+    first = views.attempts(queue.events(job_id))[0]
+    assert first["outcome"] == "preempted" and first["node_id"] == "node-a"
+    assert first["reason"] == requeued.reason
 
 
 def test_a_user_error_on_a_draining_node_is_still_the_user_s(queue: Queue) -> None:
