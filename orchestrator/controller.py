@@ -156,7 +156,7 @@ class Controller:
                 self._suspect[attempt.node_id] = time.monotonic() + self.config.node_fault_s
             kind = FailureKind(out.get("kind", FailureKind.internal))
             # Stopped on a drain's notice (or its node went first): preempted, not charged.
-            notice = self.drains.settle(job.id) if kind is FailureKind.infra else None
+            notice = self.drains.settle(attempt) if kind is FailureKind.infra else None
             self._lost(job, kind, notice or out.get("error", "failed"), preempted=bool(notice))
 
     def _heartbeat(self, active: list[JobRecord]) -> None:

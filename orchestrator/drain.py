@@ -96,9 +96,15 @@ class DrainWatch:
                 )
             self.backend.request_stop(attempt, self._notices[job_id])
 
-    def settle(self, job_id: str) -> str | None:
-        """The notice given to `job_id`'s attempt, which has ended (None: it was given none)."""
-        return self._notices.pop(job_id, None)
+    def settle(self, attempt: Attempt) -> str | None:
+        """The notice for `attempt`, which ended with an infra failure: the one it was given,
+        else its node's drain if that node drains now (the attempt was placed just before the
+        drain, and Ray refused it or it failed before it could be told); None: no drain."""
+        notice = self._notices.pop(attempt.job_id, None)
+        if notice is None and attempt.node_id:
+            drain = self.backend.draining().get(attempt.node_id)
+            notice = drain.describe() if drain is not None else None
+        return notice
 
 
 class StopPoll:

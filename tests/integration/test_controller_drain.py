@@ -100,3 +100,21 @@ def test_a_node_lost_before_its_attempt_stopped_is_still_a_preemption(queue: Que
     c.step()
     got = queue.get(job_id)
     assert got.attempt == 2 and got.infra_retries == 0 and got.failure_reason == NOTICE
+
+
+def test_an_attempt_refused_by_a_node_that_began_draining_is_not_charged(queue: Queue) -> None:
+    ray = FakeRay()
+    c = controller(queue, ray, retry=RetryPolicy(infra_retries=0))
+    job, _ = queue.submit(spec("unlucky"), output_uri="file:///tmp/unused")
+    ray.nodes = {"node-a": ray.nodes["node-a"]}
+    c.step()  # placed on node-a; the drain comes before the task starts there
+    ray.drains = {"node-a": Drain("node-a", 1796405412000)}
+    ray.results[job.id] = {
+        "ok": False,
+        "kind": "infra",
+        "error": "TaskUnschedulableError: the node specified ... doesn't exist any more",
+        "node_lost": True,
+    }
+    c.step()
+    got = queue.get(job.id)
+    assert got.attempt == 2 and got.infra_retries == 0 and got.failure_reason == NOTICE

@@ -54,20 +54,31 @@ def test_only_attempts_on_draining_nodes_are_asked_and_again_each_pass() -> None
     watch.sweep(inflight)  # type: ignore[arg-type]
     why = backend.drains[NODE_A].describe()
     assert backend.asked == [("j1", 1, why), ("j1", 1, why)]  # a lost request is sent again
-    assert watch.settle("j2") is None
-    assert watch.settle("j1") == why and watch.settle("j1") is None
+    assert watch.settle(inflight["j2"]) is None  # type: ignore[arg-type]
+    assert watch.settle(inflight["j1"]) == why  # type: ignore[arg-type]
 
 
 def test_a_notice_outlives_the_drain_but_not_its_attempt() -> None:
     backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS)})
     watch = DrainWatch(backend)  # type: ignore[arg-type]
-    watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
+    a1 = _Attempt("j1", 1, NODE_A)
+    watch.sweep({"j1": a1})  # type: ignore[dict-item]
     backend.drains = {}  # the node is gone: the attempt's loss is still the drain's
-    watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
-    assert watch.settle("j1") is not None
+    assert watch.settle(a1) == Drain(NODE_A, DEADLINE_MS).describe()  # type: ignore[arg-type]
 
-    watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
-    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS + 1000)}  # drained again, later
-    watch.sweep({"j1": _Attempt("j1", 1, NODE_A)})  # type: ignore[arg-type]
+    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS)}
+    watch.sweep({"j1": a1})  # type: ignore[dict-item]
     watch.sweep({})  # cancelled meanwhile: forgotten, and no GCS read with nothing in flight
-    assert watch.settle("j1") is None and backend.reads == 4
+    assert backend.reads == 2
+    backend.drains = {}
+    assert watch.settle(a1) is None  # type: ignore[arg-type]
+
+
+def test_an_attempt_that_ended_before_it_was_told_is_still_the_drain_s() -> None:
+    # Placed on node-a just before the drain: Ray refused it before any sweep saw it.
+    backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS)})
+    watch = DrainWatch(backend)  # type: ignore[arg-type]
+    notice = Drain(NODE_A, DEADLINE_MS).describe()
+    assert watch.settle(_Attempt("j1", 1, NODE_A)) == notice  # type: ignore[arg-type]
+    assert watch.settle(_Attempt("j2", 1, NODE_B)) is None  # type: ignore[arg-type]
+    assert watch.settle(_Attempt("j3", 1, None)) is None  # type: ignore[arg-type]
