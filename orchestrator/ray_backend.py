@@ -1,8 +1,8 @@
 """The Ray backend of the controller: connect, read the cluster, launch one attempt as a task,
 collect its outcome, and the progress board workers report to.
 
-This is the only module that imports Ray (and `drain.read_drains`, which asks the GCS which
-nodes are draining). What runs on the worker node is
+This is the only module that imports Ray, besides `drain` (which asks the GCS which nodes are
+draining, and polls the board for stop requests inside a task). What runs on the worker node is
 `lorajobs.orchestrator.attempt` (imported inside the task), so the controller never loads
 torch and the worker never sees the database.
 

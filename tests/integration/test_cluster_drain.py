@@ -53,6 +53,11 @@ def test_a_drained_node_s_job_checkpoints_and_resumes_elsewhere_before_the_deadl
     (victim,) = [n for n in nodes if n.node_id == queue.get(job.id).node_id]
     (other,) = [n for n in nodes if n is not victim]
     deadline = sim_cluster.drain(victim, 30)
+    # What a controller connected through the Ray client (ray://) reads, through its board.
+    import ray
+
+    drains = ray.get(ctl.backend.board.draining.remote(), timeout=30)
+    assert abs(drains[victim.node_id].deadline_ms / 1000 - deadline) < 0.01
     # Submitted now, it takes the other node's free GPU; the reclaimed job, requeued, then waits
     # for it rather than take the victim's GPU, free but draining. (With no infra retries, an
     # attempt placed on the victim would fail the job: Ray refuses new tasks there.)
