@@ -37,8 +37,10 @@ def run(
     send: Callable[[dict[str, Any]], None],
     ray_node_id: str,
     extra: dict[str, Any] | None = None,
+    stop_requested: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
-    """Run attempt `attempt` of `job_id`; never raises for errors the worker understands."""
+    """Run attempt `attempt` of `job_id`; never raises for errors the worker understands.
+    `stop_requested` is the controller's "checkpoint and stop now" (see `WorkerContext`)."""
     from lorajobs.jobspecs import parse_spec
     from lorajobs.storage.logs import AttemptLog
     from lorajobs.worker.context import WorkerContext
@@ -73,6 +75,7 @@ def run(
             threads=parsed.resources.cpus,
             node=node,
             extra=extra,
+            stop_requested=stop_requested,
         )
         base = {"node": node, "ray_node_id": ray_node_id}
         try:

@@ -23,6 +23,7 @@ from lorajobs.jobspecs.failures import FailureKind, InvalidTransition
 from lorajobs.orchestrator import reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
+from lorajobs.orchestrator.drain import DrainWatch
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
 from lorajobs.orchestrator.recovery import RETRY_COLUMN, Action, Loss, decide
@@ -72,6 +73,7 @@ class Controller:
         self._waiting: waiting.WaitSummary | None = None  # the summary last published
         enabled = self.config.autoscale == "auto" and not backend.local
         self.autoscaler = Autoscaler(backend) if enabled else None
+        self.drains = DrainWatch(backend)  # attempts on nodes being reclaimed: checkpoint, go
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class Controller:
         """One pass; each phase is safe to repeat and safe against another controller."""
         self._apply_progress()
         self._collect_finished()
+        self.drains.sweep(self.inflight)
         active = self.queue.list(statuses=ACTIVE)
         self._heartbeat(active)
         settled = self._apply_cancels(active) | self._enforce_max_runtime(active)
@@ -151,9 +154,10 @@ class Controller:
                     self.config.node_fault_s,
                 )
                 self._suspect[attempt.node_id] = time.monotonic() + self.config.node_fault_s
-            self._lost(
-                job, FailureKind(out.get("kind", FailureKind.internal)), out.get("error", "failed")
-            )
+            kind = FailureKind(out.get("kind", FailureKind.internal))
+            # Stopped on a drain's notice (or its node went first): preempted, not charged.
+            notice = self.drains.settle(attempt) if kind is FailureKind.infra else None
+            self._lost(job, kind, notice or out.get("error", "failed"), preempted=bool(notice))
 
     def _heartbeat(self, active: list[JobRecord]) -> None:
         mine = {j.id for j in active if j.lease_owner == self.lease}
@@ -346,10 +350,18 @@ class Controller:
             self._discard_checkpoints(job)
 
     def _lost(
-        self, job: JobRecord, kind: FailureKind, error: str, *, charge: bool = True, **guard: Any
+        self,
+        job: JobRecord,
+        kind: FailureKind,
+        error: str,
+        *,
+        charge: bool = True,
+        preempted: bool = False,
+        **guard: Any,
     ) -> None:
         """An attempt ended without an adapter: gather the facts, apply `recovery.decide`.
-        `charge=False` (the controller was lost): always retried, budget untouched."""
+        `charge=False` (the controller was lost) or `preempted` (its node was reclaimed with
+        notice): always retried, budget untouched."""
         # The one bucket look-up: a worker lost after its upload left a complete adapter.
         done = reconcile.completed_result(job) if kind is FailureKind.infra else None
         column = RETRY_COLUMN[kind]
@@ -358,6 +370,7 @@ class Controller:
             retries_used=getattr(job, column),
             charged=charge,
             adapter_complete=done is not None,
+            preempted=preempted,
         )
         verdict = decide(self.config.retry, loss)
         if verdict.action is Action.succeed:
@@ -366,7 +379,7 @@ class Controller:
             self._succeed(job, done, "adapter found complete in the bucket", **guard)
             return
         failure = {"failure_kind": kind, "failure_reason": error}
-        info = {"kind": kind.value, "error": error}
+        info = {"kind": kind.value, "error": error, "preempted": preempted}
         if verdict.action is Action.fail:
             self._end(job, JobStatus.failed, f"{kind} error: {error}", info, **failure, **guard)
             return
@@ -377,10 +390,11 @@ class Controller:
         }
         if verdict.retries_used is not None:
             fields[column] = verdict.retries_used
+        what = f"{error}; requeued (no retry charged)" if preempted else None
         self._end(
             job,
             JobStatus.queued,
-            f"attempt {job.attempt} lost ({kind}): {error}; retrying"
+            f"attempt {job.attempt} {what or f'lost ({kind}): {error}; retrying'}"
             + (f" in {verdict.delay_s:g} s" if verdict.delay_s else ""),
             info,
             **fields,

@@ -1,7 +1,8 @@
 """The Ray backend of the controller: connect, read the cluster, launch one attempt as a task,
 collect its outcome, and the progress board workers report to.
 
-This is the only module that imports Ray. What runs on the worker node is
+This is the only module that imports Ray, besides `drain` (which asks the GCS which nodes are
+draining, and polls the board for stop requests inside a task). What runs on the worker node is
 `lorajobs.orchestrator.attempt` (imported inside the task), so the controller never loads
 torch and the worker never sees the database.
 
@@ -40,6 +41,7 @@ from ray.exceptions import (
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidInput
+from lorajobs.orchestrator.drain import Drain, StopPoll, read_drains
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
 from lorajobs.storage.boundaries import ENV_KEYS
@@ -60,11 +62,13 @@ def ray_environment(tmp_root: str | None = None) -> None:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ProgressBoard:
-    """Latest progress per job, written by workers and drained by the controller that owns it.
-    Restarted by Ray if its node dies (handles stay valid; only unread reports are lost)."""
+    """Latest progress per job, written by workers and drained by the controller that owns it;
+    and the controller's stop requests, which workers poll (`StopPoll`). Restarted by Ray if its
+    node dies (handles stay valid; unread reports are lost, stop requests are sent again)."""
 
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, Any]] = {}
+        self._stops: dict[str, tuple[int, str]] = {}  # job id -> (attempt, why)
 
     def report(self, job_id: str, attempt: int, progress: dict[str, Any]) -> None:
         self._latest[job_id] = {**progress, "attempt": attempt}
@@ -72,6 +76,17 @@ class ProgressBoard:
     def drain(self) -> dict[str, dict[str, Any]]:
         out, self._latest = self._latest, {}
         return out
+
+    def request_stop(self, job_id: str, attempt: int, why: str) -> None:
+        self._stops[job_id] = (attempt, why)
+
+    def stop_requested(self, job_id: str, attempt: int) -> str | None:
+        asked, why = self._stops.get(job_id, (0, None))
+        return why if asked == attempt else None
+
+    def draining(self) -> dict[str, Drain]:
+        # For a controller connected through the Ray client (ray://), which cannot ask the GCS.
+        return read_drains()
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         # Called here, inside the cluster, because a controller connected through the Ray
@@ -98,7 +113,20 @@ def run_attempt(
         board.report.remote(job_id, attempt, progress)
 
     node_id = ray.get_runtime_context().get_node_id()
-    return run(spec, job_id, attempt, output_uri, send=send, ray_node_id=node_id, extra=extra)
+    stop = StopPoll(board, job_id, attempt)
+    try:
+        return run(
+            spec,
+            job_id,
+            attempt,
+            output_uri,
+            send=send,
+            ray_node_id=node_id,
+            extra=extra,
+            stop_requested=stop,
+        )
+    finally:
+        stop.close()
 
 
 @dataclass
@@ -258,9 +286,21 @@ class RayBackend:
             available = None
         try:
             draining = set(state.state.get_draining_nodes())
-        except Exception:  # noqa: BLE001
-            draining = set()
+        except Exception:  # noqa: BLE001 - a Ray client (ray://): ask the board
+            draining = set(self.draining())
         return ClusterView(totals, available, draining)
+
+    def draining(self) -> dict[str, Drain]:
+        """The nodes Ray is draining, by id (none when it cannot be read this pass)."""
+        try:
+            return read_drains()
+        except Exception:  # noqa: BLE001 - no GCS here (a Ray client): the board can ask it
+            pass
+        try:
+            return dict(ray.get(self.board.draining.remote(), timeout=10))
+        except (RayError, GetTimeoutError) as err:
+            log.warning("cannot read which nodes are draining: %s", _first_line(err))
+            return {}
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         """Tell Ray's autoscaler the shapes to make room for (replaces the previous request)."""
@@ -341,6 +381,11 @@ class RayBackend:
         except (RayError, GetTimeoutError) as err:
             # Worker crashed, out of memory, object lost: the attempt is lost, not the job.
             return {"ok": False, "kind": FailureKind.infra, "error": _first_line(err)}
+
+    def request_stop(self, attempt: Attempt, why: str) -> None:
+        """Ask a running attempt to checkpoint after its current step and stop as `Preempted`
+        (`why` is its reason); it polls the board. Fire and forget: send it again to be sure."""
+        self.board.request_stop.remote(attempt.job_id, attempt.attempt, why)
 
     def cancel(self, attempt: Attempt, wait_s: float = 10.0) -> bool:
         """Stop a running attempt and wait until its worker is gone (so it writes nothing and

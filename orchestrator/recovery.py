@@ -58,6 +58,11 @@ class Loss:
     #: The attempt's adapter is complete in the bucket (looked up for infra losses only: a
     #: worker lost after its upload).
     adapter_complete: bool = False
+    #: The platform took the node back with notice (a drain for a spot reclaim): the attempt
+    #: checkpointed and stopped, or its node went first. Requeued at once, no budget charged.
+    # MERGE NOTE (h-drain / h-sched): priority preemption makes the same rule; unify the two
+    # into one "preempted -> requeue, no retry charged" fact here.
+    preempted: bool = False
 
 
 class Action(str, Enum):
@@ -79,7 +84,7 @@ def decide(policy: RetryPolicy, loss: Loss) -> Verdict:
     """The verdict on `loss` under `policy`."""
     if loss.kind is FailureKind.infra and loss.adapter_complete:
         return Verdict(Action.succeed)
-    if not loss.charged:
+    if not loss.charged or (loss.preempted and loss.kind is FailureKind.infra):
         return Verdict(Action.requeue)
     if loss.retries_used >= policy.budget(loss.kind):
         return Verdict(Action.fail)

@@ -14,7 +14,7 @@ The controller's knobs:
 | `LORAJOBS_AGING_S` | 600 | seconds of waiting worth one priority level (0: no aging) |
 | `LORAJOBS_OWNER_MAX_JOBS` | unlimited | e.g. `4,acme=10`: 4 concurrent jobs per owner, acme 10 |
 | `LORAJOBS_OWNER_MAX_GPUS` | unlimited | e.g. `2,acme=8`, GPUs held at once per owner |
-| `LORAJOBS_INFRA_RETRIES` | 3 | retries after lost nodes / preemption / crashed workers |
+| `LORAJOBS_INFRA_RETRIES` | 3 | retries after lost nodes / preemption / crashed workers (a drained node's attempts cost none) |
 | `LORAJOBS_USER_RETRIES` | 0 | retries after user errors (bad data, bad spec) |
 | `LORAJOBS_RETRY_BACKOFF_S` | 2 | first backoff; doubles per retry of that kind |
 | `LORAJOBS_RETRY_BACKOFF_MAX_S` | 60 | backoff cap |

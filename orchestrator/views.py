@@ -64,7 +64,7 @@ def attempts(events: list[EventRecord]) -> list[dict[str, Any]]:
         elif current is not None:
             current.update(
                 ended_at=_aware(e.at).isoformat(),  # type: ignore[union-attr]
-                outcome="requeued" if e.to_status.value == "queued" else e.to_status.value,
+                outcome=_outcome(e.to_status.value, data),
                 reason=e.reason,
                 cost_usd=data.get("cost_usd"),
             )
@@ -72,6 +72,14 @@ def attempts(events: list[EventRecord]) -> list[dict[str, Any]]:
             current["node"] = data.get("node") or current["node"]
             current = None
     return out
+
+
+def _outcome(to: str, data: dict[str, Any]) -> str:
+    """How an attempt ended: its job's new state, or `requeued` / `preempted` (its node was
+    reclaimed with notice: requeued with no retry charged)."""
+    if to != "queued":
+        return to
+    return "preempted" if data.get("preempted") else "requeued"
 
 
 def job_json(job: JobRecord, wait_reason: str | None = None) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class WorkerContext:
     # TEST HOOK (env LORAJOBS_STOP_AFTER_STEP): after this step, checkpoint and raise
     # `Preempted`, as a preempted node would stop. Never set in production.
     stop_after_step: int | None = None
+    # The platform's stop request: returns why this attempt must checkpoint and stop now (its
+    # node is draining for a spot reclaim), else None. Polled after every step; None: never.
+    stop_requested: Callable[[], str | None] | None = None
     # This attempt's TensorBoard events; None: none written (trainer unit tests).
     # `run_job` sets it to <output_uri>/jobs/<job_id>/tensorboard/attempt-<N>/.
     board: Board | None = None

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorajobs.jobspecs.failures import NodeUnfit, StorageError
+from lorajobs.jobspecs.failures import NodeUnfit, Preempted, StorageError
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.storage.adapters import upload_adapter
 from lorajobs.storage.base import join_uri
@@ -96,6 +96,7 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
     data_path = pull_dataset(spec.dataset, ctx.cache_dir)
     model_dir = pull_model(spec.base_model, ctx.cache_dir)
     timings["pull"] = _since(t)
+    _stop_if_asked(ctx)
 
     work_root = ctx.cache_dir / "work"
     work_root.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,14 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         "timings": timings,
         "checkpoints_removed": removed,
     }
+
+
+def _stop_if_asked(ctx: WorkerContext) -> None:
+    """A stop request that came during the pull (the node is draining): go before training,
+    with nothing new to checkpoint, rather than load the model to train one step."""
+    why = ctx.stop_requested() if ctx.stop_requested is not None else None
+    if why:
+        raise Preempted(f"stopped before training: {why}")
 
 
 def _train(

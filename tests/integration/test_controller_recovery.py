@@ -20,6 +20,7 @@ import pytest
 from lorajobs.jobspecs import parse_spec
 from lorajobs.orchestrator.controller import Controller
 from lorajobs.orchestrator.db import ensure_schema, make_engine
+from lorajobs.orchestrator.drain import Drain
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.ray_backend import Attempt, ClusterView
 from lorajobs.orchestrator.recovery import RetryPolicy
@@ -51,6 +52,8 @@ class FakeRay:
         self.reports: dict[str, dict[str, Any]] = {}
         self.cancelled: list[str] = []
         self.requests: list[list[dict[str, float]]] = []
+        self.drains: dict[str, Drain] = {}  # node id -> its drain
+        self.stops: list[tuple[str, int, str]] = []  # (job id, attempt, why) asked to stop
         self._lock = threading.Lock()
 
     def driver_id(self) -> str:
@@ -60,7 +63,13 @@ class FakeRay:
         return self.alive.get(driver)
 
     def cluster(self) -> ClusterView:
-        return ClusterView({k: dict(v) for k, v in self.nodes.items()}, None)
+        return ClusterView({k: dict(v) for k, v in self.nodes.items()}, None, set(self.drains))
+
+    def draining(self) -> dict[str, Drain]:
+        return dict(self.drains)
+
+    def request_stop(self, attempt: Attempt, why: str) -> None:
+        self.stops.append((attempt.job_id, attempt.attempt, why))
 
     def launch(
         self,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lorajobs.jobspecs.failures import UserDataError
+from lorajobs.jobspecs.failures import Preempted, UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec, TextJobSpec
 from lorajobs.storage.adapters import fetch_adapter
 from lorajobs.storage.transfer import sha256_file
@@ -153,6 +153,20 @@ def test_bad_dataset_is_a_user_error_and_uploads_nothing(
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\nnot json\n')
     with pytest.raises(UserDataError, match=r"bad\.jsonl: line 3: invalid JSON"):
         run_job(_text_spec(bucket, bad.as_uri()), _ctx(bucket, tmp_path, "job-3", []))
+    assert not (bucket / "adapters").exists()
+
+
+def test_a_stop_request_during_the_pull_stops_before_training(
+    tiny_text_model: Path, tiny_text_dataset: Path, bucket: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(tiny_text_model, bucket / "models" / "tiny-llama")
+    spec = _text_spec(bucket, tiny_text_dataset.as_uri())
+    reports: list[dict[str, Any]] = []
+    ctx = _ctx(bucket, tmp_path, "job-4", reports)
+    ctx.stop_requested = lambda: "preempted: node n1 draining (spot reclaim), deadline T"
+    with pytest.raises(Preempted, match=r"^stopped before training: preempted: node n1 draining"):
+        run_job(spec, ctx)
+    assert reports == [] and not (bucket / "jobs" / "job-4" / "checkpoints").exists()
     assert not (bucket / "adapters").exists()
 
 

@@ -48,15 +48,23 @@ X = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
 Y = X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
 
 
-def _train(bucket: Path | None, sigterm_at: int | None = None) -> tuple[LoopResult, torch.Tensor]:
+def _train(
+    bucket: Path | None, sigterm_at: int | None = None, ask_stop_at: int | None = None
+) -> tuple[LoopResult, torch.Tensor]:
     """A fresh model and optimizer, trained by a loop; SIGTERM to this process in micro-batch
-    `sigterm_at` (0-based, global)."""
+    `sigterm_at` (0-based, global), or the platform's stop request from micro-batch
+    `ask_stop_at` on."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     device = torch.device("cpu")
     store = CheckpointStore.for_job(bucket.as_uri(), "j") if bucket is not None else None
+    asked: list[str] = []
     ctx = WorkerContext(
-        job_id="j", output_uri="file:///unused", cache_dir=Path("/unused"), checkpoints=store
+        job_id="j",
+        output_uri="file:///unused",
+        cache_dir=Path("/unused"),
+        checkpoints=store,
+        stop_requested=lambda: asked[0] if asked else None,
     )
     loop = TrainLoop(
         CFG,
@@ -73,6 +81,8 @@ def _train(bucket: Path | None, sigterm_at: int | None = None) -> tuple[LoopResu
     def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
         if k == sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if k == ask_stop_at:
+            asked.append("preempted: node n1 draining (spot reclaim), deadline T")
         x, y = X[2 * (k % 8) : 2 * (k % 8) + 2], Y[2 * (k % 8) : 2 * (k % 8) + 2]
         return torch.nn.functional.mse_loss(model(x), y), {"rows": 2}
 
@@ -101,3 +111,17 @@ def test_sigterm_checkpoints_the_step_it_finishes_and_the_resume_is_exact(tmp_pa
 def test_sigterm_without_a_checkpoint_store_still_ends_the_attempt() -> None:
     with pytest.raises(Preempted, match=r"after step 2: SIGTERM \(no checkpoint store\)"):
         _train(None, sigterm_at=3)
+
+
+def test_a_stop_request_checkpoints_like_sigterm_and_the_resume_is_exact(tmp_path: Path) -> None:
+    straight, weights = _train(None)
+    why = r"after step 3: preempted: node n1 draining \(spot reclaim\), deadline T \(checkpointed\)"
+    with pytest.raises(Preempted, match=why):
+        _train(tmp_path, ask_stop_at=5)  # step 3's second micro-batch: step 3 ends, then stop
+    store = CheckpointStore.for_job(tmp_path.as_uri(), "j")
+    assert store.steps() == [3]  # the request's checkpoint, no periodic ones
+
+    resumed, resumed_weights = _train(tmp_path)
+    assert resumed.resumed_from_step == 3
+    assert torch.equal(resumed_weights, weights)
+    assert resumed.losses == straight.losses

@@ -5,7 +5,8 @@ Fixtures:
   once (~10 s) on 127.0.0.1 with its sockets under a short /tmp folder; shut down at the end.
 - `sim_cluster` (function): that head plus the worker nodes a test adds with `add_gpu_node`
   (logical GPUs and an `accelerator_type:<TYPE>` resource; training itself runs on the CPU) and
-  removes with `remove` (abruptly: a lost or preempted node). Whatever a test added is removed
+  removes with `remove` (abruptly: a lost or preempted node), or drains with `drain` (a spot
+  reclaim with notice, as Ray's autoscaler sends it). Whatever a test added is removed
   afterwards, and an in-process Ray connection is closed, so tests do not see each other.
 
 Nodes are processes on this machine: keep to the head + 2-3 nodes (~0.5 GiB each, plus ~0.5 GiB
@@ -76,6 +77,34 @@ class SimCluster:
         """Kill the node at once, as a preempted spot instance goes."""
         self.cluster.remove_node(node, allow_graceful=False)
         self.nodes.remove(node)
+
+    def drain(
+        self,
+        node: Any,
+        deadline_s: float,
+        *,
+        reason: str = "DRAIN_NODE_REASON_PREEMPTION",
+        message: str = "spot instance reclaimed",
+    ) -> float:
+        """Tell Ray the node will go in `deadline_s` seconds, as its autoscaler does for a
+        reclaimed spot node and `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION
+        --deadline-remaining-seconds N` does by hand (the same GCS `DrainNode` RPC). Ray kills
+        nothing at the deadline; `remove` does. Returns the deadline (Unix seconds)."""
+        import time
+
+        import ray
+        from ray.core.generated import autoscaler_pb2
+
+        deadline = time.time() + deadline_s
+        gcs = ray._raylet.GcsClient(address=self.address)
+        accepted, why = gcs.drain_node(
+            node.node_id,
+            autoscaler_pb2.DrainNodeReason.Value(reason),
+            message,
+            int(deadline * 1000),
+        )
+        assert accepted, f"Ray refused to drain {node.node_id[:12]}: {why}"
+        return deadline
 
 
 def _apply_env(changes: dict[str, str | None]) -> None:
@@ -175,6 +204,21 @@ def text_job(
             "resources": {"gpus": gpus, "gpu_type": gpu_type, "cpus": 1},
         }
     )
+
+
+def reference_weights(spec: Any, tmp: Any, weights: str = "adapter_model.safetensors") -> str:
+    """The sha256 of the adapter weights of an uninterrupted run of `spec`, in-process here."""
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.entrypoint import run_job
+
+    ctx = WorkerContext(
+        job_id="reference",
+        output_uri=f"file://{tmp / 'ref-bucket'}",
+        cache_dir=tmp / "ref-cache",
+        threads=spec.resources.cpus,
+        cpu_fallback=True,  # the job asks for a logical GPU; the reference runs on this CPU
+    )
+    return str(run_job(spec, ctx)["files"][weights])
 
 
 def start_controller(sim: SimCluster, home: Any, config: Any) -> tuple[Any, Any]:

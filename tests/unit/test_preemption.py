@@ -68,3 +68,14 @@ def test_outside_the_main_thread_nothing_is_installed(seen: list[int]) -> None:
     t.join()
     assert errors == [] and received == [False]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_request_is_a_notice_with_its_reason(seen: list[int]) -> None:
+    asked: list[str] = []
+    with PreemptionNotice(lambda: asked[0] if asked else None) as notice:
+        assert notice.reason() is None
+        asked.append("preempted: node n1 draining (spot reclaim), deadline T")
+        assert notice.reason() == asked[0] and not notice.received
+        _sigterm()
+        assert notice.reason() == "SIGTERM"  # the signal is the more urgent of the two
+    assert seen == []

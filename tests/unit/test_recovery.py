@@ -28,6 +28,13 @@ SUCCEED, FAIL = Verdict(Action.succeed), Verdict(Action.fail)
         (Loss(INFRA, 3), FAIL),
         # A lost controller costs no budget and no wait, even with the budget spent.
         (Loss(INFRA, 3, charged=False), Verdict(Action.requeue)),
+        # A node reclaimed with notice (a drain): requeued at once, no budget, even when spent;
+        # a complete adapter still wins.
+        (Loss(INFRA, 0, preempted=True), Verdict(Action.requeue)),
+        (Loss(INFRA, 3, preempted=True), Verdict(Action.requeue)),
+        (Loss(INFRA, 3, preempted=True, adapter_complete=True), SUCCEED),
+        # ... but a user error in an attempt on a draining node is still the user's.
+        (Loss(USER, 1, preempted=True), FAIL),
         # Only infra losses look for a complete adapter: a user error's upload never finished.
         (Loss(USER, 0, adapter_complete=True), Verdict(Action.requeue, 2.0, 1)),
         # User errors: their own budget (here 1), separate from infra's.

@@ -242,10 +242,10 @@ class TrainLoop:
         checkpoint: the image trainer renders validation samples from it. It must not draw from
         the global RNGs (it would change the training that follows).
 
-        A SIGTERM (a preemption notice) ends the loop after the current step: it checkpoints
-        that step and raises `Preempted`.
+        A SIGTERM or a stop request (`ctx.stop_requested`: a preemption notice) ends the loop
+        after the current step: it checkpoints that step and raises `Preempted`.
         """
-        with PreemptionNotice() as notice:
+        with PreemptionNotice(self.ctx.stop_requested) as notice:
             resumed = self._resume()
             started = time.monotonic()
             lr = self._train(micro_loss, on_step, notice)
@@ -280,10 +280,9 @@ class TrainLoop:
             report = now - last_report >= REPORT_EVERY_S or self.step == self.total
             every, store = self.cfg.checkpoint_every, self.ctx.checkpoints
             stop = self.ctx.stop_after_step == self.step and self.step < self.total
-            save = store is not None and (
-                stop or notice.received or bool(every and self.step % every == 0)
-            )
-            if report or save or stop or notice.received:
+            why = notice.reason()
+            save = store is not None and bool(stop or why or (every and self.step % every == 0))
+            if report or save or stop or why:
                 self._read_losses()
             if report:
                 rate = (self.step - last_step) / max(now - last_report, 1e-9)
@@ -302,10 +301,10 @@ class TrainLoop:
                     self.ctx.board.upload()  # the events go up with each checkpoint
             if stop:
                 raise Preempted(f"stopped after step {self.step} (LORAJOBS_STOP_AFTER_STEP)")
-            if notice.received:
+            if why:
                 where = "checkpointed" if save else "no checkpoint store"
-                log.warning("SIGTERM: stopped after step %d (%s)", self.step, where)
-                raise Preempted(f"stopped after step {self.step}: SIGTERM ({where})")
+                log.warning("%s: stopped after step %d (%s)", why, self.step, where)
+                raise Preempted(f"stopped after step {self.step}: {why} ({where})")
         self._read_losses()
         return lr
 

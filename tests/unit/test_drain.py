@@ -1,0 +1,84 @@
+"""Drains, without Ray: what an attempt on a draining node is told, and whom the controller asks
+to checkpoint and stop (the Ray side is tests/integration/test_cluster_drain.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorajobs.orchestrator.drain import Drain, DrainWatch
+
+NODE_A, NODE_B = "a" * 56, "b" * 56
+# 2026-12-04 17:30:12 UTC
+DEADLINE_MS = 1796405412000
+
+
+def test_a_drain_names_the_node_and_the_deadline() -> None:
+    assert Drain(NODE_A, DEADLINE_MS).describe() == (
+        "preempted: node aaaaaaaaaaaa draining (spot reclaim), deadline 2026-12-04 17:30:12 UTC"
+    )
+    assert Drain(NODE_A, 0).describe() == (
+        "preempted: node aaaaaaaaaaaa draining (spot reclaim), no deadline given"
+    )
+
+
+@dataclass
+class _Attempt:
+    job_id: str
+    attempt: int
+    node_id: str | None
+
+
+@dataclass
+class _Backend:
+    drains: dict[str, Drain] = field(default_factory=dict)
+    asked: list[tuple[str, int, str]] = field(default_factory=list)
+    reads: int = 0
+
+    def draining(self) -> dict[str, Drain]:
+        self.reads += 1
+        return self.drains
+
+    def request_stop(self, attempt: _Attempt, why: str) -> None:
+        self.asked.append((attempt.job_id, attempt.attempt, why))
+
+
+def test_only_attempts_on_draining_nodes_are_asked_and_again_each_pass() -> None:
+    backend = _Backend()
+    watch = DrainWatch(backend)  # type: ignore[arg-type]
+    inflight = {"j1": _Attempt("j1", 1, NODE_A), "j2": _Attempt("j2", 3, NODE_B)}
+    watch.sweep(inflight)  # type: ignore[arg-type]
+    assert backend.asked == []
+
+    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS + 1000)}  # drained again, later
+    watch.sweep(inflight)  # type: ignore[arg-type]
+    watch.sweep(inflight)  # type: ignore[arg-type]
+    why = backend.drains[NODE_A].describe()
+    assert backend.asked == [("j1", 1, why), ("j1", 1, why)]  # a lost request is sent again
+    assert watch.settle(inflight["j2"]) is None  # type: ignore[arg-type]
+    assert watch.settle(inflight["j1"]) == why  # type: ignore[arg-type]
+
+
+def test_a_notice_outlives_the_drain_but_not_its_attempt() -> None:
+    backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS)})
+    watch = DrainWatch(backend)  # type: ignore[arg-type]
+    a1 = _Attempt("j1", 1, NODE_A)
+    watch.sweep({"j1": a1})  # type: ignore[dict-item]
+    backend.drains = {}  # the node is gone: the attempt's loss is still the drain's
+    assert watch.settle(a1) == Drain(NODE_A, DEADLINE_MS).describe()  # type: ignore[arg-type]
+
+    backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS)}
+    watch.sweep({"j1": a1})  # type: ignore[dict-item]
+    watch.sweep({})  # cancelled meanwhile: forgotten, and no GCS read with nothing in flight
+    assert backend.reads == 2
+    backend.drains = {}
+    assert watch.settle(a1) is None  # type: ignore[arg-type]
+
+
+def test_an_attempt_that_ended_before_it_was_told_is_still_the_drain_s() -> None:
+    # Placed on node-a just before the drain: Ray refused it before any sweep saw it.
+    backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS)})
+    watch = DrainWatch(backend)  # type: ignore[arg-type]
+    notice = Drain(NODE_A, DEADLINE_MS).describe()
+    assert watch.settle(_Attempt("j1", 1, NODE_A)) == notice  # type: ignore[arg-type]
+    assert watch.settle(_Attempt("j2", 1, NODE_B)) is None  # type: ignore[arg-type]
+    assert watch.settle(_Attempt("j3", 1, None)) is None  # type: ignore[arg-type]
