@@ -89,6 +89,10 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         ctx.stop_after_step = int(os.environ[STOP_AFTER_STEP_ENV])
 
     check_device(spec, ctx)
+    # A quantized base or 8-bit AdamW never runs on the CPU, CPU fallback or not: one line.
+    from lorajobs.worker.trainers.quantize import refuse_here
+
+    refuse_here(spec.training)
     # Pull. The dataset first: it is usually the smaller of the two, and a missing one should
     # fail before a many-GB model download.
     # (The pull functions file entries under <cache_dir>/datasets and <cache_dir>/models.)

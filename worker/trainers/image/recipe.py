@@ -63,6 +63,7 @@ from lorajobs.worker.trainers.loop import (
     total_steps,
     window_means,
 )
+from lorajobs.worker.trainers.quantize import refuse_here
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LOSS_PNG = "loss.png"
@@ -78,12 +79,18 @@ def train(
     # Results depend on the thread count (float reduction order), so it is part of the job.
     torch.set_num_threads(ctx.threads)
     device = pick_device()
+    refuse_here(cfg, device)  # a quantized base / 8-bit AdamW: CUDA (and bitsandbytes) or one line
     precision = resolve_precision(cfg.mixed_precision, device)
 
     # Bad data fails here, before minutes go into loading a model.
     ds = build_image_dataset(data_dir, spec)
     cache = cache_plan(spec)
     base = load_image_base(model_dir)
+    if cfg.quantize_base:  # the spec cannot tell a Flux base from a UNet one: the folder can
+        raise InvalidInput(
+            f"training.quantize_base: only Flux bases are quantized; {spec.base_model} is a "
+            f"UNet pipeline ({base.family}): drop quantize_base"
+        )
     freeze(base, device, precision.base_dtype)
     trained, lora_params = _add_lora(spec, base)
     # Validation grids (`samples:`), rendered by the training modules; the folder is checked now.

@@ -1,0 +1,38 @@
+"""Spec settings that only a CUDA GPU can run: a quantized base (`training.quantize_base`) and
+bitsandbytes' 8-bit AdamW (`training.optimizer: adamw8bit`).
+
+One place says which they are and words the refusal, so the spec check (`resources.gpus: 0`),
+the submit check (no node could run it) and the worker (no CUDA or no bitsandbytes here) say
+the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The optional dependencies these settings need: `pip install 'lorajobs[quant]'`.
+QUANT_EXTRA = "lorajobs[quant]"
+
+
+def cuda_settings(training: Any) -> list[str]:
+    """The settings of `training` that need CUDA, as `field value` phrases (empty: none)."""
+    out = []
+    mode = getattr(training, "quantize_base", None)
+    if mode:
+        out.append(f"training.quantize_base {mode}")
+    if getattr(training, "optimizer", None) == "adamw8bit":
+        out.append("training.optimizer adamw8bit")
+    return out
+
+
+def needs_cuda(training: Any) -> bool:
+    """Whether the job can only run on a CUDA GPU."""
+    return bool(cuda_settings(training))
+
+
+def cpu_refusal(training: Any, gpus: float) -> str | None:
+    """The spec-time line for a CUDA-only setting on a CPU job (`resources.gpus: 0`)."""
+    needs = cuda_settings(training)
+    if not needs or gpus > 0:
+        return None
+    return f"{needs[0]} needs a CUDA GPU: set resources.gpus to 1 (or a fraction), or drop it"
