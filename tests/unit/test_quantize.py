@@ -160,3 +160,32 @@ def test_fp8_base_layers_train_an_fp32_lora(tiny_text_model: Path) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in trainable)
     assert layer.weight.grad is None  # the base stays frozen
+
+
+def test_a_flux_transformer_keeps_its_embedders_and_final_layers() -> None:
+    """fp8 runs on the CPU too, so the layer choice is checked on a real (tiny) Flux here."""
+    from diffusers import FluxTransformer2DModel
+
+    from lorajobs.worker.trainers.quantize import quantize_flux_transformer
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    quantize_flux_transformer(model, "fp8", torch.device("cpu"))
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = sorted(n for n, k in kinds.items() if k is torch.nn.Linear)
+    assert kept and all(
+        n.split(".")[0]
+        in {"x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out"}
+        for n in kept
+    ), kept
+    assert kinds["single_transformer_blocks.0.proj_out"] is Fp8Linear  # a block's own: quantized
+    assert kinds["transformer_blocks.0.attn.to_q"] is Fp8Linear
+    assert not any(p.requires_grad for p in model.parameters())

@@ -32,7 +32,7 @@ from lorajobs.jobspecs.failures import NeedsCuda
 #: The library each mode's kernels come from.
 LIBRARY = {"nf4": "bitsandbytes", "int8": "bitsandbytes", "fp8": "torch"}
 #: Flux transformer layers kept unquantized: embedders, the final norm and projection.
-FLUX_KEEP = re.compile(r"(^|\.)(x_embedder|context_embedder|time_text_embed|norm_out|proj_out)\b")
+FLUX_KEEP = re.compile(r"^(x_embedder|context_embedder|time_text_embed|norm_out|proj_out)(\.|$)")
 
 
 def problem(training: Any, *, has_cuda: bool, has_bnb: bool) -> str | None:

@@ -175,10 +175,10 @@ def _model_with_lora(
         model = get_peft_model(model, lora_config)
     except ValueError as err:  # e.g. target modules that this model does not have
         raise UserDataError(f"base model {spec.base_model}: {err}") from None
+    if quant not in ("nf4", "int8"):  # bitsandbytes placed its model on the GPU as it loaded
+        model.to(device)  # a device move only: a dtype cast would undo fp8
     if quant:
         lora_to_fp32(model)  # the adapter trains (and is saved) unquantized, in fp32
-    else:
-        model.to(device)  # a quantized base is already on its device, and must stay as it is
     model.train()
     return model
 
