@@ -143,8 +143,8 @@ class _Training(_Strict):
     quantize_base: Literal["nf4", "int8", "fp8"] | None = Field(
         None,
         description="Quantize the frozen base on a CUDA GPU (QLoRA): nf4 (bitsandbytes 4-bit, double "
-        "quant, bf16 compute), int8 (bitsandbytes), fp8 (torchao). Text bases and Flux image bases; "
-        "needs pip install 'lorajobs[quant]'. The adapter is saved unquantized. Default: off.",
+        "quant, bf16 compute), int8 (bitsandbytes), fp8 (float8 weights, torch). Text and Flux bases; "
+        "nf4 / int8 need pip install 'lorajobs[quant]'. The adapter is saved unquantized. Default: off.",
     )
     checkpoint_every: int = Field(
         500,
@@ -450,7 +450,7 @@ class _JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cuda_settings_need_a_gpu(self) -> _JobSpec:
-        # gpus: 0 would run on the CPU, where neither bitsandbytes nor torchao kernels exist.
+        # gpus: 0 runs on the CPU: no bitsandbytes kernels, and no point in a quantized base.
         problem = cpu_refusal(self.training, self.resources.gpus)  # type: ignore[attr-defined]
         if problem:
             raise ValueError(problem)

@@ -109,3 +109,23 @@ def test_the_api_refuses_with_422_and_queues_nothing(gpu_less_server: ApiServer)
         del spec["training"]["quantize_base"]
         assert c.post("/v1/jobs", json={"spec": spec}).status_code == 201
     assert len(gpu_less_server.cli("status", "--json").json()) == 1
+
+
+def test_lorajobs_run_refuses_in_one_line_before_reading_anything(tmp_path: Path) -> None:
+    """`lorajobs run` trains here and may fall back to the CPU: not with a quantized base."""
+    model, data = _inputs(tmp_path)  # empty: never read, the refusal comes first
+    bad = write_spec(
+        tmp_path / "bad.yaml",
+        "text",
+        "bad",
+        str(model),
+        str(data),
+        training={"quantize_base": "nf4"},
+        resources={"gpus": 1, "cpus": 1},
+    )
+    r = CLI(home=tmp_path / "home", env=NO_GPU)("run", str(bad))
+    assert r.code == 2, r.err
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.err
+    assert "training.quantize_base nf4 needs a CUDA GPU and this machine has none" in lines[0]
+    assert not (tmp_path / "home" / "bucket").exists()
