@@ -67,6 +67,8 @@ def build_llama_folder(s: Setup) -> tuple[Path, Path]:
             torch.manual_seed(0)
             with torch.device(s.device):
                 big = LlamaForCausalLM(cfg)
+            for stale in model.glob("model*.safetensors*"):  # the tiny weights: never loaded
+                stale.unlink()
             big.to(torch.bfloat16).save_pretrained(model)
             del big
     data = s.work / "text.jsonl"

@@ -91,8 +91,11 @@ def text_load_kwargs(mode: str, device: torch.device) -> dict[str, Any]:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
         raise ValueError(f"{mode} is not a bitsandbytes mode")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return {"quantization_config": config, "device_map": {"": index}, "dtype": torch.bfloat16}
+    if device.type == "cuda":
+        place: int | str = device.index if device.index is not None else torch.cuda.current_device()
+    else:
+        place = device.type
+    return {"quantization_config": config, "device_map": {"": place}, "dtype": torch.bfloat16}
 
 
 class Fp8Linear(nn.Linear):
@@ -125,12 +128,14 @@ class Fp8Linear(nn.Linear):
 
 
 def _quantized(layer: nn.Linear, mode: str, device: torch.device) -> nn.Module:
-    """`layer` quantized on `device` (bitsandbytes quantizes when its weights reach CUDA)."""
+    """`layer` quantized on `device`. bitsandbytes quantizes a weight as it moves to the GPU:
+    its layer is made on the meta device and given that weight (as transformers' own
+    bitsandbytes loader does), so no full-precision copy is allocated on the way."""
     if mode == "fp8":
         return Fp8Linear.from_linear(layer.to(device))
     import bitsandbytes as bnb
 
-    w, has_bias = layer.weight.detach(), layer.bias is not None
+    w, has_bias = layer.weight.detach().to("cpu"), layer.bias is not None
     q: nn.Module
     if mode == "nf4":
         q = bnb.nn.Linear4bit(
@@ -143,8 +148,8 @@ def _quantized(layer: nn.Linear, mode: str, device: torch.device) -> nn.Module:
             device="meta",
         )
         q.weight = bnb.nn.Params4bit(
-            w.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
-        )
+            w, requires_grad=False, compress_statistics=True, quant_type="nf4"
+        ).to(device)
     else:
         q = bnb.nn.Linear8bitLt(
             layer.in_features,
@@ -154,10 +159,11 @@ def _quantized(layer: nn.Linear, mode: str, device: torch.device) -> nn.Module:
             threshold=6.0,
             device="meta",
         )
-        q.weight = bnb.nn.Int8Params(w.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False).to(device)
     if has_bias:
-        q.bias = nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
-    return q.to(device)
+        bias = layer.bias.detach().to(device, torch.bfloat16)
+        q.bias = nn.Parameter(bias, requires_grad=False)
+    return q
 
 
 def quantize_linears(
