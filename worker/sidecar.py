@@ -269,7 +269,7 @@ def _card_loading(spec: AnyJobSpec, resolved: dict[str, Any]) -> list[str]:
     quant = resolved.get("quantize_base")
     if quant:
         lines += [
-            f"Trained on a {quant}-quantized base (QLoRA); the adapter itself is unquantized "
+            f"Trained on a base quantized to {quant} (QLoRA); the adapter itself is unquantized "
             "and loads on the full-precision base as below, or on the same quantized base.",
             "",
         ]
