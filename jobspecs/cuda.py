@@ -30,9 +30,14 @@ def needs_cuda(training: Any) -> bool:
     return bool(cuda_settings(training))
 
 
-def cpu_refusal(training: Any, gpus: float) -> str | None:
-    """The spec-time line for a CUDA-only setting on a CPU job (`resources.gpus: 0`)."""
+def quantization_problem(training: Any, lora: Any, gpus: float) -> str | None:
+    """The spec-time line for settings that cannot go together: a CUDA-only setting on a CPU
+    job (`resources.gpus: 0`: no bitsandbytes kernels, and no point in a quantized base), or
+    DoRA on an fp8 base (DoRA's magnitudes are computed from the base weight, which PEFT reads
+    as raw float8 without its scale)."""
     needs = cuda_settings(training)
-    if not needs or gpus > 0:
-        return None
-    return f"{needs[0]} needs a CUDA GPU: set resources.gpus to 1 (or a fraction), or drop it"
+    if needs and gpus <= 0:
+        return f"{needs[0]} needs a CUDA GPU: set resources.gpus to 1 (or a fraction), or drop it"
+    if getattr(training, "quantize_base", None) == "fp8" and getattr(lora, "use_dora", False):
+        return "lora.use_dora cannot train on an fp8 base (training.quantize_base fp8): use nf4 or int8"
+    return None

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from lorajobs.jobspecs.cuda import cpu_refusal
+from lorajobs.jobspecs.cuda import quantization_problem
 
 # Names become object keys (`adapters/<name>/<job_id>/`): keep them to a safe alphabet so a name
 # can never climb out of its prefix or need quoting.
@@ -449,9 +449,8 @@ class _JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cuda_settings_need_a_gpu(self) -> _JobSpec:
-        # gpus: 0 runs on the CPU: no bitsandbytes kernels, and no point in a quantized base.
-        problem = cpu_refusal(self.training, self.resources.gpus)  # type: ignore[attr-defined]
+    def _quantized_base_settings(self) -> _JobSpec:
+        problem = quantization_problem(self.training, self.lora, self.resources.gpus)  # type: ignore[attr-defined]
         if problem:
             raise ValueError(problem)
         return self

@@ -54,6 +54,16 @@ def test_a_cpu_job_cannot_ask_for_cuda_only_settings(training: dict, field: str)
     assert parse_spec(_spec(gpus=0.25, **training))  # a shared GPU is a GPU
 
 
+def test_dora_on_an_fp8_base_is_refused_by_the_spec() -> None:
+    spec = {**_spec(quantize_base="fp8"), "lora": {"use_dora": True}}
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec)
+    assert err.value.problems == [
+        "lora.use_dora cannot train on an fp8 base (training.quantize_base fp8): use nf4 or int8"
+    ]
+    assert parse_spec({**spec, "training": {"steps": 1, "quantize_base": "nf4"}})  # QDoRA
+
+
 def test_an_unknown_mode_names_the_field() -> None:
     with pytest.raises(
         SpecError, match="training.quantize_base: Input should be 'nf4', 'int8' or 'fp8'"
