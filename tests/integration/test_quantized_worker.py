@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorajobs.jobspecs import parse_spec
-from lorajobs.jobspecs.failures import NeedsCuda, NodeUnfit, classify
+from lorajobs.jobspecs.failures import InvalidInput, NeedsCuda, NodeUnfit, classify
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.entrypoint import run_job
 from lorajobs.worker.trainers import get_trainer
@@ -75,11 +75,23 @@ def test_the_text_trainer_refuses_on_its_own(
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_the_image_trainer_refuses_on_its_own(
+def test_the_image_trainer_quantizes_only_flux_bases(
     tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
 ) -> None:
+    """A UNet (SD / SDXL) base with quantize_base: refused as the spec's mistake, on any
+    machine, before anything loads; the CUDA refusal guards the Flux path."""
     spec = _spec("image", tiny_image_model, tiny_image_dataset, quantize_base="nf4")
-    with pytest.raises(NeedsCuda, match="training.quantize_base nf4 needs a CUDA GPU"):
+    with pytest.raises(InvalidInput) as err:
+        get_trainer("image")(
+            spec, tiny_image_model, tiny_image_dataset, tmp_path, _ctx(tmp_path, True)
+        )
+    assert str(err.value) == (
+        f"training.quantize_base: only Flux bases are quantized; {tiny_image_model} is a UNet "
+        "pipeline (SD / SDXL): drop quantize_base"
+    )
+    assert list(tmp_path.iterdir()) == []
+    spec = _spec("image", tiny_image_model, tiny_image_dataset, optimizer="adamw8bit")
+    with pytest.raises(NeedsCuda, match="training.optimizer adamw8bit needs a CUDA GPU"):
         get_trainer("image")(
             spec, tiny_image_model, tiny_image_dataset, tmp_path, _ctx(tmp_path, True)
         )

@@ -75,7 +75,7 @@ def train(
     """Train the spec's LoRA on `data_dir` over the base model in `model_dir`, into `out_dir`."""
     cfg = spec.training
     started_at = time.time()
-    _refuse_unloadable(spec)
+    _refuse_unloadable(spec, model_dir)
     # Results depend on the thread count (float reduction order), so it is part of the job.
     torch.set_num_threads(ctx.threads)
     device = pick_device()
@@ -86,11 +86,6 @@ def train(
     ds = build_image_dataset(data_dir, spec)
     cache = cache_plan(spec)
     base = load_image_base(model_dir)
-    if cfg.quantize_base:  # the spec cannot tell a Flux base from a UNet one: the folder can
-        raise InvalidInput(
-            f"training.quantize_base: only Flux bases are quantized; {spec.base_model} is a "
-            f"UNet pipeline ({base.family}): drop quantize_base"
-        )
     freeze(base, device, precision.base_dtype)
     trained, lora_params = _add_lora(spec, base)
     # Validation grids (`samples:`), rendered by the training modules; the folder is checked now.
@@ -159,7 +154,13 @@ def train(
 # -- the steps, in the order `train` takes them ------------------------------------------------
 
 
-def _refuse_unloadable(spec: ImageJobSpec) -> None:
+def _refuse_unloadable(spec: ImageJobSpec, model_dir: Path) -> None:
+    if spec.training.quantize_base and (model_dir / "unet" / "config.json").is_file():
+        # The spec cannot tell a Flux base from a UNet one; the pulled folder can.
+        raise InvalidInput(
+            f"training.quantize_base: only Flux bases are quantized; {spec.base_model} is a "
+            "UNet pipeline (SD / SDXL): drop quantize_base"
+        )
     if spec.training.train_text_encoder and spec.lora.use_dora:
         # transformers' adapter loader (which diffusers' load_lora_weights uses for text
         # encoders) drops DoRA magnitudes: the adapter would not load back as trained.
