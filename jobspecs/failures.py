@@ -106,6 +106,14 @@ class UserDataError(LoraJobsError):
     kind = FailureKind.user
 
 
+class NeedsCuda(UserDataError):
+    """The spec asks for what only a CUDA GPU (with bitsandbytes, for its kernels) can run — a
+    quantized base, an 8-bit optimizer — and this machine cannot: not retried, and in the CLI
+    a usage error (exit 2), since the spec, not the data, has to change."""
+
+    exit_code = 2
+
+
 class Preempted(LoraJobsError):
     """The attempt stopped before the end (a SIGTERM preemption notice, or the stop test
     hook); its last checkpoint is in the bucket and the next attempt resumes from it."""

@@ -23,6 +23,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+_NAMED = re.compile(r"^[a-z_]+(\.[a-z_]+)+ ")
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -33,7 +36,9 @@ def problems_from(err: ValidationError) -> list[str]:
     out = []
     for e in err.errors(include_url=False):
         msg = e["msg"].removeprefix("Value error, ")
-        line = f"{_field_path(e['loc'])}: {msg}"
+        # A check across sections (a model validator) names its own field: no "(top level)".
+        names_field = _field_path(e["loc"]) == "(top level)" and _NAMED.match(msg)
+        line = msg if names_field else f"{_field_path(e['loc'])}: {msg}"
         if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict):
             line += f" (got {_short(e['input'])})"
         out.append(line)

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from lorajobs.jobspecs.cuda import quantization_problem
+
 # Names become object keys (`adapters/<name>/<job_id>/`): keep them to a safe alphabet so a name
 # can never climb out of its prefix or need quoting.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -126,8 +128,8 @@ class _Training(_Strict):
     )
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw",
-        description="adamw (torch), or adamw8bit (bitsandbytes; needs it installed and a GPU, "
-        "else the job fails as a user error).",
+        description="adamw (torch), or adamw8bit (bitsandbytes: needs a CUDA GPU and "
+        "pip install 'lorajobs[quant]').",
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "bf16",
@@ -137,6 +139,12 @@ class _Training(_Strict):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    quantize_base: Literal["nf4", "int8", "fp8"] | None = Field(
+        None,
+        description="Quantize the frozen base on a CUDA GPU (QLoRA): nf4 (bitsandbytes 4-bit, double "
+        "quant, bf16 compute), int8 (bitsandbytes), fp8 (float8 weights, torch). Text and Flux bases; "
+        "nf4 / int8 need pip install 'lorajobs[quant]'. The adapter is saved unquantized. Default: off.",
     )
     checkpoint_every: int = Field(
         500,
@@ -439,6 +447,13 @@ class _JobSpec(_Strict):
                 "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         return v
+
+    @model_validator(mode="after")
+    def _quantized_base_settings(self) -> _JobSpec:
+        problem = quantization_problem(self.training, self.lora, self.resources.gpus)  # type: ignore[attr-defined]
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def target_modules(self) -> list[str]:
         """The LoRA targets this job trains: the spec's, or the kind's default."""

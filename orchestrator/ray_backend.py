@@ -41,6 +41,7 @@ from ray.exceptions import (
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidInput
+from lorajobs.orchestrator.capability import local_gpu_count
 from lorajobs.orchestrator.drain import Drain, StopPoll, read_drains
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
@@ -231,7 +232,7 @@ class RayBackend:
             if self.local:
                 ray.init(
                     include_dashboard=False,
-                    num_gpus=_local_gpu_count(),
+                    num_gpus=local_gpu_count(),  # the driver's list: no torch import
                     object_store_memory=128 * 1024**2,
                     **common,
                 )
@@ -408,14 +409,6 @@ def _session_name() -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else 'lost'}"
-
-
-def _local_gpu_count() -> int:
-    # Avoid importing torch in the controller: ask the driver files instead.
-    try:
-        return len([d for d in os.listdir("/proc/driver/nvidia/gpus")])
-    except OSError:
-        return 0
 
 
 def _worker_env() -> dict[str, str]:

@@ -47,16 +47,21 @@ CPU_FALLBACK_ENV = "LORAJOBS_ALLOW_CPU_FALLBACK"
 def check_device(spec: AnyJobSpec, ctx: WorkerContext) -> None:
     """A job that asked for GPUs never trains on the CPU unannounced: without a usable CUDA
     device it fails as the node's fault (`NodeUnfit`, retried on another node), unless CPU
-    fallback is allowed here, and then it says so in the log and the sidecar."""
-    gpus = spec.resources.gpus
-    if gpus <= 0:
-        return
+    fallback is allowed here, and then it says so in the log and the sidecar. A job whose
+    settings need CUDA (`quantize_base`, `adamw8bit`) never falls back: `NeedsCuda`."""
     import torch
 
-    if torch.cuda.is_available():
+    # A quantized base or 8-bit AdamW runs on CUDA with bitsandbytes only: one line here, before
+    # any fallback to the CPU (NeedsCuda, a user error), unless the node is at fault (below).
+    from lorajobs.worker.trainers.quantize import refuse_here
+
+    gpus = spec.resources.gpus
+    if gpus <= 0 or torch.cuda.is_available():
+        refuse_here(spec.training)
         return
     node = ctx.node or "this machine"
     if ctx.cpu_fallback or os.environ.get(CPU_FALLBACK_ENV, "").strip() == "1":
+        refuse_here(spec.training)
         log.warning(
             "job %s asked for %g GPU(s) but %s has no usable CUDA device: training on "
             "the CPU (CPU fallback allowed)",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from lorajobs.jobspecs.cuda import base_quantization
 from lorajobs.jobspecs.loader import spec_to_dict
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.storage.transfer import sha256_file
@@ -154,6 +155,9 @@ def build_sidecar(
             data_path, hash_cache=hash_cache_for(ctx.cache_dir, data_path)
         ),
         "resolved": output.resolved,
+        # How the frozen base was quantized while training (None: it was not); the adapter
+        # itself is fp32 and loads on the unquantized base.
+        "base_quantization": _base_quantization(spec),
         "versions": library_versions(),
         "hardware": hardware(_device_of(output), ctx.threads),
         "node": ctx.node or platform.node(),
@@ -168,6 +172,10 @@ def build_sidecar(
         "serving": serving_of(adapter_dir) if spec.kind == "text" else None,
         "extra": ctx.extra,
     }
+
+
+def _base_quantization(spec: AnyJobSpec) -> dict[str, Any] | None:
+    return base_quantization(getattr(spec.training, "quantize_base", None))
 
 
 def model_card(spec: AnyJobSpec, output: TrainOutput, serving: dict[str, Any] | None = None) -> str:
@@ -193,7 +201,7 @@ _CARD_SETTINGS = (
     "rank", "alpha", "dropout", "use_dora", "use_rslora", "steps", "epochs", "batch_size",
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
     "weight_decay", "max_grad_norm", "optimizer", "mixed_precision", "gradient_checkpointing",
-    "resolution", "max_seq_length", "prediction_type", "seed", "device", "threads",
+    "quantize_base", "resolution", "max_seq_length", "prediction_type", "seed", "device", "threads",
 )  # fmt: skip
 
 
@@ -257,6 +265,13 @@ def _card_loading(spec: AnyJobSpec, resolved: dict[str, Any]) -> list[str]:
     local_base = base if "://" not in base else "path/to/base-model"
     copy_note = [] if local_base == base else [f"# path/to/base-model: a local copy of {base}"]
     lines = ["## Load it", ""]
+    quant = resolved.get("quantize_base")
+    if quant:
+        lines += [
+            f"Trained on a base quantized to {quant} (QLoRA); the adapter itself is unquantized "
+            "and loads on the full-precision base as below, or on the same quantized base.",
+            "",
+        ]
     if spec.kind == "text":
         return lines + [
             "```python",

@@ -79,6 +79,9 @@ def submit(
         return
     settings = ctx.settings()
     parsed = ctx.load_specs(specs)
+    from lorajobs.orchestrator.capability import refuse_unrunnable
+
+    refuse_unrunnable(zip(map(str, specs), parsed), settings.ray_address)  # queue none of them
     # Local data bound for an object-store bucket is uploaded first (content-addressed, once).
     from lorajobs.orchestrator.cost import estimate_for
     from lorajobs.storage.staging import stage_local_inputs

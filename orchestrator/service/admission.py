@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorajobs.jobspecs.failures import SpecError
+from lorajobs.orchestrator.capability import unrunnable
 from lorajobs.orchestrator.tokens import Principal
 from lorajobs.storage.boundaries import PINNED, Boundary, is_hub_id, owner_root
 
@@ -27,11 +28,20 @@ def parse_body(body: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return spec, data
 
 
-def admit(principal: Principal, body: dict[str, Any], boundary: Boundary) -> tuple[Any, str]:
-    """(the spec as it will be queued, its output URI), or SpecError listing every problem."""
+def admit(
+    principal: Principal,
+    body: dict[str, Any],
+    boundary: Boundary,
+    ray_address: str | None = None,
+) -> tuple[Any, str]:
+    """(the spec as it will be queued, its output URI), or SpecError listing every problem.
+    `ray_address`: the deployment's Ray (None: this machine's), to refuse a job that needs a
+    CUDA GPU none of its nodes has (`capability.unrunnable`)."""
     spec, raw = parse_body(body)
     named_owner = raw.get("owner")
     problems: list[str] = []
+    if (cuda := unrunnable(spec, ray_address)) is not None:
+        problems.append(cuda)
     owner = principal.owner
     if named_owner is not None and named_owner != principal.owner:
         if principal.is_admin:

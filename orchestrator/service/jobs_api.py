@@ -68,7 +68,12 @@ def schema(who: Principal = Depends(principal)) -> dict[str, Any]:
 @router.post("/validate", summary="Check a spec as submit would; queue nothing")
 def validate(body: SpecBody, request: Request, who: Principal = Depends(principal)) -> dict:
     svc = service(request)
-    spec, output_uri = admit(who, body.model_dump(exclude_none=True), svc.config.boundary)
+    spec, output_uri = admit(
+        who,
+        body.model_dump(exclude_none=True),
+        svc.config.boundary,
+        svc.settings.ray_address,
+    )
     return {
         "ok": True,
         "kind": spec.kind,
@@ -87,7 +92,12 @@ def submit(
 ) -> JSONResponse:
     svc = service(request)
     require_writer(who)
-    spec, output_uri = admit(who, body.model_dump(exclude_none=True), svc.config.boundary)
+    spec, output_uri = admit(
+        who,
+        body.model_dump(exclude_none=True),
+        svc.config.boundary,
+        svc.settings.ray_address,
+    )
     # Keys are the caller's own: scoped by owner so one tenant's keys never meet another's.
     key = f"{spec.owner}/{idempotency_key}" if idempotency_key else None
     job, created = svc.queue.submit(spec, output_uri=output_uri, idempotency_key=key, by=who.actor)

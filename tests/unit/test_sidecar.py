@@ -205,3 +205,24 @@ def test_a_pulled_staged_entry_is_known_by_its_name(tmp_path: Path) -> None:
     entry.mkdir()
     (entry / "weights.bin").write_bytes(b"verified against the manifest on the way in")
     assert tree_digest(entry) == digest
+
+
+def test_a_quantized_base_is_recorded_in_the_sidecar_and_the_card(job: dict[str, Any]) -> None:
+    assert _write(job)["base_quantization"] is None  # an unquantized base says so
+    spec = job["spec"].model_copy(
+        update={"training": job["spec"].training.model_copy(update={"quantize_base": "nf4"})}
+    )
+    job["spec"] = spec
+    job["output"].resolved["quantize_base"] = "nf4"
+    sidecar = _write(job)
+    assert sidecar["base_quantization"] == {
+        "mode": "nf4",
+        "library": "bitsandbytes",
+        "adapter_dtype": "float32",
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "bfloat16",
+    }
+    card = (job["adapter"] / "README.md").read_text()
+    assert "| quantize_base | nf4 |" in card
+    assert "Trained on a base quantized to nf4 (QLoRA); the adapter itself is unquantized" in card

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorajobs.jobspecs.failures import InvalidInput, Preempted, UserDataError
+from lorajobs.jobspecs.failures import InvalidInput, Preempted
 from lorajobs.storage.checkpoints import Checkpoint
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.safetensors_io import canonical_bytes, load_bytes
@@ -124,12 +123,9 @@ def build_optimizer(
     learning rate as `"peak_lr"` (the text-encoder LoRA's), which the schedule then scales.
     """
     if cfg.optimizer == "adamw8bit":
-        if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
-            where = "no GPU" if device.type != "cuda" else "bitsandbytes is not installed"
-            raise UserDataError(
-                f"training.optimizer adamw8bit: needs bitsandbytes and a CUDA GPU ({where}); "
-                "use optimizer: adamw"
-            )
+        from lorajobs.worker.trainers.quantize import refuse_here
+
+        refuse_here(cfg, device)  # NeedsCuda: no GPU here, or no bitsandbytes (names the extra)
         import bitsandbytes as bnb
 
         opt: torch.optim.Optimizer = bnb.optim.AdamW8bit(
@@ -486,6 +482,7 @@ def resolved_settings(
         "mixed_precision": precision.used,
         "mixed_precision_requested": precision.requested,
         "gradient_checkpointing": cfg.gradient_checkpointing,
+        "quantize_base": cfg.quantize_base,
         "seed": cfg.seed,
         "device": device.type,
         "threads": threads,

@@ -63,6 +63,7 @@ from lorajobs.worker.trainers.loop import (
     total_steps,
     window_means,
 )
+from lorajobs.worker.trainers.quantize import refuse_here
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 LOSS_PNG = "loss.png"
@@ -74,10 +75,11 @@ def train(
     """Train the spec's LoRA on `data_dir` over the base model in `model_dir`, into `out_dir`."""
     cfg = spec.training
     started_at = time.time()
-    _refuse_unloadable(spec)
+    _refuse_unloadable(spec, model_dir)
     # Results depend on the thread count (float reduction order), so it is part of the job.
     torch.set_num_threads(ctx.threads)
     device = pick_device()
+    refuse_here(cfg, device)  # a quantized base / 8-bit AdamW: CUDA (and bitsandbytes) or one line
     precision = resolve_precision(cfg.mixed_precision, device)
 
     # Bad data fails here, before minutes go into loading a model.
@@ -152,7 +154,13 @@ def train(
 # -- the steps, in the order `train` takes them ------------------------------------------------
 
 
-def _refuse_unloadable(spec: ImageJobSpec) -> None:
+def _refuse_unloadable(spec: ImageJobSpec, model_dir: Path) -> None:
+    if spec.training.quantize_base and (model_dir / "unet" / "config.json").is_file():
+        # The spec cannot tell a Flux base from a UNet one; the pulled folder can.
+        raise InvalidInput(
+            f"training.quantize_base: only Flux bases are quantized; {spec.base_model} is a "
+            "UNet pipeline (SD / SDXL): drop quantize_base"
+        )
     if spec.training.train_text_encoder and spec.lora.use_dora:
         # transformers' adapter loader (which diffusers' load_lora_weights uses for text
         # encoders) drops DoRA magnitudes: the adapter would not load back as trained.

@@ -34,6 +34,12 @@ from lorajobs.worker.trainers.loop import (
     to_device,
     total_steps,
 )
+from lorajobs.worker.trainers.quantize import (
+    lora_to_fp32,
+    quantize_linears,
+    refuse_here,
+    text_load_kwargs,
+)
 from lorajobs.worker.trainers.text.data import TextTrainSet, build_text_dataset
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,6 +58,7 @@ def train(
     torch.set_num_threads(ctx.threads)
     seed_everything(tr.seed)
     device = pick_device()
+    refuse_here(tr, device)  # a quantized base / 8-bit AdamW: CUDA (and bitsandbytes) or one line
     precision = resolve_precision(tr.mixed_precision, device)
 
     # Tokenizer, then the data: a bad dataset fails before the (possibly large) model loads.
@@ -140,9 +147,19 @@ def _model_with_lora(
     """The frozen base model with the spec's LoRA on it, on `device`, in train mode."""
     from peft import LoraConfig, get_peft_model
 
-    model = _load(spec, model_dir, "model", dtype=dtype)
+    quant = spec.training.quantize_base
+    model = _base_model(spec, model_dir, device, dtype)
     model.config.use_cache = False  # no KV cache while training: it only costs memory
-    if spec.training.gradient_checkpointing:
+    if quant in ("nf4", "int8"):
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's usual preparation: norms in fp32, input grads, checkpointing if asked.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: give checkpoints a grad path
     lora_config = LoraConfig(
@@ -158,8 +175,25 @@ def _model_with_lora(
         model = get_peft_model(model, lora_config)
     except ValueError as err:  # e.g. target modules that this model does not have
         raise UserDataError(f"base model {spec.base_model}: {err}") from None
-    model.to(device)
+    if quant not in ("nf4", "int8"):  # bitsandbytes placed its model on the GPU as it loaded
+        model.to(device)  # a device move only: a dtype cast would undo fp8
+    if quant:
+        lora_to_fp32(model)  # the adapter trains (and is saved) unquantized, in fp32
     model.train()
+    return model
+
+
+def _base_model(
+    spec: TextJobSpec, model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The frozen base: as stored (in `dtype`), or quantized on the GPU (`quantize_base`)."""
+    quant = spec.training.quantize_base
+    if quant in ("nf4", "int8"):
+        return _load(spec, model_dir, "model", **text_load_kwargs(quant, device))
+    model = _load(spec, model_dir, "model", dtype=dtype)
+    if quant == "fp8":
+        model.requires_grad_(False)
+        quantize_linears(model, "fp8", device, keep=lambda name: name.endswith("lm_head"))
     return model
 
 
