@@ -17,15 +17,20 @@ written when an attempt ends (`account`), read once per scheduling round (`load`
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, select
-
-from lorajobs.orchestrator.db import SCHEDULER_STATE
 from lorajobs.orchestrator.resources import Hold
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
+    from lorajobs.orchestrator.records import JobRecord
+
+log = logging.getLogger("lorajobs.controller")
 
 ROW = "usage"
 DEFAULT_HALFLIFE_S = 7 * 86400.0
@@ -139,6 +144,10 @@ def estimate_s(
 
 def load(conn: Connection) -> Ledger:
     """The ledger as stored (empty when nothing was accounted yet)."""
+    from sqlalchemy import select
+
+    from lorajobs.orchestrator.db import SCHEDULER_STATE
+
     row = conn.execute(select(SCHEDULER_STATE.c.data).where(SCHEDULER_STATE.c.name == ROW)).first()
     return Ledger.from_json(row.data if row is not None else None)
 
@@ -156,6 +165,10 @@ def account(
     """Add an ended attempt to the ledger: `gpus` x `seconds` to its owner, and its measured
     seconds per step (`(shape key, seconds per step)`) to its shape. One read-modify-write,
     the row locked on PostgreSQL so that two controllers never lose each other's charge."""
+    from sqlalchemy import select
+
+    from lorajobs.orchestrator.db import SCHEDULER_STATE
+
     postgres = writer.dialect.name == "postgresql"
     if postgres:
         from sqlalchemy.dialects.postgresql import insert as upsert
@@ -176,6 +189,27 @@ def account(
             .where(SCHEDULER_STATE.c.name == ROW)
             .values(updated_at=now, data=ledger.to_json())
         )
+
+
+def attempt_ended(
+    writer: Engine, job: JobRecord, succeeded: bool, *, now: datetime, halflife_s: float
+) -> None:
+    """Charge an ended attempt's GPU-hours to its owner; a success also measures its shape's
+    seconds per step (from its last reported speed). Never raises: bookkeeping only."""
+    started = job.dispatched_at
+    if started is not None and started.tzinfo is None:
+        started = started.replace(tzinfo=timezone.utc)
+    seconds = (now - started).total_seconds() if started else 0.0
+    speed = None
+    if succeeded and job.it_per_s:
+        speed = (shape_key(job.spec, job.gpus, job.gpu_type), 1.0 / job.it_per_s)
+    try:
+        account(
+            writer, owner=job.owner, gpus=job.gpus, seconds=seconds, now=now,
+            halflife_s=halflife_s, speed=speed,
+        )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the attempt is recorded already
+        log.warning("job %s: could not account its GPU-hours: %s", job.id, err)
 
 
 def halflife_text(seconds: float) -> str:

@@ -58,6 +58,9 @@ class Loss:
     #: The attempt's adapter is complete in the bucket (looked up for infra losses only: a
     #: worker lost after its upload).
     adapter_complete: bool = False
+    #: The attempt was preempted (a higher priority job, a spot reclaim or a node drain) and
+    #: checkpointed: requeued at once, resumed from its checkpoint, no retry budget charged.
+    preempted: bool = False
 
 
 class Action(str, Enum):
@@ -79,7 +82,8 @@ def decide(policy: RetryPolicy, loss: Loss) -> Verdict:
     """The verdict on `loss` under `policy`."""
     if loss.kind is FailureKind.infra and loss.adapter_complete:
         return Verdict(Action.succeed)
-    if not loss.charged:
+    if loss.preempted or not loss.charged:
+        # The one rule for preemption, whoever preempted: nothing the job did, so no charge.
         return Verdict(Action.requeue)
     if loss.retries_used >= policy.budget(loss.kind):
         return Verdict(Action.fail)

@@ -147,7 +147,6 @@ class Scheduling:
         lease_owner: str,
         lease_expires_at: datetime,
         page_size: int = 1024,
-        fair: Mapping[str, float] | None = None,
     ) -> list[JobRecord]:
         """One scheduling round in one transaction: read what active jobs hold, start the
         policy's round on it (`start(holds)`), offer it the queued candidates best first, page
@@ -159,8 +158,8 @@ class Scheduling:
         first `per_class` of its class could be chosen before them, and a class that cannot run
         (a GPU type with no node, an owner at its limit) never hides another class behind it.
         Pages come in the policy's order (aged level with `aging_s`, the owners' fair-share
-        factors `fair`, then age), so a round that fills up early reads one page, not the whole
-        queue.
+        factors the planner ranks by (its `fair`), then age), so a round that fills up early
+        reads one page, not the whole queue.
 
         On PostgreSQL rounds of different controllers are serialised by an advisory lock (a
         controller that finds it taken skips its round) so free capacity is never counted twice,
@@ -177,13 +176,12 @@ class Scheduling:
             ):
                 return []
             planner = start(self._holds(conn))
+            fair: Mapping[str, float] = getattr(planner, "fair", None) or {}
             placements: list[Placement] = []
             known: set[str] = set()
             offset = 0
             while not planner.done:
-                page = self._class_heads(
-                    conn, per_class, now, aging_s, page_size, offset, fair or {}
-                )
+                page = self._class_heads(conn, per_class, now, aging_s, page_size, offset, fair)
                 known.update(c.id for c in page)
                 placements += planner.offer(page)
                 if len(page) < page_size:
