@@ -112,9 +112,7 @@ def test_high_priority_preempts_after_min_runtime_and_low_resumes_identically(
     )
     second = high("high-2")
     ids = [low.id, first.id, second.id]
-    drive(
-        ctl, lambda: all(queue.get(i).status.is_terminal() for i in ids), timeout=300, each=watch
-    )
+    drive(ctl, lambda: all(queue.get(i).status.is_terminal() for i in ids), timeout=300, each=watch)
     for i in ids:
         assert queue.get(i).status is JobStatus.succeeded, queue.get(i).failure_reason
 

@@ -71,9 +71,10 @@ class Sim:
         halflife_s: float = 7 * 86400.0,
         restart_s: float = 30.0,
         tick_s: float = 60.0,
+        per_class: int = 64,
     ) -> None:
         self.policy, self.shares, self.halflife_s = policy, shares or Shares(), halflife_s
-        self.restart_s, self.tick_s = restart_s, tick_s
+        self.restart_s, self.tick_s, self.per_class = restart_s, tick_s, per_class
         self.totals = {
             f"n{i}": {"CPU": float(cpus_per_node), "GPU": float(gpus_per_node)}
             for i in range(nodes)
@@ -129,7 +130,7 @@ class Sim:
             [
                 Candidate(j.id, j.owner, j.priority, self.at(j.arrival_s), j.gpus, None, 1,
                           None, j.est_s if j.est_s is not None else j.remaining_s)
-                for j in self.queued.values()
+                for j in self._class_heads()
             ]
         )  # fmt: skip
         for p in rnd.plan.placements:
@@ -146,6 +147,19 @@ class Sim:
             due = (res.at - T0).total_seconds()
             self.jobs[res.job_id].reserved.append((self.now_s, due))
         return rnd
+
+    def _class_heads(self) -> list[SimJob]:
+        """The oldest `per_class` queued jobs of each (priority, owner, GPUs) class: what the
+        queue reads for a round (`Scheduling.schedule`)."""
+        classes: dict[tuple[int, str, float], list[SimJob]] = defaultdict(list)
+        for j in self.queued.values():
+            classes[(j.priority, j.owner, j.gpus)].append(j)
+        out = []
+        for js in classes.values():
+            if len(js) > self.per_class:
+                js = sorted(js, key=lambda j: (j.arrival_s, j.id))[: self.per_class]
+            out += js
+        return out
 
     def _start(self, job: SimJob, node: str) -> None:
         overhead = self.restart_s if job.starts else 0.0
