@@ -15,9 +15,10 @@ active jobs hold, and returns placements:
 - Order within a level: the owner's fair-share factor (`lorajobs.orchestrator.fairshare`), then
   FIFO. Aging counts in whole levels, so jobs of one priority that waited about as long tie.
 - A job that does not fit may preempt running jobs of lower priority
-  (`lorajobs.orchestrator.preemption`); else the first such job gets a reservation: the node it
-  will fit on first, when running jobs end (`lorajobs.orchestrator.backfill`). Others start on
-  that node only if they end before then (backfill); elsewhere they start as they fit.
+  (`lorajobs.orchestrator.preemption`); else the first such job of each shape gets a
+  reservation: the node it will fit on first, when running jobs end
+  (`lorajobs.orchestrator.backfill`). Others start on that node only if they end before then
+  (backfill); elsewhere they start as they fit.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from lorajobs.orchestrator import backfill, preemption
 from lorajobs.orchestrator.resources import (
     _EPS,
     ACCELERATOR_PREFIX,
@@ -107,6 +109,10 @@ class Policy:
     #: before it is due (their estimate times `backfill_safety`).
     reserve: bool = True
     backfill_safety: float = 1.5
+    #: At most this many reservations a round, one per shape (the best ranked job of each shape
+    #: that does not fit), each on its own node: a 1-GPU job ranked above it never takes an 8-GPU
+    #: job's reservation away, so big jobs are not starved by a stream of small ones.
+    max_reservations: int = 4
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ def ordered(
 class Round:
     """One scheduling round, fed candidates best first, possibly in several pages (`offer`).
     Holds the round's state: free capacity per node, per-owner usage, shapes found no room,
-    the jobs chosen to be preempted and the one reservation.
+    the jobs chosen to be preempted and the reservations.
 
     `fair`: owner -> fair-share factor (lower runs first within a level); `estimate`: seconds a
     candidate is expected to run when it does not say (`Candidate.est_s`), None if unknown."""
@@ -197,8 +203,6 @@ class Round:
         fair: Mapping[str, float] | None = None,
         estimate: Callable[[Candidate], float | None] | None = None,
     ) -> None:
-        from lorajobs.orchestrator import backfill, preemption
-
         self.nodes, self.policy, self.now = list(nodes), policy, now
         self.fair, self._estimate = fair or {}, estimate
         self.plan = Plan()
@@ -224,7 +228,8 @@ class Round:
         self.preempt = preemption.Preempting(self.nodes, holds, policy, now)
         #: What runs and when it ends (reservations are computed from it).
         self._ending = list(holds)
-        self.reservation: backfill.Reservation | None = None
+        self.reservations: dict[str, backfill.Reservation] = {}  # node id -> reservation
+        self._reserved_shapes: set[Shape] = set()
         self._est_cache: dict[str, float | None] = {}
 
     @property
@@ -294,7 +299,7 @@ class Round:
         self._gpus_of[job.owner] += job.gpus
         accelerator = node.accelerator_for(shape)
         eff = round(effective_priority(job, self.now, self.policy.aging_s), 3)
-        est = self.estimate(job) if self.reservation is not None else job.est_s
+        est = self.estimate(job) if self.reservations else job.est_s
         ends = None if est is None else self.now + timedelta(seconds=est)
         self._ending.append(
             Hold(
@@ -316,37 +321,54 @@ class Round:
         }
         if job.owner in self.fair:
             data["fair_share_factor"] = round(self.fair[job.owner], 6)
-        res = self.reservation
-        if res is not None and res.node_id == node.id and res.job_id != job.id:
+        res = self.reservations.get(node.id)
+        if res is not None and res.job_id != job.id:
             data["backfill"] = f"ends before job {res.job_id}'s reservation"
         self.plan.placements.append(Placement(job.id, node.id, accelerator, data=data))
 
     def _blocked(self, job: Candidate) -> None:
         """`job` fits no node now: preempt lower priority jobs for it, or reserve a node."""
-        from lorajobs.orchestrator import backfill
-
         why = self.preempt.claim(job)
         if why is not None:
             self.plan.waiting[job.id] = why
             return
-        if self.reservation is not None or not self.policy.reserve:
+        shape = job.shape
+        if (
+            not self.policy.reserve
+            or shape in self._reserved_shapes
+            or len(self.reservations) >= self.policy.max_reservations
+        ):
             return
-        self.reservation = backfill.earliest(
-            job, self.nodes, self._ending, self.now, self.policy.checkpoint_s
-        )
-        if self.reservation is not None:
-            self.plan.waiting[job.id] = self.reservation.describe(job.shape)
+        self._reserved_shapes.add(shape)
+        free_nodes = [n for n in self.nodes if n.id not in self.reservations]
+        res = backfill.earliest(job, free_nodes, self._ending, self.now, self.policy.checkpoint_s)
+        if res is not None:
+            self.reservations[res.node_id] = res
+            self.plan.waiting[job.id] = res.describe(shape)
+
+    @property
+    def reservation(self) -> backfill.Reservation | None:
+        """The first reservation made this round (None: none)."""
+        return next(iter(self.reservations.values()), None)
 
     def _backfills(self, job: Candidate, node: Node) -> bool:
         """Whether `job` may start on `node` now: not the reserved node, or it is the reserved
         job, or it will end (its estimate times the safety factor) before the reservation."""
-        res = self.reservation
-        if res is None or res.node_id != node.id or res.job_id == job.id:
+        res = self.reservations.get(node.id)
+        if res is None or res.job_id == job.id:
             return True
         est = self.estimate(job)
         if est is None:
             return False
         return self.now + timedelta(seconds=est * self.policy.backfill_safety) <= res.at
+
+    def _excluded_by(self, job: Candidate, shape: Shape) -> str:
+        """Why `job` was kept off the reserved node(s) it fits on."""
+        for node_id, res in self.reservations.items():
+            node = next(n for n in self.nodes if n.id == node_id)
+            if node.fits(shape) and not self._backfills(job, node):
+                return res.excludes(shape)
+        return f"waiting for {shape.describe()} to free up"
 
     def _best_node(self, job: Candidate) -> Node | None:
         shape, out = job.shape, self.plan
@@ -372,8 +394,7 @@ class Round:
         if best is not None:
             return best
         if reserved:  # not cached: a shorter job of this shape may still backfill
-            assert self.reservation is not None
-            out.waiting[job.id] = self.reservation.excludes(shape)
+            out.waiting[job.id] = self._excluded_by(job, shape)
             return None
         if not any(n.could_fit(shape) for n in self.nodes):
             out.never_fits.add(job.id)

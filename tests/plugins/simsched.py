@@ -142,8 +142,7 @@ class Sim:
                 self._last_preempt[victim] = self.now_s
                 r.job.preemptions.append(self.now_s)
                 self._push(self.now_s + self.policy.checkpoint_s, "stop", victim)
-        res = rnd.reservation
-        if res is not None:
+        for res in rnd.reservations.values():
             due = (res.at - T0).total_seconds()
             self.jobs[res.job_id].reserved.append((self.now_s, due))
         return rnd
