@@ -212,6 +212,33 @@ def attempt_ended(
         log.warning("job %s: could not account its GPU-hours: %s", job.id, err)
 
 
+def report(
+    engine: Engine, shares: Shares, halflife_s: float, now: datetime, owner: str | None = None
+) -> list[OwnerUsage]:
+    """What `lorajobs usage` and `GET /v1/usage` show: every owner's (or one's) decayed
+    GPU-hours, running attempts included, share and factor, as the scheduler ranks them now."""
+    from sqlalchemy import select
+
+    from lorajobs.orchestrator.db import JOBS
+
+    with engine.connect() as conn:
+        ledger = load(conn)
+        rows = conn.execute(
+            select(JOBS.c.id, JOBS.c.owner, JOBS.c.gpus, JOBS.c.cpus, JOBS.c.dispatched_at).where(
+                JOBS.c.status.in_(("dispatched", "running"))
+            )
+        ).all()
+    running = [
+        Hold(r.id, r.owner, None, r.gpus, r.cpus, started_at=_utc(r.dispatched_at)) for r in rows
+    ]
+    rows_out = usage(ledger, running, shares, now, halflife_s)
+    return [u for u in rows_out if owner is None or u.owner == owner]
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
+
 def halflife_text(seconds: float) -> str:
     """`7d`, `12h`: how `lorajobs usage` names the half-life."""
     td = timedelta(seconds=seconds)

@@ -99,6 +99,9 @@ def reason(job: JobRecord, summary: WaitSummary | None, now: datetime) -> str | 
         return NEXT_ROUND
     key = class_key(job.priority, job.owner, job.gpus, job.gpu_type, job.cpus, job.memory_gb)
     why = summary.classes.get(key) or summary.stop or NEXT_ROUND
+    if job.preempted_by and (job.failure_reason or "").startswith("preempted by"):
+        # Requeued by a preemption: say by whom first (`status` shows the head of the line).
+        why = f"{job.failure_reason}; {why}"
     if (now - summary.at).total_seconds() > STALE_S:
         why += f" (as of {_clock(summary.at)}: is a controller running?)"
     return why
