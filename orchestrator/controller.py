@@ -153,7 +153,8 @@ class Controller:
                     self.config.node_fault_s,
                 )
                 self._suspect[attempt.node_id] = time.monotonic() + self.config.node_fault_s
-            if out.get("preempted"):  # checkpointed on a notice: back to the queue, no charge
+            asked = preempting.requested(job) and out.get("kind") == FailureKind.infra
+            if out.get("preempted") or asked:  # checkpointed on a notice, or killed after ours
                 preempting.requeue(
                     self, job, out.get("error", "preempted"), by=preempting.actor(self.queue, job)
                 )

@@ -72,14 +72,10 @@ def signal(ctl: Controller, active: Iterable[JobRecord]) -> None:
         attempt = ctl.inflight.get(job.id)
         if attempt is None or not requested(job) or (job.id, job.attempt) in ctl.signalled:
             continue
-        ctl.signalled.add((job.id, job.attempt))
-        sent = ctl.backend.preempt(attempt)
-        log.info(
-            "job %s: preemption notice for job %s %s",
-            job.id,
-            job.preempted_by,
-            "sent" if sent else "not delivered (its attempt is ending)",
-        )
+        # Not delivered (the attempt has not started its task yet, or is ending): next pass.
+        if ctl.backend.preempt(attempt):
+            ctl.signalled.add((job.id, job.attempt))
+            log.info("job %s: preemption notice sent (for job %s)", job.id, job.preempted_by)
 
 
 def actor(queue: Queue, job: JobRecord) -> str:
@@ -97,9 +93,20 @@ def requeue(ctl: Controller, job: JobRecord, error: str, *, by: str, **guard: ob
     """The one way a preempted attempt ends: back to the queue at once with the reason and who
     preempted it (`by`), its retry budget untouched; the next attempt resumes from the
     checkpoint the worker wrote. For a priority preemption, a spot reclaim or a node drain."""
-    verdict = decide(
-        ctl.config.retry, Loss(FailureKind.infra, retries_used=job.infra_retries, preempted=True)
+    from lorajobs.orchestrator import reconcile
+
+    # Stopped after its upload (the notice came during the export): record it, never rerun.
+    done = reconcile.completed_result(job)
+    loss = Loss(
+        FailureKind.infra,
+        retries_used=job.infra_retries,
+        preempted=True,
+        adapter_complete=done is not None,
     )
+    verdict = decide(ctl.config.retry, loss)
+    if verdict.action is Action.succeed and done is not None:
+        ctl._succeed(job, done, "adapter found complete in the bucket", **guard)
+        return True
     assert verdict.action is Action.requeue and verdict.retries_used is None
     reason = (
         f"attempt {job.attempt} preempted by {by}: {error}; requeued, resumes from its "

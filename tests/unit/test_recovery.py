@@ -28,6 +28,11 @@ SUCCEED, FAIL = Verdict(Action.succeed), Verdict(Action.fail)
         (Loss(INFRA, 3), FAIL),
         # A lost controller costs no budget and no wait, even with the budget spent.
         (Loss(INFRA, 3, charged=False), Verdict(Action.requeue)),
+        # A preempted attempt (priority, spot reclaim, drain) checkpointed: requeued at once,
+        # budget untouched, even spent; unless it had finished uploading.
+        (Loss(INFRA, 0, preempted=True), Verdict(Action.requeue)),
+        (Loss(INFRA, 3, preempted=True), Verdict(Action.requeue)),
+        (Loss(INFRA, 3, preempted=True, adapter_complete=True), SUCCEED),
         # Only infra losses look for a complete adapter: a user error's upload never finished.
         (Loss(USER, 0, adapter_complete=True), Verdict(Action.requeue, 2.0, 1)),
         # User errors: their own budget (here 1), separate from infra's.
