@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from lorajobs.orchestrator import waiting
+from lorajobs.orchestrator.cli import render
 from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
@@ -85,8 +87,13 @@ def test_high_priority_preempts_after_min_runtime_and_low_resumes_identically(
         return queue.submit(spec, output_uri=out)[0]
 
     asked: list[tuple[datetime, datetime]] = []  # (attempt dispatched, asked to stop)
+    said: dict[str, set[str]] = {"high": set(), "low": set()}  # what `status` said they wait for
+    highs: list[Any] = []
 
     def watch() -> None:
+        summary, now = queue.scheduling.waiting(), queue.clock()
+        for key, job_id in (("low", low.id), *(("high", h.id) for h in highs)):
+            said[key].add(waiting.reason(queue.get(job_id), summary, now) or "")
         j = queue.get(low.id)
         at, started = _utc(j.preempt_at), _utc(j.dispatched_at)
         if at is not None and started is not None and at >= started:
@@ -95,6 +102,7 @@ def test_high_priority_preempts_after_min_runtime_and_low_resumes_identically(
 
     drive(ctl, lambda: (queue.get(low.id).step or 0) >= 5, timeout=180)
     first = high("high-1")
+    highs.append(first)
     drive(ctl, lambda: queue.get(low.id).attempt == 2, timeout=120, each=watch)
     # It went back to the queue saying who preempted it, with no retry charged.
     back = [e for e in queue.events(low.id) if e.to_status is JobStatus.queued][-1]
@@ -102,6 +110,11 @@ def test_high_priority_preempts_after_min_runtime_and_low_resumes_identically(
     assert "no retry charged" in back.reason and back.data["preempted"] is True
     assert queue.get(low.id).infra_retries == 0
     assert queue.get(low.id).preempted_by == first.id
+    # `status`: the high job named its victim while it waited; the low one, who preempted it.
+    assert any(f"preempting {low.id} (priority 0)" in r for r in said["high"]), said["high"]
+    assert any(r.startswith(f"preempted by job {first.id}") for r in said["low"]), said["low"]
+    lines = render.preemption_lines(queue.get(low.id), queue.events(low.id))
+    assert lines and lines[0].startswith(f"preempted: attempt 1 by job {first.id}"), lines
 
     # Resumed (attempt 2 running): a second high job arrives at once.
     drive(
