@@ -21,6 +21,7 @@ from lorajobs.jobspecs.failures import (
     LoraJobsError,
     MissingCredentials,
     NodeUnfit,
+    Preempted,
     classify,
 )
 from lorajobs.orchestrator.settings import Settings
@@ -89,6 +90,8 @@ def run(
                 "kind": classify(err),
                 "error": error,
                 "node_fault": err.node_fault,
+                # Stopped by a notice (SIGTERM), checkpointed: requeued without retry charge.
+                "preempted": isinstance(err, Preempted),
                 **base,
             }
         except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here

@@ -16,18 +16,19 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidTransition
-from lorajobs.orchestrator import reconcile, waiting
+from lorajobs.orchestrator import fairshare, preempting, reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
 from lorajobs.orchestrator.drain import DrainWatch
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
+from lorajobs.orchestrator.records import aware
 from lorajobs.orchestrator.recovery import RETRY_COLUMN, Action, Loss, decide
-from lorajobs.orchestrator.scheduler import Hold, Node, Round, Shape, node_views
+from lorajobs.orchestrator.scheduler import Candidate, Hold, Round, Shape, node_views
 from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
 
@@ -39,10 +40,6 @@ SUSPECT_NODE_S = 60.0
 #: For this long after one of our attempts ended on a node, its free capacity is taken from the
 #: database (exact at once) rather than from Ray (which lags).
 FRESH_S = 3.0
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
 
 
 class Controller:
@@ -71,6 +68,7 @@ class Controller:
         self._freed: dict[str, float] = {}  # node id -> monotonic time an attempt there ended
         self._last_heartbeat = 0.0
         self._waiting: waiting.WaitSummary | None = None  # the summary last published
+        self.signalled: set[tuple[str, int]] = set()  # (job, attempt) sent a preemption notice
         enabled = self.config.autoscale == "auto" and not backend.local
         self.autoscaler = Autoscaler(backend) if enabled else None
         self.drains = DrainWatch(backend)  # attempts on nodes being reclaimed: checkpoint, go
@@ -101,6 +99,7 @@ class Controller:
         active = self.queue.list(statuses=ACTIVE)
         self._heartbeat(active)
         settled = self._apply_cancels(active) | self._enforce_max_runtime(active)
+        preempting.signal(self, [j for j in active if j.id not in settled])
         # Attempts ended just above are no longer active: the snapshot must not make them look
         # like jobs whose controller is gone (a cancel once logged a takeover of itself).
         self._reconcile([j for j in active if j.id not in settled])
@@ -155,9 +154,8 @@ class Controller:
                 )
                 self._suspect[attempt.node_id] = time.monotonic() + self.config.node_fault_s
             kind = FailureKind(out.get("kind", FailureKind.internal))
-            # Stopped on a drain's notice (or its node went first): preempted, not charged.
-            notice = self.drains.settle(attempt) if kind is FailureKind.infra else None
-            self._lost(job, kind, notice or out.get("error", "failed"), preempted=bool(notice))
+            if not preempting.settle(self, attempt, job, out, kind):  # preempted: uncharged
+                self._lost(job, kind, out.get("error", "failed"))
 
     def _heartbeat(self, active: list[JobRecord]) -> None:
         mine = {j.id for j in active if j.lease_owner == self.lease}
@@ -186,7 +184,7 @@ class Controller:
         """Stop the attempts that ran past their job's `max_runtime`; returns their ids."""
         now, settled = self._clock(), set()
         for job in active:
-            started = _aware(job.dispatched_at)
+            started = aware(job.dispatched_at)
             if job.id not in self.inflight or not job.max_runtime_s or started is None:
                 continue
             if now - started > timedelta(seconds=job.max_runtime_s):
@@ -255,10 +253,17 @@ class Controller:
                 if n in view.totals
             }
         rounds: list[Round] = []
+        with self.queue.engine.connect() as conn:
+            ledger = fairshare.load(conn)
+        cfg = self.config
+
+        def estimate(job: Candidate) -> float | None:  # only asked for backfill candidates
+            return fairshare.estimate_s(ledger, self.queue.get(job.id).spec, job.gpus, job.gpu_type)
 
         def start(holds: list[Hold]) -> Round:
-            nodes = node_views(view.totals, holds, available, exclude=skip)
-            rounds.append(Round(nodes, holds, self.config.policy, self._clock()))
+            nodes, now = node_views(view.totals, holds, available, exclude=skip), self._clock()
+            fair = fairshare.factors(ledger, holds, cfg.shares, now, cfg.halflife_s)
+            rounds.append(Round(nodes, holds, cfg.policy, now, fair=fair, estimate=estimate))
             return rounds[-1]
 
         claimed = self.queue.scheduling.schedule(
@@ -271,11 +276,12 @@ class Controller:
         for job in claimed:
             self._launch(job)
         if rounds:
+            preempting.record(self.queue, rounds[0].preempt.decisions, rounds[0].now)
             self._publish_waiting(rounds[0])
         if self.backend.local and rounds and not skip:
             # One machine, no autoscaler: a job no node can ever run would wait forever.
             for job_id in rounds[0].plan.never_fits:
-                reason = _unschedulable(self.queue.get(job_id), rounds[0].nodes)
+                reason = waiting.unschedulable(self.queue.get(job_id), rounds[0].nodes)
                 self._try(
                     job_id,
                     JobStatus.queued,
@@ -418,7 +424,13 @@ class Controller:
         fields.setdefault("lease_owner_was", job.lease_owner)
         spent, total = spend or self._spend(job)
         data = {**self._attempt_data(job, spent), **(info or {})}
-        return self._try(job.id, ACTIVE, to, reason, data=data, cost_usd=total, **fields)
+        ended = self._try(job.id, ACTIVE, to, reason, data=data, cost_usd=total, **fields)
+        if ended:  # its GPU-hours to its owner's fair share
+            fairshare.attempt_ended(
+                self.queue.scheduling._writer, job, to is JobStatus.succeeded,
+                now=self._clock(), halflife_s=self.config.halflife_s,
+            )  # fmt: skip
+        return ended
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -436,7 +448,7 @@ class Controller:
 
     def _spend(self, job: JobRecord) -> tuple[float | None, float | None]:
         """(this attempt's cost, the job's total so far) as the attempt ends now."""
-        started = _aware(job.dispatched_at)
+        started = aware(job.dispatched_at)
         seconds = (self._clock() - started).total_seconds() if started else 0.0
         spent = attempt_cost(self._rate(job), seconds)
         if spent is None:
@@ -484,14 +496,3 @@ class Controller:
         except InvalidTransition as err:
             log.info("job %s: %s", job_id, err)
             return False
-
-
-def _unschedulable(job: JobRecord, nodes: list[Node]) -> str:
-    shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
-    need = shape.ray_resources()
-    most = {k: max((n.total.get(k, 0.0) for n in nodes), default=0.0) for k in need}
-    missing = ", ".join(
-        f"{k}={v:g} (largest node has {most[k]:g})" for k, v in need.items() if most[k] + 1e-9 < v
-    )
-    hint = " — set resources.gpus: 0 to train on the CPU" if "GPU" in missing else ""
-    return f"no node can ever run this job: needs {missing or shape.describe()}{hint}"

@@ -185,6 +185,10 @@ JOBS = Table(
     Column("node_id", String(64), nullable=True),  # Ray node of the current attempt
     Column("accelerator", String(64), nullable=True),  # that node's GPU type
     Column("cost_usd", Float, nullable=True),  # all attempts so far
+    # 0005: preemption by priority. When the job was last asked to stop for a higher priority
+    # one, and which one (kept after it is requeued: `show` says who preempted whom).
+    Column("preempt_at", UTCDateTime(), nullable=True),
+    Column("preempted_by", String(12), nullable=True),
     # The scheduler's query: queued jobs by priority, oldest first.
     Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
     # Per-owner limits and `lorajobs status --owner`.
@@ -228,7 +232,9 @@ EVENTS = Table(
 
 
 #: What the controllers publish for the CLI, one row per name (0003). `waiting`: why queued
-#: jobs wait, as the last scheduling round found (`lorajobs.orchestrator.waiting`).
+#: jobs wait, as the last scheduling round found (`lorajobs.orchestrator.waiting`); `usage`:
+#: each owner's decayed GPU-hours and the measured seconds per step of each shape
+#: (`lorajobs.orchestrator.fairshare`).
 SCHEDULER_STATE = Table(
     "scheduler_state",
     METADATA,
@@ -400,7 +406,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
 
 #: The newest migration shipped; a test checks it against Alembic's own head. Knowing it lets
 #: every command check the schema with one query instead of loading Alembic and its scripts.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 
 def _stamped_revision(engine: Engine) -> str | None:

@@ -27,6 +27,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -114,6 +115,11 @@ def run_attempt(
         board.report.remote(job_id, attempt, progress)
 
     node_id = ray.get_runtime_context().get_node_id()
+    # Task workers are reused: the file says which process runs this attempt right now, so a
+    # preemption signals this attempt and never the next job the same worker picks up.
+    marker = _pid_file(job_id, attempt)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
     stop = StopPoll(board, job_id, attempt)
     try:
         return run(
@@ -128,6 +134,26 @@ def run_attempt(
         )
     finally:
         stop.close()
+        marker.unlink(missing_ok=True)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def signal_attempt(job_id: str, attempt: int) -> bool:
+    """SIGTERM the worker process running attempt `attempt` of `job_id` on this node (the
+    preemption notice: it finishes its step, checkpoints and ends as preempted). False when
+    that attempt is not running here any more."""
+    import signal
+
+    try:
+        pid = int(_pid_file(job_id, attempt).read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _pid_file(job_id: str, attempt: int) -> Path:
+    return Path(tempfile.gettempdir()) / "lorajobs-attempts" / f"{job_id}-{attempt}.pid"
 
 
 @dataclass
@@ -394,6 +420,22 @@ class RayBackend:
         ray.cancel(attempt.ref, force=True)
         ready, _ = ray.wait([attempt.ref], timeout=wait_s)
         return bool(ready)
+
+    def preempt(self, attempt: Attempt, wait_s: float = 10.0) -> bool:
+        """Send the attempt's worker SIGTERM, as a spot reclaim would: unlike `cancel` (which
+        kills it), the worker checkpoints its step and ends as preempted. Returns whether the
+        signal was delivered (False: it was not running, or its node did not answer)."""
+        options: dict[str, Any] = {}
+        if attempt.node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                attempt.node_id, soft=False
+            )
+        try:
+            ref = signal_attempt.options(**options).remote(attempt.job_id, attempt.attempt)
+            return bool(ray.get(ref, timeout=wait_s))
+        except (RayError, GetTimeoutError) as err:
+            log.warning("job %s: could not signal its attempt: %s", attempt.job_id, err)
+            return False
 
     def shutdown(self) -> None:
         if self.local and ray.is_initialized():

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-from lorajobs.orchestrator.records import JobRecord
+from lorajobs.orchestrator.records import JobRecord, aware
 
 LIVE, WAIT, TAKE = "live", "wait", "take"
 
@@ -43,10 +43,6 @@ def lease_driver(owner: str | None) -> str | None:
     return owner.split(" ", 1)[1]
 
 
-def _aware(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
-
-
 def verdict(
     job: JobRecord,
     *,
@@ -59,7 +55,7 @@ def verdict(
     alive = driver_alive(driver) if driver else None
     if alive is False:
         return TAKE
-    expires = _aware(job.lease_expires_at)
+    expires = aware(job.lease_expires_at)
     if expires is not None and expires >= now:
         return LIVE
     if alive is True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from lorajobs.jobspecs.failures import FailureKind
@@ -12,6 +12,11 @@ from lorajobs.orchestrator.states import JobStatus
 
 if TYPE_CHECKING:  # the spec models load pydantic: only where a spec is parsed
     from lorajobs.jobspecs import AnyJobSpec
+
+
+def aware(t: datetime | None) -> datetime | None:
+    """`t` in UTC with its zone (SQLite hands back naive datetimes, which are UTC)."""
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class JobRecord:
     node_id: str | None = None
     accelerator: str | None = None
     cost_usd: float | None = None
+    preempt_at: datetime | None = None
+    preempted_by: str | None = None
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""

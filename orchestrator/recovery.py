@@ -58,10 +58,9 @@ class Loss:
     #: The attempt's adapter is complete in the bucket (looked up for infra losses only: a
     #: worker lost after its upload).
     adapter_complete: bool = False
-    #: The platform took the node back with notice (a drain for a spot reclaim): the attempt
-    #: checkpointed and stopped, or its node went first. Requeued at once, no budget charged.
-    # MERGE NOTE (h-drain / h-sched): priority preemption makes the same rule; unify the two
-    # into one "preempted -> requeue, no retry charged" fact here.
+    #: The attempt was preempted (a higher priority job, or a drain: a spot reclaim with notice)
+    #: and checkpointed, or its node went first: requeued at once, resumed from its checkpoint,
+    #: no retry budget charged. Only for infra losses: a user error stays the user's.
     preempted: bool = False
 
 
@@ -85,6 +84,7 @@ def decide(policy: RetryPolicy, loss: Loss) -> Verdict:
     if loss.kind is FailureKind.infra and loss.adapter_complete:
         return Verdict(Action.succeed)
     if not loss.charged or (loss.preempted and loss.kind is FailureKind.infra):
+        # The one rule for preemption, whoever preempted: nothing the job did, so no charge.
         return Verdict(Action.requeue)
     if loss.retries_used >= policy.budget(loss.kind):
         return Verdict(Action.fail)

@@ -3,9 +3,8 @@
 One round (`plan`) takes the queued candidates, the nodes with what is free on each, and what
 active jobs hold, and returns placements:
 
-- Order: effective priority first, then FIFO (`created_at`, then id). The effective priority is
-  the job's priority plus one level per `aging_s` seconds it has waited, so a low priority job
-  overtakes newer higher ones eventually and nothing starves.
+- Order: aged level first (the job's priority plus one per whole `aging_s` seconds it has
+  waited, so a low priority job overtakes newer higher ones eventually and nothing starves).
 - Per-owner limits on concurrent jobs and on GPUs (active jobs plus this round's placements).
 - Fit per node, not per cluster: a job needs one node with its CPUs, GPUs (fractions pack on one
   GPU), memory and, if it names one, its GPU type (Ray's `accelerator_type:<TYPE>` resource).
@@ -13,195 +12,62 @@ active jobs hold, and returns placements:
 - Among the nodes that fit, best fit: the least GPU (then CPU) left over, so fractional jobs
   pack instead of fragmenting every GPU; a job without a GPU type takes the cheapest type that
   fits when prices are known; CPU-only jobs keep off GPU nodes when they can.
-- A job that does not fit does not block smaller ones behind it (backfill). There is no
-  reservation: a large job waiting behind a stream of small ones is helped by aging only.
+- Order within a level: the owner's fair-share factor (`lorajobs.orchestrator.fairshare`), then
+  FIFO. Aging counts in whole levels, so jobs of one priority that waited about as long tie.
+- A job that does not fit may preempt running jobs of lower priority
+  (`lorajobs.orchestrator.preemption`); else the first such job of each shape gets a
+  reservation: the node it will fit on first, when running jobs end
+  (`lorajobs.orchestrator.backfill`). Others start on that node only if they end before then
+  (backfill); elsewhere they start as they fit.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
+from datetime import datetime, timedelta
 from typing import Any
 
-ACCELERATOR_PREFIX = "accelerator_type:"
-# Asking for a sliver of `accelerator_type:<T>` pins a task to such a node without limiting
-# how many share it (what Ray itself does for `accelerator_type=`).
-ACCELERATOR_SLIVER = 0.001
-_EPS = 1e-9
-GIB = 1024**3
+from lorajobs.orchestrator import backfill, preemption
+from lorajobs.orchestrator.resources import (
+    _EPS,
+    ACCELERATOR_PREFIX,
+    ACCELERATOR_SLIVER,
+    CLASS_FIELDS,
+    GIB,
+    Candidate,
+    ClassKey,
+    Hold,
+    Node,
+    Shape,
+    _label,
+    _need_items,
+    class_key,
+    node_views,
+)
 
-
-@dataclass(frozen=True)
-class Shape:
-    """What one attempt of a job takes from one node."""
-
-    gpus: float
-    gpu_type: str | None
-    cpus: int
-    memory_gb: float | None = None
-
-    def ray_resources(self) -> dict[str, float]:
-        """The Ray resource request (task options and autoscaler bundles)."""
-        need = {"CPU": float(self.cpus), "GPU": float(self.gpus)}
-        if self.gpu_type:
-            need[ACCELERATOR_PREFIX + self.gpu_type] = ACCELERATOR_SLIVER
-        if self.memory_gb:
-            need["memory"] = float(math.ceil(self.memory_gb * GIB))
-        return {k: v for k, v in need.items() if v > 0}
-
-    def describe(self) -> str:
-        gpu = f"{self.gpus:g} GPU" + (f" {self.gpu_type}" if self.gpu_type else "")
-        parts = [gpu] if self.gpus else ["no GPU"]
-        parts.append(f"{self.cpus} CPU")
-        if self.memory_gb:
-            parts.append(f"{self.memory_gb:g} GiB")
-        return ", ".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A queued job as the scheduler sees it."""
-
-    id: str
-    owner: str
-    priority: int
-    created_at: datetime
-    gpus: float
-    gpu_type: str | None
-    cpus: int
-    memory_gb: float | None = None
-
-    @property
-    def shape(self) -> Shape:
-        return Shape(self.gpus, self.gpu_type, self.cpus, self.memory_gb)
-
-    @property
-    def class_key(self) -> ClassKey:
-        return class_key(
-            self.priority, self.owner, self.gpus, self.gpu_type, self.cpus, self.memory_gb
-        )
-
-
-#: The job fields that make a scheduling class: jobs of one class are interchangeable for the
-#: policy (same order but for age, same limits, same fit), so they wait for one reason. The
-#: queue partitions its candidates by these same columns.
-CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb")
-ClassKey = tuple[int, str, float, str | None, int, float | None]
-
-
-def class_key(
-    priority: int, owner: str, gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | None
-) -> ClassKey:
-    return (
-        int(priority),
-        owner,
-        float(gpus),
-        gpu_type,
-        int(cpus),
-        None if memory_gb is None else float(memory_gb),
-    )
-
-
-@dataclass(frozen=True)
-class Hold:
-    """What an active (dispatched / running) job holds: counted against its owner and node."""
-
-    id: str
-    owner: str
-    node_id: str | None
-    gpus: float
-    cpus: int
-    memory_gb: float | None = None
-
-
-@dataclass
-class Node:
-    """One live node: Ray's totals and what is free on it now."""
-
-    id: str
-    total: dict[str, float]
-    free: dict[str, float]
-    #: GPU types the node declares, e.g. ['A100-80G'].
-    accelerators: list[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.accelerators = sorted(
-            k[len(ACCELERATOR_PREFIX) :] for k in self.total if k.startswith(ACCELERATOR_PREFIX)
-        )
-
-    def accelerator_for(self, shape: Shape) -> str | None:
-        """The GPU type a job of `shape` gets here (None for a CPU-only job)."""
-        if shape.gpus <= 0:
-            return None
-        if shape.gpu_type:
-            return shape.gpu_type
-        types = self.accelerators
-        return types[0] if types else None
-
-    def _has(self, shape: Shape, pool: Mapping[str, float]) -> bool:
-        if shape.gpu_type and ACCELERATOR_PREFIX + shape.gpu_type not in self.total:
-            return False
-        return all(pool.get(key, 0.0) + _EPS >= amount for key, amount in _need(shape).items())
-
-    def fits(self, shape: Shape) -> bool:
-        """Free now."""
-        return self._has(shape, self.free)
-
-    def could_fit(self, shape: Shape) -> bool:
-        """Free once the node is empty."""
-        return self._has(shape, self.total)
-
-    def take(self, shape: Shape) -> None:
-        for key, amount in _need(shape).items():
-            self.free[key] = self.free.get(key, 0.0) - amount
-
-
-@lru_cache(maxsize=4096)
-def _need_items(shape: Shape) -> tuple[tuple[str, float], ...]:
-    return tuple(
-        (k, v) for k, v in shape.ray_resources().items() if not k.startswith(ACCELERATOR_PREFIX)
-    )
-
-
-def _label(shape: Shape) -> str | None:
-    return ACCELERATOR_PREFIX + shape.gpu_type if shape.gpu_type else None
-
-
-def _need(shape: Shape) -> dict[str, float]:
-    """What a shape takes from a node's countable resources (the GPU type is a label)."""
-    return dict(_need_items(shape))
-
-
-def node_views(
-    totals: Mapping[str, Mapping[str, float]],
-    holds: Iterable[Hold],
-    available: Mapping[str, Mapping[str, float]] | None = None,
-    exclude: Iterable[str] = (),
-) -> list[Node]:
-    """Nodes with their free resources: totals minus what active jobs hold there (known at
-    once, from the database), and never more than Ray says is available (other workloads,
-    other controllers' jobs not yet visible)."""
-    held: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for h in holds:
-        if h.node_id is None:
-            continue
-        for key, amount in Shape(h.gpus, None, h.cpus, h.memory_gb).ray_resources().items():
-            held[h.node_id][key] += amount
-    skip = set(exclude)
-    nodes = []
-    for node_id, total in sorted(totals.items()):
-        if node_id in skip:
-            continue
-        free = {k: v - held[node_id].get(k, 0.0) for k, v in total.items()}
-        if available is not None:
-            avail = available.get(node_id, {})
-            free = {k: min(v, avail.get(k, 0.0)) for k, v in free.items()}
-        nodes.append(Node(node_id, dict(total), free))
-    return nodes
+__all__ = [
+    "ACCELERATOR_PREFIX",
+    "ACCELERATOR_SLIVER",
+    "CLASS_FIELDS",
+    "GIB",
+    "Candidate",
+    "ClassKey",
+    "Hold",
+    "Node",
+    "OwnerLimits",
+    "Placement",
+    "Plan",
+    "Policy",
+    "Round",
+    "Shape",
+    "class_key",
+    "node_views",
+    "ordered",
+    "plan",
+]
 
 
 @dataclass(frozen=True)
@@ -232,6 +98,21 @@ class Policy:
     max_per_round: int = 256
     #: $/GPU-hour by GPU type: a job without a type prefers the cheapest one that fits.
     prices: Mapping[str, float] = field(default_factory=dict)
+    #: A queued job may preempt running jobs at least this many priority levels below its own
+    #: (None: no preemption).
+    preempt_margin: int | None = 1
+    #: ... that have run at least this long, and were not asked to stop within this long.
+    min_runtime_s: float = 600.0
+    #: Seconds a preempted job is given to checkpoint and go (the reservation's grace).
+    checkpoint_s: float = 60.0
+    #: Reserve nodes for the first job that does not fit; others start there only if they end
+    #: before it is due (their estimate times `backfill_safety`).
+    reserve: bool = True
+    backfill_safety: float = 1.5
+    #: At most this many reservations a round, one per shape (the best ranked job of each shape
+    #: that does not fit), each on its own node: a 1-GPU job ranked above it never takes an 8-GPU
+    #: job's reservation away, so big jobs are not starved by a stream of small ones.
+    max_reservations: int = 4
 
 
 @dataclass(frozen=True)
@@ -258,11 +139,24 @@ class Plan:
 
 
 def aged_priority(priority: Any, waited_s: Any, aging_s: float) -> Any:
-    """Priority plus one level per `aging_s` seconds waited (none when `aging_s` <= 0).
-
-    Written once for numbers and SQL column expressions alike, so the database reads
-    candidates in exactly the order the policy ranks them."""
+    """Priority plus one level per `aging_s` seconds waited (none when `aging_s` <= 0)."""
     return priority + waited_s / aging_s if aging_s > 0 else priority
+
+
+#: Added to the seconds waited before they are cut to whole levels, so that SQL's float time
+#: arithmetic (exact to ~50 us) and Python's agree on which level a job is at.
+_LEVEL_SLACK_S = 0.001
+
+
+def aged_level(priority: Any, waited_s: Any, aging_s: float, floor: Any = math.floor) -> Any:
+    """The level a job competes at: its priority plus one per whole `aging_s` seconds waited.
+
+    Whole levels, so that jobs of one priority that waited about as long tie and fair share
+    orders them (`ordered`). Written once for numbers and SQL expressions alike (`floor`: the
+    dialect's), so the database reads candidates in exactly the order the policy ranks them."""
+    if aging_s <= 0:
+        return priority
+    return priority + floor((waited_s + _LEVEL_SLACK_S) / aging_s)
 
 
 def effective_priority(job: Candidate, now: datetime, aging_s: float) -> float:
@@ -271,24 +165,49 @@ def effective_priority(job: Candidate, now: datetime, aging_s: float) -> float:
     return float(aged_priority(job.priority, waited, aging_s))
 
 
-def ordered(candidates: Iterable[Candidate], now: datetime, aging_s: float) -> list[Candidate]:
-    """Candidates best first: effective priority, then oldest, then id."""
-    return sorted(
-        candidates,
-        key=lambda c: (-effective_priority(c, now, aging_s), c.created_at, c.id),
-    )
+def rank_key(
+    job: Candidate, now: datetime, aging_s: float, fair: Mapping[str, float] | None = None
+) -> tuple[float, float, datetime, str]:
+    """Sort key, best first: aged level, then the owner's fair-share factor (decayed GPU-hours
+    over share: the least served owner first), then oldest, then id."""
+    waited = max(0.0, (now - job.created_at).total_seconds())
+    share = fair.get(job.owner, 0.0) if fair else 0.0
+    return (-aged_level(job.priority, waited, aging_s), share, job.created_at, job.id)
+
+
+def ordered(
+    candidates: Iterable[Candidate],
+    now: datetime,
+    aging_s: float,
+    fair: Mapping[str, float] | None = None,
+) -> list[Candidate]:
+    """Candidates best first (`rank_key`)."""
+    return sorted(candidates, key=lambda c: rank_key(c, now, aging_s, fair))
 
 
 class Round:
     """One scheduling round, fed candidates best first, possibly in several pages (`offer`).
-    Holds the round's state: free capacity per node, per-owner usage, shapes found no room."""
+    Holds the round's state: free capacity per node, per-owner usage, shapes found no room,
+    the jobs chosen to be preempted and the reservations.
+
+    `fair`: owner -> fair-share factor (lower runs first within a level); `estimate`: seconds a
+    candidate is expected to run when it does not say (`Candidate.est_s`), None if unknown."""
 
     def __init__(
-        self, nodes: Sequence[Node], holds: Sequence[Hold], policy: Policy, now: datetime
+        self,
+        nodes: Sequence[Node],
+        holds: Sequence[Hold],
+        policy: Policy,
+        now: datetime,
+        *,
+        fair: Mapping[str, float] | None = None,
+        estimate: Callable[[Candidate], float | None] | None = None,
     ) -> None:
         self.nodes, self.policy, self.now = list(nodes), policy, now
+        self.fair, self._estimate = fair or {}, estimate
         self.plan = Plan()
         self._seen: set[str] = set()
+        self._offered = False
         # Capacity only shrinks during a round: a shape that found no node will find none later.
         self._no_room: dict[Shape, str] = {}
         prices = policy.prices
@@ -305,12 +224,22 @@ class Round:
         for h in holds:
             self._jobs_of[h.owner] += 1
             self._gpus_of[h.owner] += h.gpus
+        #: Running jobs that may be preempted, and what preempted ones will give back.
+        self.preempt = preemption.Preempting(self.nodes, holds, policy, now)
+        #: What runs and when it ends (reservations are computed from it).
+        self._ending = list(holds)
+        self.reservations: dict[str, backfill.Reservation] = {}  # node id -> reservation
+        self._reserved_shapes: set[Shape] = set()
+        self._est_cache: dict[str, float | None] = {}
 
     @property
     def done(self) -> bool:
-        """Nothing more can be placed: the round is full, or no node has a CPU free (every job
-        needs one)."""
-        return self.stop_reason is not None
+        """Nothing more can be placed (the round is full, or no node has a CPU free: every job
+        needs one) and, once a page was read, nothing can be preempted either."""
+        if self.stop_reason is None:
+            return False
+        full = len(self.plan.placements) >= self.policy.max_per_round
+        return full or self._offered or not self.preempt.possible
 
     @property
     def stop_reason(self) -> str | None:
@@ -323,12 +252,23 @@ class Round:
             return "every node is busy (no CPU free)"
         return None
 
+    def estimate(self, job: Candidate) -> float | None:
+        """Seconds `job` is expected to run (None: unknown)."""
+        if job.est_s is not None:
+            return job.est_s
+        if job.id not in self._est_cache:
+            self._est_cache[job.id] = self._estimate(job) if self._estimate else None
+        return self._est_cache[job.id]
+
     def offer(self, candidates: Iterable[Candidate]) -> list[Placement]:
         """Consider `candidates` (best first after earlier offers); return the new placements."""
         out = self.plan
         first = len(out.placements)
+        self._offered = True
         limits, aging_s = self.policy.limits, self.policy.aging_s
-        batch = ordered((c for c in candidates if c.id not in self._seen), self.now, aging_s)
+        batch = ordered(
+            (c for c in candidates if c.id not in self._seen), self.now, aging_s, self.fair
+        )
         for job in batch:
             self._seen.add(job.id)
             if len(out.placements) >= self.policy.max_per_round:
@@ -343,29 +283,92 @@ class Round:
                 continue
             node = self._best_node(job)
             if node is None:
+                if job.id not in out.never_fits:
+                    self._blocked(job)
                 continue
-            shape = job.shape
-            node.take(shape)
-            self._jobs_of[job.owner] += 1
-            self._gpus_of[job.owner] += job.gpus
-            accelerator = node.accelerator_for(shape)
-            eff = round(effective_priority(job, self.now, aging_s), 3)
-            out.placements.append(
-                Placement(
-                    job.id,
-                    node.id,
-                    accelerator,
-                    data={
-                        "node_id": node.id,
-                        "accelerator": accelerator,
-                        "effective_priority": eff,
-                    },
-                )
-            )
+            self._place(job, node)
         for job in batch:
             if job.id in out.waiting:
                 out.waiting_classes.setdefault(job.class_key, out.waiting[job.id])
         return out.placements[first:]
+
+    def _place(self, job: Candidate, node: Node) -> None:
+        shape = job.shape
+        node.take(shape)
+        self._jobs_of[job.owner] += 1
+        self._gpus_of[job.owner] += job.gpus
+        accelerator = node.accelerator_for(shape)
+        eff = round(effective_priority(job, self.now, self.policy.aging_s), 3)
+        est = self.estimate(job) if self.reservations else job.est_s
+        ends = None if est is None else self.now + timedelta(seconds=est)
+        self._ending.append(
+            Hold(
+                job.id,
+                job.owner,
+                node.id,
+                job.gpus,
+                job.cpus,
+                job.memory_gb,
+                job.priority,
+                self.now,
+                ends,
+            )  # fmt: skip
+        )
+        data: dict[str, Any] = {
+            "node_id": node.id,
+            "accelerator": accelerator,
+            "effective_priority": eff,
+        }
+        if job.owner in self.fair:
+            data["fair_share_factor"] = round(self.fair[job.owner], 6)
+        res = self.reservations.get(node.id)
+        if res is not None and res.job_id != job.id:
+            data["backfill"] = f"ends before job {res.job_id}'s reservation"
+        self.plan.placements.append(Placement(job.id, node.id, accelerator, data=data))
+
+    def _blocked(self, job: Candidate) -> None:
+        """`job` fits no node now: preempt lower priority jobs for it, or reserve a node."""
+        why = self.preempt.claim(job)
+        if why is not None:
+            self.plan.waiting[job.id] = why
+            return
+        shape = job.shape
+        if (
+            not self.policy.reserve
+            or shape in self._reserved_shapes
+            or len(self.reservations) >= self.policy.max_reservations
+        ):
+            return
+        self._reserved_shapes.add(shape)
+        free_nodes = [n for n in self.nodes if n.id not in self.reservations]
+        res = backfill.earliest(job, free_nodes, self._ending, self.now, self.policy.checkpoint_s)
+        if res is not None:
+            self.reservations[res.node_id] = res
+            self.plan.waiting[job.id] = res.describe(shape)
+
+    @property
+    def reservation(self) -> backfill.Reservation | None:
+        """The first reservation made this round (None: none)."""
+        return next(iter(self.reservations.values()), None)
+
+    def _backfills(self, job: Candidate, node: Node) -> bool:
+        """Whether `job` may start on `node` now: not the reserved node, or it is the reserved
+        job, or it will end (its estimate times the safety factor) before the reservation."""
+        res = self.reservations.get(node.id)
+        if res is None or res.job_id == job.id:
+            return True
+        est = self.estimate(job)
+        if est is None:
+            return False
+        return self.now + timedelta(seconds=est * self.policy.backfill_safety) <= res.at
+
+    def _excluded_by(self, job: Candidate, shape: Shape) -> str:
+        """Why `job` was kept off the reserved node(s) it fits on."""
+        for node_id, res in self.reservations.items():
+            node = next(n for n in self.nodes if n.id == node_id)
+            if node.fits(shape) and not self._backfills(job, node):
+                return res.excludes(shape)
+        return f"waiting for {shape.describe()} to free up"
 
     def _best_node(self, job: Candidate) -> Node | None:
         shape, out = job.shape, self.plan
@@ -375,18 +378,24 @@ class Round:
                 out.never_fits.add(job.id)
             return None
         need, label = _need_items(shape), _label(shape)
-        best, best_key = None, None
+        best, best_key, reserved = None, None, False
         for n in self._by_label.get(label, ()) if label else self.nodes:
             free = n.free
             for k, v in need:
                 if free.get(k, 0.0) + _EPS < v:
                     break
             else:
+                if not self._backfills(job, n):
+                    reserved = True
+                    continue
                 key = _preference(n, shape, self._price[n.id])
                 if best_key is None or key < best_key:
                     best, best_key = n, key
         if best is not None:
             return best
+        if reserved:  # not cached: a shorter job of this shape may still backfill
+            out.waiting[job.id] = self._excluded_by(job, shape)
+            return None
         if not any(n.could_fit(shape) for n in self.nodes):
             out.never_fits.add(job.id)
             self._no_room[shape] = f"no node has {shape.describe()}"

@@ -13,16 +13,19 @@ formula applied to SQL columns) and so are the job classes (`scheduler.CLASS_FIE
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Integer,
     Select,
     String,
+    case,
+    cast,
     func,
     literal,
     or_,
@@ -31,14 +34,14 @@ from sqlalchemy import (
 )
 
 from lorajobs.orchestrator.db import JOBS, SCHEDULER_STATE, UTCDateTime
-from lorajobs.orchestrator.records import Change, JobRecord, job_record
+from lorajobs.orchestrator.records import Change, JobRecord, aware, job_record
 from lorajobs.orchestrator.scheduler import (
     CLASS_FIELDS,
     Candidate,
     Hold,
     Placement,
     Shape,
-    aged_priority,
+    aged_level,
 )
 from lorajobs.orchestrator.states import JobStatus
 from lorajobs.orchestrator.waiting import WaitSummary
@@ -48,6 +51,25 @@ _ACTIVE = (JobStatus.dispatched.value, JobStatus.running.value)
 # Arbitrary constant: PostgreSQL advisory lock held by the controller running a scheduling round,
 # so that two controllers never count the same free GPU twice.
 _SCHEDULE_LOCK_KEY = 0x6C6A7363686564  # "ljsched"
+
+
+def _sqlite_floor(x: Any) -> Any:
+    """floor() for SQLite builds without math functions (the values floored are >= 0 here)."""
+    return cast(x, Integer)
+
+
+def hold_of(r: Any, now: datetime) -> Hold:
+    """What an active job's row holds, with when it is expected to end (from its reported
+    speed: steps left / it per s) and whether it has been asked to stop (preempted)."""
+    started, preempt_at = aware(r.dispatched_at), aware(r.preempt_at)
+    ends = None
+    if r.it_per_s and r.total_steps and r.step is not None:
+        ends = now + timedelta(seconds=max(0, r.total_steps - r.step) / r.it_per_s)
+    preempting = preempt_at is not None and started is not None and preempt_at >= started
+    return Hold(
+        r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb,
+        r.priority, started, ends, preempt_at, preempting,
+    )  # fmt: skip
 
 
 class RoundPlanner(Protocol):
@@ -131,8 +153,9 @@ class Scheduling:
         (same priority, same limits, same fit; aging only grows with age), so no job beyond the
         first `per_class` of its class could be chosen before them, and a class that cannot run
         (a GPU type with no node, an owner at its limit) never hides another class behind it.
-        Pages come in the policy's order (effective priority with `aging_s`, then age), so a
-        round that fills up early reads one page, not the whole queue.
+        Pages come in the policy's order (aged level with `aging_s`, the owners' fair-share
+        factors the planner ranks by (its `fair`), then age), so a round that fills up early
+        reads one page, not the whole queue.
 
         On PostgreSQL rounds of different controllers are serialised by an advisory lock (a
         controller that finds it taken skips its round) so free capacity is never counted twice,
@@ -149,11 +172,12 @@ class Scheduling:
             ):
                 return []
             planner = start(self._holds(conn))
+            fair: Mapping[str, float] = getattr(planner, "fair", None) or {}
             placements: list[Placement] = []
             known: set[str] = set()
             offset = 0
             while not planner.done:
-                page = self._class_heads(conn, per_class, now, aging_s, page_size, offset)
+                page = self._class_heads(conn, per_class, now, aging_s, page_size, offset, fair)
                 known.update(c.id for c in page)
                 placements += planner.offer(page)
                 if len(page) < page_size:
@@ -194,10 +218,22 @@ class Scheduling:
     def _holds(self, conn: Connection) -> list[Hold]:
         rows = conn.execute(
             select(
-                JOBS.c.id, JOBS.c.owner, JOBS.c.node_id, JOBS.c.gpus, JOBS.c.cpus, JOBS.c.memory_gb
+                JOBS.c.id,
+                JOBS.c.owner,
+                JOBS.c.node_id,
+                JOBS.c.gpus,
+                JOBS.c.cpus,
+                JOBS.c.memory_gb,
+                JOBS.c.priority,
+                JOBS.c.dispatched_at,
+                JOBS.c.preempt_at,
+                JOBS.c.step,
+                JOBS.c.total_steps,
+                JOBS.c.it_per_s,
             ).where(JOBS.c.status.in_(_ACTIVE))
         )
-        return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb) for r in rows]
+        now = self._clock()
+        return [hold_of(r, now) for r in rows]
 
     def _age_s(self, now: datetime) -> Any:
         """SQL: seconds since `created_at` (what aging adds to a job's priority)."""
@@ -214,6 +250,7 @@ class Scheduling:
         aging_s: float,
         limit: int,
         offset: int,
+        fair: Mapping[str, float],
     ) -> list[Candidate]:
         # created_at comes back raw and is parsed below: the generic timestamp type costs more
         # than the rest of a row when a round reads thousands.
@@ -236,10 +273,21 @@ class Scheduling:
             )
             .label("rank")
         )
-        effective = aged_priority(JOBS.c.priority, self._age_s(now), aging_s)
+        floor = func.floor if self._postgres else _sqlite_floor
+        level = aged_level(JOBS.c.priority, self._age_s(now), aging_s, floor)
+        # The owners' fair-share factors, as the policy's sort key has them (0: no usage).
+        share = (
+            case({o: literal(float(f)) for o, f in fair.items()}, value=JOBS.c.owner, else_=0.0)
+            if fair
+            else literal(0.0)
+        )
         ranked = (
             select(
-                *cols, rank, effective.label("effective"), JOBS.c.created_at.label("created_sort")
+                *cols,
+                rank,
+                level.label("level"),
+                share.label("share"),
+                JOBS.c.created_at.label("created_sort"),
             )
             .where(
                 JOBS.c.status == JobStatus.queued.value,
@@ -250,7 +298,7 @@ class Scheduling:
         rows = conn.execute(
             select(*(ranked.c[c.name] for c in cols))
             .where(ranked.c.rank <= per_class)
-            .order_by(ranked.c.effective.desc(), ranked.c.created_sort, ranked.c.id)
+            .order_by(ranked.c.level.desc(), ranked.c.share, ranked.c.created_sort, ranked.c.id)
             .limit(limit)
             .offset(offset)
         ).all()

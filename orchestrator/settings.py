@@ -20,6 +20,13 @@ The controller's knobs:
 | `LORAJOBS_RETRY_BACKOFF_MAX_S` | 60 | backoff cap |
 | `LORAJOBS_PRICES` | none | `A100=1.29,H100=2.49,cpu=0.05`: $/GPU-hour by type, $/core-hour |
 | `LORAJOBS_NODE_FAULT_S` | 300 | how long a node that failed an attempt itself (no usable GPU, no bucket credentials) gets no jobs |
+| `LORAJOBS_PREEMPT_MARGIN` | 1 | a queued job may preempt running jobs this many priority levels below it (`off`: never) |
+| `LORAJOBS_MIN_RUNTIME_BEFORE_PREEMPT_S` | 600 | a job is preempted only after running this long, and never twice within it |
+| `LORAJOBS_CHECKPOINT_GRACE_S` | 60 | seconds a preempted job is expected to take to checkpoint and stop |
+| `LORAJOBS_FAIRSHARE_HALFLIFE` | 7d | half-life of the GPU-hours fair share counts (`7d`, `12h`, or seconds) |
+| `LORAJOBS_FAIRSHARE_SHARES` | 1 each | e.g. `acme=3,beta=1`: owners' shares (a bare number: everyone else's) |
+| `LORAJOBS_RESERVE` | on | `off`: no reservation for the job at the head (big jobs then rely on aging) |
+| `LORAJOBS_BACKFILL_SAFETY` | 1.5 | a job starts on a reserved node only if its estimate times this ends before the reservation |
 | `LORAJOBS_AUTOSCALE` | auto | `auto`: tell Ray's autoscaler the demand when on a cluster; `off` |
 """
 
@@ -35,6 +42,7 @@ from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.orchestrator.cost import parse_prices
 from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import OwnerLimits, Policy
+from lorajobs.orchestrator.shares import DEFAULT_HALFLIFE_S, Shares
 
 # Query parameters that carry secrets in libpq / SQLAlchemy URLs (`?password=...`).
 _SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
@@ -169,6 +177,9 @@ class ControllerConfig:
     #: A node whose own environment failed an attempt (no usable GPU, no bucket credentials)
     #: gets no jobs for this long.
     node_fault_s: float = 300.0
+    #: Fair share: the owners' shares and the half-life of the GPU-hours counted.
+    shares: Shares = field(default_factory=Shares)
+    halflife_s: float = DEFAULT_HALFLIFE_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -202,9 +213,62 @@ class ControllerConfig:
                     per_owner_gpus=gpus_per_owner,
                 ),
                 prices=prices,
+                **_preemption(env),
             ),
             prices=prices,
             autoscale=autoscale,
             takeover_grace_s=10 * lease_s,
             node_fault_s=_float(env, "LORAJOBS_NODE_FAULT_S", 300.0),
+            shares=parse_shares(env.get("LORAJOBS_FAIRSHARE_SHARES")),
+            halflife_s=parse_duration(
+                "LORAJOBS_FAIRSHARE_HALFLIFE",
+                env.get("LORAJOBS_FAIRSHARE_HALFLIFE"),
+                DEFAULT_HALFLIFE_S,
+            ),
         )
+
+
+def _preemption(env: Mapping[str, str]) -> dict[str, object]:
+    """The policy's preemption and reservation knobs from the environment."""
+    margin_text = env.get("LORAJOBS_PREEMPT_MARGIN", "").strip().lower()
+    margin: int | None = 1
+    if margin_text in ("off", "none", "no"):
+        margin = None
+    elif margin_text:
+        margin = int(_float(env, "LORAJOBS_PREEMPT_MARGIN", 1.0, minimum=1.0))
+    reserve = env.get("LORAJOBS_RESERVE", "on").strip().lower() or "on"
+    if reserve not in ("on", "off"):
+        raise InvalidInput(f"LORAJOBS_RESERVE={reserve!r}: use on or off")
+    return {
+        "preempt_margin": margin,
+        "min_runtime_s": _float(env, "LORAJOBS_MIN_RUNTIME_BEFORE_PREEMPT_S", 600.0),
+        "checkpoint_s": _float(env, "LORAJOBS_CHECKPOINT_GRACE_S", 60.0),
+        "reserve": reserve == "on",
+        "backfill_safety": _float(env, "LORAJOBS_BACKFILL_SAFETY", 1.5, minimum=1.0),
+    }
+
+
+def parse_shares(text: str | None) -> Shares:
+    """`"acme=3,beta=1"` -> Shares; a bare number is every other owner's share (default 1)."""
+    default, per_owner = parse_limits("LORAJOBS_FAIRSHARE_SHARES", text)
+    for owner, share in {"": default or 1.0, **per_owner}.items():
+        if share <= 0:
+            raise InvalidInput(
+                f"LORAJOBS_FAIRSHARE_SHARES: {owner or 'the default'} share must be > 0"
+            )
+    return Shares(1.0 if default is None else default, per_owner)
+
+
+def parse_duration(key: str, text: str | None, default: float) -> float:
+    """`7d`, `12h`, `30m` or seconds -> seconds (> 0)."""
+    raw = (text or "").strip().lower()
+    if not raw:
+        return default
+    unit = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}.get(raw[-1])
+    try:
+        value = float(raw[:-1]) * unit if unit else float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise InvalidInput(f"{key}={text!r} is not a duration (e.g. 7d, 12h, 3600)")
+    return value

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from lorajobs.orchestrator.records import JobRecord
-from lorajobs.orchestrator.scheduler import ClassKey, Round, class_key
+from lorajobs.orchestrator.scheduler import ClassKey, Node, Round, Shape, class_key
 from lorajobs.orchestrator.states import JobStatus
 
 #: The controller rewrites an unchanged summary this often (seconds)...
@@ -99,6 +99,9 @@ def reason(job: JobRecord, summary: WaitSummary | None, now: datetime) -> str | 
         return NEXT_ROUND
     key = class_key(job.priority, job.owner, job.gpus, job.gpu_type, job.cpus, job.memory_gb)
     why = summary.classes.get(key) or summary.stop or NEXT_ROUND
+    if job.preempted_by and (job.failure_reason or "").startswith("preempted by"):
+        # Requeued by a preemption: say by whom first (`status` shows the head of the line).
+        why = f"{job.failure_reason}; {why}"
     if (now - summary.at).total_seconds() > STALE_S:
         why += f" (as of {_clock(summary.at)}: is a controller running?)"
     return why
@@ -110,3 +113,14 @@ def short(text: str | None, width: int = 44) -> str:
         return "-"
     head = text.split(" (", 1)[0]
     return head if len(head) <= width else head[: width - 1] + "…"
+
+
+def unschedulable(job: JobRecord, nodes: list[Node]) -> str:
+    shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+    need = shape.ray_resources()
+    most = {k: max((n.total.get(k, 0.0) for n in nodes), default=0.0) for k in need}
+    missing = ", ".join(
+        f"{k}={v:g} (largest node has {most[k]:g})" for k, v in need.items() if most[k] + 1e-9 < v
+    )
+    hint = " — set resources.gpus: 0 to train on the CPU" if "GPU" in missing else ""
+    return f"no node can ever run this job: needs {missing or shape.describe()}{hint}"

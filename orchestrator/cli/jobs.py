@@ -1,5 +1,5 @@
-"""Job commands: validate, schema, submit, status, show, cancel, retry, priority, logs, and the
-controller loop. None of them imports torch; only `controller` and `submit --wait` import Ray.
+"""Job commands: validate, schema, submit, status, show, cancel, retry, priority, logs, usage
+(fair share), and the controller loop. None of them imports torch; only `controller` and `submit --wait` import Ray.
 
 `lorajobs logs JOB [-f]` prints (and follows) the worker's log, which the worker streams to
 `<bucket>/jobs/<job_id>/logs/attempt-<N>/part-*.log` (each part the bytes written since the
@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         priority,
         logs,
         controller,
+        usage,
     ):
         app.command()(command)
 
@@ -187,6 +188,29 @@ def status(
         pass
 
 
+def usage(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Fair share: each owner's GPU-hours (decayed with LORAJOBS_FAIRSHARE_HALFLIFE), share
+    (LORAJOBS_FAIRSHARE_SHARES) and factor (hours / share: lower runs first within a priority)."""
+    from lorajobs.orchestrator import fairshare
+    from lorajobs.orchestrator.settings import ControllerConfig
+
+    if (api := ctx.api()) is not None:
+        data = api.get("/v1/usage")
+    else:
+        config, queue = ControllerConfig.from_env(), ctx.open_queue(ctx.settings())
+        rows = fairshare.report(queue.engine, config.shares, config.halflife_s, queue.clock())
+        data = {"halflife_s": config.halflife_s, "owners": [vars(u) for u in rows]}
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    print(f"half-life {fairshare.halflife_text(data['halflife_s'])}")
+    print(f"{'OWNER':<24} {'GPU-HOURS':>10} {'SHARE':>7} {'FACTOR':>10}")
+    for u in data["owners"]:
+        print(f"{u['owner']:<24} {u['gpu_hours']:>10.3f} {u['share']:>7g} {u['factor']:>10.4f}")
+    if not data["owners"]:
+        print("(no usage yet)")
+
+
 def show(
     job: str = typer.Argument(..., help="Job id or a unique prefix."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -237,6 +261,8 @@ def show(
     )
     if wait_reason:
         ctx.out.print(f"waiting: {wait_reason}", markup=False)
+    for line in render.preemption_lines(rec, events):
+        ctx.out.print(line, markup=False)
     if rec.failure_reason:
         ctx.out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
     if render.adapter_uri(rec):

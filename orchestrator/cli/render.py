@@ -138,3 +138,18 @@ def events_table(events: list[EventRecord]) -> Table:
             e.reason,
         )
     return table
+
+
+def preemption_lines(job: JobRecord, events: list[EventRecord]) -> list[str]:
+    """`show`'s lines on preemption: each attempt preempted and by whom, and a stop underway."""
+    from lorajobs.orchestrator.preempting import requested
+
+    lines = [
+        f"preempted: attempt {e.data.get('attempt')} by {e.data.get('by')} at "
+        f"{e.at.strftime('%Y-%m-%d %H:%M:%S')}"
+        for e in events
+        if e.data and e.data.get("preempted")
+    ]
+    if job.status.value in ("dispatched", "running") and requested(job):
+        lines.append(f"preempting: asked to stop for job {job.preempted_by}; checkpointing")
+    return lines

@@ -228,6 +228,29 @@ def cluster(request: Request, who: Principal = Depends(principal)) -> dict[str, 
     }
 
 
+@router.get("/usage", summary="Fair share: owners' decayed GPU-hours, shares and factors")
+def usage(request: Request, who: Principal = Depends(principal)) -> dict[str, Any]:
+    """Admins see every owner; others their own."""
+    from lorajobs.orchestrator import fairshare
+    from lorajobs.orchestrator.settings import ControllerConfig
+
+    svc, config = service(request), ControllerConfig.from_env()
+    rows = fairshare.report(
+        svc.queue.engine,
+        config.shares,
+        config.halflife_s,
+        svc.queue.clock(),
+        owner=None if who.is_admin else who.owner,
+    )
+    return {
+        "halflife_s": config.halflife_s,
+        "owners": [
+            {"owner": u.owner, "gpu_hours": u.gpu_hours, "share": u.share, "factor": u.factor}
+            for u in rows
+        ],
+    }
+
+
 @router.get("/whoami", summary="The caller's token: id, owner and role")
 def whoami(who: Principal = Depends(principal)) -> dict[str, str]:
     return {"token_id": who.token_id, "owner": who.owner, "role": who.role.value}

@@ -28,7 +28,7 @@ SUCCEED, FAIL = Verdict(Action.succeed), Verdict(Action.fail)
         (Loss(INFRA, 3), FAIL),
         # A lost controller costs no budget and no wait, even with the budget spent.
         (Loss(INFRA, 3, charged=False), Verdict(Action.requeue)),
-        # A node reclaimed with notice (a drain): requeued at once, no budget, even when spent;
+        # A preempted attempt (priority, or a drain: a spot reclaim with notice): requeued at once, no budget, even when spent;
         # a complete adapter still wins.
         (Loss(INFRA, 0, preempted=True), Verdict(Action.requeue)),
         (Loss(INFRA, 3, preempted=True), Verdict(Action.requeue)),

@@ -195,3 +195,34 @@ def test_takeover_verdicts(expired: bool, alive: bool | None, late: bool, want: 
     assert verdict(_job("c1", expires), now=T0, grace_s=30, driver_alive=alive_fn) == (
         TAKE if expired else LIVE
     )
+
+
+def test_preemption_fair_share_and_reservation_settings() -> None:
+    c = ControllerConfig.from_env(
+        {
+            "LORAJOBS_PREEMPT_MARGIN": "2",
+            "LORAJOBS_MIN_RUNTIME_BEFORE_PREEMPT_S": "30",
+            "LORAJOBS_FAIRSHARE_SHARES": "2,acme=3,beta=0.5",
+            "LORAJOBS_FAIRSHARE_HALFLIFE": "12h",
+            "LORAJOBS_RESERVE": "off",
+            "LORAJOBS_BACKFILL_SAFETY": "2",
+        }
+    )
+    p = c.policy
+    assert (p.preempt_margin, p.min_runtime_s, p.reserve, p.backfill_safety) == (2, 30, False, 2)
+    assert (c.shares.of("acme"), c.shares.of("beta"), c.shares.of("zed")) == (3, 0.5, 2)
+    assert c.halflife_s == 12 * 3600
+    d = ControllerConfig.from_env({})
+    assert (d.policy.preempt_margin, d.policy.min_runtime_s, d.halflife_s) == (1, 600, 7 * 86400)
+    assert (
+        ControllerConfig.from_env({"LORAJOBS_PREEMPT_MARGIN": "off"}).policy.preempt_margin is None
+    )
+    for key, bad in [
+        ("LORAJOBS_FAIRSHARE_SHARES", "acme=0"),
+        ("LORAJOBS_FAIRSHARE_SHARES", "acme=x"),
+        ("LORAJOBS_FAIRSHARE_HALFLIFE", "soon"),
+        ("LORAJOBS_RESERVE", "maybe"),
+        ("LORAJOBS_PREEMPT_MARGIN", "0"),
+    ]:
+        with pytest.raises(InvalidInput, match=key):
+            ControllerConfig.from_env({key: bad})
