@@ -26,7 +26,7 @@ from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
 from lorajobs.orchestrator.recovery import RETRY_COLUMN, Action, Loss, decide
-from lorajobs.orchestrator.scheduler import Hold, Node, Round, Shape, node_views
+from lorajobs.orchestrator.scheduler import Hold, Node, Round, Shape, node_shape, node_views
 from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
 
@@ -473,7 +473,7 @@ class Controller:
 
 
 def _unschedulable(job: JobRecord, nodes: list[Node]) -> str:
-    shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+    shape = node_shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb, job.nodes)
     need = shape.ray_resources()
     most = {k: max((n.total.get(k, 0.0) for n in nodes), default=0.0) for k in need}
     missing = ", ".join(

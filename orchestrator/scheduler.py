@@ -27,6 +27,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from lorajobs.orchestrator import gangs
+
 ACCELERATOR_PREFIX = "accelerator_type:"
 # Asking for a sliver of `accelerator_type:<T>` pins a task to such a node without limiting
 # how many share it (what Ray itself does for `accelerator_type=`).
@@ -62,6 +64,14 @@ class Shape:
         return ", ".join(parts)
 
 
+def node_shape(
+    gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | None, nodes: int = 1
+) -> Shape:
+    """What a job takes from one node: the whole job, or a gang's share on each of its nodes."""
+    g, c, m = gangs.per_node(gpus, cpus, memory_gb, nodes)
+    return Shape(g, gpu_type, c, m)
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """A queued job as the scheduler sees it."""
@@ -74,10 +84,13 @@ class Candidate:
     gpu_type: str | None
     cpus: int
     memory_gb: float | None = None
+    #: Nodes a gang spans (its GPUs split evenly over them): `orchestrator/gangs.py`.
+    nodes: int = 1
 
     @property
     def shape(self) -> Shape:
-        return Shape(self.gpus, self.gpu_type, self.cpus, self.memory_gb)
+        """What the job takes from each node it runs on (a gang: from each of `nodes`)."""
+        return node_shape(self.gpus, self.gpu_type, self.cpus, self.memory_gb, self.nodes)
 
     @property
     def class_key(self) -> ClassKey:
@@ -116,6 +129,9 @@ class Hold:
     gpus: float
     cpus: int
     memory_gb: float | None = None
+    #: A gang's nodes: its share of each is charged to `node_id` (the first); Ray's own
+    #: availability accounts for the others once its placement group holds them.
+    nodes: int = 1
 
 
 @dataclass
@@ -189,7 +205,8 @@ def node_views(
     for h in holds:
         if h.node_id is None:
             continue
-        for key, amount in Shape(h.gpus, None, h.cpus, h.memory_gb).ray_resources().items():
+        share = node_shape(h.gpus, None, h.cpus, h.memory_gb, h.nodes)
+        for key, amount in share.ray_resources().items():
             held[h.node_id][key] += amount
     skip = set(exclude)
     nodes = []
@@ -341,11 +358,13 @@ class Round:
             if cap_gpus is not None and self._gpus_of[job.owner] + job.gpus > cap_gpus + _EPS:
                 out.waiting[job.id] = f"owner {job.owner} is at its limit of {cap_gpus:g} GPUs"
                 continue
-            node = self._best_node(job)
+            gang = self._gang_nodes(job) if job.nodes > 1 else None
+            node = gang[0] if gang else None if job.nodes > 1 else self._best_node(job)
             if node is None:
                 continue
             shape = job.shape
-            node.take(shape)
+            for n in gang or [node]:
+                n.take(shape)
             self._jobs_of[job.owner] += 1
             self._gpus_of[job.owner] += job.gpus
             accelerator = node.accelerator_for(shape)
@@ -359,6 +378,7 @@ class Round:
                         "node_id": node.id,
                         "accelerator": accelerator,
                         "effective_priority": eff,
+                        **({"gang_nodes": [n.id for n in gang]} if gang else {}),
                     },
                 )
             )
@@ -366,6 +386,19 @@ class Round:
             if job.id in out.waiting:
                 out.waiting_classes.setdefault(job.class_key, out.waiting[job.id])
         return out.placements[first:]
+
+    def _gang_nodes(self, job: Candidate) -> list[Node] | None:
+        """`job.nodes` distinct nodes with the gang's share free on each, or None (and why)."""
+        shape, out = job.shape, self.plan
+        pool = self._by_label.get(_label(shape) or "", []) if shape.gpu_type else self.nodes
+        chosen, why, never = gangs.pick_gang(
+            pool, shape, job.nodes, Node.fits, Node.could_fit, shape.describe()
+        )
+        if chosen is None:
+            out.waiting[job.id] = why or "waiting"
+            if never:
+                out.never_fits.add(job.id)
+        return chosen
 
     def _best_node(self, job: Candidate) -> Node | None:
         shape, out = job.shape, self.plan

@@ -194,10 +194,16 @@ class Scheduling:
     def _holds(self, conn: Connection) -> list[Hold]:
         rows = conn.execute(
             select(
-                JOBS.c.id, JOBS.c.owner, JOBS.c.node_id, JOBS.c.gpus, JOBS.c.cpus, JOBS.c.memory_gb
+                JOBS.c.id,
+                JOBS.c.owner,
+                JOBS.c.node_id,
+                JOBS.c.gpus,
+                JOBS.c.cpus,
+                JOBS.c.memory_gb,
+                JOBS.c.nodes,
             ).where(JOBS.c.status.in_(_ACTIVE))
         )
-        return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb) for r in rows]
+        return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb, r.nodes) for r in rows]
 
     def _age_s(self, now: datetime) -> Any:
         """SQL: seconds since `created_at` (what aging adds to a job's priority)."""
@@ -227,6 +233,7 @@ class Scheduling:
             JOBS.c.gpu_type,
             JOBS.c.cpus,
             JOBS.c.memory_gb,
+            JOBS.c.nodes,
         )
         rank = (
             func.row_number()
@@ -265,8 +272,9 @@ class Scheduling:
                 gpu_type,
                 cpus,
                 mem,
+                nodes,
             )
-            for id_, owner, prio, created, gpus, gpu_type, cpus, mem in rows
+            for id_, owner, prio, created, gpus, gpu_type, cpus, mem, nodes in rows
         ]
 
     def has_queued(self) -> bool:

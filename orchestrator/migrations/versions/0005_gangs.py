@@ -1,0 +1,27 @@
+"""Gangs: how many nodes a multi-GPU job spans (1: one node, the default).
+
+Revision ID: 0005g
+Revises: 0004
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005g"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        # A column, not only the spec JSON: the scheduler reads candidates without parsing specs,
+        # and a gang's fit (`gpus` split over `nodes` nodes) depends on it.
+        batch.add_column(sa.Column("nodes", sa.Integer(), server_default="1", nullable=False))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("nodes")
