@@ -76,7 +76,15 @@ def run(
         )
         base = {"node": node, "ray_node_id": ray_node_id}
         try:
-            out = {"ok": True, **base, **run_job(parsed, ctx)}  # run_job logs the upload
+            if parsed.resources.gang:  # several GPUs: Ray Train workers; this task coordinates
+                from lorajobs.orchestrator.gang import run_gang
+
+                result = run_gang(
+                    parsed, spec, job_id, attempt, output_uri, send=send, extra=extra, log=log.line
+                )
+            else:
+                result = run_job(parsed, ctx)  # run_job logs the upload
+            out = {"ok": True, **base, **result}
         except LoraJobsError as err:
             err = _on_this_node(err, node)
             # The hostname alone may not tell nodes apart (containers, a simulated cluster).

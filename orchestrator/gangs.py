@@ -23,6 +23,12 @@ def workers(gpus: float) -> int:
     return int(gpus) if gpus > 1 else 1
 
 
+def is_gang(spec: dict[str, Any]) -> bool:
+    """Whether a stored spec runs as a gang (more than one GPU)."""
+    res = spec.get("resources") or {}
+    return workers(float(res.get("gpus", 1))) > 1
+
+
 def per_node(
     gpus: float, cpus: int, memory_gb: float | None, nodes: int
 ) -> tuple[float, int, float | None]:

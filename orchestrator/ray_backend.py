@@ -40,6 +40,7 @@ from ray.exceptions import (
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidInput
+from lorajobs.orchestrator.gangs import is_gang
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
 from lorajobs.storage.boundaries import ENV_KEYS
@@ -279,7 +280,8 @@ class RayBackend:
         node_id: str | None,
         extra: dict[str, Any] | None = None,
     ) -> Attempt:
-        need = shape.ray_resources()
+        # A gang's task only coordinates: its workers' placement group holds the resources.
+        need = {} if is_gang(spec) else shape.ray_resources()
         options: dict[str, Any] = {
             "num_cpus": need.pop("CPU", 0.0),
             "num_gpus": need.pop("GPU", 0.0),
