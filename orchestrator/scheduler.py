@@ -95,19 +95,31 @@ class Candidate:
     @property
     def class_key(self) -> ClassKey:
         return class_key(
-            self.priority, self.owner, self.gpus, self.gpu_type, self.cpus, self.memory_gb
+            self.priority,
+            self.owner,
+            self.gpus,
+            self.gpu_type,
+            self.cpus,
+            self.memory_gb,
+            self.nodes,
         )
 
 
 #: The job fields that make a scheduling class: jobs of one class are interchangeable for the
 #: policy (same order but for age, same limits, same fit), so they wait for one reason. The
 #: queue partitions its candidates by these same columns.
-CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb")
-ClassKey = tuple[int, str, float, str | None, int, float | None]
+CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb", "nodes")
+ClassKey = tuple[int, str, float, str | None, int, float | None, int]
 
 
 def class_key(
-    priority: int, owner: str, gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | None
+    priority: int,
+    owner: str,
+    gpus: float,
+    gpu_type: str | None,
+    cpus: int,
+    memory_gb: float | None,
+    nodes: int = 1,
 ) -> ClassKey:
     return (
         int(priority),
@@ -116,6 +128,7 @@ def class_key(
         gpu_type,
         int(cpus),
         None if memory_gb is None else float(memory_gb),
+        int(nodes),
     )
 
 

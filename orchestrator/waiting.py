@@ -97,7 +97,9 @@ def reason(job: JobRecord, summary: WaitSummary | None, now: datetime) -> str | 
         if created is not None and (now - created).total_seconds() > STALE_S:
             return "no scheduling round has run yet: is a controller running (lorajobs controller)?"
         return NEXT_ROUND
-    key = class_key(job.priority, job.owner, job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+    key = class_key(
+        job.priority, job.owner, job.gpus, job.gpu_type, job.cpus, job.memory_gb, job.nodes
+    )
     why = summary.classes.get(key) or summary.stop or NEXT_ROUND
     if (now - summary.at).total_seconds() > STALE_S:
         why += f" (as of {_clock(summary.at)}: is a controller running?)"
