@@ -170,3 +170,56 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
         f"largest adapter difference, 2 workers vs 1: {worst:.2e}; final loss "
         f"{metrics['final_loss']!r} vs {ref_metrics['final_loss']!r}"
     )
+
+
+def test_losing_a_node_resumes_the_whole_gang_from_its_checkpoint(
+    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
+    first, second = sim_cluster.add_gpu_node("A100"), sim_cluster.add_gpu_node("A100")
+    queue, ctl = start_controller(sim_cluster, tmp_path / "home", CONFIG)
+    bucket = tmp_path / "bucket"
+    shape = {"nodes": 2, "gpus_per_node": 1}
+    calm = queue.submit(
+        spec("gang", tiny_text_model, tiny_text_dataset, shape), output_uri=f"file://{bucket}"
+    )[0]
+    drive(ctl, until=lambda: queue.get(calm.id).status.is_terminal(), timeout=300)
+    assert queue.get(calm.id).status is JobStatus.succeeded, queue.get(calm.id).failure_reason
+
+    job = queue.submit(
+        spec("gang", tiny_text_model, tiny_text_dataset, shape, checkpoint_every=CHECKPOINT_EVERY),
+        output_uri=f"file://{bucket}",
+    )[0]
+    checkpoints = bucket / "jobs" / job.id / "checkpoints"
+    lost: list[str] = []
+
+    def lose_a_node_after_a_checkpoint() -> None:
+        if lost or not any(checkpoints.glob("step-*/COMPLETE")):
+            return
+        # The node that does not host the attempt's own task: Ray Train sees a worker die.
+        victim = second if queue.get(job.id).node_id == first.node_id else first
+        sim_cluster.remove(victim)
+        lost.append(victim.node_id)
+        sim_cluster.add_gpu_node("A100", wait=False)  # a replacement joins
+
+    drive(
+        ctl,
+        until=lambda: queue.get(job.id).status.is_terminal(),
+        timeout=400,
+        each=lose_a_node_after_a_checkpoint,
+    )
+    done = queue.get(job.id)
+    assert lost, "the job ended before a node could be removed"
+    assert done.status is JobStatus.succeeded, done.failure_reason
+    assert done.attempt == 2
+    requeued = [
+        e for e in queue.events(job.id) if e.to_status is JobStatus.queued and e.from_status
+    ]
+    assert len(requeued) == 1 and requeued[0].data["kind"] == "infra", requeued
+    assert "gang lost a member" in requeued[0].reason, requeued[0].reason
+    resumed = done.result["metrics"]["resumed_from_step"]
+    assert resumed >= CHECKPOINT_EVERY and resumed % CHECKPOINT_EVERY == 0, resumed
+    # Resumed at the same world size: the uninterrupted run's bytes.
+    assert (
+        adapter(bucket, "gang", job.id).read_bytes()
+        == adapter(bucket, "gang", calm.id).read_bytes()
+    )
