@@ -5,7 +5,8 @@ the workers' placement group holds them). It starts a `TorchTrainer` with one wo
 each bundle `{"GPU": 1, "CPU": cpus, ...}`, placed as one placement group: all bundles at once
 or none (STRICT_PACK on one node, STRICT_SPREAD with one GPU per node, PACK otherwise). Ray
 chooses the nodes itself; the scheduler has only checked that enough of them have room. Each
-worker runs `run_rank`: the same `run_job` as a one-GPU job, with its rank and world size (`worker/trainers/distributed.py`).
+worker runs `run_rank`: the same `run_job` as a one-GPU job, with its rank and world size
+(`worker/trainers/distributed.py`).
 
 Failures: Ray Train is told to retry nothing (`max_failures=0`, no preemption retries), so a
 lost worker or node stops the whole gang at once and `fit` raises; an error our worker raised

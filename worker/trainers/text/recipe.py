@@ -233,6 +233,8 @@ def _resolved(
         "data_format": spec.data.format,
         "trainable_params": sum(p.numel() for p in params),
         "dtype": str(precision.base_dtype).removeprefix("torch."),
+        # A gang's size: its batches are split this many ways (a 1-GPU run records none).
+        **({"workers": ctx.world_size} if ctx.world_size > 1 else {}),
     }
 
 
