@@ -72,28 +72,31 @@ def run_gang(
         "gloo" if os.environ.get("LORAJOBS_ALLOW_CPU_FALLBACK", "").strip() == "1" else "nccl"
     )
     log(f"gang of {res.workers} workers on {res.nodes} node(s) ({strategy}, {backend})")
-    trainer = TorchTrainer(
-        run_rank,
-        train_loop_config={
-            "spec": raw_spec,
-            "job_id": job_id,
-            "attempt": attempt,
-            "output_uri": output_uri,
-            "send": send,  # to the controller's progress board (an actor handle inside)
-            "extra": extra,
-        },
-        scaling_config=scaling,
-        torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(
-            name=f"lorajobs-{job_id}-{attempt}",
-            storage_path=tempfile.mkdtemp(prefix="lorajobs-train-"),  # Ray Train's own files
-            failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - Ray Train's errors: classified below
-        raise _cause(err) from None
+    config = {
+        "spec": raw_spec,
+        "job_id": job_id,
+        "attempt": attempt,
+        "output_uri": output_uri,
+        "send": send,  # to the controller's progress board (an actor handle inside)
+        "extra": extra,
+    }
+    # Ray Train's own files (no checkpoints of ours go there): removed with the attempt.
+    with tempfile.TemporaryDirectory(prefix="lorajobs-train-") as storage:
+        trainer = TorchTrainer(
+            run_rank,
+            train_loop_config=config,
+            scaling_config=scaling,
+            torch_config=TorchConfig(backend=backend),
+            run_config=RunConfig(
+                name=f"lorajobs-{job_id}-{attempt}",
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as err:  # noqa: BLE001 - Ray Train's errors: classified below
+            raise _cause(err) from None
     if result.error is not None:
         raise _cause(result.error)
     payload = (result.metrics or {}).get("lorajobs_result")

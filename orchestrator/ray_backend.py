@@ -380,7 +380,8 @@ def _worker_env() -> dict[str, str]:
     (or instance role) and never travel through Ray."""
     # The cache is a node's own: forward its settings only when set explicitly, so a worker
     # image's default (e.g. /var/cache/lorajobs) is not overridden by the controller's home.
-    env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    # Gangs (orchestrator/gang.py) use Ray Train's V2 API (the default in Ray 2.60): keep it on.
+    env = {"HF_HUB_DISABLE_TELEMETRY": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     for key in (
         "HF_HUB_OFFLINE",
         "TRANSFORMERS_OFFLINE",
