@@ -39,6 +39,7 @@ from lorajobs.orchestrator.scheduler import (
     Placement,
     Shape,
     aged_priority,
+    node_shape,
 )
 from lorajobs.orchestrator.states import JobStatus
 from lorajobs.orchestrator.waiting import WaitSummary
@@ -288,8 +289,10 @@ class Scheduling:
             )
 
     def demand(self) -> list[tuple[Shape, bool, int]]:
-        """(shape, queued?, how many) over queued and active jobs: what the autoscaler is told."""
-        shape = (JOBS.c.gpus, JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb)
+        """(shape, queued?, how many) over queued and active jobs: what the autoscaler is told.
+        A gang counts as its per-node share once per node (`gangs.py`), so the autoscaler
+        starts nodes it fits on."""
+        shape = (JOBS.c.gpus, JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb, JOBS.c.nodes)
         queued = (JOBS.c.status == JobStatus.queued.value).label("queued")
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -298,7 +301,11 @@ class Scheduling:
                 .group_by(*shape, queued)
             ).all()
         return [
-            (Shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb), bool(r.queued), int(r[5]))
+            (
+                node_shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb, r.nodes),
+                bool(r.queued),
+                int(r[6]) * int(r.nodes),
+            )
             for r in rows
         ]
 
