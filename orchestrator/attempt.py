@@ -23,6 +23,7 @@ from lorajobs.jobspecs.failures import (
     NodeUnfit,
     classify,
 )
+from lorajobs.orchestrator.cost import record_so_far
 from lorajobs.orchestrator.settings import Settings
 
 PROGRESS_LOG_EVERY_S = 2.0
@@ -148,12 +149,10 @@ def _reporter(
     def report(p: dict[str, Any]) -> None:
         now = time.monotonic()
         final = p.get("step") == p.get("total_steps")
-        if final and isinstance(cost, dict) and cost.get("usd_per_hour") is not None:
+        if final:
             # The sidecar is written right after the last step: record what this attempt
             # cost up to here (the database keeps the final figure, upload included).
-            this = cost["usd_per_hour"] * (now - started) / 3600.0
-            cost["this_attempt_usd"] = round(this, 6)
-            cost["total_usd"] = round(this + (cost.get("earlier_attempts_usd") or 0.0), 6)
+            record_so_far(cost, now - started)
         # Fire and forget; the trainer already rate-limits, this guards against chatty ones.
         if now - last_sent[0] >= 0.2 or final:
             last_sent[0] = now

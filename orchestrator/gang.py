@@ -21,12 +21,14 @@ import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 from lorajobs.jobspecs.failures import GangLost, LoraJobsError
 from lorajobs.jobspecs.models import AnyJobSpec
 from lorajobs.orchestrator import gangs
+from lorajobs.orchestrator.cost import record_so_far
 from lorajobs.orchestrator.scheduler import ACCELERATOR_PREFIX, ACCELERATOR_SLIVER, GIB
 
 #: Which torch.distributed backend the gang uses; default NCCL, gloo where GPUs are logical
@@ -79,6 +81,7 @@ def run_gang(
         "output_uri": output_uri,
         "send": send,  # to the controller's progress board (an actor handle inside)
         "extra": extra,
+        "started": time.time(),  # for the cost rank 0 writes into the sidecar
     }
     # Ray Train's own files (no checkpoints of ours go there): removed with the attempt.
     with tempfile.TemporaryDirectory(prefix="lorajobs-train-") as storage:
@@ -137,6 +140,8 @@ def run_rank(config: dict[str, Any]) -> None:
     node = socket.gethostname()
 
     def report(progress: dict[str, Any]) -> None:
+        if progress.get("step") == progress.get("total_steps"):  # the sidecar comes next
+            record_so_far(ctx.extra.get("cost"), time.time() - config["started"])
         send({**progress, "node": node})
 
     ctx = WorkerContext(

@@ -7,6 +7,7 @@ the bytes of the uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ CONFIG = ControllerConfig(
     lease_s=15,
     policy=Policy(aging_s=0),
     retry=RetryPolicy(infra_retries=3, backoff_s=0.5),
+    prices={"A100": 2.0},
 )
 
 
@@ -166,6 +168,11 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
     for a, b in zip(metrics["loss_curve"], ref_metrics["loss_curve"]):
         assert a == pytest.approx(b, rel=LOSS_RTOL)
     assert metrics["tokens"] == ref_metrics["tokens"]
+    # Rank 0's sidecar: the gang's size, and the cost of its 2 GPUs so far.
+    sidecar = json.loads((adapter(bucket, "gang", two.id).parent / "lorajobs.json").read_text())
+    assert sidecar["resolved"]["workers"] == 2
+    cost = sidecar["extra"]["cost"]
+    assert cost["usd_per_hour"] == 4.0 and cost["this_attempt_usd"] > 0
     print(
         f"largest adapter difference, 2 workers vs 1: {worst:.2e}; final loss "
         f"{metrics['final_loss']!r} vs {ref_metrics['final_loss']!r}"
