@@ -81,7 +81,14 @@ def run(
                 from lorajobs.orchestrator.gang import run_gang
 
                 result = run_gang(
-                    parsed, spec, job_id, attempt, output_uri, send=send, extra=extra, log=log.line
+                    parsed,
+                    spec,
+                    job_id,
+                    attempt,
+                    output_uri,
+                    report=ctx.report,
+                    extra=extra,
+                    log=log.line,
                 )
             else:
                 result = run_job(parsed, ctx)  # run_job logs the upload

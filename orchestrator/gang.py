@@ -6,7 +6,8 @@ each bundle `{"GPU": 1, "CPU": cpus, ...}`, placed as one placement group: all b
 or none (STRICT_PACK on one node, STRICT_SPREAD with one GPU per node, PACK otherwise). Ray
 chooses the nodes itself; the scheduler has only checked that enough of them have room. Each
 worker runs `run_rank`: the same `run_job` as a one-GPU job, with its rank and world size
-(`worker/trainers/distributed.py`).
+(`worker/trainers/distributed.py`); rank 0's progress comes back to this task through a relay
+actor and goes on to the controller and the attempt log.
 
 Failures: Ray Train is told to retry nothing (`max_failures=0`, no preemption retries), so a
 lost worker or node stops the whole gang at once and `fit` raises; an error our worker raised
@@ -21,8 +22,10 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lorajobs.jobspecs.failures import GangLost, LoraJobsError
@@ -54,11 +57,12 @@ def run_gang(
     attempt: int,
     output_uri: str,
     *,
-    send: Callable[[dict[str, Any]], None],
+    report: Callable[[dict[str, Any]], None],
     extra: dict[str, Any],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Train `spec` on a gang of `resources.workers` workers; rank 0's result dict."""
+    """Train `spec` on a gang of `resources.workers` workers; rank 0's result dict. Rank 0's
+    progress reaches `report` (the attempt's: the controller and the attempt log) here."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -74,17 +78,18 @@ def run_gang(
         "gloo" if os.environ.get("LORAJOBS_ALLOW_CPU_FALLBACK", "").strip() == "1" else "nccl"
     )
     log(f"gang of {res.workers} workers on {res.nodes} node(s) ({strategy}, {backend})")
+    relay = _start_relay()
     config = {
         "spec": raw_spec,
         "job_id": job_id,
         "attempt": attempt,
         "output_uri": output_uri,
-        "send": send,  # to the controller's progress board (an actor handle inside)
+        "relay": relay,  # rank 0's progress, back to this task
         "extra": extra,
         "started": time.time(),  # for the cost rank 0 writes into the sidecar
     }
     # Ray Train's own files (no checkpoints of ours go there): removed with the attempt.
-    with tempfile.TemporaryDirectory(prefix="lorajobs-train-") as storage:
+    with _relaying(relay, report), tempfile.TemporaryDirectory(prefix="lorajobs-train-") as storage:
         trainer = TorchTrainer(
             run_rank,
             train_loop_config=config,
@@ -106,6 +111,59 @@ def run_gang(
     if not payload:
         raise GangLost(f"job {job_id}: the gang ended without rank 0's result")
     return dict(json.loads(payload))
+
+
+def _start_relay() -> Any:
+    """A small actor on this node that holds rank 0's progress until this task takes it (rank
+    0 may run on another node, and the attempt's log and reporter live here)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class Relay:
+        def __init__(self) -> None:
+            self.items: list[dict[str, Any]] = []
+
+        def put(self, item: dict[str, Any]) -> None:
+            self.items = [*self.items[-99:], item]
+
+        def take(self) -> list[dict[str, Any]]:
+            out, self.items = self.items, []
+            return out
+
+    here = ray.get_runtime_context().get_node_id()
+    return Relay.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote()
+
+
+@contextmanager
+def _relaying(relay: Any, report: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Pass what rank 0 puts in `relay` to `report`, about every second, until the block ends."""
+    import ray
+
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            last = stop.wait(1.0)
+            try:
+                items = ray.get(relay.take.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress is best effort: training goes on
+                items = []
+            for item in items:
+                report(item)
+            if last:
+                return
+
+    thread = threading.Thread(target=pump, name="lorajobs-gang-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        ray.kill(relay)
 
 
 def _cause(err: BaseException) -> LoraJobsError:
@@ -135,14 +193,14 @@ def run_rank(config: dict[str, Any]) -> None:
 
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
-    job_id, attempt, send = config["job_id"], config["attempt"], config["send"]
+    job_id, attempt, relay = config["job_id"], config["attempt"], config["relay"]
     spec = parse_spec(config["spec"], f"job {job_id}")
     node = socket.gethostname()
 
     def report(progress: dict[str, Any]) -> None:
         if progress.get("step") == progress.get("total_steps"):  # the sidecar comes next
             record_so_far(ctx.extra.get("cost"), time.time() - config["started"])
-        send({**progress, "node": node})
+        relay.put.remote(progress)  # fire and forget
 
     ctx = WorkerContext(
         job_id=job_id,

@@ -19,12 +19,13 @@ from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
 from lorajobs.orchestrator.settings import ControllerConfig
 from lorajobs.orchestrator.states import JobStatus
+from lorajobs.storage.logs import read_log
 from tests.plugins.cluster import SimCluster, drive, start_controller
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 STEPS = 240  # long enough (a few seconds) to lose a node mid-run
-CHECKPOINT_EVERY = 40
+CHECKPOINT_EVERY = 20  # the first one early: the node is lost with most of the run to go
 # DDP averages per-rank gradients; the math is the 1-worker run's, the float reduction order
 # is not (docs/architecture.md, "Gangs"). Measured: 4e-7 and 1e-7 after 240 steps.
 ATOL = 1e-5
@@ -168,6 +169,10 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
     for a, b in zip(metrics["loss_curve"], ref_metrics["loss_curve"]):
         assert a == pytest.approx(b, rel=LOSS_RTOL)
     assert metrics["tokens"] == ref_metrics["tokens"]
+    # The attempt's log: the gang, and rank 0's progress relayed to it.
+    log = read_log(f"file://{bucket}", two.id, 1)
+    assert log is not None and "gang of 2 workers on 1 node(s) (STRICT_PACK, gloo)" in log.decode()
+    assert f"step {STEPS}/{STEPS}  loss" in log.decode()
     # Rank 0's sidecar: the gang's size, and the cost of its 2 GPUs so far.
     sidecar = json.loads((adapter(bucket, "gang", two.id).parent / "lorajobs.json").read_text())
     assert sidecar["resolved"]["workers"] == 2
@@ -213,6 +218,7 @@ def test_losing_a_node_resumes_the_whole_gang_from_its_checkpoint(
         until=lambda: queue.get(job.id).status.is_terminal(),
         timeout=400,
         each=lose_a_node_after_a_checkpoint,
+        poll_s=0.05,
     )
     done = queue.get(job.id)
     assert lost, "the job ended before a node could be removed"
