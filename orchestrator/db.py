@@ -187,6 +187,7 @@ JOBS = Table(
     Column("cost_usd", Float, nullable=True),  # all attempts so far
     # 0005g: nodes a gang spans (its `gpus` are split evenly over them); 1 for every other job.
     Column("nodes", Integer, server_default="1", nullable=False),
+    Column("gang_nodes", Text, nullable=True),  # a gang's nodes, comma-separated
     # The scheduler's query: queued jobs by priority, oldest first.
     Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
     # Per-owner limits and `lorajobs status --owner`.

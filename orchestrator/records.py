@@ -57,6 +57,7 @@ class JobRecord:
     accelerator: str | None = None
     cost_usd: float | None = None
     nodes: int = 1
+    gang_nodes: str | None = None
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""

@@ -142,9 +142,10 @@ class Hold:
     gpus: float
     cpus: int
     memory_gb: float | None = None
-    #: A gang's nodes: its share of each is charged to `node_id` (the first); Ray's own
-    #: availability accounts for the others once its placement group holds them.
+    #: How many nodes a gang spans, and which the scheduler chose: its share is charged to
+    #: each (to `node_id` alone when they are not known).
     nodes: int = 1
+    gang_nodes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -219,8 +220,9 @@ def node_views(
         if h.node_id is None:
             continue
         share = node_shape(h.gpus, None, h.cpus, h.memory_gb, h.nodes)
-        for key, amount in share.ray_resources().items():
-            held[h.node_id][key] += amount
+        for node_id in h.gang_nodes or (h.node_id,):
+            for key, amount in share.ray_resources().items():
+                held[node_id][key] += amount
     skip = set(exclude)
     nodes = []
     for node_id, total in sorted(totals.items()):

@@ -185,6 +185,7 @@ class Scheduling:
                         "node_id": p.node_id,
                         "accelerator": p.accelerator,
                         "node": None,
+                        "gang_nodes": ",".join((p.data or {}).get("gang_nodes") or []) or None,
                     },
                     p.data,
                 )
@@ -202,9 +203,22 @@ class Scheduling:
                 JOBS.c.cpus,
                 JOBS.c.memory_gb,
                 JOBS.c.nodes,
+                JOBS.c.gang_nodes,
             ).where(JOBS.c.status.in_(_ACTIVE))
         )
-        return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb, r.nodes) for r in rows]
+        return [
+            Hold(
+                r.id,
+                r.owner,
+                r.node_id,
+                r.gpus,
+                r.cpus,
+                r.memory_gb,
+                r.nodes,
+                tuple(r.gang_nodes.split(",")) if r.gang_nodes else (),
+            )
+            for r in rows
+        ]
 
     def _age_s(self, now: datetime) -> Any:
         """SQL: seconds since `created_at` (what aging adds to a job's priority)."""

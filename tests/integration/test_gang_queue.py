@@ -1,6 +1,6 @@
 """Gangs in the queue, on SQLite and PostgreSQL: the `nodes` column (migration 0005g) reaches
-the scheduling round's candidates and the class key, and the autoscaler is asked for a gang's
-per-node share once per node."""
+the scheduling round's candidates and the class key, the autoscaler is asked for a gang's
+per-node share once per node, and a dispatched gang holds its share on each of its nodes."""
 
 from __future__ import annotations
 
@@ -59,3 +59,27 @@ def test_a_gang_reaches_the_round_and_the_autoscaler_per_node(any_db_engine: Eng
         (Shape(8.0, None, 32, None), True, 1),
         (Shape(8.0, None, 32, None), True, 2),
     ]
+
+
+def test_a_dispatched_gang_holds_each_of_its_nodes(any_db_engine: Engine) -> None:
+    from lorajobs.orchestrator.scheduler import Policy, Round, node_views
+
+    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    q = Queue(any_db_engine, clock=lambda: now)
+    gang, _ = q.submit(spec("g", {"nodes": 2, "gpus_per_node": 8, "cpus": 4}), output_uri=OUT)
+    total = {"CPU": 64.0, "GPU": 8.0}
+    seen: list[Any] = []
+
+    def start(holds: list[Any]) -> Round:
+        seen.append(holds)
+        # What the controller does: the nodes' totals less what active jobs hold there.
+        nodes = node_views({n: total for n in ("a", "b", "c")}, holds)
+        return Round(nodes, holds, Policy(aging_s=0), now)
+
+    kw: dict[str, Any] = {"per_class": 5, "aging_s": 0, "lease_owner": "c"}
+    (dispatched,) = q.scheduling.schedule(start, lease_expires_at=now, **kw)
+    assert dispatched.id == gang.id and dispatched.gang_nodes == "a,b"
+    q.submit(spec("o", {"gpus": 8, "cpus": 4}), output_uri=OUT)
+    (other,) = q.scheduling.schedule(start, lease_expires_at=now, **kw)
+    assert [(h.id, h.gang_nodes) for h in seen[1]] == [(gang.id, ("a", "b"))]
+    assert other.node_id == "c"  # not a or b, which the gang holds

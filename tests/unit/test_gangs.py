@@ -112,6 +112,10 @@ def test_a_one_node_gang_needs_its_cpus_per_worker_on_that_node() -> None:
 def test_an_active_gang_holds_its_per_node_share() -> None:
     views = node_views({"a": node("a", gpus=2, cpus=4).total}, [Hold("g", "o", "a", 2, 2)])
     assert views[0].free["GPU"] == 0 and views[0].free["CPU"] == 0
+    # A 2-node gang holds its share on each node the scheduler chose, from its dispatch on.
+    totals = {n: node(n).total for n in "abc"}
+    views = node_views(totals, [Hold("g", "o", "a", 2, 1, None, 2, ("a", "b"))])
+    assert [v.free["GPU"] for v in views] == [0, 0, 1]
 
 
 def test_placement_strategies() -> None:
