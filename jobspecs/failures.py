@@ -139,3 +139,10 @@ class NodeUnfit(LoraJobsError):
 
     kind = FailureKind.infra
     node_fault = True
+
+
+class GangLost(LoraJobsError):
+    """A member of a multi-GPU gang was lost (its process or its node): the whole gang stopped,
+    and the job resumes from its last checkpoint as a new attempt."""
+
+    kind = FailureKind.infra

@@ -232,12 +232,58 @@ class Resources(_Strict):
         None, gt=0, description="Host memory the job needs, in GiB. Default: no reservation."
     )
 
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Nodes of a multi-node job (with gpus_per_node): its workers run as one gang "
+        "on this many nodes, all at once or not at all.",
+    )
+    gpus_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="GPUs on each of `nodes` nodes; `gpus` is then nodes x gpus_per_node. "
+        "One worker per GPU (Ray Train, DDP). Default: `gpus` on one node.",
+    )
+
     @field_validator("gpus")
     @classmethod
     def _whole_or_fraction(cls, v: float) -> float:
         if v > 1 and v != int(v):
             raise ValueError("more than one GPU must be a whole number")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gang(cls, data: object) -> object:
+        # Fills in `gpus` (the job's total, which limits and cost count) from a multi-node shape.
+        if not isinstance(data, dict):
+            return data
+        nodes, per_node = data.get("nodes", 1), data.get("gpus_per_node")
+        if per_node is None:
+            if isinstance(nodes, int) and nodes > 1:
+                raise ValueError("nodes > 1 needs gpus_per_node (the GPUs on each node)")
+            return data
+        if not isinstance(nodes, int) or not isinstance(per_node, int):
+            return data  # the field validators name the bad one
+        total = nodes * per_node
+        if data.get("gpus") is not None and data["gpus"] != total:
+            raise ValueError(
+                f"gpus {data['gpus']:g} is not nodes x gpus_per_node ({total}): give one or "
+                "the other"
+            )
+        return {**data, "gpus": total}
+
+    @property
+    def workers(self) -> int:
+        """Training processes of the job: one per GPU when it has more than one, else one."""
+        return int(self.gpus) if self.gpus > 1 else 1
+
+    @property
+    def gang(self) -> bool:
+        """Whether the job runs as a gang of workers (Ray Train) rather than one task."""
+        return self.workers > 1
 
 
 class ImageData(_Strict):
@@ -474,6 +520,15 @@ class ImageJobSpec(_JobSpec):
         "(samples/step-N.png, samples.png) uploaded with the adapter. Default: none.",
     )
 
+    @model_validator(mode="after")
+    def _one_worker(self) -> ImageJobSpec:
+        if self.resources.gang:
+            raise ValueError(
+                "resources: image jobs train on one GPU (gangs of several run text jobs only); "
+                "use gpus: 1"
+            )
+        return self
+
 
 class TextJobSpec(_JobSpec):
     """A LoRA on a causal language model, trained on JSONL rows with a `text` field."""
@@ -483,6 +538,17 @@ class TextJobSpec(_JobSpec):
     data: TextData = Field(
         default_factory=TextData, description="Row format, chat template, loss mask, packing, eval."
     )
+
+    @model_validator(mode="after")
+    def _batch_splits_across_workers(self) -> TextJobSpec:
+        # batch_size is the global batch: each of the gang's workers takes an equal share.
+        workers = self.resources.workers
+        if self.training.batch_size % workers:
+            raise ValueError(
+                f"training.batch_size {self.training.batch_size} must be a multiple of the "
+                f"job's {workers} workers (one per GPU): it is split evenly between them"
+            )
+        return self
 
 
 JobSpec = Annotated[ImageJobSpec | TextJobSpec, Field(discriminator="kind")]

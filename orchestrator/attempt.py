@@ -24,6 +24,7 @@ from lorajobs.jobspecs.failures import (
     Preempted,
     classify,
 )
+from lorajobs.orchestrator.cost import record_so_far
 from lorajobs.orchestrator.settings import Settings
 
 PROGRESS_LOG_EVERY_S = 2.0
@@ -80,7 +81,22 @@ def run(
         )
         base = {"node": node, "ray_node_id": ray_node_id}
         try:
-            out = {"ok": True, **base, **run_job(parsed, ctx)}  # run_job logs the upload
+            if parsed.resources.gang:  # several GPUs: Ray Train workers; this task coordinates
+                from lorajobs.orchestrator.gang import run_gang
+
+                result = run_gang(
+                    parsed,
+                    spec,
+                    job_id,
+                    attempt,
+                    output_uri,
+                    report=ctx.report,
+                    extra=extra,
+                    log=log.line,
+                )
+            else:
+                result = run_job(parsed, ctx)  # run_job logs the upload
+            out = {"ok": True, **base, **result}
         except LoraJobsError as err:
             err = _on_this_node(err, node)
             # The hostname alone may not tell nodes apart (containers, a simulated cluster).
@@ -146,12 +162,10 @@ def _reporter(
     def report(p: dict[str, Any]) -> None:
         now = time.monotonic()
         final = p.get("step") == p.get("total_steps")
-        if final and isinstance(cost, dict) and cost.get("usd_per_hour") is not None:
+        if final:
             # The sidecar is written right after the last step: record what this attempt
             # cost up to here (the database keeps the final figure, upload included).
-            this = cost["usd_per_hour"] * (now - started) / 3600.0
-            cost["this_attempt_usd"] = round(this, 6)
-            cost["total_usd"] = round(this + (cost.get("earlier_attempts_usd") or 0.0), 6)
+            record_so_far(cost, now - started)
         # Fire and forget; the trainer already rate-limits, this guards against chatty ones.
         if now - last_sent[0] >= 0.2 or final:
             last_sent[0] = now

@@ -83,6 +83,15 @@ class Estimate:
         }
 
 
+def record_so_far(cost: Any, seconds: float) -> None:
+    """Write into an attempt's cost facts (`extra["cost"]`, which the sidecar records) what it
+    has cost after `seconds`, and all attempts together; nothing without a price."""
+    if isinstance(cost, dict) and cost.get("usd_per_hour") is not None:
+        this = cost["usd_per_hour"] * seconds / 3600.0
+        cost["this_attempt_usd"] = round(this, 6)
+        cost["total_usd"] = round(this + (cost.get("earlier_attempts_usd") or 0.0), 6)
+
+
 def estimate(
     prices: Mapping[str, float],
     *,

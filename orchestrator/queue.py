@@ -105,6 +105,7 @@ class Queue:
                             gpu_type=spec.resources.gpu_type,
                             cpus=spec.resources.cpus,
                             memory_gb=spec.resources.memory_gb,
+                            nodes=spec.resources.nodes,
                             max_runtime_s=getattr(spec, "max_runtime", None),
                             created_at=now,
                             updated_at=now,

@@ -44,6 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lorajobs.jobspecs.failures import FailureKind, InvalidInput
 from lorajobs.orchestrator.capability import local_gpu_count
 from lorajobs.orchestrator.drain import Drain, StopPoll, read_drains
+from lorajobs.orchestrator.gangs import is_gang
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
 from lorajobs.storage.boundaries import ENV_KEYS
@@ -346,7 +347,8 @@ class RayBackend:
         node_id: str | None,
         extra: dict[str, Any] | None = None,
     ) -> Attempt:
-        need = shape.ray_resources()
+        # A gang's task only coordinates: its workers' placement group holds the resources.
+        need = {} if is_gang(spec) else shape.ray_resources()
         options: dict[str, Any] = {
             "num_cpus": need.pop("CPU", 0.0),
             "num_gpus": need.pop("GPU", 0.0),
@@ -458,7 +460,8 @@ def _worker_env() -> dict[str, str]:
     (or instance role) and never travel through Ray."""
     # The cache is a node's own: forward its settings only when set explicitly, so a worker
     # image's default (e.g. /var/cache/lorajobs) is not overridden by the controller's home.
-    env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    # Gangs (orchestrator/gang.py) use Ray Train's V2 API (the default in Ray 2.60): keep it on.
+    env = {"HF_HUB_DISABLE_TELEMETRY": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     for key in (
         "HF_HUB_OFFLINE",
         "TRANSFORMERS_OFFLINE",

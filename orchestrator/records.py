@@ -63,6 +63,8 @@ class JobRecord:
     cost_usd: float | None = None
     preempt_at: datetime | None = None
     preempted_by: str | None = None
+    nodes: int = 1
+    gang_nodes: str | None = None
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
+from lorajobs.orchestrator import gangs
+
 ACCELERATOR_PREFIX = "accelerator_type:"
 # Asking for a sliver of `accelerator_type:<T>` pins a task to such a node without limiting
 # how many share it (what Ray itself does for `accelerator_type=`).
@@ -46,6 +48,14 @@ class Shape:
         return ", ".join(parts)
 
 
+def node_shape(
+    gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | None, nodes: int = 1
+) -> Shape:
+    """What a job takes from one node: the whole job, or a gang's share on each of its nodes."""
+    g, c, m = gangs.per_node(gpus, cpus, memory_gb, nodes)
+    return Shape(g, gpu_type, c, m)
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """A queued job as the scheduler sees it."""
@@ -61,27 +71,42 @@ class Candidate:
     #: Seconds it is expected to run (steps x measured seconds per step of its shape); None:
     #: unknown (then the round's `estimate` is asked; unknown jobs never backfill a reservation).
     est_s: float | None = None
+    #: Nodes a gang spans (its GPUs split evenly over them): `orchestrator/gangs.py`.
+    nodes: int = 1
 
     @property
     def shape(self) -> Shape:
-        return Shape(self.gpus, self.gpu_type, self.cpus, self.memory_gb)
+        """What the job takes from each node it runs on (a gang: from each of `nodes`)."""
+        return node_shape(self.gpus, self.gpu_type, self.cpus, self.memory_gb, self.nodes)
 
     @property
     def class_key(self) -> ClassKey:
         return class_key(
-            self.priority, self.owner, self.gpus, self.gpu_type, self.cpus, self.memory_gb
+            self.priority,
+            self.owner,
+            self.gpus,
+            self.gpu_type,
+            self.cpus,
+            self.memory_gb,
+            self.nodes,
         )
 
 
 #: The job fields that make a scheduling class: jobs of one class are interchangeable for the
 #: policy (same order but for age, same limits, same fit), so they wait for one reason. The
 #: queue partitions its candidates by these same columns.
-CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb")
-ClassKey = tuple[int, str, float, str | None, int, float | None]
+CLASS_FIELDS = ("priority", "owner", "gpus", "gpu_type", "cpus", "memory_gb", "nodes")
+ClassKey = tuple[int, str, float, str | None, int, float | None, int]
 
 
 def class_key(
-    priority: int, owner: str, gpus: float, gpu_type: str | None, cpus: int, memory_gb: float | None
+    priority: int,
+    owner: str,
+    gpus: float,
+    gpu_type: str | None,
+    cpus: int,
+    memory_gb: float | None,
+    nodes: int = 1,
 ) -> ClassKey:
     return (
         int(priority),
@@ -90,6 +115,7 @@ def class_key(
         gpu_type,
         int(cpus),
         None if memory_gb is None else float(memory_gb),
+        int(nodes),
     )
 
 
@@ -112,6 +138,10 @@ class Hold:
     preempt_at: datetime | None = None
     #: It has been asked to stop and is checkpointing: its resources are on their way back.
     preempting: bool = False
+    #: How many nodes a gang spans, and which the scheduler chose: its share is charged to
+    #: each (to `node_id` alone when they are not known).
+    nodes: int = 1
+    gang_nodes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -185,8 +215,10 @@ def node_views(
     for h in holds:
         if h.node_id is None:
             continue
-        for key, amount in Shape(h.gpus, None, h.cpus, h.memory_gb).ray_resources().items():
-            held[h.node_id][key] += amount
+        share = node_shape(h.gpus, None, h.cpus, h.memory_gb, h.nodes)
+        for node_id in h.gang_nodes or (h.node_id,):
+            for key, amount in share.ray_resources().items():
+                held[node_id][key] += amount
     skip = set(exclude)
     nodes = []
     for node_id, total in sorted(totals.items()):

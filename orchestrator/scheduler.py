@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from lorajobs.orchestrator import backfill, preemption
+from lorajobs.orchestrator import backfill, gangs, preemption
 from lorajobs.orchestrator.resources import (
     _EPS,
     ACCELERATOR_PREFIX,
@@ -45,6 +45,7 @@ from lorajobs.orchestrator.resources import (
     _label,
     _need_items,
     class_key,
+    node_shape,
     node_views,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "Round",
     "Shape",
     "class_key",
+    "node_shape",
     "node_views",
     "ordered",
     "plan",
@@ -281,6 +283,11 @@ class Round:
             if cap_gpus is not None and self._gpus_of[job.owner] + job.gpus > cap_gpus + _EPS:
                 out.waiting[job.id] = f"owner {job.owner} is at its limit of {cap_gpus:g} GPUs"
                 continue
+            if job.nodes > 1:  # a gang: all of its nodes in this round, or none
+                gang = self._gang_nodes(job)
+                if gang is not None:
+                    self._place(job, gang[0], gang)
+                continue
             node = self._best_node(job)
             if node is None:
                 if job.id not in out.never_fits:
@@ -292,9 +299,10 @@ class Round:
                 out.waiting_classes.setdefault(job.class_key, out.waiting[job.id])
         return out.placements[first:]
 
-    def _place(self, job: Candidate, node: Node) -> None:
+    def _place(self, job: Candidate, node: Node, gang: list[Node] | None = None) -> None:
         shape = job.shape
-        node.take(shape)
+        for n in gang or [node]:
+            n.take(shape)
         self._jobs_of[job.owner] += 1
         self._gpus_of[job.owner] += job.gpus
         accelerator = node.accelerator_for(shape)
@@ -312,12 +320,15 @@ class Round:
                 job.priority,
                 self.now,
                 ends,
+                nodes=job.nodes,
+                gang_nodes=tuple(n.id for n in gang or ()),
             )  # fmt: skip
         )
         data: dict[str, Any] = {
             "node_id": node.id,
             "accelerator": accelerator,
             "effective_priority": eff,
+            **({"gang_nodes": [n.id for n in gang]} if gang else {}),
         }
         if job.owner in self.fair:
             data["fair_share_factor"] = round(self.fair[job.owner], 6)
@@ -369,6 +380,19 @@ class Round:
             if node.fits(shape) and not self._backfills(job, node):
                 return res.excludes(shape)
         return f"waiting for {shape.describe()} to free up"
+
+    def _gang_nodes(self, job: Candidate) -> list[Node] | None:
+        """`job.nodes` distinct nodes with the gang's share free on each, or None (and why)."""
+        shape, out = job.shape, self.plan
+        pool = self._by_label.get(_label(shape) or "", []) if shape.gpu_type else self.nodes
+        chosen, why, never = gangs.pick_gang(
+            pool, shape, job.nodes, Node.fits, Node.could_fit, shape.describe()
+        )
+        if chosen is None:
+            out.waiting[job.id] = why or "waiting"
+            if never:
+                out.never_fits.add(job.id)
+        return chosen
 
     def _best_node(self, job: Candidate) -> Node | None:
         shape, out = job.shape, self.plan

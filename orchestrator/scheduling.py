@@ -42,6 +42,7 @@ from lorajobs.orchestrator.scheduler import (
     Placement,
     Shape,
     aged_level,
+    node_shape,
 )
 from lorajobs.orchestrator.states import JobStatus
 from lorajobs.orchestrator.waiting import WaitSummary
@@ -69,6 +70,7 @@ def hold_of(r: Any, now: datetime) -> Hold:
     return Hold(
         r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb,
         r.priority, started, ends, preempt_at, preempting,
+        r.nodes, tuple(r.gang_nodes.split(",")) if r.gang_nodes else (),
     )  # fmt: skip
 
 
@@ -208,6 +210,7 @@ class Scheduling:
                         "node_id": p.node_id,
                         "accelerator": p.accelerator,
                         "node": None,
+                        "gang_nodes": ",".join((p.data or {}).get("gang_nodes") or []) or None,
                     },
                     p.data,
                 )
@@ -224,6 +227,8 @@ class Scheduling:
                 JOBS.c.gpus,
                 JOBS.c.cpus,
                 JOBS.c.memory_gb,
+                JOBS.c.nodes,
+                JOBS.c.gang_nodes,
                 JOBS.c.priority,
                 JOBS.c.dispatched_at,
                 JOBS.c.preempt_at,
@@ -264,6 +269,7 @@ class Scheduling:
             JOBS.c.gpu_type,
             JOBS.c.cpus,
             JOBS.c.memory_gb,
+            JOBS.c.nodes,
         )
         rank = (
             func.row_number()
@@ -313,8 +319,9 @@ class Scheduling:
                 gpu_type,
                 cpus,
                 mem,
+                nodes=nodes,
             )
-            for id_, owner, prio, created, gpus, gpu_type, cpus, mem in rows
+            for id_, owner, prio, created, gpus, gpu_type, cpus, mem, nodes in rows
         ]
 
     def has_queued(self) -> bool:
@@ -328,8 +335,10 @@ class Scheduling:
             )
 
     def demand(self) -> list[tuple[Shape, bool, int]]:
-        """(shape, queued?, how many) over queued and active jobs: what the autoscaler is told."""
-        shape = (JOBS.c.gpus, JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb)
+        """(shape, queued?, how many) over queued and active jobs: what the autoscaler is told.
+        A gang counts as its per-node share once per node (`gangs.py`), so the autoscaler
+        starts nodes it fits on."""
+        shape = (JOBS.c.gpus, JOBS.c.gpu_type, JOBS.c.cpus, JOBS.c.memory_gb, JOBS.c.nodes)
         queued = (JOBS.c.status == JobStatus.queued.value).label("queued")
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -338,7 +347,11 @@ class Scheduling:
                 .group_by(*shape, queued)
             ).all()
         return [
-            (Shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb), bool(r.queued), int(r[5]))
+            (
+                node_shape(r.gpus, r.gpu_type, r.cpus, r.memory_gb, r.nodes),
+                bool(r.queued),
+                int(r[6]) * int(r.nodes),
+            )
             for r in rows
         ]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from lorajobs.orchestrator.records import JobRecord
-from lorajobs.orchestrator.scheduler import ClassKey, Node, Round, Shape, class_key
+from lorajobs.orchestrator.scheduler import ClassKey, Node, Round, class_key, node_shape
 from lorajobs.orchestrator.states import JobStatus
 
 #: The controller rewrites an unchanged summary this often (seconds)...
@@ -97,7 +97,9 @@ def reason(job: JobRecord, summary: WaitSummary | None, now: datetime) -> str | 
         if created is not None and (now - created).total_seconds() > STALE_S:
             return "no scheduling round has run yet: is a controller running (lorajobs controller)?"
         return NEXT_ROUND
-    key = class_key(job.priority, job.owner, job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+    key = class_key(
+        job.priority, job.owner, job.gpus, job.gpu_type, job.cpus, job.memory_gb, job.nodes
+    )
     why = summary.classes.get(key) or summary.stop or NEXT_ROUND
     if job.preempted_by and (job.failure_reason or "").startswith("preempted by"):
         # Requeued by a preemption: say by whom first (`status` shows the head of the line).
@@ -116,7 +118,7 @@ def short(text: str | None, width: int = 44) -> str:
 
 
 def unschedulable(job: JobRecord, nodes: list[Node]) -> str:
-    shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
+    shape = node_shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb, job.nodes)
     need = shape.ray_resources()
     most = {k: max((n.total.get(k, 0.0) for n in nodes), default=0.0) for k in need}
     missing = ", ".join(

@@ -58,6 +58,10 @@ class WorkerContext:
     # A job that asked for GPUs may train on this machine's CPU (`lorajobs run`, or a node
     # with LORAJOBS_ALLOW_CPU_FALLBACK=1) instead of failing as the node's fault.
     cpu_fallback: bool = False
+    # This process's place in a gang (a multi-GPU job: one worker per GPU, Ray Train + DDP);
+    # rank 0 writes the checkpoints, the adapter and the sidecar.
+    rank: int = 0
+    world_size: int = 1
 
 
 @dataclass

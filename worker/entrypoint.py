@@ -113,6 +113,8 @@ def run_job(spec: AnyJobSpec, ctx: WorkerContext) -> dict[str, Any]:
         t = time.monotonic()
         output, tracking = _train(spec, ctx, model_dir, data_path, out_dir, Path(tmp))
         timings["train"] = _since(t)
+        if ctx.rank > 0:  # a gang's other workers: rank 0 writes the sidecar and uploads
+            return {"rank": ctx.rank, "metrics": output.metrics, "timings": timings}
 
         t = time.monotonic()
         # The upload has not happened yet when the sidecar is written: it records None there
@@ -165,7 +167,7 @@ def _train(
 ) -> tuple[TrainOutput, MlflowRun | None]:
     """Train into `out_dir`, with the attempt's TensorBoard events (and MLflow run, when the
     deployment names a server) written as it goes; returns the run, still open, for its end."""
-    own_board = ctx.board is None
+    own_board = ctx.board is None and ctx.rank == 0  # a gang's events come from rank 0
     tracking = _mlflow_run(spec, ctx) if own_board else None
     if own_board:  # TensorBoard events: written here, uploaded with checkpoints and at the end
         ctx.board = Board.for_attempt(

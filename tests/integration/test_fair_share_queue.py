@@ -31,7 +31,7 @@ def spec(name: str, owner: str, gpus: float = 1, steps: int = 100, priority: int
             "priority": priority,
             "base_model": "m",
             "dataset": "d",
-            "training": {"steps": steps},
+            "training": {"steps": steps, "batch_size": max(1, int(gpus))},  # a gang: one row each
             "resources": {"gpus": gpus},
         }
     )

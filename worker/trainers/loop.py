@@ -420,7 +420,7 @@ class TrainLoop:
         if st.get("fingerprint") != self.fingerprint:
             raise InvalidInput(
                 f"job {self.ctx.job_id}: the checkpoints under {store.uri} were written by a "
-                "different spec or thread count; use another job id, or delete them"
+                "different spec, thread count or number of GPUs; use another job id, or delete them"
             )
         with torch.no_grad():
             for n, p in self.named:

@@ -196,9 +196,14 @@ class TextTrainSet:
             out.append(self._orders[epoch][pos])
         return out
 
-    def batch(self, step: int) -> TextBatch:
-        """The batch of 0-based `step`."""
-        return self._table.batch(self.indices(step), self.pad_id)
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> TextBatch:
+        """The batch of 0-based `step`; in a gang of `world` workers, rank `rank`'s share of it
+        (every `world`-th row, from `rank`)."""
+        return self._table.batch(self.indices(step)[rank::world], self.pad_id)
+
+    def label_tokens(self, step: int) -> int:
+        """Tokens that carry loss in the whole batch of `step` (what its mean loss divides by)."""
+        return sum(self._table.label_counts[i] for i in self.indices(step))
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[TextBatch]:
         """The validation set in order, packed like training; nothing when there is none."""

@@ -20,10 +20,10 @@ from lorajobs.jobspecs.models import TextJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
+from lorajobs.worker.trainers.distributed import Gang
 from lorajobs.worker.trainers.loop import (
     LoopResult,
     Precision,
-    TrainLoop,
     build_optimizer,
     loss_curve,
     pick_device,
@@ -67,30 +67,36 @@ def train(
     model = _model_with_lora(spec, model_dir, device, precision.base_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tr, device)
+    # A gang (several GPUs) trains with DDP, each rank on its share of every batch.
+    gang = Gang.of(ctx)
+    net = gang.wrap(model, device, tr.seed)
 
     # Train. Batches (padded, or packed when data.packing) are a pure function of the step.
     total = total_steps(tr, len(ds))
 
     def micro_loss(k: int) -> tuple[torch.Tensor, dict[str, int]]:
         """The LM loss of micro-batch `k` (its rows: a function of k and the seed)."""
-        batch = ds.batch(k)
-        out = model(**to_device(batch.model_inputs(), device), use_cache=False)
-        return out.loss, {
+        batch = ds.batch(k, gang.rank, gang.world)
+        # A rank's loss: its summed token loss over (the batch's label tokens / ranks).
+        share = {"num_items_in_batch": ds.label_tokens(k) / gang.world} if gang.active else {}
+        out = net(**to_device(batch.model_inputs(), device), use_cache=False, **share)
+        counts = {
             "tokens": batch.num_tokens,
             "label_tokens": batch.num_label_tokens,
             "capacity": batch.capacity,
         }
+        return gang.global_loss(out.loss, counts)
 
-    loop = TrainLoop(
+    loop = gang.loop(
         tr,
+        ctx,
         model=model,
         optimizer=optimizer,
         precision=precision,
         device=device,
-        ctx=ctx,
         total=total,
         generators={},
-        fingerprint=spec_fingerprint(spec, ctx.threads),
+        fingerprint=gang.fingerprint(spec_fingerprint(spec, ctx.threads)),
     )
     result = loop.run(micro_loss)
     eval_loss = _eval_loss(model, ds, device, precision) if ds.validation else None
@@ -261,6 +267,8 @@ def _resolved(
         "data_format": spec.data.format,
         "trainable_params": sum(p.numel() for p in params),
         "dtype": str(precision.base_dtype).removeprefix("torch."),
+        # A gang's size: its batches are split this many ways (a 1-GPU run records none).
+        **({"workers": ctx.world_size} if ctx.world_size > 1 else {}),
     }
 
 

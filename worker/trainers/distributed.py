@@ -1,0 +1,198 @@
+"""Data-parallel training across a gang of workers: one process per GPU, started by Ray Train
+(which also sets up `torch.distributed`: gloo on the CPU, NCCL on GPUs), trained with DDP.
+
+What a gang changes, and nothing else (a one-worker job runs exactly as before):
+
+- **The batch.** `training.batch_size` is the global batch. Micro-batch `k` is the same rows
+  as in a one-worker run (`TextTrainSet.indices(k)`, a pure function of seed and step); rank
+  `r` of `N` takes every N-th of them (`rows[r::N]`, as `DistributedSampler` strides).
+- **The loss.** Each rank's loss is its label tokens' summed loss divided by (the global
+  batch's label tokens / N), so DDP's gradient average is exactly the gradient of the global
+  batch's mean token loss, as one worker computes it, whatever the ranks' token counts. The
+  loss the loop records is the global one (an all-reduce of the ranks' values).
+- **Randomness.** Every rank seeds the same model (DDP also broadcasts rank 0's weights), then
+  draws dropout from its own stream; each rank's torch (and CUDA) generator state goes into the
+  checkpoint, so a resumed gang of the same size continues every stream where it stopped.
+- **Writes.** Rank 0 alone writes checkpoints (the others wait at a barrier until it is
+  complete), the adapter, the sidecar and the events; the checkpoint step to resume from is
+  rank 0's reading of the bucket, broadcast to all.
+
+Equal to one worker up to float reduction order: the per-rank sums, the gradient all-reduce
+and padding each sub-batch to its own longest row change the last bits, not the math
+(docs/architecture.md states the tolerance the tests hold it to).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
+from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.trainers.loop import TrainLoop
+
+# Mixed into a rank's dropout seed: ranks draw independent masks, reproducibly.
+_RANK_STREAM = 1_000_003
+
+
+@dataclass(frozen=True)
+class Gang:
+    """This process's place in the job's gang (rank 0 of 1 for a one-worker job)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def of(cls, ctx: WorkerContext) -> Gang:
+        return cls(ctx.rank, ctx.world_size)
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes what the job leaves behind (rank 0)."""
+        return self.rank == 0
+
+    def shard(self, rows: list[int]) -> list[int]:
+        """This rank's rows of a global batch: every `world`-th, from `rank`."""
+        return rows[self.rank :: self.world]
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, seed: int) -> torch.nn.Module:
+        """The model as this rank trains it: DDP (gradients averaged over the gang) or itself.
+        Call after the LoRA is on and the model is on `device`."""
+        if not self.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index or 0] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids)
+        torch.manual_seed(seed * _RANK_STREAM + self.rank)  # after the (shared) initialisation
+        return ddp
+
+    def fingerprint(self, base: str) -> str:
+        """A checkpoint fingerprint that also names the world size (resume at the same one)."""
+        if not self.active:
+            return base
+        import hashlib
+
+        return hashlib.sha256(f"{base}:workers={self.world}".encode()).hexdigest()
+
+    def global_loss(
+        self, local: torch.Tensor, counters: dict[str, int]
+    ) -> tuple[torch.Tensor, dict[str, int]]:
+        """(a loss whose value is the gang's mean and whose gradient is this rank's part, the
+        counters summed over the gang). `local` is weighted so that DDP's average is exact."""
+        if not self.active:
+            return local, counters
+        import torch.distributed as dist
+
+        keys = sorted(counters)
+        # float64 on the CPU: exact for counts, and the sum order is fixed (rank order).
+        vec = torch.tensor([float(local.detach())] + [float(counters[k]) for k in keys])
+        vec = vec.to(local.device, torch.float64)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        mean = (vec[0] / self.world).to(local.dtype).to(local.device)
+        summed = {k: int(round(float(v))) for k, v in zip(keys, vec[1:])}
+        return local + (mean - local.detach()), summed
+
+    def loop(self, cfg: Any, ctx: WorkerContext, **kwargs: Any) -> TrainLoop:
+        """The training loop: `TrainLoop`, or for a gang one that checkpoints from rank 0."""
+        if not self.active:
+            return TrainLoop(cfg, ctx=ctx, **kwargs)
+        if ctx.checkpoints is not None and not isinstance(ctx.checkpoints, RankZeroStore):
+            ctx.checkpoints = RankZeroStore(ctx.checkpoints, self)  # type: ignore[assignment]
+        if not self.writer:
+            ctx.board = None
+        return GangTrainLoop(cfg, ctx=ctx, gang=self, **kwargs)
+
+
+class RankZeroStore:
+    """A job's checkpoint store as a gang sees it: rank 0 writes, every rank waits until the
+    checkpoint is complete (a barrier), and the step to resume from is rank 0's reading."""
+
+    def __init__(self, inner: CheckpointStore, gang: Gang) -> None:
+        self.inner, self.gang = inner, gang
+        self.last_state: dict[str, Any] | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.inner.uri
+
+    def steps(self) -> list[int]:
+        return self.inner.steps()
+
+    def latest(self) -> int | None:
+        import torch.distributed as dist
+
+        box = [self.inner.latest() if self.gang.writer else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def load(self, step: int) -> Checkpoint:
+        ckpt = self.inner.load(step)
+        self.last_state = ckpt.state
+        return ckpt
+
+    def save(self, ckpt: Checkpoint, keep: int) -> None:
+        import torch.distributed as dist
+
+        if self.gang.writer:
+            self.inner.save(ckpt, keep=keep)
+        dist.barrier()
+
+
+class GangTrainLoop(TrainLoop):
+    """`TrainLoop` for one rank of a gang: every rank's generator states in the checkpoint."""
+
+    def __init__(self, cfg: Any, *, gang: Gang, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        self.gang = gang
+
+    def _capture(self) -> Checkpoint:
+        import torch.distributed as dist
+
+        ckpt = super()._capture()  # every rank builds it (LoRA-sized); rank 0's is written
+        states: list[Any] = [None] * self.gang.world
+        dist.all_gather_object(states, _rng_state())
+        ckpt.state["workers"] = self.gang.world
+        ckpt.state["rank_rng"] = states
+        return ckpt
+
+    def _resume(self) -> int:
+        step = super()._resume()
+        store = self.ctx.checkpoints
+        if step == 0 or not isinstance(store, RankZeroStore):
+            return step
+        states = (store.last_state or {}).get("rank_rng") or []
+        if len(states) != self.gang.world:
+            raise InvalidInput(
+                f"job {self.ctx.job_id}: checkpoint step {step} was written by a gang of "
+                f"{len(states) or 1} workers, this attempt has {self.gang.world}; resume at "
+                "the same world size"
+            )
+        _set_rng_state(states[self.gang.rank])
+        return step
+
+
+def _rng_state() -> dict[str, Any]:
+    def enc(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+    cuda = [enc(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"torch": enc(torch.get_rng_state()), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    def dec(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(dec(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([dec(s) for s in state["cuda"]][: torch.cuda.device_count()])
