@@ -78,20 +78,23 @@ class PackLoop:
             for m in self.members:
                 self._resume(m)
             while self.running():
-                self._round()
-                if notice.received:
+                # After a SIGTERM only the members inside an accumulation go on, to the end of
+                # their step: then every member has a whole step to checkpoint.
+                draining = notice.received
+                self._round(only_mid_step=draining)
+                if draining and not any(m.micro for m in self.running()):
                     for m in self.running():
                         self._checkpoint(m, force=True)
                     raise Preempted(f"pack stopped after round {self.rounds}: SIGTERM")
 
     # -- one round ----------------------------------------------------------------------------
 
-    def _round(self) -> None:
+    def _round(self, only_mid_step: bool = False) -> None:
         for m in self.running():
             if m.cancelled():
                 m.state = "cancelled"
                 log.info("job %s left the pack: cancelled", m.job_id)
-        batch_members = self.running()
+        batch_members = [m for m in self.running() if m.micro or not only_mid_step]
         if not batch_members:
             return
         for m in batch_members:
