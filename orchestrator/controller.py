@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidTransition
-from lorajobs.orchestrator import reconcile, waiting
+from lorajobs.orchestrator import pack_runs, packing, reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
 from lorajobs.orchestrator.queue import JobRecord, Queue
@@ -70,6 +70,8 @@ class Controller:
         self._freed: dict[str, float] = {}  # node id -> monotonic time an attempt there ended
         self._last_heartbeat = 0.0
         self._waiting: waiting.WaitSummary | None = None  # the summary last published
+        self._pack_keys = packing.Keys()
+        self._shares: dict[str, float] = {}  # job id -> its part of its pack attempt's cost
         enabled = self.config.autoscale == "auto" and not backend.local
         self.autoscaler = Autoscaler(backend) if enabled else None
 
@@ -132,9 +134,12 @@ class Controller:
     def _collect_finished(self) -> None:
         for attempt in self.backend.finished(list(self.inflight.values())):
             self._forget(attempt.job_id)
-            out = self.backend.outcome(attempt)
+            whole = self.backend.outcome(attempt)
+            out = packing.member_outcome(whole, attempt.job_id)
+            self._shares[attempt.job_id] = packing.cost_share(whole, attempt.job_id)
             job = self.queue.get(attempt.job_id)
             if job.status not in ACTIVE or job.lease_owner != self.lease:
+                self._shares.pop(job.id, None)
                 continue  # settled meanwhile (cancelled, or taken over): not ours to record
             if out.get("ok"):
                 self._succeed(job, out, f"adapter uploaded to {out.get('adapter_uri')}")
@@ -171,7 +176,7 @@ class Controller:
         settled = set()
         for job in active:
             if job.cancel_requested and job.id in self.inflight:
-                self.backend.cancel(self._forget(job.id))
+                pack_runs.stop(self, job.id)
                 # The worker may have been killed mid-upload: nothing of it may stay visible.
                 self._delete_partial_adapter(job)
                 self._end(job, JobStatus.cancelled, "cancelled by user")
@@ -186,7 +191,7 @@ class Controller:
             if job.id not in self.inflight or not job.max_runtime_s or started is None:
                 continue
             if now - started > timedelta(seconds=job.max_runtime_s):
-                self.backend.cancel(self._forget(job.id))
+                pack_runs.stop(self, job.id)
                 self._delete_partial_adapter(job)
                 error = f"exceeded max_runtime of {job.max_runtime_s:g} s"
                 self._end(
@@ -264,8 +269,19 @@ class Controller:
             lease_owner=self.lease,
             lease_expires_at=self._lease_until(),
         )
-        for job in claimed:
-            self._launch(job)
+        packs = packing.fill(
+            self.queue.scheduling,
+            claimed if self.config.packing == "auto" else [],
+            self._pack_keys,
+            now=self._clock(),
+            lease_owner=self.lease,
+            lease_expires_at=self._lease_until(),
+        )
+        for pack in packs or [packing.Pack(job, []) for job in claimed]:
+            if pack.members:
+                pack_runs.launch(self, pack)
+            else:
+                self._launch(pack.leader)
         if rounds:
             self._publish_waiting(rounds[0])
         if self.backend.local and rounds and not skip:
@@ -424,7 +440,8 @@ class Controller:
         """(this attempt's cost, the job's total so far) as the attempt ends now."""
         started = _aware(job.dispatched_at)
         seconds = (self._clock() - started).total_seconds() if started else 0.0
-        spent = attempt_cost(self._rate(job), seconds)
+        # A pack's attempt is paid once, split between its jobs by the work each did.
+        spent = attempt_cost(self._rate(job), seconds * self._shares.pop(job.id, 1.0))
         if spent is None:
             return None, job.cost_usd
         return spent, round((job.cost_usd or 0.0) + spent, 6)

@@ -185,6 +185,8 @@ JOBS = Table(
     Column("node_id", String(64), nullable=True),  # Ray node of the current attempt
     Column("accelerator", String(64), nullable=True),  # that node's GPU type
     Column("cost_usd", Float, nullable=True),  # all attempts so far
+    # The job whose attempt this one shares (a pack's member; None: its own attempt).
+    Column("pack_id", String(12), nullable=True),
     # The scheduler's query: queued jobs by priority, oldest first.
     Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
     # Per-owner limits and `lorajobs status --owner`.
@@ -400,7 +402,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
 
 #: The newest migration shipped; a test checks it against Alembic's own head. Knowing it lets
 #: every command check the schema with one query instead of loading Alembic and its scripts.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0006"
 
 
 def _stamped_revision(engine: Engine) -> str | None:

@@ -73,6 +73,14 @@ class ProgressBoard:
         out, self._latest = self._latest, {}
         return out
 
+    def cancel_member(self, job_id: str) -> None:
+        """Ask the pack that trains `job_id` to drop it (the others train on)."""
+        self._cancelled = {*getattr(self, "_cancelled", set()), job_id}
+
+    def cancelled(self, job_ids: list[str]) -> list[str]:
+        """Which of `job_ids` their pack should drop."""
+        return [j for j in job_ids if j in getattr(self, "_cancelled", set())]
+
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         # Called here, inside the cluster, because a controller connected through the Ray
         # client (ray://) has no GCS client and the SDK call fails there.
@@ -101,6 +109,32 @@ def run_attempt(
     return run(spec, job_id, attempt, output_uri, send=send, ray_node_id=node_id, extra=extra)
 
 
+@ray.remote(max_retries=0)
+def run_pack_attempt(members: list[dict[str, Any]], output_uri: str, board: Any) -> dict[str, Any]:
+    """The Ray task of a pack: `lorajobs.orchestrator.attempt_pack.run_pack` on its node; each
+    job's progress goes to the board under its own id, and the board says which to drop."""
+    from lorajobs.orchestrator.attempt_pack import run_pack
+
+    def send(job_id: str, attempt: int, progress: dict[str, Any]) -> None:
+        board.report.remote(job_id, attempt, progress)
+
+    asked: dict[str, Any] = {"at": 0.0, "ids": set()}
+
+    def cancelled(job_id: str) -> bool:
+        # Asked once a second at most: a round of a tiny pack takes milliseconds.
+        if time.monotonic() - asked["at"] >= 1.0:
+            ids = [m["job_id"] for m in members]
+            try:
+                asked["ids"] = set(ray.get(board.cancelled.remote(ids), timeout=10))
+            except (RayError, GetTimeoutError):
+                pass  # the board is restarting: ask again next time
+            asked["at"] = time.monotonic()
+        return job_id in asked["ids"]
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return run_pack(members, output_uri, send=send, cancelled=cancelled, ray_node_id=node_id)
+
+
 @dataclass
 class Attempt:
     """A launched Ray task for one attempt of one job."""
@@ -112,6 +146,8 @@ class Attempt:
     node_id: str | None = None
     #: Its first progress report has been seen (the job moved to running).
     running: bool = False
+    #: The jobs of its pack (this one included) when it trains in one; () when alone.
+    pack: tuple[str, ...] = ()
 
 
 @dataclass
@@ -298,6 +334,36 @@ class RayBackend:
         )
         return Attempt(job_id, attempt, ref, time.monotonic(), node_id)
 
+    def launch_pack(
+        self,
+        members: list[dict[str, Any]],
+        output_uri: str,
+        *,
+        shape: Shape,
+        node_id: str | None,
+    ) -> list[Attempt]:
+        """One Ray task for a pack (`shape`: its first job's); one `Attempt` per member."""
+        need = shape.ray_resources()
+        options: dict[str, Any] = {
+            "num_cpus": need.pop("CPU", 0.0),
+            "num_gpus": need.pop("GPU", 0.0),
+            "name": "lorajobs-pack:" + ",".join(m["job_id"] for m in members),
+        }
+        if "memory" in need:
+            options["memory"] = need.pop("memory")
+        if need:
+            options["resources"] = need
+        if node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ref = run_pack_attempt.options(**options).remote(members, output_uri, self.board)
+        ids = tuple(m["job_id"] for m in members)
+        now = time.monotonic()
+        return [Attempt(m["job_id"], m["attempt"], ref, now, node_id, pack=ids) for m in members]
+
+    def cancel_member(self, attempt: Attempt) -> None:
+        """Drop one job from its running pack; the pack's task goes on with the others."""
+        ray.get(self.board.cancel_member.remote(attempt.job_id), timeout=30)
+
     def progress(self) -> dict[str, dict[str, Any]]:
         try:
             return ray.get(self.board.drain.remote(), timeout=10)
@@ -307,16 +373,17 @@ class RayBackend:
     def finished(self, attempts: list[Attempt]) -> list[Attempt]:
         if not attempts:
             return []
-        by_ref = {a.ref: a for a in attempts}
-        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
-        return [by_ref[r] for r in ready]
+        refs = list({a.ref: a for a in attempts})  # the members of a pack share one task
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = set(ready)
+        return [a for a in attempts if a.ref in done]
 
     def wait(self, attempts: list[Attempt], timeout: float) -> None:
         """Return when any of `attempts` ends, or after `timeout` seconds."""
         if not attempts:
             time.sleep(timeout)
             return
-        ray.wait([a.ref for a in attempts], num_returns=1, timeout=timeout)
+        ray.wait(list({a.ref: a for a in attempts}), num_returns=1, timeout=timeout)
 
     def outcome(self, attempt: Attempt) -> dict[str, Any]:
         """The task's result dict, or a failure dict built from Ray's error."""

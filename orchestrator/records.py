@@ -56,6 +56,7 @@ class JobRecord:
     node_id: str | None = None
     accelerator: str | None = None
     cost_usd: float | None = None
+    pack_id: str | None = None
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""

@@ -184,6 +184,7 @@ class Scheduling:
                         "node_id": p.node_id,
                         "accelerator": p.accelerator,
                         "node": None,
+                        "pack_id": None,  # its own attempt, unless `packing.fill` adds others
                     },
                     p.data,
                 )
@@ -195,7 +196,11 @@ class Scheduling:
         rows = conn.execute(
             select(
                 JOBS.c.id, JOBS.c.owner, JOBS.c.node_id, JOBS.c.gpus, JOBS.c.cpus, JOBS.c.memory_gb
-            ).where(JOBS.c.status.in_(_ACTIVE))
+            ).where(
+                JOBS.c.status.in_(_ACTIVE),
+                # A pack's members share its first job's resources (orchestrator/packing.py).
+                or_(JOBS.c.pack_id.is_(None), JOBS.c.pack_id == JOBS.c.id),
+            )
         )
         return [Hold(r.id, r.owner, r.node_id, r.gpus, r.cpus, r.memory_gb) for r in rows]
 

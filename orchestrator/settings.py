@@ -169,6 +169,8 @@ class ControllerConfig:
     #: A node whose own environment failed an attempt (no usable GPU, no bucket credentials)
     #: gets no jobs for this long.
     node_fault_s: float = 300.0
+    #: "auto": queued jobs may share an attempt (orchestrator/packing.py); "off": never.
+    packing: str = "off"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -184,7 +186,11 @@ class ControllerConfig:
         autoscale = env.get("LORAJOBS_AUTOSCALE", "auto").strip().lower() or "auto"
         if autoscale not in ("auto", "off"):
             raise InvalidInput(f"LORAJOBS_AUTOSCALE={autoscale!r}: use auto or off")
+        packing = env.get("LORAJOBS_PACKING", "off").strip().lower() or "off"
+        if packing not in ("auto", "off"):
+            raise InvalidInput(f"LORAJOBS_PACKING={packing!r}: use auto or off")
         return cls(
+            packing=packing,
             poll_s=_float(env, "LORAJOBS_POLL_S", 0.5, minimum=0.01),
             lease_s=lease_s,
             retry=RetryPolicy(
