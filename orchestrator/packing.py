@@ -146,7 +146,7 @@ def choose_members(
     key = key_of(leader)
     if key is None or size < 2:
         return []
-    cap = min(size, *(m for m in [_asked(leader)] if m))
+    cap = min(size, _asked(leader) or size)
     chosen: list[JobRecord] = []
     for job in queued:
         if len(chosen) + 1 >= cap:
