@@ -60,13 +60,14 @@ def rounds(spec: dict[str, Any]) -> int:
     return int(steps) * int(tr.get("gradient_accumulation_steps") or 1)
 
 
-def completion_sum(solo: list[int], packed: list[int], cost: float = ROUND_COST) -> float:
+def completion_sum(solo: list[int], packed: list[int], cost: float | None = None) -> float:
     """The sum of the jobs' completion times, in solo rounds: `solo` run one after another (in
     order, on the one slot), `packed` together (a round of n jobs costs 1 + cost*(n-1))."""
     total, t = 0.0, 0.0
     for r in solo:
         t += r
         total += t
+    cost = ROUND_COST if cost is None else cost
     left, t, done = sorted(packed), 0.0, 0
     for i, r in enumerate(left):
         n = len(left) - i

@@ -148,13 +148,21 @@ def test_cancel_one_member_and_a_broken_dataset_end_those_jobs_alone(
 
 
 def test_a_lost_node_resumes_every_member_from_its_own_checkpoint(
-    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+    sim_cluster: SimCluster,
+    tmp_path: Path,
+    tiny_text_model: Path,
+    tiny_text_dataset: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from lorajobs.orchestrator import packing
+
+    # A round of a pack costing 0.2 of a solo step: a pack of three beats two and one after.
+    monkeypatch.setattr(packing, "ROUND_COST", 0.2)
     first = sim_cluster.add_gpu_node("A100")
     queue, ctl = start_controller(sim_cluster, tmp_path / "home", CONFIG)
     bucket = f"file://{tmp_path / 'bucket'}"
     specs = [
-        _spec(i, tiny_text_model, tiny_text_dataset, steps=400, checkpoint_every=10)
+        _spec(i, tiny_text_model, tiny_text_dataset, steps=1500, checkpoint_every=10)
         for i in range(3)
     ]
     jobs = [queue.submit(s, output_uri=bucket)[0] for s in specs]
@@ -176,6 +184,7 @@ def test_a_lost_node_resumes_every_member_from_its_own_checkpoint(
     assert lost
     done = [queue.get(j.id) for j in jobs]
     assert [j.status for j in done] == [JobStatus.succeeded] * 3, [j.failure_reason for j in done]
+    assert done[1].pack_id == done[2].pack_id == done[0].id
     for j, spec in zip(done, specs):
         assert j.attempt == 2
         assert j.result["metrics"]["resumed_from_step"] >= 20, j.result["metrics"]
