@@ -9,9 +9,9 @@ resolution (image), precision, node shape and thread count; and neither asks for
 
 After the scheduler's round has placed jobs, each placed job may take queued jobs of its key
 that the round left waiting into its attempt (`fill`): they start now instead of after a slot
-frees. `worth_packing` admits a member only while the sum of the jobs' expected completion
-times falls (a member slows every round a little, `ROUND_COST`), and `limit` caps a pack by
-`resources.pack` and a memory estimate. Members hold no resources of their own (their
+frees. `worth_packing` admits a member only while it brings the completion of the jobs
+involved forward (a member slows every round a little, `ROUND_COST`), and `limit` caps a pack
+by `resources.pack` and a memory estimate. Members hold no resources of their own (their
 `pack_id` names the job whose attempt they share; `scheduling._holds` skips them).
 """
 
@@ -30,10 +30,10 @@ from lorajobs.orchestrator.records import JobRecord
 PACKABLE_KINDS = ("text",)
 #: A pack's most members when neither the spec nor a memory figure says fewer.
 DEFAULT_MAX = 8
-#: The time of a round of a pack of N, in solo steps: 1 + ROUND_COST * (N - 1). Measured on the
-#: CPU with tiny models by `bench/packing.py` (a pack of 8 tiny text jobs: ~0.3); a GPU with a
-#: large base shares far more (the base's matmuls run once on one wide batch).
-ROUND_COST = float(os.environ.get("LORAJOBS_PACK_ROUND_COST", "0.35"))
+#: The time of a round of a pack of N, in solo steps: 1 + ROUND_COST * (N - 1). Measured by
+#: `bench/packing.py` on 2 busy CPU cores with the tiny Llama (8 jobs): ~0.5-0.6, Python's
+#: per-layer work dominating; a GPU with a large base shares more (one wide matmul per layer).
+ROUND_COST = float(os.environ.get("LORAJOBS_PACK_ROUND_COST", "0.5"))
 #: Memory a pack may use when the job names none (GiB), for the estimate in `limit`.
 DEFAULT_BUDGET_GB = float(os.environ.get("LORAJOBS_PACK_MEMORY_GB", "16"))
 
@@ -60,37 +60,25 @@ def rounds(spec: dict[str, Any]) -> int:
     return int(steps) * int(tr.get("gradient_accumulation_steps") or 1)
 
 
-def completion_sum(solo: list[int], packed: list[int], cost: float | None = None) -> float:
-    """The sum of the jobs' completion times, in solo rounds: `solo` run one after another (in
-    order, on the one slot), `packed` together (a round of n jobs costs 1 + cost*(n-1))."""
-    total, t = 0.0, 0.0
-    for r in solo:
-        t += r
-        total += t
+def pack_length(rounds_: list[int], cost: float | None = None) -> float:
+    """How long a pack of jobs of `rounds_` rounds runs, in solo rounds: a round of n jobs
+    costs 1 + cost * (n - 1), and a job leaves the pack when its rounds are done."""
     cost = ROUND_COST if cost is None else cost
-    left, t, done = sorted(packed), 0.0, 0
+    left, t, done = sorted(rounds_), 0.0, 0
     for i, r in enumerate(left):
-        n = len(left) - i
-        t += (r - done) * (1 + cost * (n - 1))
+        t += (r - done) * (1 + cost * (len(left) - i - 1))
         done = r
-        total += t
-    return total
+    return t
 
 
 def worth_packing(leader: int, members: list[int], candidate: int) -> bool:
     """Whether `candidate` (rounds) joining the pack shortens the expected completion of the
-    jobs involved: packed together, against the pack as it is and the candidate after it."""
+    jobs involved (the time until the last of them is done): packed together, against the
+    pack as it is and the candidate on the same slot after it. That holds while a round of
+    the pack costs less than a solo step per member (`ROUND_COST` < 1), before counting what a
+    separate attempt costs besides (start, model load, upload), which packing saves too."""
     now = [leader, *members]
-    without = completion_sum([], now) + (_pack_length(now) + candidate) * 1.0
-    return completion_sum([], [*now, candidate]) < without
-
-
-def _pack_length(rounds_: list[int]) -> float:
-    left, t, done = sorted(rounds_), 0.0, 0
-    for i, r in enumerate(left):
-        t += (r - done) * (1 + ROUND_COST * (len(left) - i - 1))
-        done = r
-    return t
+    return pack_length([*now, candidate]) < pack_length(now) + candidate
 
 
 def estimate_gb(spec: dict[str, Any], base_gb: float, config: dict[str, Any] | None) -> float:

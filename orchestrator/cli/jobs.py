@@ -234,6 +234,8 @@ def show(
     )
     if wait_reason:
         ctx.out.print(f"waiting: {wait_reason}", markup=False)
+    if (pack := views.pack_text(rec)) is not None:
+        ctx.out.print(f"pack: {pack}", markup=False)
     if rec.failure_reason:
         ctx.out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
     if render.adapter_uri(rec):

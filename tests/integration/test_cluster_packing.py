@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from lorajobs.jobspecs import parse_spec
+from lorajobs.orchestrator import views
 from lorajobs.orchestrator.recovery import RetryPolicy
 from lorajobs.orchestrator.scheduler import Policy
 from lorajobs.orchestrator.settings import ControllerConfig
@@ -102,6 +103,7 @@ def test_four_text_jobs_share_one_attempt_and_equal_their_solo_runs(
         others = sorted(k.id for k in done if k.id != j.id)
         assert sorted(j.result["packed_with"]) == others
         assert sorted(_sidecar(j)["extra"]["pack"]["packed_with"]) == others
+        assert (views.pack_text(j) or "").startswith("trained in one attempt with")
         assert _adapter_weights(j) == _solo_weights(
             spec, tiny_text_model, tiny_text_dataset, tmp_path
         ), j.name
@@ -148,16 +150,8 @@ def test_cancel_one_member_and_a_broken_dataset_end_those_jobs_alone(
 
 
 def test_a_lost_node_resumes_every_member_from_its_own_checkpoint(
-    sim_cluster: SimCluster,
-    tmp_path: Path,
-    tiny_text_model: Path,
-    tiny_text_dataset: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
 ) -> None:
-    from lorajobs.orchestrator import packing
-
-    # A round of a pack costing 0.2 of a solo step: a pack of three beats two and one after.
-    monkeypatch.setattr(packing, "ROUND_COST", 0.2)
     first = sim_cluster.add_gpu_node("A100")
     queue, ctl = start_controller(sim_cluster, tmp_path / "home", CONFIG)
     bucket = f"file://{tmp_path / 'bucket'}"

@@ -82,13 +82,13 @@ def test_limit_from_spec_and_memory_estimate() -> None:
 def test_a_member_joins_while_it_shortens_the_expected_completion(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(packing, "ROUND_COST", 0.25)
-    # Equal jobs: with a round of n costing 1 + 0.25 (n - 1), up to 3 beat "the rest after".
-    assert packing.worth_packing(100, [], 100)
-    assert packing.worth_packing(100, [100], 100)
-    assert not packing.worth_packing(100, [100, 100, 100], 100)
-    # A long job still gains: the rounds it shares with the pack are cheap ones.
-    assert packing.worth_packing(100, [], 2000)
+    monkeypatch.setattr(packing, "ROUND_COST", 0.5)
+    # Four equal jobs packed: 100 rounds at 1 + 0.5 * 3 = 250, against 200 + 100 after.
+    assert packing.pack_length([100, 100, 100, 100]) == 250
+    assert packing.worth_packing(100, [100, 100], 100)
+    # Jobs leave as they finish: 10 rounds of 2, then 90 alone.
+    assert packing.pack_length([10, 100]) == 10 * 1.5 + 90
+    assert packing.worth_packing(100, [], 2000)  # a long job gains from its shared rounds
     monkeypatch.setattr(packing, "ROUND_COST", 1.0)  # no sharing at all: never worth it
     assert not packing.worth_packing(100, [], 100)
 
