@@ -49,6 +49,14 @@ class PackSlices:
             self.widths.append(width)
             start += size
 
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """`t`'s rows, one chunk per slice. `split` (not indexing per slice): its backward
+        concatenates the chunks' gradients once, where each indexed slice's backward would
+        fill a whole batch-sized tensor of zeros (quadratic in the pack's size)."""
+        if len(self.slices) == 1 and self.slices[0][1].stop is None:
+            return [t]
+        return list(t.split([r.stop - r.start for _, r in self.slices], dim=0))
+
     def alone(self, name: str) -> None:
         """Adapter `name` on every row of any batch (its eval pass, its samples)."""
         self.slices, self.widths, self.dense = [(name, slice(0, None))], [None], None
@@ -82,11 +90,11 @@ def _packed_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
         return result
     dtype = result.dtype
     parts = []
-    for (name, rows), width in zip(pack.slices, pack.widths):
-        part = result[rows]
+    chunks = zip(pack.slices, pack.widths, pack.split(result), pack.split(x))
+    for (name, _), width, part, rows_x in chunks:
         if name in self.lora_A:
             cut = width is not None and width < x.shape[1]
-            own = x[rows, :width] if cut else x[rows]
+            own = rows_x[:, :width] if cut else rows_x
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             xs = self._cast_input_dtype(own, lora_A.weight.dtype)
             dropout = self.lora_dropout[name]

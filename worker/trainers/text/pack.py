@@ -103,8 +103,8 @@ def train_pack(
         inputs = _concatenate([b for _, b in batches], pad_id)
         logits = model(**to_device(inputs, device), use_cache=False).logits
         out = []
-        for (_, b), (_, rows) in zip(batches, pack.slices):
-            own = logits[rows, : b.input_ids.shape[1]].contiguous()  # the solo shape
+        for (_, b), rows in zip(batches, pack.split(logits)):
+            own = rows[:, : b.input_ids.shape[1]].contiguous()  # the solo shape
             labels = to_device({"labels": b.labels}, device)["labels"]
             loss = inner.loss_function(
                 logits=own, labels=labels, vocab_size=inner.config.vocab_size

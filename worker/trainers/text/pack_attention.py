@@ -41,12 +41,12 @@ def packed_attention(
         # (batch rows are independent in SDPA; checked bitwise on the CPU by the pack tests).
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     outs = []
-    for (_, rows), own, dense in zip(pack.slices, pack.widths, pack.dense):
+    rows = zip(pack.split(query), pack.split(key), pack.split(value))
+    masks = pack.split(attention_mask) if attention_mask is not None else [None] * len(pack.dense)
+    for (qs, ks, vs), m, own, dense in zip(rows, masks, pack.widths, pack.dense):
         w = own if own is not None else width
-        q, k, v = query[rows, :, :w], key[rows, :, :w], value[rows, :, :w]
-        mask = None
-        if attention_mask is not None and not dense:
-            mask = attention_mask[rows, :, :w, :w]
+        q, k, v = qs[:, :, :w], ks[:, :, :w], vs[:, :, :w]
+        mask = m[:, :, :w, :w] if m is not None and not dense else None
         out, _ = sdpa_attention_forward(module, q, k, v, mask, *args, **kwargs)
         if w < width:  # (B, w, H, d): padding positions attend to nothing that has a loss
             out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, width - w))
