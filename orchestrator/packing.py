@@ -31,8 +31,9 @@ PACKABLE_KINDS = ("text",)
 #: A pack's most members when neither the spec nor a memory figure says fewer.
 DEFAULT_MAX = 8
 #: The time of a round of a pack of N, in solo steps: 1 + ROUND_COST * (N - 1). Measured by
-#: `bench/packing.py` on 2 busy CPU cores with the tiny Llama (8 jobs): ~0.5-0.6, Python's
-#: per-layer work dominating; a GPU with a large base shares more (one wide matmul per layer).
+#: `bench/packing.py` on 2 busy CPU cores with the tiny Llama (8 jobs): ~0.5 in one process
+#: with 2 threads, ~0.9 inside a 1-CPU Ray task, Python's per-op work dominating; a GPU with a
+#: large base should share more (one wide matmul per layer) — not measured here.
 ROUND_COST = float(os.environ.get("LORAJOBS_PACK_ROUND_COST", "0.5"))
 #: Memory a pack may use when the job names none (GiB), for the estimate in `limit`.
 DEFAULT_BUDGET_GB = float(os.environ.get("LORAJOBS_PACK_MEMORY_GB", "16"))
