@@ -231,6 +231,20 @@ class Resources(_Strict):
     memory_gb: float | None = Field(
         None, gt=0, description="Host memory the job needs, in GiB. Default: no reservation."
     )
+    pack: Literal["auto", "never"] | int = Field(
+        "auto",
+        description="Training this job in one worker with other queued jobs of the same kind, "
+        "base model (by content) and settings, each keeping its own LoRA: 'auto' (when it "
+        "starts a waiting job sooner, up to a memory estimate), 'never', or the most jobs a "
+        "pack with this job may hold (2-64).",
+    )
+
+    @field_validator("pack")
+    @classmethod
+    def _pack_size(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and not 2 <= v <= 64:
+            raise ValueError("a pack holds 2 to 64 jobs ('never' to train alone)")
+        return v
 
     nodes: int = Field(
         1,

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidTransition
-from lorajobs.orchestrator import fairshare, preempting, reconcile, waiting
+from lorajobs.orchestrator import fairshare, pack_runs, packing, preempting, reconcile, waiting
 from lorajobs.orchestrator.autoscale import Autoscaler
 from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
 from lorajobs.orchestrator.drain import DrainWatch
@@ -69,6 +69,8 @@ class Controller:
         self._last_heartbeat = 0.0
         self._waiting: waiting.WaitSummary | None = None  # the summary last published
         self.signalled: set[tuple[str, int]] = set()  # (job, attempt) sent a preemption notice
+        self._pack_keys = packing.Keys()
+        self._shares: dict[str, float] = {}  # job id -> its part of its pack attempt's cost
         enabled = self.config.autoscale == "auto" and not backend.local
         self.autoscaler = Autoscaler(backend) if enabled else None
         self.drains = DrainWatch(backend)  # attempts on nodes being reclaimed: checkpoint, go
@@ -134,9 +136,12 @@ class Controller:
     def _collect_finished(self) -> None:
         for attempt in self.backend.finished(list(self.inflight.values())):
             self._forget(attempt.job_id)
-            out = self.backend.outcome(attempt)
+            whole = self.backend.outcome(attempt)
+            out = packing.member_outcome(whole, attempt.job_id)
+            self._shares[attempt.job_id] = packing.cost_share(whole, attempt.job_id)
             job = self.queue.get(attempt.job_id)
             if job.status not in ACTIVE or job.lease_owner != self.lease:
+                self._shares.pop(job.id, None)
                 continue  # settled meanwhile (cancelled, or taken over): not ours to record
             if out.get("ok"):
                 self._succeed(job, out, f"adapter uploaded to {out.get('adapter_uri')}")
@@ -173,9 +178,9 @@ class Controller:
         settled = set()
         for job in active:
             if job.cancel_requested and job.id in self.inflight:
-                self.backend.cancel(self._forget(job.id))
+                pack_runs.stop(self, job.id)
                 # The worker may have been killed mid-upload: nothing of it may stay visible.
-                self._delete_partial_adapter(job)
+                reconcile.delete_partial_adapter(job)
                 self._end(job, JobStatus.cancelled, "cancelled by user")
                 settled.add(job.id)
         return settled
@@ -188,8 +193,8 @@ class Controller:
             if job.id not in self.inflight or not job.max_runtime_s or started is None:
                 continue
             if now - started > timedelta(seconds=job.max_runtime_s):
-                self.backend.cancel(self._forget(job.id))
-                self._delete_partial_adapter(job)
+                pack_runs.stop(self, job.id)
+                reconcile.delete_partial_adapter(job)
                 error = f"exceeded max_runtime of {job.max_runtime_s:g} s"
                 self._end(
                     job,
@@ -223,7 +228,7 @@ class Controller:
             log.warning("job %s: its controller (%s) is gone; taking it over", job.id, owner)
             guard = {"lease_owner_was": job.lease_owner}
             if job.cancel_requested:
-                self._delete_partial_adapter(job)
+                reconcile.delete_partial_adapter(job)
                 self._end(
                     job, JobStatus.cancelled, "cancelled by user (after controller loss)", **guard
                 )
@@ -273,8 +278,19 @@ class Controller:
             lease_owner=self.lease,
             lease_expires_at=self._lease_until(),
         )
-        for job in claimed:
-            self._launch(job)
+        packs = packing.fill(
+            self.queue.scheduling,
+            claimed if self.config.packing == "auto" else [],
+            self._pack_keys,
+            now=self._clock(),
+            lease_owner=self.lease,
+            lease_expires_at=self._lease_until(),
+        )
+        for pack in packs or [packing.Pack(job, []) for job in claimed]:
+            if pack.members:
+                pack_runs.launch(self, pack)
+            else:
+                self._launch(pack.leader)
         if rounds:
             preempting.record(self.queue, rounds[0].preempt.decisions, rounds[0].now)
             self._publish_waiting(rounds[0])
@@ -353,7 +369,7 @@ class Controller:
         if ended and out.get("recovered_from_sidecar"):
             # The worker deletes the checkpoints once its adapter is complete; one lost between
             # its upload and that clean-up left them behind.
-            self._discard_checkpoints(job)
+            reconcile.discard_checkpoints(job)
 
     def _lost(
         self,
@@ -450,7 +466,8 @@ class Controller:
         """(this attempt's cost, the job's total so far) as the attempt ends now."""
         started = aware(job.dispatched_at)
         seconds = (self._clock() - started).total_seconds() if started else 0.0
-        spent = attempt_cost(self._rate(job), seconds)
+        # A pack's attempt is paid once, split between its jobs by the work each did.
+        spent = attempt_cost(self._rate(job), seconds * self._shares.pop(job.id, 1.0))
         if spent is None:
             return None, job.cost_usd
         return spent, round((job.cost_usd or 0.0) + spent, 6)
@@ -467,25 +484,6 @@ class Controller:
 
     def _lease_until(self) -> datetime:
         return self._clock() + timedelta(seconds=self.config.lease_s)
-
-    def _discard_checkpoints(self, job: JobRecord) -> None:
-        from lorajobs.storage.adapters import MARKER
-        from lorajobs.storage.checkpoints import discard_after_success
-
-        try:
-            discard_after_success(
-                job.output_uri, job.id, reconcile.adapter_uri(job), adapter_marker=MARKER
-            )
-        except Exception as err:  # noqa: BLE001 - the job succeeded; this is housekeeping
-            log.warning("job %s: could not remove its checkpoints: %s", job.id, err)
-
-    def _delete_partial_adapter(self, job: JobRecord) -> None:
-        from lorajobs.storage.adapters import delete_adapter
-
-        try:
-            delete_adapter(reconcile.adapter_uri(job))
-        except Exception as err:  # noqa: BLE001 - cancel must still complete
-            log.warning("job %s: could not remove a partial adapter: %s", job.id, err)
 
     def _try(self, job_id: str, expected: Any, to: JobStatus, reason: str, **fields: Any) -> bool:
         """A transition that may lose a race (cancel vs finish, two controllers): log, go on."""

@@ -192,6 +192,8 @@ JOBS = Table(
     # 0006: nodes a gang spans (its `gpus` are split evenly over them); 1 for every other job.
     Column("nodes", Integer, server_default="1", nullable=False),
     Column("gang_nodes", Text, nullable=True),  # a gang's nodes, comma-separated
+    # 0007: the job whose attempt this one shares (a pack's member; None: its own attempt).
+    Column("pack_id", String(12), nullable=True),
     # The scheduler's query: queued jobs by priority, oldest first.
     Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
     # Per-owner limits and `lorajobs status --owner`.
@@ -409,7 +411,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
 
 #: The newest migration shipped; a test checks it against Alembic's own head. Knowing it lets
 #: every command check the schema with one query instead of loading Alembic and its scripts.
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 
 
 def _stamped_revision(engine: Engine) -> str | None:

@@ -3,7 +3,7 @@ collect its outcome, and the progress board workers report to.
 
 This is the only module that imports Ray, besides `drain` (which asks the GCS which nodes are
 draining, and polls the board for stop requests inside a task). What runs on the worker node is
-`lorajobs.orchestrator.attempt` (imported inside the task), so the controller never loads
+`lorajobs.orchestrator.attempt` (imported inside the task, `ray_tasks`), so the controller never loads
 torch and the worker never sees the database.
 
 Attempts are plain Ray tasks, pinned to the node the scheduler chose (node affinity, not soft).
@@ -27,7 +27,6 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -43,8 +42,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lorajobs.jobspecs.failures import FailureKind, InvalidInput
 from lorajobs.orchestrator.capability import local_gpu_count
-from lorajobs.orchestrator.drain import Drain, StopPoll, read_drains
+from lorajobs.orchestrator.drain import Drain, read_drains
 from lorajobs.orchestrator.gangs import is_gang
+from lorajobs.orchestrator.ray_tasks import run_attempt, run_pack_attempt, signal_attempt
 from lorajobs.orchestrator.scheduler import Shape
 from lorajobs.orchestrator.settings import Settings
 from lorajobs.storage.boundaries import ENV_KEYS
@@ -91,70 +91,20 @@ class ProgressBoard:
         # For a controller connected through the Ray client (ray://), which cannot ask the GCS.
         return read_drains()
 
+    def cancel_member(self, job_id: str) -> None:
+        """Ask the pack that trains `job_id` to drop it (the others train on)."""
+        self._cancelled = {*getattr(self, "_cancelled", set()), job_id}
+
+    def cancelled(self, job_ids: list[str]) -> list[str]:
+        """Which of `job_ids` their pack should drop."""
+        return [j for j in job_ids if j in getattr(self, "_cancelled", set())]
+
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         # Called here, inside the cluster, because a controller connected through the Ray
         # client (ray://) has no GCS client and the SDK call fails there.
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=bundles)
-
-
-@ray.remote(max_retries=0)
-def run_attempt(
-    spec: dict[str, Any],
-    job_id: str,
-    attempt: int,
-    output_uri: str,
-    board: Any,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The Ray task of one attempt: `lorajobs.orchestrator.attempt.run` on the node Ray placed
-    it on, its progress reports sent to the controller's board (fire and forget)."""
-    from lorajobs.orchestrator.attempt import run
-
-    def send(progress: dict[str, Any]) -> None:
-        board.report.remote(job_id, attempt, progress)
-
-    node_id = ray.get_runtime_context().get_node_id()
-    # Task workers are reused: the file says which process runs this attempt right now, so a
-    # preemption signals this attempt and never the next job the same worker picks up.
-    marker = _pid_file(job_id, attempt)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    stop = StopPoll(board, job_id, attempt)
-    try:
-        return run(
-            spec,
-            job_id,
-            attempt,
-            output_uri,
-            send=send,
-            ray_node_id=node_id,
-            extra=extra,
-            stop_requested=stop,
-        )
-    finally:
-        stop.close()
-        marker.unlink(missing_ok=True)
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def signal_attempt(job_id: str, attempt: int) -> bool:
-    """SIGTERM the worker process running attempt `attempt` of `job_id` on this node (the
-    preemption notice: it finishes its step, checkpoints and ends as preempted). False when
-    that attempt is not running here any more."""
-    import signal
-
-    try:
-        pid = int(_pid_file(job_id, attempt).read_text())
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _pid_file(job_id: str, attempt: int) -> Path:
-    return Path(tempfile.gettempdir()) / "lorajobs-attempts" / f"{job_id}-{attempt}.pid"
 
 
 @dataclass
@@ -168,6 +118,8 @@ class Attempt:
     node_id: str | None = None
     #: Its first progress report has been seen (the job moved to running).
     running: bool = False
+    #: The jobs of its pack (this one included) when it trains in one; () when alone.
+    pack: tuple[str, ...] = ()
 
 
 @dataclass
@@ -367,6 +319,36 @@ class RayBackend:
         )
         return Attempt(job_id, attempt, ref, time.monotonic(), node_id)
 
+    def launch_pack(
+        self,
+        members: list[dict[str, Any]],
+        output_uri: str,
+        *,
+        shape: Shape,
+        node_id: str | None,
+    ) -> list[Attempt]:
+        """One Ray task for a pack (`shape`: its first job's); one `Attempt` per member."""
+        need = shape.ray_resources()
+        options: dict[str, Any] = {
+            "num_cpus": need.pop("CPU", 0.0),
+            "num_gpus": need.pop("GPU", 0.0),
+            "name": "lorajobs-pack:" + ",".join(m["job_id"] for m in members),
+        }
+        if "memory" in need:
+            options["memory"] = need.pop("memory")
+        if need:
+            options["resources"] = need
+        if node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        ref = run_pack_attempt.options(**options).remote(members, output_uri, self.board)
+        ids = tuple(m["job_id"] for m in members)
+        now = time.monotonic()
+        return [Attempt(m["job_id"], m["attempt"], ref, now, node_id, pack=ids) for m in members]
+
+    def cancel_member(self, attempt: Attempt) -> None:
+        """Drop one job from its running pack; the pack's task goes on with the others."""
+        ray.get(self.board.cancel_member.remote(attempt.job_id), timeout=30)
+
     def progress(self) -> dict[str, dict[str, Any]]:
         try:
             return ray.get(self.board.drain.remote(), timeout=10)
@@ -376,16 +358,17 @@ class RayBackend:
     def finished(self, attempts: list[Attempt]) -> list[Attempt]:
         if not attempts:
             return []
-        by_ref = {a.ref: a for a in attempts}
-        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
-        return [by_ref[r] for r in ready]
+        refs = list({a.ref: a for a in attempts})  # the members of a pack share one task
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = set(ready)
+        return [a for a in attempts if a.ref in done]
 
     def wait(self, attempts: list[Attempt], timeout: float) -> None:
         """Return when any of `attempts` ends, or after `timeout` seconds."""
         if not attempts:
             time.sleep(timeout)
             return
-        ray.wait([a.ref for a in attempts], num_returns=1, timeout=timeout)
+        ray.wait(list({a.ref: a for a in attempts}), num_returns=1, timeout=timeout)
 
     def outcome(self, attempt: Attempt) -> dict[str, Any]:
         """The task's result dict, or a failure dict built from Ray's error."""

@@ -23,12 +23,14 @@ is not the job's fault), and resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from lorajobs.orchestrator.records import JobRecord, aware
 
+log = logging.getLogger("lorajobs.controller")
 LIVE, WAIT, TAKE = "live", "wait", "take"
 
 
@@ -95,3 +97,24 @@ def completed_result(job: JobRecord) -> dict[str, Any] | None:
         "recovered_from_sidecar": True,
         "sidecar_attempt": meta.get("attempt"),
     }
+
+
+def discard_checkpoints(job: JobRecord) -> None:
+    """After a success: the job's checkpoints are no longer needed (housekeeping; logged)."""
+    from lorajobs.storage.adapters import MARKER
+    from lorajobs.storage.checkpoints import discard_after_success
+
+    try:
+        discard_after_success(job.output_uri, job.id, adapter_uri(job), adapter_marker=MARKER)
+    except Exception as err:  # noqa: BLE001 - the job succeeded; this is housekeeping
+        log.warning("job %s: could not remove its checkpoints: %s", job.id, err)
+
+
+def delete_partial_adapter(job: JobRecord) -> None:
+    """After a cancel: whatever part of the adapter was uploaded goes (logged if it cannot)."""
+    from lorajobs.storage.adapters import delete_adapter
+
+    try:
+        delete_adapter(adapter_uri(job))
+    except Exception as err:  # noqa: BLE001 - cancel must still complete
+        log.warning("job %s: could not remove a partial adapter: %s", job.id, err)

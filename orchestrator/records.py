@@ -65,6 +65,7 @@ class JobRecord:
     preempted_by: str | None = None
     nodes: int = 1
     gang_nodes: str | None = None
+    pack_id: str | None = None
 
     def parsed_spec(self) -> AnyJobSpec:
         """The stored spec as a validated model again (what the worker is given)."""

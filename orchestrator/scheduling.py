@@ -211,6 +211,7 @@ class Scheduling:
                         "accelerator": p.accelerator,
                         "node": None,
                         "gang_nodes": ",".join((p.data or {}).get("gang_nodes") or []) or None,
+                        "pack_id": None,  # its own attempt, unless `packing.fill` adds others
                     },
                     p.data,
                 )
@@ -235,7 +236,11 @@ class Scheduling:
                 JOBS.c.step,
                 JOBS.c.total_steps,
                 JOBS.c.it_per_s,
-            ).where(JOBS.c.status.in_(_ACTIVE))
+            ).where(
+                JOBS.c.status.in_(_ACTIVE),
+                # A pack's members share its first job's resources (orchestrator/packing.py).
+                or_(JOBS.c.pack_id.is_(None), JOBS.c.pack_id == JOBS.c.id),
+            )
         )
         now = self._clock()
         return [hold_of(r, now) for r in rows]

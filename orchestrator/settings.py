@@ -180,6 +180,8 @@ class ControllerConfig:
     #: Fair share: the owners' shares and the half-life of the GPU-hours counted.
     shares: Shares = field(default_factory=Shares)
     halflife_s: float = DEFAULT_HALFLIFE_S
+    #: "auto": queued jobs may share an attempt (orchestrator/packing.py); "off": never.
+    packing: str = "off"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -195,7 +197,11 @@ class ControllerConfig:
         autoscale = env.get("LORAJOBS_AUTOSCALE", "auto").strip().lower() or "auto"
         if autoscale not in ("auto", "off"):
             raise InvalidInput(f"LORAJOBS_AUTOSCALE={autoscale!r}: use auto or off")
+        packing = env.get("LORAJOBS_PACKING", "off").strip().lower() or "off"
+        if packing not in ("auto", "off"):
+            raise InvalidInput(f"LORAJOBS_PACKING={packing!r}: use auto or off")
         return cls(
+            packing=packing,
             poll_s=_float(env, "LORAJOBS_POLL_S", 0.5, minimum=0.01),
             lease_s=lease_s,
             retry=RetryPolicy(

@@ -20,7 +20,7 @@ SETTABLE = frozenset(
     {"failure_kind", "failure_reason", "attempt", "result", "node", "cancel_requested"}
     | {"lease_owner", "lease_expires_at", "step", "total_steps", "loss", "it_per_s"}
     | {"not_before", "infra_retries", "user_retries", "internal_retries", "node_id"}
-    | {"accelerator", "cost_usd", "preempt_at", "preempted_by", "gang_nodes"}
+    | {"accelerator", "cost_usd", "preempt_at", "preempted_by", "gang_nodes", "pack_id"}
 )
 #: "Do not check the lease" (None is a lease owner value).
 UNSET: Any = object()

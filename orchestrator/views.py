@@ -101,6 +101,16 @@ def job_json(job: JobRecord, wait_reason: str | None = None) -> dict[str, Any]:
     return out
 
 
+def pack_text(job: JobRecord) -> str | None:
+    """Which jobs share (or shared) `job`'s attempt, for `show`; None when it trained alone."""
+    others = (job.result or {}).get("packed_with")
+    if others:
+        return "trained in one attempt with " + ", ".join(others)
+    if job.pack_id and job.pack_id != job.id:
+        return f"shares the attempt of job {job.pack_id}"
+    return None
+
+
 def event_json(ev: EventRecord) -> dict[str, Any]:
     out = dataclasses.asdict(ev)
     for k, v in out.items():

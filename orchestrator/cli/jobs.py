@@ -263,6 +263,8 @@ def show(
         ctx.out.print(f"waiting: {wait_reason}", markup=False)
     for line in render.preemption_lines(rec, events):
         ctx.out.print(line, markup=False)
+    if (pack := views.pack_text(rec)) is not None:
+        ctx.out.print(f"pack: {pack}", markup=False)
     if rec.failure_reason:
         ctx.out.print(f"failure ({rec.failure_kind}): {rec.failure_reason}")
     if render.adapter_uri(rec):

@@ -203,10 +203,20 @@ def _base_model(
     return model
 
 
-def _export(spec: TextJobSpec, model: Any, out_dir: Path, total: int) -> None:
-    """PEFT's folder, then rewritten so the bytes depend only on the tensors."""
+def _export(
+    spec: TextJobSpec, model: Any, out_dir: Path, total: int, adapter: str = "default"
+) -> None:
+    """PEFT's folder, then rewritten so the bytes depend only on the tensors.
+
+    `adapter` names one of several adapters in `model` (a pack's): PEFT saves a non-default
+    adapter into a subfolder of that name, whose files are moved up.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, selected_adapters=[adapter])
+    if adapter != "default":
+        for f in (out_dir / adapter).iterdir():
+            f.replace(out_dir / f.name)
+        (out_dir / adapter).rmdir()
     model_type = str(getattr(model.config, "model_type", "causal-lm"))
     header = {  # the kohya / modelspec keys that apply to a text LoRA; no times: deterministic
         "modelspec.sai_model_spec": "1.0.0",

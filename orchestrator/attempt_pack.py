@@ -1,0 +1,117 @@
+"""One attempt of a pack of jobs, as it runs on a worker node (the pack twin of `attempt.run`).
+
+Each job keeps its own log (`<bucket>/jobs/<id>/logs/attempt-<N>/`), its own progress reports
+(to the controller, under its own id and attempt number) and its own outcome: the result is
+`{"pack": [ids], "jobs": {id: outcome}}`, each outcome shaped as `attempt.run`'s. A failure of
+the pack as a whole (the base model will not load, a SIGTERM) is every job's outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from lorajobs.jobspecs.failures import FailureKind, LoraJobsError, classify
+from lorajobs.orchestrator.attempt import _on_this_node, _outside_boundary, _reporter
+from lorajobs.orchestrator.settings import Settings
+
+
+def run_pack(
+    members: list[dict[str, Any]],
+    output_uri: str,
+    *,
+    send: Callable[[str, int, dict[str, Any]], None],
+    cancelled: Callable[[str], bool],
+    ray_node_id: str,
+) -> dict[str, Any]:
+    """Run one attempt of each member (`{"spec", "job_id", "attempt", "extra"}`) together."""
+    from lorajobs.jobspecs import parse_spec
+    from lorajobs.storage.logs import AttemptLog
+    from lorajobs.worker.context import WorkerContext
+    from lorajobs.worker.pack_entry import run_pack as train_pack
+
+    started = time.monotonic()
+    node = socket.gethostname()
+    base = {"node": node, "ray_node_id": ray_node_id}
+    ids = [m["job_id"] for m in members]
+    outcomes: dict[str, dict[str, Any]] = {}
+    runnable = []
+    for m in members:
+        refused = _outside_boundary(m["spec"], output_uri)
+        if refused:
+            error = f"job {m['job_id']} reaches outside its owner's prefix: {refused}"
+            outcomes[m["job_id"]] = {"ok": False, "kind": FailureKind.user, "error": error, **base}
+        else:
+            runnable.append(m)
+    cache = Settings.from_env().cache_dir
+    with contextlib.ExitStack() as stack:
+        logs, specs, ctxs = {}, [], []
+        for m in runnable:
+            job_id, attempt = m["job_id"], m["attempt"]
+            spec = parse_spec(m["spec"], f"job {job_id}")
+            log = stack.enter_context(AttemptLog(output_uri, job_id, attempt))
+            others = ", ".join(i for i in ids if i != job_id)
+            log.line(
+                f"job {job_id} attempt {attempt}: {spec.kind} '{spec.name}' on {node} "
+                f"(Ray node {ray_node_id[:12]}), packed with {others}"
+            )
+            logs[job_id] = log
+            specs.append(spec)
+
+            def job_send(p: dict[str, Any], j: str = job_id, a: int = attempt) -> None:
+                send(j, a, p)
+
+            extra = dict(m.get("extra") or {})
+            ctxs.append(
+                WorkerContext(
+                    job_id=job_id,
+                    output_uri=output_uri,
+                    cache_dir=cache,
+                    attempt=attempt,
+                    report=_reporter(job_send, log, node, started, extra.get("cost")),
+                    threads=spec.resources.cpus,
+                    node=node,
+                    extra=extra,
+                )
+            )
+        try:
+            results = train_pack(specs, ctxs, cancelled=cancelled) if specs else {}
+            for job_id, res in results.items():
+                outcomes[job_id] = _outcome(res, base, node)
+        except LoraJobsError as err:  # the pack itself: every job not yet ended shares it
+            err = _on_this_node(err, node)
+            error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
+            for m in runnable:
+                outcomes.setdefault(
+                    m["job_id"],
+                    {"ok": False, "kind": classify(err), "error": error, **base},
+                )
+        except Exception as err:  # noqa: BLE001 - report, don't crash the task
+            traceback.print_exc()
+            for m in runnable:
+                outcomes.setdefault(
+                    m["job_id"],
+                    {"ok": False, "kind": FailureKind.internal, "error": repr(err), **base},
+                )
+        seconds = round(time.monotonic() - started, 3)
+        for job_id, out in outcomes.items():
+            out["attempt_seconds"] = seconds
+            if not out["ok"] and job_id in logs:
+                logs[job_id].line(f"attempt failed ({out['kind']}): {out['error']}")
+    return {"pack": ids, "jobs": outcomes, **base, "attempt_seconds": seconds}
+
+
+def _outcome(res: dict[str, Any], base: dict[str, Any], node: str) -> dict[str, Any]:
+    """One job's outcome from `pack_entry.run_pack`'s result, shaped as `attempt.run`'s."""
+    share = {k: res.get(k) for k in ("steps_done", "work", "packed_with") if k in res}
+    if res.get("cancelled"):
+        return {"ok": False, "kind": FailureKind.user, "error": "cancelled", **share, **base}
+    err = res.get("error")
+    if err is not None:
+        err = _on_this_node(err, node)
+        return {"ok": False, "kind": classify(err), "error": str(err), **share, **base}
+    return {"ok": True, **base, **{k: v for k, v in res.items() if k != "error"}}
