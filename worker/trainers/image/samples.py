@@ -48,6 +48,9 @@ def step_name(step: int) -> str:
 class SampleRenderer:
     """Renders the spec's prompts with the training modules into grid PNGs under `out_dir`."""
 
+    # DDPM bases sample with DPM-Solver++; flow-matching ones keep their own scheduler.
+    swap_scheduler = True
+
     def __init__(
         self,
         samples: Samples,
@@ -214,7 +217,8 @@ class SampleRenderer:
                 component.eval()
         if base == torch.float16:
             pipe.vae.to(dtype=torch.float32)  # SD VAEs overflow in fp16
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        if self.swap_scheduler:
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self._pipe = pipe
         return pipe
