@@ -68,7 +68,7 @@ def _build_t5_tokenizer() -> Any:
 
 
 def build_tiny_flux_model(out: Path, *, seed: int = 0, guidance: bool = True) -> Path:
-    """Write a tiny Flux.1 pipeline (8x8-pixel VAE patches of 2 px: 32 px → 16x16x16 latents →
+    """Write a tiny Flux.1 pipeline (a VAE downsampling 2x: 32 px → 16x16x16 latents →
     64 tokens) to `out` and return it. Reloads with
     `FluxPipeline.from_pretrained(out, local_files_only=True)`."""
     import torch
@@ -77,7 +77,7 @@ def build_tiny_flux_model(out: Path, *, seed: int = 0, guidance: bool = True) ->
 
     clip_tokenizer = _build_tokenizer()
     t5_tokenizer = _build_t5_tokenizer()
-    heads, head_dim = 2, 16
+    heads, head_dim = 4, 16  # a 64-wide stream: proj_out can span the 64-channel packed target
     # Each component seeded on its own: adding or reordering one never changes another.
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
