@@ -42,7 +42,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Beside this file (bench/ is the script's folder). `loops` first: it notes the process start.
+# Beside this file (bench/ is the script's folder). `loops` is imported first (flux_loops'
+# first line imports it too): it notes the process start.
+from flux_loops import bare_flux, lorajobs_flux
 from loops import (
     alternating,
     bare_image,
@@ -51,7 +53,6 @@ from loops import (
     lorajobs_image,
     lorajobs_text,
 )
-from flux_loops import bare_flux, lorajobs_flux
 from sd_proportions import BENCH_RESOLUTION, build_sd_proportioned_model
 
 ROOT = Path(__file__).resolve().parents[1]
