@@ -99,7 +99,7 @@ class FluxBase:
         return bool(self.transformer.config.guidance_embeds)
 
 
-def load_flux_models(model_dir: Path, dtype: torch.dtype | None = None) -> FluxBase:
+def load_flux_models(model_dir: Path) -> FluxBase:
     """Every component of a Flux.1 pipeline folder, the one place they are loaded (a
     quantization option wraps this). `UserDataError` when the parts do not fit together."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -141,6 +141,11 @@ def freeze_flux(base: FluxBase, device: torch.device, dtype: torch.dtype) -> Non
     for model in (base.transformer, base.vae, *base.text_encoders.values()):
         model.requires_grad_(False)
         model.to(device, dtype=dtype)
+    if dtype == torch.float16:
+        # T5 overflows in fp16 (its feed-forward activations exceed 65504): bf16 where the
+        # device has it, else fp32. It runs once per caption and is released after caching.
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        base.text_encoders["text_encoder_2"].to(dtype=torch.bfloat16 if bf16 else torch.float32)
     base.vae.eval()
     for te in base.text_encoders.values():
         te.eval()
