@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec
-from lorajobs.worker.trainers.image.flux import default_targets, sample_sigmas
+from lorajobs.worker.trainers.image.flux import check_packing, default_targets, sample_sigmas
 from lorajobs.worker.trainers.image.flux_names import flux_to_kohya, kohya_name
 
 INNER, MLP = 3072, 12288
@@ -124,3 +125,21 @@ def test_sigma_sampling() -> None:
     assert torch.all(big > small) and torch.all(small > normal)
     fixed = draw(_spec(), {"shift": 3.0}, 256)
     torch.testing.assert_close(fixed, 3 * normal / (1 + 2 * normal))
+
+
+def test_image_sides_must_pack_into_2x2_latent_tokens() -> None:
+    check_packing(_spec(resolution=512), 8)
+    with pytest.raises(UserDataError, match="training.resolution: 520 is not a multiple of 16"):
+        check_packing(_spec(resolution=520), 8)
+    bucketed = ImageJobSpec.model_validate(
+        {
+            "kind": "image",
+            "name": "s",
+            "base_model": "m",
+            "dataset": "d",
+            "training": {"steps": 1, "resolution": 512},
+            "data": {"bucketing": True, "bucket_step": 24},
+        }
+    )
+    with pytest.raises(UserDataError, match="data.bucket_step: 24 is not a multiple of 16"):
+        check_packing(bucketed, 8)

@@ -187,6 +187,7 @@ def check_flux_spec(spec: ImageJobSpec, base: FluxBase) -> float | None:
         )
     if cfg.noise_offset > 0:
         raise UserDataError("training.noise_offset: not used with flow-matching bases (Flux.1)")
+    check_packing(spec, 2 ** (len(base.vae.config.block_out_channels) - 1))
     if not base.guidance_embeds:
         if cfg.guidance_scale is not None:
             raise UserDataError(
@@ -195,6 +196,22 @@ def check_flux_spec(spec: ImageJobSpec, base: FluxBase) -> float | None:
             )
         return None
     return DEFAULT_GUIDANCE if cfg.guidance_scale is None else cfg.guidance_scale
+
+
+def check_packing(spec: ImageJobSpec, vae_scale: int) -> None:
+    """Flux packs latents 2x2 into tokens: image sides must be multiples of 2 x the VAE's
+    downsampling (16 px on FLUX.1), for the square resolution and for every bucket."""
+    unit = 2 * vae_scale
+    if spec.training.resolution % unit:
+        raise UserDataError(
+            f"training.resolution: {spec.training.resolution} is not a multiple of {unit} "
+            f"(this Flux base packs 2x2 latents of a {vae_scale}x VAE)"
+        )
+    if spec.data.bucketing and spec.data.bucket_step % unit:
+        raise UserDataError(
+            f"data.bucket_step: {spec.data.bucket_step} is not a multiple of {unit} "
+            f"(this Flux base packs 2x2 latents of a {vae_scale}x VAE)"
+        )
 
 
 def refuse_flow_settings(spec: ImageJobSpec) -> None:
