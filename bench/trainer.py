@@ -17,7 +17,7 @@ honest), and the pairs are interleaved round by round so machine noise hits both
    where encoding is cheap and caching has little to save;
 3. useful (non-padding) tokens per second on a variable-length text set: lorajobs (packed, and
    padded) vs `transformers.Trainer` + PEFT padding to max_length, and to the batch's longest;
-4. Flux.1 on the tiny Flux pipeline (pairs 10, 11; bench/flux_loops.py): per-step time of
+4. Flux.1 on the tiny Flux pipeline (pairs 10-12; bench/flux_loops.py): per-step time of
    lorajobs vs a bare flow-matching loop doing the same work, and a multi-epoch job with cached
    latents + T5/CLIP prompt embeddings vs one that decodes and encodes every step.
 
@@ -126,6 +126,11 @@ WORKERS = {
     "bare-flux": lambda fx, a: bare_flux(fx, a.steps, a.threads, None),
     "lorajobs-flux-epochs": lambda fx, a: lorajobs_flux(fx, 0, a.threads, a.epochs),
     "bare-flux-encode-every-step": lambda fx, a: bare_flux(fx, 0, a.threads, a.epochs, True),
+    "alternating-flux": lambda fx, a: alternating(
+        lambda: lorajobs_flux(fx, a.steps, a.threads, None),
+        lambda: bare_flux(fx, a.steps, a.threads, None),
+        a.calls,
+    ),
     "alternating-text": lambda fx, a: alternating(
         lambda: lorajobs_text(fx, a.steps, a.threads),
         lambda: bare_text(fx, a.steps, a.threads),
@@ -175,6 +180,7 @@ PAIRS = [
         "lorajobs-flux-epochs",
         "bare-flux-encode-every-step",
     ),
+    ("per-step, Flux, alternating in one process", "alternating-flux", None),
 ]
 
 
@@ -220,7 +226,7 @@ def main() -> None:
     ap.add_argument(
         "--calls", type=int, default=4, help="alternating pairs: calls of each side per process"
     )
-    ap.add_argument("--only", default="", help="comma-separated pair numbers (1-11)")
+    ap.add_argument("--only", default="", help="comma-separated pair numbers (1-12)")
     ap.add_argument("--worker")
     ap.add_argument("--fixtures")
     ap.add_argument("--json")
