@@ -234,3 +234,23 @@ def test_flow_settings_on_a_ddpm_base_and_ddpm_settings_on_flux_are_refused(
         _train(_spec(timestep_sampling="uniform"), tiny_image_model, tiny_image_dataset, tmp_path)
     with pytest.raises(UserDataError, match="training.min_snr_gamma"):
         _train(_spec(min_snr_gamma=5.0), tiny_flux_model, tiny_image_dataset, tmp_path)
+
+
+def test_aspect_buckets_train_on_non_square_images(tiny_flux_model: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "wide-and-tall"
+    data.mkdir()
+    for i, (w, h) in enumerate([(64, 32), (64, 32), (32, 64), (32, 64)]):
+        Image.new("RGB", (w, h), (40 * i, 90, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a plain picture number {i}\n", encoding="utf-8")
+    spec = _spec(steps=2)
+    spec = ImageJobSpec.model_validate(
+        {**spec.model_dump(), "data": {"bucketing": True, "bucket_step": 8}}
+    )
+    result = _train(spec, tiny_flux_model, data, tmp_path / "out")
+    assert result.metrics["steps"] == 2 and result.metrics["latents_cached"]
+    cache = next((tmp_path / "out" / "cache" / "latents").iterdir())
+    shapes = {tuple(load_file(p)["latents"].shape) for p in cache.glob("*.safetensors")}
+    assert len(shapes) == 2, shapes  # a wide and a tall bucket, 16 latent channels each
+    assert all(s[0] == 16 and s[1] % 2 == 0 and s[2] % 2 == 0 for s in shapes)
