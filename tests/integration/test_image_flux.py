@@ -254,3 +254,39 @@ def test_aspect_buckets_train_on_non_square_images(tiny_flux_model: Path, tmp_pa
     shapes = {tuple(load_file(p)["latents"].shape) for p in cache.glob("*.safetensors")}
     assert len(shapes) == 2, shapes  # a wide and a tall bucket, 16 latent channels each
     assert all(s[0] == 16 and s[1] % 2 == 0 and s[2] % 2 == 0 for s in shapes)
+
+
+def test_samples_render_from_cached_prompt_embeddings_without_t5(
+    tiny_flux_model: Path, tmp_path: Path
+) -> None:
+    from lorajobs.worker.trainers.image.flux import FluxEncoders, freeze_flux, load_flux_models
+    from lorajobs.worker.trainers.image.flux_samples import FluxSampleRenderer
+    from lorajobs.worker.trainers.loop import resolve_precision
+
+    torch.set_num_threads(1)
+    spec = ImageJobSpec.model_validate(
+        {**_spec().model_dump(), "samples": {"prompts": [PROMPT], "num_inference_steps": 2}}
+    )
+    assert spec.samples is not None
+    cpu = torch.device("cpu")
+    base = load_flux_models(tiny_flux_model)
+    freeze_flux(base, cpu, torch.float32)
+    renderer = FluxSampleRenderer.for_flux(
+        spec, tiny_flux_model, tmp_path, {"transformer": base.transformer},
+        resolve_precision("no", cpu), cpu, _ctx(tmp_path), 1.0,
+        FluxEncoders(base, cpu, torch.float32),
+    )  # fmt: skip
+    assert renderer is not None
+    pipe = renderer._pipeline()
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None  # T5 never comes back
+    cached = np.asarray(renderer._image(pipe, PROMPT))
+    live = _pipe(tiny_flux_model)(
+        PROMPT,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        max_sequence_length=32,
+        generator=torch.Generator().manual_seed(spec.samples.seed),
+    ).images[0]
+    assert np.array_equal(cached, np.asarray(live))

@@ -36,6 +36,7 @@ from lorajobs.worker.trainers.image.flux import (
     t5_length,
 )
 from lorajobs.worker.trainers.image.flux_names import exportable, flux_to_kohya, linear_widths
+from lorajobs.worker.trainers.image.flux_samples import FluxSampleRenderer
 from lorajobs.worker.trainers.image.kohya import (
     diffusers_to_kohya,
     header_metadata,
@@ -49,7 +50,6 @@ from lorajobs.worker.trainers.image.models import (
     lora_state,
     save_diffusers,
 )
-from lorajobs.worker.trainers.image.samples import SampleRenderer
 from lorajobs.worker.trainers.loop import (
     TrainLoop,
     pick_device,
@@ -81,9 +81,11 @@ def train_flux(
     freeze_flux(base, device, precision.base_dtype)
     targets = list(spec.lora.target_modules or default_targets(dict(base.transformer.config)))
     trained, lora_params = _add_lora(spec, base, targets)
+    # Before the text encoders go: a renderer embeds its prompts now when they will be released.
     renderer = FluxSampleRenderer.for_flux(
-        spec, model_dir, out_dir, trained, precision, device, ctx, guidance
-    )
+        spec, model_dir, out_dir, trained, precision, device, ctx, guidance,
+        FluxEncoders(base, device, precision.base_dtype) if cache.text else None,
+    )  # fmt: skip
     encoders, latents, embeddings = recipe._encode_once(
         ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype, FluxEncoders
     )
@@ -117,7 +119,31 @@ def train_flux(
     files.append(recipe.LOSS_PNG)
     sample_files, sample_metrics = renderer.finish(total) if renderer else ([], {})
     files += sample_files
-    resolved = {
+    resolved = _resolved(spec, base, ds, precision, total, device, ctx, files, targets, guidance)
+    resolved["kohya_skipped"] = kohya_skipped
+    return TrainOutput(
+        files=files,
+        deterministic=[WEIGHTS_NAME],
+        metrics={**recipe._metrics(spec, ds, cache, result, total), **sample_metrics},
+        resolved=resolved,
+    )
+
+
+def _resolved(
+    spec: ImageJobSpec,
+    base: FluxBase,
+    ds: Any,
+    precision: Any,
+    total: int,
+    device: torch.device,
+    ctx: WorkerContext,
+    files: list[str],
+    targets: list[str],
+    guidance: float | None,
+) -> dict[str, Any]:
+    """Every setting the job ran with, defaults resolved (the sidecar's `resolved`)."""
+    cfg = spec.training
+    return {
         **resolved_settings(spec, precision, total, device, ctx.threads),
         "model_family": base.family,
         "target_modules": targets,
@@ -136,15 +162,8 @@ def train_flux(
         "base_dtype": str(precision.base_dtype).removeprefix("torch."),
         "base_model_version": "flux1",
         "kohya_file": recipe._kohya_name(spec) if recipe._kohya_name(spec) in files else None,
-        "kohya_skipped": kohya_skipped,
         "trigger_phrase": recipe._trigger(spec),
     }
-    return TrainOutput(
-        files=files,
-        deterministic=[WEIGHTS_NAME],
-        metrics={**recipe._metrics(spec, ds, cache, result, total), **sample_metrics},
-        resolved=resolved,
-    )
 
 
 def _add_lora(
@@ -239,58 +258,3 @@ def _export(
         save_canonical(kohya, out_dir / recipe._kohya_name(spec), {"format": "pt", **meta})
         files.append(recipe._kohya_name(spec))
     return files, skipped
-
-
-class FluxSampleRenderer(SampleRenderer):
-    """Validation grids through `FluxPipeline` (its own flow-matching scheduler), with the
-    transformer being trained; guidance is the spec's sample guidance where given, else the
-    training guidance value. Flux has no negative prompt (without true CFG): none is used."""
-
-    swap_scheduler = False
-
-    @classmethod
-    def for_flux(
-        cls,
-        spec: ImageJobSpec,
-        model_dir: Path,
-        out_dir: Path,
-        trained: dict[str, Any],
-        precision: Any,
-        device: torch.device,
-        ctx: WorkerContext,
-        guidance: float | None,
-    ) -> FluxSampleRenderer | None:
-        if spec.samples is None:
-            return None
-        renderer = cls(
-            spec.samples,
-            model_dir=model_dir,
-            out_dir=out_dir,
-            unet=trained["transformer"],
-            precision=precision,
-            device=device,
-            resolution=spec.samples.resolution or spec.training.resolution,
-            title=spec.name,
-            text_encoders={k: m for k, m in trained.items() if k != "transformer"},
-            board=ctx.board,
-        )
-        renderer.shared = {"transformer": trained["transformer"], **renderer.shared}
-        del renderer.shared["unet"]
-        explicit = "guidance_scale" in spec.samples.model_fields_set
-        renderer.guidance = spec.samples.guidance_scale if explicit else (guidance or 1.0)
-        return renderer
-
-    guidance: float = 1.0
-
-    def _image(self, pipe: Any, prompt: str) -> Any:
-        generator = torch.Generator("cpu").manual_seed(self.samples.seed)
-        with self.precision.context(self.device):
-            return pipe(
-                prompt=prompt,
-                height=self.resolution,
-                width=self.resolution,
-                num_inference_steps=self.samples.num_inference_steps,
-                guidance_scale=self.guidance,
-                max_sequence_length=t5_length(pipe.tokenizer_2),
-                generator=generator,
-            ).images[0]

@@ -50,6 +50,8 @@ class SampleRenderer:
 
     # DDPM bases sample with DPM-Solver++; flow-matching ones keep their own scheduler.
     swap_scheduler = True
+    # Pipeline components left out (None), e.g. text encoders whose outputs are precomputed.
+    absent: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -194,6 +196,7 @@ class SampleRenderer:
 
         base = self.precision.base_dtype
         kwargs: dict[str, Any] = dict(self.shared)
+        kwargs.update(dict.fromkeys(self.absent))  # components not loaded at all
         if "safety_checker" in self._index:  # SD 1.x/2.x folders: no NSFW filter on samples
             kwargs.update(
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False
