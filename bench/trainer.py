@@ -16,7 +16,10 @@ honest), and the pairs are interleaved round by round so machine noise hits both
    ~0.39 for SD 1.5 at 512 px by FLOPs), and, for reference, on the tiny 64 px model (pair 7),
    where encoding is cheap and caching has little to save;
 3. useful (non-padding) tokens per second on a variable-length text set: lorajobs (packed, and
-   padded) vs `transformers.Trainer` + PEFT padding to max_length, and to the batch's longest.
+   padded) vs `transformers.Trainer` + PEFT padding to max_length, and to the batch's longest;
+4. Flux.1 on the tiny Flux pipeline (pairs 10-12; bench/flux_loops.py): per-step time of
+   lorajobs vs a bare flow-matching loop doing the same work, and a multi-epoch job with cached
+   latents + T5/CLIP prompt embeddings vs one that decodes and encodes every step.
 
 Each side is timed over the same kind of window: from the first ~0.5 s progress report to the
 last step (`Clock`). Read the CPU figures on a shared machine; wall time also measures the
@@ -39,7 +42,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Beside this file (bench/ is the script's folder). `loops` first: it notes the process start.
+# Beside this file (bench/ is the script's folder). `loops` is imported first (flux_loops'
+# first line imports it too): it notes the process start.
+from flux_loops import bare_flux, lorajobs_flux
 from loops import (
     alternating,
     bare_image,
@@ -57,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_fixtures(root: Path) -> dict[str, str]:
+    from lorajobs.worker.trainers.image.flux_tiny import build_tiny_flux_model
     from lorajobs.worker.trainers.image.tiny import build_tiny_image_model, make_image_dataset
     from lorajobs.worker.trainers.text.tiny import (
         _sentence,
@@ -72,7 +78,10 @@ def build_fixtures(root: Path) -> dict[str, str]:
         "varlen_data": root / "varlen.jsonl",
         "sd_model": root / "sd-model",
         "sd_data": root / "sd-data",
+        "flux_model": root / "flux-model",
     }
+    if not paths["flux_model"].exists():
+        build_tiny_flux_model(paths["flux_model"], seed=0)
     if not paths["sd_model"].exists():
         build_sd_proportioned_model(paths["sd_model"], seed=0)
         # Larger than the training resolution, as photos are: each step resizes and crops.
@@ -112,6 +121,15 @@ WORKERS = {
     ),
     "trainer-text-varlen-longest": lambda fx, a: hf_trainer_text(
         fx, a.text_steps, a.threads, "longest"
+    ),
+    "lorajobs-flux": lambda fx, a: lorajobs_flux(fx, a.steps, a.threads, None),
+    "bare-flux": lambda fx, a: bare_flux(fx, a.steps, a.threads, None),
+    "lorajobs-flux-epochs": lambda fx, a: lorajobs_flux(fx, 0, a.threads, a.epochs),
+    "bare-flux-encode-every-step": lambda fx, a: bare_flux(fx, 0, a.threads, a.epochs, True),
+    "alternating-flux": lambda fx, a: alternating(
+        lambda: lorajobs_flux(fx, a.steps, a.threads, None),
+        lambda: bare_flux(fx, a.steps, a.threads, None),
+        a.calls,
     ),
     "alternating-text": lambda fx, a: alternating(
         lambda: lorajobs_text(fx, a.steps, a.threads),
@@ -156,6 +174,13 @@ PAIRS = [
     # The per-step pairs again, both sides alternating in each process (see `alternating`).
     ("per-step, image, alternating in one process", "alternating-image", None),
     ("per-step, text, alternating in one process", "alternating-text", None),
+    ("per-step, Flux (tiny Flux.1 pipeline, 64 px)", "lorajobs-flux", "bare-flux"),
+    (
+        "multi-epoch Flux job, tiny Flux.1 (cached latents + T5/CLIP embeddings vs encode every step)",
+        "lorajobs-flux-epochs",
+        "bare-flux-encode-every-step",
+    ),
+    ("per-step, Flux, alternating in one process", "alternating-flux", None),
 ]
 
 
@@ -201,7 +226,7 @@ def main() -> None:
     ap.add_argument(
         "--calls", type=int, default=4, help="alternating pairs: calls of each side per process"
     )
-    ap.add_argument("--only", default="", help="comma-separated pair numbers (1-9)")
+    ap.add_argument("--only", default="", help="comma-separated pair numbers (1-12)")
     ap.add_argument("--worker")
     ap.add_argument("--fixtures")
     ap.add_argument("--json")

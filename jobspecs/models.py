@@ -197,6 +197,30 @@ class ImageTraining(_Training):
         "min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction). Typical: 5. Default: off.",
     )
 
+    # Flow-matching bases (Flux.1): how timesteps are drawn, and the guidance embedding.
+    timestep_sampling: Literal["uniform", "logit_normal", "shift"] = Field(
+        "shift",
+        description="Flow-matching bases (Flux.1) only: how each step's noise level sigma in (0, 1) "
+        "is drawn. uniform; logit_normal (sigmoid of a normal with logit_mean / logit_std, as SD3 "
+        "and diffusers' scripts); shift: logit_normal, then shifted toward noise by the base "
+        "scheduler's resolution-dependent shift (Flux's mu from the image's token count; a fixed "
+        "shift where the scheduler has no dynamic shifting), as kohya's flux_shift.",
+    )
+    logit_mean: float = Field(
+        0.0, ge=-5.0, le=5.0, description="Mean of the logit-normal draw (logit_normal, shift)."
+    )
+    logit_std: float = Field(
+        1.0, gt=0.0, le=5.0, description="Std of the logit-normal draw (logit_normal, shift)."
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="Guidance-distilled flow-matching bases (FLUX.1-dev: a transformer with "
+        "guidance_embeds) only: the value fed to the guidance embedding while training. "
+        "Default: 1.0, as kohya recommends for LoRAs (samples default to it as well).",
+    )
+
     @model_validator(mode="after")
     def _te_lr_needs_te(self) -> ImageTraining:
         if self.text_encoder_learning_rate is not None and not self.train_text_encoder:

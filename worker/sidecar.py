@@ -239,7 +239,9 @@ def _card_intro(spec: AnyJobSpec, output: TrainOutput) -> list[str]:
 def _card_training(spec: AnyJobSpec, resolved: dict[str, Any]) -> list[str]:
     lines = ["## Training", "", "| setting | value |", "|---|---|"]
     lines.append(f"| base model | `{redact_uri(spec.base_model)}` |")
-    lines.append(f"| target modules | {', '.join(spec.target_modules())} |")
+    # The trainer's own list where it resolved one (Flux's defaults differ from SD's).
+    targets = resolved.get("target_modules") or spec.target_modules()
+    lines.append(f"| target modules | {', '.join(targets)} |")
     lines += [f"| {key} | {resolved[key]} |" for key in _CARD_SETTINGS if key in resolved]
     return [*lines, ""]
 

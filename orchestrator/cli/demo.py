@@ -181,13 +181,16 @@ def db_upgrade() -> None:
 
 def tiny_models(
     out_dir: Path = typer.Option(
-        ..., "--out", help="Folder to write tiny-sd/, tiny-sdxl/, tiny-llama/ and data/ into."
+        ...,
+        "--out",
+        help="Folder to write tiny-sd/, tiny-sdxl/, tiny-flux/, tiny-llama/ and data/ into.",
     ),
     seed: int = typer.Option(0, help="Seed for the random weights."),
 ) -> None:
-    """Build tiny SD-1.x and SDXL pipelines, a tiny causal LM and two sample data sets
+    """Build tiny SD-1.x, SDXL and Flux.1 pipelines, a tiny causal LM and two sample data sets
     (data/shapes/: images with captions; data/patterns/train.jsonl: text), offline: enough
     to try a cluster end to end in minutes, even on CPU-only nodes."""
+    from lorajobs.worker.trainers.image.flux_tiny import build_tiny_flux_model
     from lorajobs.worker.trainers.image.tiny import (
         build_tiny_image_model,
         build_tiny_sdxl_model,
@@ -198,6 +201,7 @@ def tiny_models(
     quiet_ml_libraries()
     print(build_tiny_image_model(out_dir / "tiny-sd", seed=seed))
     print(build_tiny_sdxl_model(out_dir / "tiny-sdxl", seed=seed))
+    print(build_tiny_flux_model(out_dir / "tiny-flux", seed=seed))
     print(build_tiny_text_model(out_dir / "tiny-llama", seed=seed))
     print(make_image_dataset(out_dir / "data" / "shapes"))
     print(make_text_dataset(out_dir / "data" / "patterns" / "train.jsonl"))

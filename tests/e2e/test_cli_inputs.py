@@ -164,12 +164,22 @@ def test_dev_tiny_models_builds_models_and_sample_data_quietly(tmp_path: Path) -
     assert [p.name for p in printed] == [
         "tiny-sd",
         "tiny-sdxl",
+        "tiny-flux",
         "tiny-llama",
         "shapes",
         "train.jsonl",
     ]
     assert all(p.exists() for p in printed)
     assert list((tmp_path / "t" / "data" / "shapes").glob("*.txt"))
+    # Byte-identical on every run: a second build gives the same files.
+    again = CLI(home=tmp_path / "home")("dev", "tiny-models", "--out", str(tmp_path / "t2"))
+    assert again.code == 0, again.err
+    first = sorted(p for p in (tmp_path / "t").rglob("*") if p.is_file())
+    second = sorted(p for p in (tmp_path / "t2").rglob("*") if p.is_file())
+    assert [p.relative_to(tmp_path / "t") for p in first] == [
+        p.relative_to(tmp_path / "t2") for p in second
+    ]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
 
 
 def test_status_watch_piped_to_a_file_prints_tables(tmp_path: Path) -> None:

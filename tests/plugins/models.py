@@ -26,6 +26,23 @@ def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-style pipeline (guidance embedding; 32 px → 16 channels), seed 0."""
+    from lorajobs.worker.trainers.image.flux_tiny import build_tiny_flux_model
+
+    return build_tiny_flux_model(tmp_path_factory.mktemp("tiny-flux-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-schnell-style pipeline (no guidance embedding, fixed shift), seed 0."""
+    from lorajobs.worker.trainers.image.flux_tiny import build_tiny_flux_model
+
+    out = tmp_path_factory.mktemp("tiny-flux-schnell-model")
+    return build_tiny_flux_model(out, seed=0, guidance=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_image_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight 64 px PNGs of coloured circles and squares with same-name .txt captions."""
     from lorajobs.worker.trainers.image.tiny import make_image_dataset

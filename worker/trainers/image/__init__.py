@@ -9,6 +9,9 @@
   sampler), `pixels` (decoding, resizing, cropping); `latents`: what is encoded once, and the
   latent cache;
 - `kohya`: the A1111 / ComfyUI file and its metadata; `samples`: validation grids.
+- Flux.1: `flux` (recognition from the transformer config, `load_flux_models`, prompt
+  encoders, sigma sampling, the flow-matching loss), `flux_recipe` (`train_flux`, reached from
+  `recipe.train`), `flux_names` (kohya names, fused qkv / linear1), `flux_tiny`.
 
 Importing this package imports nothing heavy; the registry imports `recipe` when a job runs.
 """

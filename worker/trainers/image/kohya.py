@@ -101,7 +101,11 @@ def tensor_data_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def base_model_version(unet_config: dict[str, Any]) -> tuple[str, str]:
-    """(kohya `ss_base_model_version`, modelspec architecture) for a UNet config."""
+    """(kohya `ss_base_model_version`, modelspec architecture) for a UNet config, or a Flux
+    transformer's (what kohya's Flux scripts write: flux1, flux-1-dev / flux-1-schnell)."""
+    if "joint_attention_dim" in unet_config and "num_single_layers" in unet_config:
+        dev = unet_config.get("guidance_embeds")
+        return "flux1", f"flux-1-{'dev' if dev else 'schnell'}/lora"
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
     cross = unet_config.get("cross_attention_dim")

@@ -73,6 +73,13 @@ def train(
     spec: ImageJobSpec, model_dir: Path, data_dir: Path, out_dir: Path, ctx: WorkerContext
 ) -> TrainOutput:
     """Train the spec's LoRA on `data_dir` over the base model in `model_dir`, into `out_dir`."""
+    from lorajobs.worker.trainers.image.flux import is_flux, refuse_flow_settings
+
+    if is_flux(model_dir):  # recognised by its transformer's config, never by name
+        from lorajobs.worker.trainers.image.flux_recipe import train_flux
+
+        return train_flux(spec, model_dir, data_dir, out_dir, ctx)
+    refuse_flow_settings(spec)
     cfg = spec.training
     started_at = time.time()
     _refuse_unloadable(spec, model_dir)
@@ -230,11 +237,12 @@ def _encode_once(
     ctx: WorkerContext,
     device: torch.device,
     dtype: torch.dtype,
+    make_encoders: Any = Encoders,
 ) -> tuple[Encoders, dict[tuple[int, bool], torch.Tensor] | None, dict[str, Conditioning]]:
     """Work done once: VAE latents per (image, flip) and caption embeddings per caption, unless
     the spec makes them vary per step (random crop; caption dropout / tag shuffling; a text
     encoder that trains). What is cached is freed from the device for the loop."""
-    encoders = Encoders(base, device, dtype)
+    encoders = make_encoders(base, device, dtype)
     latents = encode_latents(ds, cache, encoders, spec, model_dir, ctx) if cache.latents else None
     embeddings = encode_captions(ds, spec, encoders) if cache.text else {}
     if cache.latents:
@@ -253,11 +261,15 @@ def _optimizer(
     """AdamW over the LoRA parameters; the text encoders' with their own peak LR."""
     cfg = spec.training
     if not cfg.train_text_encoder:
-        return build_optimizer(lora_params["unet"], cfg, device)
+        (params,) = lora_params.values()  # the denoiser's: the UNet's or Flux's transformer's
+        return build_optimizer(params, cfg, device)
     te_lr = cfg.text_encoder_learning_rate or cfg.learning_rate
     return build_optimizer(
         [
-            {"params": ps, "peak_lr": cfg.learning_rate if name == "unet" else te_lr}
+            {
+                "params": ps,
+                "peak_lr": te_lr if name.startswith("text_encoder") else cfg.learning_rate,
+            }
             for name, ps in lora_params.items()
         ],
         cfg,

@@ -48,6 +48,11 @@ def step_name(step: int) -> str:
 class SampleRenderer:
     """Renders the spec's prompts with the training modules into grid PNGs under `out_dir`."""
 
+    # DDPM bases sample with DPM-Solver++; flow-matching ones keep their own scheduler.
+    swap_scheduler = True
+    # Pipeline components left out (None), e.g. text encoders whose outputs are precomputed.
+    absent: tuple[str, ...] = ()
+
     def __init__(
         self,
         samples: Samples,
@@ -191,6 +196,7 @@ class SampleRenderer:
 
         base = self.precision.base_dtype
         kwargs: dict[str, Any] = dict(self.shared)
+        kwargs.update(dict.fromkeys(self.absent))  # components not loaded at all
         if "safety_checker" in self._index:  # SD 1.x/2.x folders: no NSFW filter on samples
             kwargs.update(
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -214,7 +220,8 @@ class SampleRenderer:
                 component.eval()
         if base == torch.float16:
             pipe.vae.to(dtype=torch.float32)  # SD VAEs overflow in fp16
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        if self.swap_scheduler:
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self._pipe = pipe
         return pipe
