@@ -1,7 +1,8 @@
 """Image LoRA (diffusers + PEFT), one module per part of the recipe:
 
 - `recipe`: `train`, read top to bottom (data → base model → LoRA → work done once → loop →
-  export); `objective`: the denoising target, SNR and min-SNR weights;
+  export); `parts`: the steps `recipe` and `flux_recipe` share (LoRA config, work done once,
+  optimizer, metrics); `objective`: the denoising target, SNR and min-SNR weights;
 - `models`: loading a diffusers base and recognising its family (SD 1.x/2.x, SDXL) from its
   config; `tiny` / `tiny_learnable`: tiny offline pipelines and data sets for tests and the demo;
 - `data` builds the training set from `sources` (captions, kohya, imagefolder layouts),

@@ -23,7 +23,7 @@ from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
-from lorajobs.worker.trainers.image import recipe
+from lorajobs.worker.trainers.image import parts
 from lorajobs.worker.trainers.image.data import build_image_dataset
 from lorajobs.worker.trainers.image.flux import (
     FlowMatchLoss,
@@ -60,7 +60,7 @@ from lorajobs.worker.trainers.loop import (
     total_steps,
 )
 
-WEIGHTS_NAME = recipe.WEIGHTS_NAME
+WEIGHTS_NAME = parts.WEIGHTS_NAME
 
 
 def train_flux(
@@ -69,7 +69,7 @@ def train_flux(
     """Train the spec's LoRA over the Flux.1 base in `model_dir`, into `out_dir`."""
     cfg = spec.training
     started_at = time.time()
-    recipe._refuse_unloadable(spec)
+    parts.refuse_unloadable(spec)
     torch.set_num_threads(ctx.threads)
     device = pick_device()
     precision = resolve_precision(cfg.mixed_precision, device)
@@ -86,10 +86,10 @@ def train_flux(
         spec, model_dir, out_dir, trained, precision, device, ctx, guidance,
         FluxEncoders(base, device, precision.base_dtype) if cache.text else None,
     )  # fmt: skip
-    encoders, latents, embeddings = recipe._encode_once(
+    encoders, latents, embeddings = parts.encode_once(
         ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype, FluxEncoders
     )
-    optimizer = recipe._optimizer(spec, lora_params, device)
+    optimizer = parts.image_optimizer(spec, lora_params, device)
     noise_gen = torch.Generator().manual_seed(cfg.seed)
     seed_everything(cfg.seed)
     total = total_steps(cfg, len(ds), batches_per_epoch=ds.steps_per_epoch)
@@ -115,8 +115,8 @@ def train_flux(
     files, kohya_skipped = _export(
         spec, trained, base, ds, out_dir, total, (started_at, finished_at)
     )
-    draw_loss_curve(result.losses, out_dir / recipe.LOSS_PNG, title=f"{spec.name}: training loss")
-    files.append(recipe.LOSS_PNG)
+    draw_loss_curve(result.losses, out_dir / parts.LOSS_PNG, title=f"{spec.name}: training loss")
+    files.append(parts.LOSS_PNG)
     sample_files, sample_metrics = renderer.finish(total) if renderer else ([], {})
     files += sample_files
     resolved = _resolved(spec, base, ds, precision, total, device, ctx, files, targets, guidance)
@@ -124,7 +124,7 @@ def train_flux(
     return TrainOutput(
         files=files,
         deterministic=[WEIGHTS_NAME],
-        metrics={**recipe._metrics(spec, ds, cache, result, total), **sample_metrics},
+        metrics={**parts.metrics(spec, ds, cache, result, total), **sample_metrics},
         resolved=resolved,
     )
 
@@ -148,7 +148,7 @@ def _resolved(
         "model_family": base.family,
         "target_modules": targets,
         "train_text_encoder": cfg.train_text_encoder,
-        "text_encoder_learning_rate": recipe._text_encoder_lr(spec),
+        "text_encoder_learning_rate": parts.text_encoder_lr(spec),
         "text_encoder_target_modules": TEXT_ENCODER_TARGETS if cfg.train_text_encoder else None,
         "resolution": cfg.resolution,
         "objective": "flow_matching",
@@ -161,8 +161,8 @@ def _resolved(
         "bucketing": spec.data.bucketing,
         "base_dtype": str(precision.base_dtype).removeprefix("torch."),
         "base_model_version": "flux1",
-        "kohya_file": recipe._kohya_name(spec) if recipe._kohya_name(spec) in files else None,
-        "trigger_phrase": recipe._trigger(spec),
+        "kohya_file": parts.kohya_name(spec) if parts.kohya_name(spec) in files else None,
+        "trigger_phrase": parts.trigger(spec),
     }
 
 
@@ -174,13 +174,13 @@ def _add_lora(
     cfg = spec.training
     seed_everything(cfg.seed)  # the gaussian LoRA init draws from the global generator
     try:
-        base.transformer.add_adapter(recipe._lora_config(spec.lora, targets))
+        base.transformer.add_adapter(parts.lora_config(spec.lora, targets))
     except ValueError as err:
         raise InvalidInput(f"lora.target_modules {targets}: {err}") from None
     trained: dict[str, Any] = {"transformer": base.transformer}
     if cfg.train_text_encoder:
         clip = base.text_encoders["text_encoder"]
-        add_text_encoder_lora(clip, recipe._lora_config(spec.lora, TEXT_ENCODER_TARGETS))
+        add_text_encoder_lora(clip, parts.lora_config(spec.lora, TEXT_ENCODER_TARGETS))
         trained["text_encoder"] = clip
     lora_params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in trained.items()}
     for params in lora_params.values():
@@ -232,9 +232,9 @@ def _export(
         resolution=cfg.resolution,
         captions=[r.caption for r in ds.records],
         dataset=spec.dataset,
-        trigger=recipe._trigger(spec),
+        trigger=parts.trigger(spec),
         tensors_sha256=tensor_data_sha256(state),
-        text_encoder_lr=recipe._text_encoder_lr(spec),
+        text_encoder_lr=parts.text_encoder_lr(spec),
     )
     save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
     files = [WEIGHTS_NAME]
@@ -255,6 +255,6 @@ def _export(
             kohya.update(diffusers_to_kohya(te, lora.alpha, lora.use_rslora, sdxl=True))
         started_at, finished_at = times
         meta = header_metadata(**meta_args, started_at=started_at, finished_at=finished_at)
-        save_canonical(kohya, out_dir / recipe._kohya_name(spec), {"format": "pt", **meta})
-        files.append(recipe._kohya_name(spec))
+        save_canonical(kohya, out_dir / parts.kohya_name(spec), {"format": "pt", **meta})
+        files.append(parts.kohya_name(spec))
     return files, skipped

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lorajobs.jobspecs.failures import InvalidInput
-from lorajobs.jobspecs.models import ImageJobSpec, LoraSettings
+from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
@@ -31,15 +31,10 @@ from lorajobs.worker.trainers.image.kohya import (
     tensor_data_sha256,
 )
 from lorajobs.worker.trainers.image.latents import (
-    CachePlan,
     cache_plan,
-    encode_captions,
-    encode_latents,
 )
 from lorajobs.worker.trainers.image.models import (
     TEXT_ENCODER_TARGETS,
-    Conditioning,
-    Encoders,
     ImageBase,
     add_text_encoder_lora,
     checkpoint_text_encoder,
@@ -49,24 +44,30 @@ from lorajobs.worker.trainers.image.models import (
     save_diffusers,
 )
 from lorajobs.worker.trainers.image.objective import DenoisingLoss
+from lorajobs.worker.trainers.image.parts import (
+    LOSS_PNG,
+    WEIGHTS_NAME,
+    encode_once,
+    image_optimizer,
+    kohya_name,
+    lora_config,
+    metrics,
+    refuse_unloadable,
+    text_encoder_lr,
+    trigger,
+)
 from lorajobs.worker.trainers.image.samples import SampleRenderer
 from lorajobs.worker.trainers.loop import (
-    LoopResult,
     Precision,
     TrainLoop,
-    build_optimizer,
     pick_device,
     resolve_precision,
     resolved_settings,
     seed_everything,
     spec_fingerprint,
     total_steps,
-    window_means,
 )
 from lorajobs.worker.trainers.quantize import refuse_here
-
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-LOSS_PNG = "loss.png"
 
 
 def train(
@@ -82,7 +83,7 @@ def train(
     refuse_flow_settings(spec)
     cfg = spec.training
     started_at = time.time()
-    _refuse_unloadable(spec, model_dir)
+    refuse_unloadable(spec, model_dir)
     # Results depend on the thread count (float reduction order), so it is part of the job.
     torch.set_num_threads(ctx.threads)
     device = pick_device()
@@ -106,10 +107,10 @@ def train(
         text_encoders={k: m for k, m in trained.items() if k != "unet"},
         board=ctx.board,
     )
-    encoders, latents, embeddings = _encode_once(
+    encoders, latents, embeddings = encode_once(
         ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype
     )
-    optimizer = _optimizer(spec, lora_params, device)
+    optimizer = image_optimizer(spec, lora_params, device)
     # Noise and timesteps come from their own CPU generator so they do not depend on the device
     # or on anything else drawing random numbers; the global generator drives LoRA dropout.
     noise_gen = torch.Generator().manual_seed(cfg.seed)
@@ -153,28 +154,12 @@ def train(
     return TrainOutput(
         files=files,
         deterministic=[WEIGHTS_NAME],
-        metrics={**_metrics(spec, ds, cache, result, total), **sample_metrics},
+        metrics={**metrics(spec, ds, cache, result, total), **sample_metrics},
         resolved=_resolved(spec, base, ds, precision, total, device, ctx, files),
     )
 
 
 # -- the steps, in the order `train` takes them ------------------------------------------------
-
-
-def _refuse_unloadable(spec: ImageJobSpec, model_dir: Path) -> None:
-    if spec.training.quantize_base and (model_dir / "unet" / "config.json").is_file():
-        # The spec cannot tell a Flux base from a UNet one; the pulled folder can.
-        raise InvalidInput(
-            f"training.quantize_base: only Flux bases are quantized; {spec.base_model} is a "
-            "UNet pipeline (SD / SDXL): drop quantize_base"
-        )
-    if spec.training.train_text_encoder and spec.lora.use_dora:
-        # transformers' adapter loader (which diffusers' load_lora_weights uses for text
-        # encoders) drops DoRA magnitudes: the adapter would not load back as trained.
-        raise InvalidInput(
-            "lora.use_dora: DoRA text-encoder weights do not load back into diffusers "
-            "pipelines; use plain LoRA with training.train_text_encoder, or train the UNet only"
-        )
 
 
 def _add_lora(
@@ -189,13 +174,13 @@ def _add_lora(
     target_modules = spec.target_modules()
     seed_everything(cfg.seed)
     try:
-        base.unet.add_adapter(_lora_config(spec.lora, target_modules))
+        base.unet.add_adapter(lora_config(spec.lora, target_modules))
     except ValueError as err:  # PEFT's "Target modules ... not found in the base model"
         raise InvalidInput(f"lora.target_modules {target_modules}: {err}") from None
     trained: dict[str, Any] = {"unet": base.unet}  # diffusers component name → model with LoRA
     if cfg.train_text_encoder:
         for name, te in base.text_encoders.items():
-            add_text_encoder_lora(te, _lora_config(spec.lora, TEXT_ENCODER_TARGETS))
+            add_text_encoder_lora(te, lora_config(spec.lora, TEXT_ENCODER_TARGETS))
             trained[name] = te
     lora_params = {
         name: [p for p in m.parameters() if p.requires_grad] for name, m in trained.items()
@@ -211,70 +196,6 @@ def _add_lora(
                 checkpoint_text_encoder(module)
         module.train()
     return trained, lora_params
-
-
-def _lora_config(lora: LoraSettings, target_modules: list[str]) -> Any:
-    """The spec's LoRA settings on `target_modules`."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=target_modules,
-        init_lora_weights="gaussian",
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-    )
-
-
-def _encode_once(
-    ds: ImageTrainSet,
-    cache: CachePlan,
-    base: ImageBase,
-    spec: ImageJobSpec,
-    model_dir: Path,
-    ctx: WorkerContext,
-    device: torch.device,
-    dtype: torch.dtype,
-    make_encoders: Any = Encoders,
-) -> tuple[Encoders, dict[tuple[int, bool], torch.Tensor] | None, dict[str, Conditioning]]:
-    """Work done once: VAE latents per (image, flip) and caption embeddings per caption, unless
-    the spec makes them vary per step (random crop; caption dropout / tag shuffling; a text
-    encoder that trains). What is cached is freed from the device for the loop."""
-    encoders = make_encoders(base, device, dtype)
-    latents = encode_latents(ds, cache, encoders, spec, model_dir, ctx) if cache.latents else None
-    embeddings = encode_captions(ds, spec, encoders) if cache.text else {}
-    if cache.latents:
-        encoders.vae = base.vae = None  # not needed again: free the memory for the loop
-    if cache.text:
-        encoders.text_encoders = None
-        base.text_encoders = {}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return encoders, latents, embeddings
-
-
-def _optimizer(
-    spec: ImageJobSpec, lora_params: dict[str, list[torch.nn.Parameter]], device: torch.device
-) -> Any:
-    """AdamW over the LoRA parameters; the text encoders' with their own peak LR."""
-    cfg = spec.training
-    if not cfg.train_text_encoder:
-        (params,) = lora_params.values()  # the denoiser's: the UNet's or Flux's transformer's
-        return build_optimizer(params, cfg, device)
-    te_lr = cfg.text_encoder_learning_rate or cfg.learning_rate
-    return build_optimizer(
-        [
-            {
-                "params": ps,
-                "peak_lr": te_lr if name.startswith("text_encoder") else cfg.learning_rate,
-            }
-            for name, ps in lora_params.items()
-        ],
-        cfg,
-        device,
-    )
 
 
 def _export(
@@ -304,9 +225,9 @@ def _export(
         resolution=cfg.resolution,
         captions=[r.caption for r in ds.records],
         dataset=spec.dataset,
-        trigger=_trigger(spec),
+        trigger=trigger(spec),
         tensors_sha256=tensor_data_sha256(state),
-        text_encoder_lr=_text_encoder_lr(spec),
+        text_encoder_lr=text_encoder_lr(spec),
     )
     save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
     files = [WEIGHTS_NAME]
@@ -316,30 +237,9 @@ def _export(
         )
         started_at, finished_at = times
         meta = header_metadata(**meta_args, started_at=started_at, finished_at=finished_at)
-        save_canonical(kohya, out_dir / _kohya_name(spec), {"format": "pt", **meta})
-        files.append(_kohya_name(spec))
+        save_canonical(kohya, out_dir / kohya_name(spec), {"format": "pt", **meta})
+        files.append(kohya_name(spec))
     return files
-
-
-def _metrics(
-    spec: ImageJobSpec, ds: ImageTrainSet, cache: CachePlan, result: LoopResult, total: int
-) -> dict[str, Any]:
-    cfg, losses = spec.training, result.losses
-    curve_every = max(1, total // 50)
-    return {
-        "first_loss": losses[0],
-        "final_loss": losses[-1],
-        "loss_curve": window_means(losses, curve_every),
-        "loss_curve_every": curve_every,
-        "steps": total,
-        "images": len(ds.records),
-        "items_per_epoch": len(ds),
-        "images_seen": total * cfg.batch_size * cfg.gradient_accumulation_steps,
-        "latents_cached": cache.latents,
-        "text_cached": cache.text,
-        "resumed_from_step": result.resumed_from_step,
-        "train_seconds": result.train_seconds,
-    }
 
 
 def _resolved(
@@ -358,7 +258,7 @@ def _resolved(
         **resolved_settings(spec, precision, total, device, ctx.threads),
         "model_family": base.family,
         "train_text_encoder": cfg.train_text_encoder,
-        "text_encoder_learning_rate": _text_encoder_lr(spec),
+        "text_encoder_learning_rate": text_encoder_lr(spec),
         "text_encoder_target_modules": TEXT_ENCODER_TARGETS if cfg.train_text_encoder else None,
         "resolution": cfg.resolution,
         "noise_offset": cfg.noise_offset,
@@ -368,21 +268,6 @@ def _resolved(
         "prediction_type": base.scheduler.config.prediction_type,
         "base_dtype": str(precision.base_dtype).removeprefix("torch."),
         "base_model_version": base_model_version(dict(base.unet.config))[0],
-        "kohya_file": _kohya_name(spec) if _kohya_name(spec) in files else None,
-        "trigger_phrase": _trigger(spec),
+        "kohya_file": kohya_name(spec) if kohya_name(spec) in files else None,
+        "trigger_phrase": trigger(spec),
     }
-
-
-def _text_encoder_lr(spec: ImageJobSpec) -> float | None:
-    cfg = spec.training
-    return (cfg.text_encoder_learning_rate or cfg.learning_rate) if cfg.train_text_encoder else None
-
-
-def _kohya_name(spec: ImageJobSpec) -> str:
-    return f"{spec.name}.safetensors"
-
-
-def _trigger(spec: ImageJobSpec) -> str | None:
-    """The trigger word of the spec's `data:` section, where it has one."""
-    data = getattr(spec, "data", None)
-    return getattr(data, "trigger_word", None) if data is not None else None
