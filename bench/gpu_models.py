@@ -13,7 +13,6 @@ text embeddings, and the same on a base quantized by lorajobs' `quantize_flux_tr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -266,14 +265,104 @@ def bare_flux_step(s: Setup, model: Any, batch: int = 1) -> Any:
     return step
 
 
+def build_flux_folder(s: Setup) -> tuple[Path, Path, int]:
+    """(pipeline folder, image folder, resolution) for lorajobs' Flux trainer on the `flux`
+    section's transformer: the tiny offline Flux pipeline with the transformer swapped for the
+    `FLUX` sizes, an 8x 16-channel VAE (narrow: it encodes each image once, before the timed
+    steps), a one-layer T5 as wide as `joint_attention_dim` and a CLIP-L-wide (768) CLIP, with
+    the T5 tokenizer's length raised to 512, the bare step's text length. Tiny: the test
+    suite's tiny Flux pipeline at 32 px."""
+    import json
+    import shutil
+
+    from lorajobs.worker.trainers.image.flux_tiny import build_tiny_flux_model
+    from lorajobs.worker.trainers.image.tiny import make_image_dataset
+
+    root = s.work / "flux"
+    model, data = build_tiny_flux_model(root / "model"), root / "data"
+    resolution = 32 if s.tiny else 1024
+    make_image_dataset(data, n=4, size=resolution)
+    if s.tiny:
+        return model, data, resolution
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from lorajobs.worker.trainers.image.tiny import _build_tokenizer, _clip_config
+
+    t5_vocab = json.loads((model / "text_encoder_2" / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    with torch.device(s.device):  # random init on the GPU: seconds, not a minute
+        transformer = FluxTransformer2DModel(**FLUX)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            norm_num_groups=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            sample_size=resolution,
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=t5_vocab,
+                d_model=FLUX["joint_attention_dim"],
+                d_kv=64,
+                d_ff=1024,
+                num_layers=1,
+                num_heads=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+        clip = CLIPTextModel(_clip_config(_build_tokenizer(), hidden_size=768, projection_dim=768))
+    parts = (
+        ("transformer", transformer),
+        ("vae", vae),
+        ("text_encoder_2", t5),
+        ("text_encoder", clip),
+    )
+    for name, module in parts:
+        shutil.rmtree(model / name)
+        module.to(torch.bfloat16).save_pretrained(model / name)
+    del transformer, vae, t5, clip
+    cfg_path = model / "tokenizer_2" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "model_max_length": 512}))
+    return model, data, resolution
+
+
 def flux_lorajobs_step(s: Setup) -> dict[str, Any] | None:
-    """HOOK FOR THE MERGE: lorajobs' Flux trainer on the same model and sizes as `flux`.
-    None while `lorajobs.worker.trainers.image.flux` is absent (another branch builds it);
-    once merged, build a Flux pipeline folder of the `FLUX` sizes here and return
-    `run_ours(s, "image", spec, folder, data)` as `gpu_image.ours` does for SD 1.5."""
-    if importlib.util.find_spec("lorajobs.worker.trainers.image.flux") is None:
-        return None
-    return {"skipped": "the Flux trainer is present but not wired into flux_lorajobs_step yet"}
+    """lorajobs' Flux trainer (its real `train()`: cached latents and prompt embeddings, the
+    flow-matching loss, guidance 3.5) on the `flux` section's transformer, batch 1, LoRA r=16 on
+    the same attention projections as the bare step."""
+    from lorajobs.jobspecs.models import ImageJobSpec
+
+    model, data, resolution = build_flux_folder(s)
+    spec = ImageJobSpec(
+        kind="image",
+        name="gpu-check-flux",
+        base_model="m",
+        dataset="d",
+        lora={"rank": RANK, "alpha": RANK, "target_modules": IMAGE_TARGETS},
+        training={
+            "steps": s.warmup + s.steps,
+            "batch_size": 1,
+            "resolution": resolution,
+            "learning_rate": LR,
+            "checkpoint_every": 0,
+            "mixed_precision": "bf16",
+            "guidance_scale": 3.5,
+        },
+    )
+    return run_ours(s, "image", spec, model, data)
 
 
 def flux(s: Setup) -> dict[str, Any]:

@@ -59,6 +59,11 @@ from lorajobs.worker.trainers.loop import (
     spec_fingerprint,
     total_steps,
 )
+from lorajobs.worker.trainers.quantize import (
+    lora_to_fp32,
+    quantize_flux_transformer,
+    refuse_here,
+)
 
 WEIGHTS_NAME = parts.WEIGHTS_NAME
 
@@ -69,9 +74,10 @@ def train_flux(
     """Train the spec's LoRA over the Flux.1 base in `model_dir`, into `out_dir`."""
     cfg = spec.training
     started_at = time.time()
-    parts.refuse_unloadable(spec)
+    parts.refuse_unloadable(spec, model_dir)
     torch.set_num_threads(ctx.threads)
     device = pick_device()
+    refuse_here(cfg, device)  # a quantized base / 8-bit AdamW: CUDA (and bitsandbytes) or one line
     precision = resolve_precision(cfg.mixed_precision, device)
 
     ds = build_image_dataset(data_dir, spec)
@@ -79,8 +85,12 @@ def train_flux(
     base = load_flux_models(model_dir)
     guidance = check_flux_spec(spec, base)
     freeze_flux(base, device, precision.base_dtype)
+    if cfg.quantize_base:  # after the cast (a cast would undo fp8), before the LoRA wraps it
+        quantize_flux_transformer(base.transformer, cfg.quantize_base, device)
     targets = list(spec.lora.target_modules or default_targets(dict(base.transformer.config)))
     trained, lora_params = _add_lora(spec, base, targets)
+    if cfg.quantize_base:
+        lora_to_fp32(base.transformer)  # PEFT gives a LoRA its base layer's dtype
     # Before the text encoders go: a renderer embeds its prompts now when they will be released.
     renderer = FluxSampleRenderer.for_flux(
         spec, model_dir, out_dir, trained, precision, device, ctx, guidance,
