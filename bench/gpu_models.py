@@ -366,6 +366,9 @@ def flux_lorajobs_step(s: Setup) -> dict[str, Any] | None:
 
 
 def flux(s: Setup) -> dict[str, Any]:
+    # As lorajobs' Flux trainer does on CUDA (cuDNN's attention fails in this backward): both
+    # sides then run the same attention kernels.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     ours = flux_lorajobs_step(s)
     model = _flux_model(s)
     _reset_peak(s)  # from the bf16 base on the GPU (its fp32 random init came first)
@@ -377,6 +380,7 @@ def flux(s: Setup) -> dict[str, Any]:
 def _flux_quantized(s: Setup, mode: str) -> dict[str, Any]:
     """The bare Flux step on a base quantized by lorajobs' `quantize_flux_transformer`; peak
     memory counts from the quantized base (its bf16 build comes first)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as `flux`
     from lorajobs.worker.trainers.quantize import quantize_flux_transformer
 
     model = quantize_flux_transformer(_flux_model(s), mode, s.device)

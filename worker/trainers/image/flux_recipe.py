@@ -78,6 +78,11 @@ def train_flux(
     torch.set_num_threads(ctx.threads)
     device = pick_device()
     refuse_here(cfg, device)  # a quantized base / 8-bit AdamW: CUDA (and bitsandbytes) or one line
+    if device.type == "cuda":
+        # cuDNN's fused attention failed in the backward pass of a Flux-sized joint attention
+        # (4096 image + 512 text tokens, bf16; torch 2.11 on an H200: "mha_graph.execute"):
+        # flash / memory-efficient attention instead, which train it.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     precision = resolve_precision(cfg.mixed_precision, device)
 
     ds = build_image_dataset(data_dir, spec)
