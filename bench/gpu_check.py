@@ -12,8 +12,9 @@ Sections (`--only a,b`; all by default):
               (bitsandbytes) vs a bare QLoRA loop with the same settings.
   text_fp8    ours only: `quantize_base: fp8` (float8 weights, torch only), a correctness run.
   flux        a Flux-shaped transformer (real Flux widths, 2 double + 4 single blocks), 1024 px
-              latents (4096 tokens), T5 length 512, LoRA r=16: a bare flow-matching step, and
-              `flux_lorajobs_step` (None until the Flux trainer is merged).
+              latents (4096 tokens), T5 length 512, LoRA r=16: lorajobs' Flux trainer
+              (`flux_lorajobs_step`: cached latents and prompt embeddings, guidance 3.5) vs a
+              bare flow-matching step on the same transformer.
   flux_nf4    the bare Flux step on a base quantized by `quantize_flux_transformer(.., "nf4")`.
   flux_fp8    the same with "fp8" (float8 weights; torch only).
 
