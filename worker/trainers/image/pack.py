@@ -99,7 +99,7 @@ def train_pack(
 ) -> list[PackOutcome]:
     """Train every job of `jobs` on the one UNet base in `model_dir`; one outcome per job, in
     order. `on_outcome` is called as each job ends (its adapter exported into `out_dir`)."""
-    from lorajobs.worker.trainers.image.flux import is_flux
+    from lorajobs.worker.trainers.image.flux import is_flux, refuse_flow_settings
 
     first = jobs[0]
     torch.set_num_threads(first.ctx.threads)
@@ -128,6 +128,7 @@ def train_pack(
             why = packable(job.spec)
             if why is not None:
                 raise InvalidInput(why)
+            refuse_flow_settings(job.spec)
             refuse_unloadable(job.spec, model_dir)
             state[job.ctx.job_id] = _Job(
                 job, build_image_dataset(job.data_path, job.spec), cache_plan(job.spec)
