@@ -3,6 +3,8 @@ job that cannot be packed fails alone."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorajobs.jobspecs.failures import InvalidInput
+from lorajobs.jobspecs.failures import InvalidInput, Preempted
 from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.storage.checkpoints import CheckpointStore
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers.image.pack import train_pack
 from lorajobs.worker.trainers.image.parts import WEIGHTS_NAME
@@ -38,7 +41,7 @@ SHAPES: list[dict[str, Any]] = [
 ]
 
 
-def _spec(i: int, **data: Any) -> ImageJobSpec:
+def _spec(i: int, training: dict[str, Any] | None = None, **data: Any) -> ImageJobSpec:
     shape = SHAPES[i]
     return ImageJobSpec.model_validate(
         {
@@ -48,7 +51,12 @@ def _spec(i: int, **data: Any) -> ImageJobSpec:
             "dataset": "s3://datasets/shapes",
             "lora": shape["lora"],
             **({"data": data} if data else {}),
-            "training": {"resolution": 64, "learning_rate": 1e-3, **shape["training"]},
+            "training": {
+                "resolution": 64,
+                "learning_rate": 1e-3,
+                **shape["training"],
+                **(training or {}),
+            },
         }
     )
 
@@ -132,7 +140,9 @@ def _loads_in_diffusers(model_dir: Path, packed: Path, solo: Path) -> None:
             output_type="np",
         )
         images.append(out.images[0])
-    assert abs(images[0] - images[1]).max() < 1e-3  # measured: see the report in the README
+    # Measured: the renders differ by 1.6e-6 at most, where the LoRA itself moves the render
+    # by 9e-3 from the bare base's (2 steps, 64 px).
+    assert abs(images[0] - images[1]).max() < 1e-4
 
 
 def _attention_layers(unet: Any) -> int:
@@ -154,3 +164,57 @@ def test_an_unpackable_job_fails_alone(
     assert isinstance(outcomes[1].error, InvalidInput)
     assert str(outcomes[1].error).startswith("data.bucketing")
     assert outcomes[0].error is None and outcomes[0].output is not None
+
+
+def test_sdxl_jobs_pack_and_match_their_solo_runs(
+    tiny_sdxl_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    """SDXL's added conditioning (pooled text, size ids) is concatenated like the rest."""
+    jobs = [
+        PackJob(_spec(i), tiny_image_dataset, tmp_path / f"pack-{i}", _ctx(tmp_path, i))
+        for i in (0, 2)
+    ]
+    for j in jobs:
+        j.out_dir.mkdir()
+    outcomes = train_pack(jobs, tiny_sdxl_model)
+    for i, out in zip((0, 2), outcomes):
+        assert out.error is None, out.error
+        solo = tmp_path / f"solo-{i}"
+        solo.mkdir()
+        train(_spec(i), tiny_sdxl_model, tiny_image_dataset, solo, _ctx(tmp_path, i))
+        assert _worst_relative(solo, tmp_path / f"pack-{i}") < REL_TOL, f"job{i}"
+
+
+def test_a_preempted_image_pack_resumes_each_job_from_its_own_checkpoint(
+    tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    rounds: list[int] = []
+
+    def sigterm_at_round_4() -> bool:
+        rounds.append(1)
+        if len(rounds) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a node drain or spot reclaim sends it
+        return False
+
+    def jobs() -> list[PackJob]:
+        out = []
+        for i in range(3):
+            spec = _spec(i, {"checkpoint_every": 1})
+            ctx = _ctx(tmp_path, i)
+            ctx.checkpoints = CheckpointStore.for_job(ctx.output_uri, ctx.job_id)
+            out.append(PackJob(spec, tiny_image_dataset, tmp_path / f"pack-{i}", ctx))
+            out[-1].out_dir.mkdir(exist_ok=True)
+        return out
+
+    first = jobs()
+    first[1].cancelled = sigterm_at_round_4  # job1 runs longest (10 rounds)
+    with pytest.raises(Preempted):
+        train_pack(first, tiny_image_model)
+    outcomes = train_pack(jobs(), tiny_image_model)
+    for i, out in enumerate(outcomes):
+        assert out.error is None, out.error
+        assert out.output.metrics["resumed_from_step"] > 0
+        solo = tmp_path / f"solo-{i}"
+        solo.mkdir()
+        train(_spec(i), tiny_image_model, tiny_image_dataset, solo, _ctx(tmp_path, i))
+        assert _worst_relative(solo, tmp_path / f"pack-{i}") < REL_TOL, f"job{i} after resume"
