@@ -5,7 +5,9 @@ Jobs may share an attempt (one worker loads the base once and trains every job's
 it, `lorajobs.worker.trainers.pack`) when they have the same `pack_key`: the same kind, the same
 base model by content digest (`storage.identity`), the same sequence length (text) or
 resolution (image), precision, node shape and thread count; and neither asks for
-`resources.pack: never`, DoRA or gradient checkpointing (not trained in packs).
+`resources.pack: never`, DoRA or gradient checkpointing (not trained in packs). An image job
+packs only on an SD / SDXL UNet base and without bucketing, text-encoder training, samples or
+a quantized base (what `worker.trainers.image.pack` takes).
 
 After the scheduler's round has placed jobs, each placed job may take queued jobs of its key
 that the round left waiting into its attempt (`fill`): they start now instead of after a slot

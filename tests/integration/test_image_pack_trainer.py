@@ -218,3 +218,30 @@ def test_a_preempted_image_pack_resumes_each_job_from_its_own_checkpoint(
         solo.mkdir()
         train(_spec(i), tiny_image_model, tiny_image_dataset, solo, _ctx(tmp_path, i))
         assert _worst_relative(solo, tmp_path / f"pack-{i}") < REL_TOL, f"job{i} after resume"
+
+
+def test_jobs_that_encode_per_step_pack_beside_cached_ones(
+    tiny_image_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    """Random crops (latents each step) and caption dropout (embeddings each step) keep the
+    VAE and text encoder for their job while another job's are cached."""
+    specs = [
+        _spec(0),
+        _spec(1, crop="random", flip_p=0.5),
+        _spec(2, caption_dropout=0.5),
+    ]
+    jobs = [
+        PackJob(s, tiny_image_dataset, tmp_path / f"pack-{i}", _ctx(tmp_path, i))
+        for i, s in enumerate(specs)
+    ]
+    for j in jobs:
+        j.out_dir.mkdir()
+    outcomes = train_pack(jobs, tiny_image_model)
+    for i, (spec, out) in enumerate(zip(specs, outcomes)):
+        assert out.error is None, out.error
+        assert out.output.metrics["latents_cached"] is (i != 1)
+        assert out.output.metrics["text_cached"] is (i != 2)
+        solo = tmp_path / f"solo-{i}"
+        solo.mkdir()
+        train(spec, tiny_image_model, tiny_image_dataset, solo, _ctx(tmp_path, i))
+        assert _worst_relative(solo, tmp_path / f"pack-{i}") < REL_TOL, f"job{i}"
