@@ -245,3 +245,13 @@ def test_jobs_that_encode_per_step_pack_beside_cached_ones(
         solo.mkdir()
         train(spec, tiny_image_model, tiny_image_dataset, solo, _ctx(tmp_path, i))
         assert _worst_relative(solo, tmp_path / f"pack-{i}") < REL_TOL, f"job{i}"
+
+
+def test_a_flux_base_is_refused_per_job(
+    tiny_flux_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    """The pack key keeps Flux jobs alone; one that reaches a pack anyway fails with one line."""
+    jobs = [PackJob(_spec(0), tiny_image_dataset, tmp_path / "pack-0", _ctx(tmp_path, 0))]
+    (out,) = train_pack(jobs, tiny_flux_model)
+    assert isinstance(out.error, InvalidInput)
+    assert str(out.error).startswith("base_model: Flux bases are not trained in packs")

@@ -99,8 +99,6 @@ def train_pack(
 ) -> list[PackOutcome]:
     """Train every job of `jobs` on the one UNet base in `model_dir`; one outcome per job, in
     order. `on_outcome` is called as each job ends (its adapter exported into `out_dir`)."""
-    from lorajobs.worker.trainers.image.flux import is_flux, refuse_flow_settings
-
     first = jobs[0]
     torch.set_num_threads(first.ctx.threads)
     device = pick_device()
@@ -118,23 +116,7 @@ def train_pack(
         if on_outcome is not None:
             on_outcome(job, out)
 
-    if is_flux(model_dir):
-        for job in jobs:
-            end(job, error=InvalidInput(f"base_model {job.spec.base_model}: Flux is not packed"))
-        return [outcomes[i] for i in ids]
-    state: dict[str, _Job] = {}
-    for job in jobs:  # a job with bad data or settings fails alone, before the model loads
-        try:
-            why = packable(job.spec)
-            if why is not None:
-                raise InvalidInput(why)
-            refuse_flow_settings(job.spec)
-            refuse_unloadable(job.spec, model_dir)
-            state[job.ctx.job_id] = _Job(
-                job, build_image_dataset(job.data_path, job.spec), cache_plan(job.spec)
-            )
-        except LoraJobsError as err:
-            end(job, error=err)
+    state = _check(jobs, model_dir, end)
     if not state:
         return [outcomes[i] for i in ids]
     base = load_image_base(model_dir)
@@ -147,6 +129,51 @@ def train_pack(
     install(base.unet, pack)
     by_name = {m.name: state[m.job_id] for m in members}
     _seed_rng(pack, members, {n: s.job.spec.training.seed for n, s in by_name.items()})
+
+    forward = _forward(base, pack)
+
+    def on_done(m: Member) -> None:
+        s = by_name[m.name]
+        try:
+            output = _finish(s, m, base, precision, device)
+        except LoraJobsError as err:
+            end(s.job, error=err, steps_done=m.loop.step - m.resumed_from)
+            return
+        end(s.job, output=output, steps_done=m.loop.step - m.resumed_from)
+
+    PackLoop(members, pack, forward, on_done).run()
+    for m in members:
+        job = by_name[m.name].job
+        if m.state == "failed":
+            end(job, error=m.error, steps_done=m.loop.step - m.resumed_from)
+        elif m.state == "cancelled":
+            end(job, cancelled=True, steps_done=m.loop.step - m.resumed_from)
+    return [outcomes[i] for i in ids]
+
+
+def _check(jobs: list[PackJob], model_dir: Path, end: Callable[..., None]) -> dict[str, _Job]:
+    """Each job's settings and dataset, by job id; a job that cannot train here (bad data,
+    settings a pack does not take, a Flux base) fails alone, before the model loads."""
+    from lorajobs.worker.trainers.image.flux import is_flux, refuse_flow_settings
+
+    state: dict[str, _Job] = {}
+    flux = is_flux(model_dir)  # recognised by its transformer's config, as solo does
+    for job in jobs:
+        try:
+            why = "base_model: Flux bases are not trained in packs" if flux else packable(job.spec)
+            if why is not None:
+                raise InvalidInput(f"{why} ({job.spec.base_model}): train this job alone")
+            refuse_flow_settings(job.spec)
+            refuse_unloadable(job.spec, model_dir)
+            ds = build_image_dataset(job.data_path, job.spec)
+            state[job.ctx.job_id] = _Job(job, ds, cache_plan(job.spec))
+        except LoraJobsError as err:
+            end(job, error=err)
+    return state
+
+
+def _forward(base: Any, pack: PackSlices) -> Callable[..., list[tuple[torch.Tensor, dict]]]:
+    """One UNet pass over the members' concatenated inputs; each member's loss on its rows."""
 
     def forward(batches: list[tuple[Member, ImageRows]]) -> list[tuple[torch.Tensor, dict]]:
         args = [b.loss.unet_inputs(b.on) for _, b in batches]
@@ -167,23 +194,7 @@ def train_pack(
             for (_, b), rows in zip(batches, pack.split(pred))
         ]
 
-    def on_done(m: Member) -> None:
-        s = by_name[m.name]
-        try:
-            output = _finish(s, m, base, precision, device)
-        except LoraJobsError as err:
-            end(s.job, error=err, steps_done=m.loop.step - m.resumed_from)
-            return
-        end(s.job, output=output, steps_done=m.loop.step - m.resumed_from)
-
-    PackLoop(members, pack, forward, on_done).run()
-    for m in members:
-        job = by_name[m.name].job
-        if m.state == "failed":
-            end(job, error=m.error, steps_done=m.loop.step - m.resumed_from)
-        elif m.state == "cancelled":
-            end(job, cancelled=True, steps_done=m.loop.step - m.resumed_from)
-    return [outcomes[i] for i in ids]
+    return forward
 
 
 def _add_adapters(
