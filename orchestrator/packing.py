@@ -5,7 +5,9 @@ Jobs may share an attempt (one worker loads the base once and trains every job's
 it, `lorajobs.worker.trainers.pack`) when they have the same `pack_key`: the same kind, the same
 base model by content digest (`storage.identity`), the same sequence length (text) or
 resolution (image), precision, node shape and thread count; and neither asks for
-`resources.pack: never`, DoRA or gradient checkpointing (not trained in packs).
+`resources.pack: never`, DoRA or gradient checkpointing (not trained in packs). An image job
+packs only on an SD / SDXL UNet base and without bucketing, text-encoder training, samples or
+a quantized base (what `worker.trainers.image.pack` takes).
 
 After the scheduler's round has placed jobs, each placed job may take queued jobs of its key
 that the round left waiting into its attempt (`fill`): they start now instead of after a slot
@@ -27,7 +29,7 @@ from typing import Any
 from lorajobs.orchestrator.records import JobRecord
 
 #: Kinds with a pack trainer (`lorajobs.worker.pack_entry.PACK_TRAINERS`).
-PACKABLE_KINDS = ("text",)
+PACKABLE_KINDS = ("text", "image")
 #: A pack's most members when neither the spec nor a memory figure says fewer.
 DEFAULT_MAX = 8
 #: The time of a round of a pack of N, in solo steps: 1 + ROUND_COST * (N - 1). Measured by
@@ -39,19 +41,36 @@ ROUND_COST = float(os.environ.get("LORAJOBS_PACK_ROUND_COST", "0.5"))
 DEFAULT_BUDGET_GB = float(os.environ.get("LORAJOBS_PACK_MEMORY_GB", "16"))
 
 
-def pack_key(spec: dict[str, Any], base_digest: str) -> tuple[Any, ...] | None:
-    """What must be equal for two jobs to share an attempt; None: this job trains alone."""
+def pack_key(
+    spec: dict[str, Any], base_digest: str, unet_base: bool = True
+) -> tuple[Any, ...] | None:
+    """What must be equal for two jobs to share an attempt; None: this job trains alone.
+    `unet_base`: an image job's base is an SD / SDXL UNet pipeline (a Flux base trains alone)."""
     res, tr, lora = spec.get("resources", {}), spec.get("training", {}), spec.get("lora", {})
     kind = spec.get("kind")
     if res.get("pack", "auto") == "never" or kind not in PACKABLE_KINDS:
         return None
     if lora.get("use_dora") or tr.get("gradient_checkpointing"):
         return None
+    if kind == "image" and not _image_packable(spec, unet_base):
+        return None
     shape = (res.get("gpus"), res.get("gpu_type"), res.get("cpus"), res.get("memory_gb"))
     common = (kind, base_digest, tr.get("mixed_precision", "no"), shape)
     if kind == "text":
         return (*common, tr.get("max_seq_length"), spec.get("data", {}).get("packing", False))
     return (*common, tr.get("resolution"))
+
+
+def _image_packable(spec: dict[str, Any], unet_base: bool) -> bool:
+    """What the image pack trainer takes (`worker.trainers.image.pack.packable`): a UNet base,
+    one square resolution (no bucketing), no text-encoder training, samples or quantizing."""
+    tr, data = spec.get("training", {}), spec.get("data") or {}
+    return unet_base and not (
+        tr.get("train_text_encoder")
+        or tr.get("quantize_base")
+        or data.get("bucketing")
+        or spec.get("samples")
+    )
 
 
 def rounds(spec: dict[str, Any]) -> int:
@@ -184,6 +203,7 @@ class Keys:
         self._digest = digest or content_digest
         self._digests: dict[str, str] = {}
         self._facts: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._unet: dict[str, bool] = {}
 
     def digest(self, uri: str) -> str:
         if uri not in self._digests:
@@ -205,8 +225,21 @@ class Keys:
                 self._facts[uri] = (0.0, None)
         return self._facts[uri]
 
+    def unet(self, uri: str) -> bool:
+        """Whether the base is a UNet pipeline (has unet/config.json); False when unreadable."""
+        from lorajobs.storage.identity import has_file
+
+        if uri not in self._unet:
+            try:
+                self._unet[uri] = has_file(uri, "unet/config.json")
+            except Exception:  # noqa: BLE001 - unknown here: the job trains alone
+                self._unet[uri] = False
+        return self._unet[uri]
+
     def __call__(self, job: JobRecord) -> tuple[Any, ...] | None:
-        return pack_key(job.spec, self.digest(str(job.spec.get("base_model"))))
+        uri = str(job.spec.get("base_model"))
+        unet = self.unet(uri) if job.spec.get("kind") == "image" else True
+        return pack_key(job.spec, self.digest(uri), unet_base=unet)
 
 
 def fill(

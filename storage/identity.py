@@ -78,3 +78,15 @@ def model_facts(uri: str) -> tuple[float, dict[str, Any] | None]:
     if "config.json" in names:
         config = json.loads(storage.get_bytes(names["config.json"]))
     return size / 2**30, config
+
+
+def has_file(uri: str, rel: str) -> bool:
+    """Whether the model folder `uri` holds the file `rel` (e.g. "unet/config.json")."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(unquote(parsed.path) if parsed.scheme else uri).expanduser()
+        return (path / rel).is_file()
+    key = parsed.path.strip("/")
+    storage = open_storage(f"{parsed.scheme}://{parsed.netloc}")
+    want = f"{key}/{rel}" if key else rel
+    return any(o.key == want for o in storage.list(want))

@@ -30,7 +30,10 @@ log = logging.getLogger("lorajobs.worker")
 # job id -> its result dict (run_job's shape) or {"error": LoraJobsError} / {"cancelled": True}
 Ended = Callable[[str, dict[str, Any]], None]
 
-PACK_TRAINERS = {"text": "lorajobs.worker.trainers.text.pack"}
+PACK_TRAINERS = {
+    "text": "lorajobs.worker.trainers.text.pack",
+    "image": "lorajobs.worker.trainers.image.pack",
+}
 
 
 def run_pack(

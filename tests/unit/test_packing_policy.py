@@ -58,7 +58,45 @@ def test_same_key_needs_same_kind_base_length_precision_and_shape() -> None:
     assert packing.pack_key(_spec(resources__cpus=2), "d1") != base
     assert packing.pack_key(_spec(data__packing=True), "d1") != base
     image = _spec(kind="image", training__resolution=512)
-    assert packing.pack_key(image, "d1") is None  # no image pack trainer yet
+    assert packing.pack_key(image, "d1") not in (None, base)  # another kind
+
+
+def _image(**over: Any) -> dict[str, Any]:
+    spec = _spec(kind="image", **{"training__resolution": 64, **over})
+    spec["training"].pop("max_seq_length")
+    spec["data"] = {"bucketing": False}
+    return spec
+
+
+def test_image_jobs_of_other_bases_resolutions_or_settings_are_never_packed_together() -> None:
+    base = packing.pack_key(_image(), "sd")
+    assert base is not None
+    assert packing.pack_key(_image(lora__rank=2, training__steps=7), "sd") == base
+    assert packing.pack_key(_image(training__resolution=128), "sd") != base
+    assert packing.pack_key(_image(), "sdxl") != base  # another base (by content)
+    assert packing.pack_key(_image(training__mixed_precision="bf16"), "sd") != base
+    assert packing.pack_key(_spec(), "sd") != base  # a text job on the same digest
+    # What the image pack trainer does not take trains alone.
+    assert packing.pack_key(_image(), "flux", unet_base=False) is None
+    assert packing.pack_key(_image(training__train_text_encoder=True), "sd") is None
+    assert packing.pack_key(_image(training__quantize_base=True), "sd") is None
+    bucketed = _image()
+    bucketed["data"]["bucketing"] = True
+    assert packing.pack_key(bucketed, "sd") is None
+    sampled = {**_image(), "samples": {"prompts": ["a cat"]}}
+    assert packing.pack_key(sampled, "sd") is None
+
+
+def test_keys_read_whether_an_image_base_is_a_unet_pipeline(tmp_path: Path) -> None:
+    sd, flux = tmp_path / "sd", tmp_path / "flux"
+    (sd / "unet").mkdir(parents=True)
+    (sd / "unet" / "config.json").write_text("{}")
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "transformer" / "config.json").write_text("{}")
+    keys = packing.Keys(digest=lambda uri: "d:" + uri)
+    assert keys(_job("a", {**_image(), "base_model": sd.as_uri()})) is not None
+    assert keys(_job("b", {**_image(), "base_model": str(flux)})) is None
+    assert keys(_job("c", {**_image(), "base_model": str(tmp_path / "absent")})) is None
 
 
 def test_never_dora_and_checkpointing_train_alone() -> None:

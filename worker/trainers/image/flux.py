@@ -216,8 +216,14 @@ def check_packing(spec: ImageJobSpec, vae_scale: int) -> None:
 
 def refuse_flow_settings(spec: ImageJobSpec) -> None:
     """Flow-matching settings given for a DDPM (SD / SDXL) base: one clear line."""
-    given = {"timestep_sampling", "logit_mean", "logit_std", "guidance_scale"}
-    given &= spec.training.model_fields_set
+    cfg, fields = spec.training, type(spec.training).model_fields
+    # Set and not the default: a spec that went through the queue has every field set (it is
+    # stored dumped), so being set alone does not mean the user asked for it.
+    given = {
+        name
+        for name in ("timestep_sampling", "logit_mean", "logit_std", "guidance_scale")
+        if name in cfg.model_fields_set and getattr(cfg, name) != fields[name].get_default()
+    }
     if given:
         raise UserDataError(
             f"training.{sorted(given)[0]}: only for flow-matching bases (Flux.1); this base is a "

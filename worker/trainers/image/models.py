@@ -221,13 +221,14 @@ def checkpoint_text_encoder(text_encoder: Any) -> None:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def lora_state(module: Any, prefix: str) -> dict[str, torch.Tensor]:
-    """One component's LoRA in diffusers' file layout under `prefix` (unet, text_encoder,
-    text_encoder_2), fp32 on the CPU."""
+def lora_state(module: Any, prefix: str, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """One component's LoRA (PEFT adapter `adapter`) in diffusers' file layout under `prefix`
+    (unet, text_encoder, text_encoder_2), fp32 on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    state = get_peft_model_state_dict(module, adapter_name=adapter)
+    state = convert_state_dict_to_diffusers(state)
     if prefix == "unet":
         # diffusers' rename table covers the attention projections only; other targets (convs,
         # proj_in/out, ff) would keep PEFT's lora_A/B names, and diffusers' loader takes the
@@ -251,7 +252,11 @@ def _unet_lora_name(key: str) -> str:
 
 
 def save_diffusers(
-    tensors: dict[str, torch.Tensor], modules: dict[str, Any], path: Path, extra: dict[str, str]
+    tensors: dict[str, torch.Tensor],
+    modules: dict[str, Any],
+    path: Path,
+    extra: dict[str, str],
+    adapter: str = "default",
 ) -> None:
     """Write LoRA weights as diffusers' `save_lora_weights` would, but byte-deterministic:
     `modules` (prefix → PEFT-adapted model) give each component's LoRA config."""
@@ -263,7 +268,7 @@ def save_diffusers(
         # The config diffusers rebuilds the adapter from, for inference: no dropout. Its
         # loader leaves the UNet's new LoRA dropout layers in training mode, so a dropout here
         # would make every render random (the kohya file has none either).
-        config = {**module.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+        config = {**module.peft_config[adapter].to_dict(), "lora_dropout": 0.0}
         packed.update(
             {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         )

@@ -81,6 +81,11 @@ class DenoisingLoss:
         self.num_timesteps = base.scheduler.config.num_train_timesteps
 
     def __call__(self, k: int) -> tuple[torch.Tensor, dict[str, int]]:
+        on, counts = self.inputs(k)
+        return self._loss(on), counts
+
+    def inputs(self, k: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Micro-batch `k`'s tensors on the device (a pack concatenates several jobs')."""
         plan = self.ds.plan(k)
         clean, cond = self._inputs(k, plan)
         host = {"clean": clean, "context": cond.context, **self._noise(clean, len(plan.records))}
@@ -89,8 +94,7 @@ class DenoisingLoss:
             host["pooled"] = cond.pooled
             host["time_ids"] = torch.tensor(self.ds.size_conditioning(plan), dtype=self.dtype)
         # One queued copy per tensor: the host does not wait for the device's previous step.
-        on = to_device(host, self.device)
-        return self._loss(on), {"images": len(plan.records)}
+        return to_device(host, self.device), {"images": len(plan.records)}
 
     def _inputs(self, k: int, plan: Any) -> tuple[torch.Tensor, Conditioning]:
         """The micro-batch's clean latents and its captions' conditioning."""
@@ -118,19 +122,35 @@ class DenoisingLoss:
 
     def _loss(self, on: dict[str, torch.Tensor]) -> torch.Tensor:
         """Noise the latents, predict, and compare with the target (min-SNR weighted if asked)."""
-        scheduler, dtype = self.base.scheduler, self.dtype
-        clean, noise, timesteps = on["clean"], on["noise"], on["timesteps"]
-        context = on["context"].to(dtype)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        added = None
-        if self.base.sdxl:
-            added = {"text_embeds": on["pooled"].to(dtype), "time_ids": on["time_ids"]}
+        unet_in = self.unet_inputs(on)
         pred = self.base.unet(
-            noisy.to(dtype),
-            timesteps,
-            encoder_hidden_states=context,
-            added_cond_kwargs=added,
+            unet_in["sample"],
+            unet_in["timestep"],
+            encoder_hidden_states=unet_in["encoder_hidden_states"],
+            added_cond_kwargs=unet_in.get("added_cond_kwargs"),
         ).sample
+        return self.loss_of(on, pred)
+
+    def unet_inputs(self, on: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The UNet's arguments for a micro-batch: noised latents, timesteps, conditioning."""
+        dtype = self.dtype
+        noisy = self.base.scheduler.add_noise(on["clean"], on["noise"], on["timesteps"])
+        out: dict[str, Any] = {
+            "sample": noisy.to(dtype),
+            "timestep": on["timesteps"],
+            "encoder_hidden_states": on["context"].to(dtype),
+        }
+        if self.base.sdxl:
+            out["added_cond_kwargs"] = {
+                "text_embeds": on["pooled"].to(dtype),
+                "time_ids": on["time_ids"],
+            }
+        return out
+
+    def loss_of(self, on: dict[str, torch.Tensor], pred: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss from the UNet's prediction `pred` of its rows."""
+        scheduler = self.base.scheduler
+        clean, noise, timesteps = on["clean"], on["noise"], on["timesteps"]
         want = target(self.prediction_type, scheduler, clean, noise, timesteps)
         if self.cfg.min_snr_gamma is None:
             return F.mse_loss(pred.float(), want.float())

@@ -206,13 +206,14 @@ def _export(
     out_dir: Path,
     total: int,
     times: tuple[float, float],
+    adapter: str = "default",
 ) -> list[str]:
     """The diffusers file (a deterministic header) and, unless DoRA, the kohya file (which adds
     the training times, as the UIs show them). Returns the files written."""
     cfg = spec.training
     state: dict[str, torch.Tensor] = {}
     for name, module in trained.items():
-        state.update(lora_state(module, name))
+        state.update(lora_state(module, name, adapter))
     meta_args: dict[str, Any] = dict(
         name=spec.name,
         rank=spec.lora.rank,
@@ -229,7 +230,7 @@ def _export(
         tensors_sha256=tensor_data_sha256(state),
         text_encoder_lr=text_encoder_lr(spec),
     )
-    save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
+    save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args), adapter)
     files = [WEIGHTS_NAME]
     if not spec.lora.use_dora:  # kohya's format has no DoRA magnitudes
         kohya = diffusers_to_kohya(
