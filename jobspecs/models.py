@@ -10,8 +10,6 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     WithJsonSchema,
@@ -19,7 +17,10 @@ from pydantic import (
     model_validator,
 )
 
+from lorajobs.jobspecs.base import Strict as _Strict
+from lorajobs.jobspecs.base import check_location
 from lorajobs.jobspecs.cuda import quantization_problem
+from lorajobs.jobspecs.sections import ImageData, Samples, TextData
 
 # Names become object keys (`adapters/<name>/<job_id>/`): keep them to a safe alphabet so a name
 # can never climb out of its prefix or need quoting.
@@ -32,33 +33,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "image": ["to_k", "to_out.0", "to_q", "to_v"],
     "text": ["k_proj", "o_proj", "q_proj", "v_proj"],
 }
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-#: The URI schemes a job may read from or write to; anything else ("ftp://", "http://") is
-#: refused at validation, in every mode, so no spec queues a job bound to fail or to reach a
-#: store nobody configured.
-SCHEMES = ("file", "s3")
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-
-
-def check_location(value: str | None) -> str | None:
-    """A data / model / output location: a local path, a hub id, or a `file://` / `s3://`
-    URI. Raises ValueError for another scheme or a URI without a path."""
-    if value is None:
-        return None
-    m = _SCHEME_RE.match(value)
-    if m is None or len(m.group(1)) == 1:  # no scheme (a Windows drive letter is a path)
-        return value
-    scheme = m.group(1).lower()
-    if scheme not in SCHEMES or not value[m.end() :].startswith("//"):
-        raise ValueError(f"unsupported scheme '{scheme}://': use a local path, file:// or s3://")
-    if not value[m.end() + 2 :].strip("/"):
-        raise ValueError(f"{value!r} names no bucket or folder")
-    return value
 
 
 class LoraSettings(_Strict):
@@ -322,133 +296,6 @@ class Resources(_Strict):
     def gang(self) -> bool:
         """Whether the job runs as a gang of workers (Ray Train) rather than one task."""
         return self.workers > 1
-
-
-class ImageData(_Strict):
-    """How an image dataset is read, captioned and bucketed (`data:` on an image job)."""
-
-    format: Literal["auto", "captions", "kohya", "imagefolder"] = Field(
-        "auto",
-        description=(
-            "Dataset layout. captions: images with same-name .txt captions; kohya: folders named "
-            "N_concept (N repeats, concept is the caption when a .txt is missing); imagefolder: "
-            "Hugging Face metadata.jsonl with file_name + text/caption; auto: detect."
-        ),
-    )
-    caption_column: str | None = Field(
-        None,
-        min_length=1,
-        description="imagefolder: the metadata.jsonl caption field. Default: text, else caption.",
-    )
-    require_captions: bool = Field(
-        False, description="Fail, naming the image, when an image has no caption (else: '')."
-    )
-    trigger_word: str | None = Field(
-        None, min_length=1, description="Prepended to every caption as 'trigger, caption'."
-    )
-    caption_dropout: float = Field(
-        0.0, ge=0.0, le=1.0, description="Chance of an empty caption per sample per epoch (seeded)."
-    )
-    shuffle_tags: bool = Field(
-        False, description="Shuffle comma-separated caption tags per sample per epoch (seeded)."
-    )
-    keep_tokens: int = Field(
-        0, ge=0, le=1000, description="With shuffle_tags: the first N tags keep their place."
-    )
-    bucketing: bool = Field(
-        False,
-        description="Aspect-ratio bucketing: each image goes to the bucket closest to its aspect; "
-        "every batch comes from one bucket. Off: every image is a centre-cropped square.",
-    )
-    min_resolution: int | None = Field(
-        None, ge=8, le=8192, description="Smallest bucket side, pixels. Default: resolution / 2."
-    )
-    max_resolution: int | None = Field(
-        None, ge=8, le=8192, description="Largest bucket side, pixels. Default: resolution * 2."
-    )
-    bucket_step: int = Field(
-        64, ge=8, le=1024, multiple_of=8, description="Bucket sides are multiples of this (pixels)."
-    )
-    flip_p: float = Field(
-        0.0, ge=0.0, le=1.0, description="Probability of a horizontal flip, per sample per epoch."
-    )
-    crop: Literal["center", "random"] = Field(
-        "center", description="Where the crop to the bucket falls: the centre, or random (seeded)."
-    )
-
-
-class Samples(_Strict):
-    """Validation images rendered during and after training (`samples:` on an image job)."""
-
-    prompts: list[str] = Field(
-        ..., min_length=1, max_length=16, description="One grid cell (image) per prompt."
-    )
-    every: int = Field(
-        0,
-        ge=0,
-        le=10_000_000,
-        description="Render every N optimizer steps as well as at the end (0: only at the end).",
-    )
-    negative_prompt: str | None = Field(None, description="Negative prompt for every sample.")
-    num_inference_steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample.")
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance.")
-    resolution: int | None = Field(
-        None,
-        ge=32,
-        le=4096,
-        multiple_of=8,
-        description="Square sample size in pixels. Default: training.resolution.",
-    )
-    seed: int = Field(
-        0,
-        ge=0,
-        le=2**32 - 1,
-        description="Seed of the sample noise: the same for every render, so grids compare.",
-    )
-
-
-class TextData(_Strict):
-    """How a text dataset is read, templated, masked and packed (`data:` on a text job)."""
-
-    format: Literal["auto", "text", "completion", "alpaca", "chat"] = Field(
-        "auto",
-        description=(
-            "Row format. text: {text}; completion: {prompt, completion}; alpaca: {instruction, "
-            "input?, output}; chat: {messages: [{role, content}]}; auto: detect from the first row."
-        ),
-    )
-    chat_template: str | None = Field(
-        None,
-        min_length=1,
-        description="chat: a built-in template name (chatml) or a Jinja template. "
-        "Default: the tokenizer's own.",
-    )
-    train_on_prompt: bool = Field(
-        False,
-        description="Also train on prompt / instruction / user / system tokens. Default: loss only "
-        "on completion and assistant tokens.",
-    )
-    packing: bool = Field(
-        False,
-        description="Pack examples into max_seq_length blocks (no padding; attention and positions "
-        "reset at each example boundary).",
-    )
-    validation_split: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Fraction of examples held out for eval loss (seeded)."
-    )
-    validation: str | None = Field(
-        None,
-        min_length=1,
-        description="A validation JSONL file/folder (path or URI); excludes validation_split.",
-    )
-
-    _location = field_validator("validation")(check_location)
-
-    @model_validator(mode="after")
-    def _one_validation_source(self) -> TextData:
-        if self.validation is not None and self.validation_split > 0:
-            raise ValueError("set validation or validation_split, not both")
-        return self
 
 
 _DURATION_RE = re.compile(
