@@ -81,6 +81,13 @@ def train(
 
         return train_flux(spec, model_dir, data_dir, out_dir, ctx)
     refuse_flow_settings(spec)
+    return train_unet(spec, model_dir, data_dir, out_dir, ctx)
+
+
+def train_unet(
+    spec: ImageJobSpec, model_dir: Path, data_dir: Path, out_dir: Path, ctx: WorkerContext
+) -> TrainOutput:
+    """`train` on a Stable-Diffusion-style UNet base (SD 1.x/2.x or SDXL)."""
     cfg = spec.training
     started_at = time.time()
     refuse_unloadable(spec, model_dir)

@@ -97,6 +97,34 @@ def train_pack(
         members.append(_member(job, name, ds, model, precision, device))
         by_name[name] = (job, ds)
 
+    forward = _pack_forward(model, pack, inner, pad_id, device)
+
+    def on_done(m: Member) -> None:
+        job, ds = by_name[m.name]
+        try:
+            output = _finish(job, m, ds, model, pack, precision, device)
+        except LoraJobsError as err:
+            end(job, error=err, steps_done=m.loop.step - m.resumed_from)
+            return
+        end(job, output=output, steps_done=m.loop.step - m.resumed_from)
+
+    loop = PackLoop(members, pack, forward, on_done)
+    loop.run()
+    for m in members:
+        job = by_name[m.name][0]
+        if m.state == "failed":
+            end(job, error=m.error, steps_done=m.loop.step - m.resumed_from)
+        elif m.state == "cancelled":
+            end(job, cancelled=True, steps_done=m.loop.step - m.resumed_from)
+    return [outcomes[i] for i in ids]
+
+
+def _pack_forward(
+    model: Any, pack: PackSlices, inner: Any, pad_id: int, device: torch.device
+) -> Callable[[list[tuple[Member, TextBatch]]], list[tuple[torch.Tensor, dict[str, int]]]]:
+    """One forward over the members' concatenated batches; each member's loss on its own rows,
+    cut back to its own length (the solo shape)."""
+
     def forward(
         batches: list[tuple[Member, TextBatch]],
     ) -> list[tuple[torch.Tensor, dict[str, int]]]:
@@ -117,24 +145,7 @@ def train_pack(
             out.append((loss, counts))
         return out
 
-    def on_done(m: Member) -> None:
-        job, ds = by_name[m.name]
-        try:
-            output = _finish(job, m, ds, model, pack, precision, device)
-        except LoraJobsError as err:
-            end(job, error=err, steps_done=m.loop.step - m.resumed_from)
-            return
-        end(job, output=output, steps_done=m.loop.step - m.resumed_from)
-
-    loop = PackLoop(members, pack, forward, on_done)
-    loop.run()
-    for m in members:
-        job = by_name[m.name][0]
-        if m.state == "failed":
-            end(job, error=m.error, steps_done=m.loop.step - m.resumed_from)
-        elif m.state == "cancelled":
-            end(job, cancelled=True, steps_done=m.loop.step - m.resumed_from)
-    return [outcomes[i] for i in ids]
+    return forward
 
 
 def _model_with_adapters(
