@@ -51,12 +51,10 @@ from lorajobs.worker.trainers.image.models import (
     save_diffusers,
 )
 from lorajobs.worker.trainers.loop import (
-    TrainLoop,
     pick_device,
     resolve_precision,
     resolved_settings,
     seed_everything,
-    spec_fingerprint,
     total_steps,
 )
 from lorajobs.worker.trainers.quantize import (
@@ -113,18 +111,9 @@ def train_flux(
         precision.base_dtype, guidance,
     )  # fmt: skip
     model = base.transformer if len(trained) == 1 else torch.nn.ModuleDict(trained)
-    loop = TrainLoop(
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        precision=precision,
-        device=device,
-        ctx=ctx,
-        total=total,
-        generators={"noise": noise_gen},
-        fingerprint=spec_fingerprint(spec, ctx.threads),
+    result = parts.run_loop(
+        spec, model, optimizer, precision, device, ctx, total, noise_gen, micro_loss, renderer
     )
-    result = loop.run(micro_loss, on_step=renderer.on_step if renderer else None)
     finished_at = time.time()
 
     files, kohya_skipped = _export(

@@ -26,7 +26,10 @@ from lorajobs.worker.trainers.image.models import (
 )
 from lorajobs.worker.trainers.loop import (
     LoopResult,
+    Precision,
+    TrainLoop,
     build_optimizer,
+    spec_fingerprint,
     window_means,
 )
 
@@ -148,3 +151,31 @@ def trigger(spec: ImageJobSpec) -> str | None:
     """The trigger word of the spec's `data:` section, where it has one."""
     data = getattr(spec, "data", None)
     return getattr(data, "trigger_word", None) if data is not None else None
+
+
+def run_loop(
+    spec: ImageJobSpec,
+    model: torch.nn.Module,
+    optimizer: Any,
+    precision: Precision,
+    device: torch.device,
+    ctx: WorkerContext,
+    total: int,
+    noise_gen: torch.Generator,
+    micro_loss: Any,
+    renderer: Any,
+) -> LoopResult:
+    """The shared training loop over `model` (its trainable parameters are what checkpoints
+    hold), with the noise generator checkpointed beside it and samples rendered as it goes."""
+    loop = TrainLoop(
+        spec.training,
+        model=model,
+        optimizer=optimizer,
+        precision=precision,
+        device=device,
+        ctx=ctx,
+        total=total,
+        generators={"noise": noise_gen},
+        fingerprint=spec_fingerprint(spec, ctx.threads),
+    )
+    return loop.run(micro_loss, on_step=renderer.on_step if renderer else None)

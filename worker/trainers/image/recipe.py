@@ -53,18 +53,17 @@ from lorajobs.worker.trainers.image.parts import (
     lora_config,
     metrics,
     refuse_unloadable,
+    run_loop,
     text_encoder_lr,
     trigger,
 )
 from lorajobs.worker.trainers.image.samples import SampleRenderer
 from lorajobs.worker.trainers.loop import (
     Precision,
-    TrainLoop,
     pick_device,
     resolve_precision,
     resolved_settings,
     seed_everything,
-    spec_fingerprint,
     total_steps,
 )
 from lorajobs.worker.trainers.quantize import refuse_here
@@ -139,18 +138,9 @@ def train_unet(
     # One module for the loop: its trainable parameters are what checkpoints hold. A UNet-only
     # job passes the UNet itself, so its checkpoints keep their parameter names.
     model = base.unet if len(trained) == 1 else torch.nn.ModuleDict(trained)
-    loop = TrainLoop(
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        precision=precision,
-        device=device,
-        ctx=ctx,
-        total=total,
-        generators={"noise": noise_gen},
-        fingerprint=spec_fingerprint(spec, ctx.threads),
+    result = run_loop(
+        spec, model, optimizer, precision, device, ctx, total, noise_gen, micro_loss, renderer
     )
-    result = loop.run(micro_loss, on_step=renderer.on_step if renderer else None)
     finished_at = time.time()
 
     files = _export(spec, trained, base, ds, out_dir, total, (started_at, finished_at))
