@@ -276,8 +276,11 @@ class RayBackend:
             return read_drains()
         except Exception:  # noqa: BLE001 - no GCS here (a Ray client): the board can ask it
             pass
+        board = getattr(self, "board", None)
+        if board is None:  # asked while the backend starts, before its board exists
+            return {}
         try:
-            return dict(ray.get(self.board.draining.remote(), timeout=10))
+            return dict(ray.get(board.draining.remote(), timeout=10))
         except (RayError, GetTimeoutError) as err:
             log.warning("cannot read which nodes are draining: %s", _first_line(err))
             return {}
