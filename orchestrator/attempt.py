@@ -79,51 +79,53 @@ def run(
             extra=extra,
             stop_requested=stop_requested,
         )
-        base = {"node": node, "ray_node_id": ray_node_id}
-        try:
+
+        def train() -> dict[str, Any]:
             if parsed.resources.gang:  # several GPUs: Ray Train workers; this task coordinates
                 from lorajobs.orchestrator.gang import run_gang
 
-                result = run_gang(
-                    parsed,
-                    spec,
-                    job_id,
-                    attempt,
-                    output_uri,
-                    report=ctx.report,
-                    extra=extra,
-                    log=log.line,
-                )
-            else:
-                result = run_job(parsed, ctx)  # run_job logs the upload
-            out = {"ok": True, **base, **result}
-        except LoraJobsError as err:
-            err = _on_this_node(err, node)
-            # The hostname alone may not tell nodes apart (containers, a simulated cluster).
-            error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
-            out = {
-                "ok": False,
-                "kind": classify(err),
-                "error": error,
-                "node_fault": err.node_fault,
-                # Stopped by a notice (SIGTERM), checkpointed: requeued without retry charge.
-                "preempted": isinstance(err, Preempted),
-                **base,
-            }
-        except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
-            traceback.print_exc()
-            out = {
-                "ok": False,
-                "kind": FailureKind.internal,
-                "error": f"{type(err).__name__}: {err}",
-                **base,
-            }
-        finally:
-            _release_gpu_memory()
+                return run_gang(
+                    parsed, spec, job_id, attempt, output_uri,
+                    report=ctx.report, extra=extra, log=log.line,
+                )  # fmt: skip
+            return run_job(parsed, ctx)  # run_job logs the upload
+
+        out = _guarded(train, node, ray_node_id)
         out["attempt_seconds"] = round(time.monotonic() - started, 3)
         if not out["ok"]:
             log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
     return out
+
+
+def _guarded(train: Callable[[], dict[str, Any]], node: str, ray_node_id: str) -> dict[str, Any]:
+    """`train()`'s result as an outcome; never raises: a failure becomes its classified
+    outcome (and GPU memory is released either way)."""
+    base = {"node": node, "ray_node_id": ray_node_id}
+    try:
+        return {"ok": True, **base, **train()}
+    except LoraJobsError as err:
+        err = _on_this_node(err, node)
+        # The hostname alone may not tell nodes apart (containers, a simulated cluster).
+        error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
+        return {
+            "ok": False,
+            "kind": classify(err),
+            "error": error,
+            "node_fault": err.node_fault,
+            # Stopped by a notice (SIGTERM), checkpointed: requeued without retry charge.
+            "preempted": isinstance(err, Preempted),
+            **base,
+        }
+    except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
+        traceback.print_exc()
+        return {
+            "ok": False,
+            "kind": FailureKind.internal,
+            "error": f"{type(err).__name__}: {err}",
+            **base,
+        }
+    finally:
+        _release_gpu_memory()
 
 
 def _outside_boundary(spec: dict[str, Any], output_uri: str) -> str | None:

@@ -29,9 +29,6 @@ def run_pack(
     ray_node_id: str,
 ) -> dict[str, Any]:
     """Run one attempt of each member (`{"spec", "job_id", "attempt", "extra"}`) together."""
-    from lorajobs.jobspecs import parse_spec
-    from lorajobs.storage.logs import AttemptLog
-    from lorajobs.worker.context import WorkerContext
     from lorajobs.worker.pack_entry import run_pack as train_pack
 
     started = time.monotonic()
@@ -47,37 +44,10 @@ def run_pack(
             outcomes[m["job_id"]] = {"ok": False, "kind": FailureKind.user, "error": error, **base}
         else:
             runnable.append(m)
-    cache = Settings.from_env().cache_dir
     with contextlib.ExitStack() as stack:
-        logs, specs, ctxs = {}, [], []
-        for m in runnable:
-            job_id, attempt = m["job_id"], m["attempt"]
-            spec = parse_spec(m["spec"], f"job {job_id}")
-            log = stack.enter_context(AttemptLog(output_uri, job_id, attempt))
-            others = ", ".join(i for i in ids if i != job_id)
-            log.line(
-                f"job {job_id} attempt {attempt}: {spec.kind} '{spec.name}' on {node} "
-                f"(Ray node {ray_node_id[:12]}), packed with {others}"
-            )
-            logs[job_id] = log
-            specs.append(spec)
-
-            def job_send(p: dict[str, Any], j: str = job_id, a: int = attempt) -> None:
-                send(j, a, p)
-
-            extra = dict(m.get("extra") or {})
-            ctxs.append(
-                WorkerContext(
-                    job_id=job_id,
-                    output_uri=output_uri,
-                    cache_dir=cache,
-                    attempt=attempt,
-                    report=_reporter(job_send, log, node, started, extra.get("cost")),
-                    threads=spec.resources.cpus,
-                    node=node,
-                    extra=extra,
-                )
-            )
+        logs, specs, ctxs = _open_members(
+            stack, runnable, ids, output_uri, node, ray_node_id, started, send
+        )
         try:
             results = train_pack(specs, ctxs, cancelled=cancelled) if specs else {}
             for job_id, res in results.items():
@@ -103,6 +73,56 @@ def run_pack(
             if not out["ok"] and job_id in logs:
                 logs[job_id].line(f"attempt failed ({out['kind']}): {out['error']}")
     return {"pack": ids, "jobs": outcomes, **base, "attempt_seconds": seconds}
+
+
+def _open_members(
+    stack: contextlib.ExitStack,
+    runnable: list[dict[str, Any]],
+    ids: list[str],
+    output_uri: str,
+    node: str,
+    ray_node_id: str,
+    started: float,
+    send: Callable[[str, int, dict[str, Any]], None],
+) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """Each runnable member's log (opened on `stack`), parsed spec and worker context."""
+    from lorajobs.jobspecs import parse_spec
+    from lorajobs.storage.logs import AttemptLog
+    from lorajobs.worker.context import WorkerContext
+
+    cache = Settings.from_env().cache_dir
+    logs: dict[str, Any] = {}
+    specs: list[Any] = []
+    ctxs: list[Any] = []
+    for m in runnable:
+        job_id, attempt = m["job_id"], m["attempt"]
+        spec = parse_spec(m["spec"], f"job {job_id}")
+        log = stack.enter_context(AttemptLog(output_uri, job_id, attempt))
+        others = ", ".join(i for i in ids if i != job_id)
+        log.line(
+            f"job {job_id} attempt {attempt}: {spec.kind} '{spec.name}' on {node} "
+            f"(Ray node {ray_node_id[:12]}), packed with {others}"
+        )
+        logs[job_id] = log
+        specs.append(spec)
+
+        def job_send(p: dict[str, Any], j: str = job_id, a: int = attempt) -> None:
+            send(j, a, p)
+
+        extra = dict(m.get("extra") or {})
+        ctxs.append(
+            WorkerContext(
+                job_id=job_id,
+                output_uri=output_uri,
+                cache_dir=cache,
+                attempt=attempt,
+                report=_reporter(job_send, log, node, started, extra.get("cost")),
+                threads=spec.resources.cpus,
+                node=node,
+                extra=extra,
+            )
+        )
+    return logs, specs, ctxs
 
 
 def _outcome(res: dict[str, Any], base: dict[str, Any], node: str) -> dict[str, Any]:

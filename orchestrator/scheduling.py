@@ -200,23 +200,7 @@ class Scheduling:
                     ).scalars()
                 )
                 placements = [p for p in placements if p.job_id in locked]
-            changes = [
-                Change(
-                    p.job_id,
-                    p.reason or f"dispatched by {lease_owner}",
-                    {
-                        "lease_owner": lease_owner,
-                        "lease_expires_at": lease_expires_at,
-                        "node_id": p.node_id,
-                        "accelerator": p.accelerator,
-                        "node": None,
-                        "gang_nodes": ",".join((p.data or {}).get("gang_nodes") or []) or None,
-                        "pack_id": None,  # its own attempt, unless `packing.fill` adds others
-                    },
-                    p.data,
-                )
-                for p in placements
-            ]
+            changes = _dispatch_changes(placements, lease_owner, lease_expires_at)
             return self._apply(conn, changes, JobStatus.queued, JobStatus.dispatched)
 
     def _holds(self, conn: Connection) -> list[Hold]:
@@ -381,3 +365,26 @@ class Scheduling:
                 )
             ).first()
         return None if row is None else WaitSummary.from_json(row.data, at=row.updated_at)
+
+
+def _dispatch_changes(
+    placements: list[Placement], lease_owner: str, lease_expires_at: datetime
+) -> list[Change]:
+    """queued -> dispatched for each placement: the lease, the node (and a gang's nodes)."""
+    return [
+        Change(
+            p.job_id,
+            p.reason or f"dispatched by {lease_owner}",
+            {
+                "lease_owner": lease_owner,
+                "lease_expires_at": lease_expires_at,
+                "node_id": p.node_id,
+                "accelerator": p.accelerator,
+                "node": None,
+                "gang_nodes": ",".join((p.data or {}).get("gang_nodes") or []) or None,
+                "pack_id": None,  # its own attempt, unless `packing.fill` adds others
+            },
+            p.data,
+        )
+        for p in placements
+    ]
