@@ -208,6 +208,12 @@ class TextTraining(_Training):
     max_seq_length: int = Field(
         512, ge=8, le=1_048_576, description="Token sequences are truncated to this length."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How a gang (resources.gpus > 1) holds the model: ddp (every GPU holds the "
+        "whole base) or fsdp (PyTorch FSDP2: the base, the LoRA and the optimizer state are "
+        "sharded over the gang's GPUs, so a base larger than one GPU trains; needs a gang).",
+    )
 
 
 class Resources(_Strict):
@@ -433,6 +439,17 @@ class TextJobSpec(_JobSpec):
                 f"training.batch_size {self.training.batch_size} must be a multiple of the "
                 f"job's {workers} workers (one per GPU): it is split evenly between them"
             )
+        if self.training.distributed == "fsdp":
+            if not self.resources.gang:
+                raise ValueError(
+                    "training.distributed fsdp shards the base over a gang's GPUs: it needs "
+                    "resources.gpus > 1 (or nodes x gpus_per_node)"
+                )
+            if self.training.quantize_base:
+                raise ValueError(
+                    "training.distributed fsdp cannot shard a quantized base: drop "
+                    "training.quantize_base, or use ddp"
+                )
         return self
 
 

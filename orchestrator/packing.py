@@ -50,6 +50,8 @@ def pack_key(
     kind = spec.get("kind")
     if res.get("pack", "auto") == "never" or kind not in PACKABLE_KINDS:
         return None
+    if float(res.get("gpus") or 0) > 1:  # a gang runs on Ray Train, one job per gang
+        return None
     if lora.get("use_dora") or tr.get("gradient_checkpointing"):
         return None
     if kind == "image" and not _image_packable(spec, unet_base):

@@ -124,6 +124,17 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
         spec("gang", tiny_text_model, tiny_text_dataset, {"nodes": 2, "gpus_per_node": 1}),
         output_uri=f"file://{bucket}",
     )[0]
+    # FSDP across the two nodes: each rank holds half of the model (Ray Train's process group).
+    sharded = queue.submit(
+        spec(
+            "gang",
+            tiny_text_model,
+            tiny_text_dataset,
+            {"nodes": 2, "gpus_per_node": 1},
+            distributed="fsdp",
+        ),
+        output_uri=f"file://{bucket}",
+    )[0]
     waited: list[str] = []
 
     def watch() -> None:
@@ -138,11 +149,11 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
 
     drive(
         ctl,
-        until=lambda: all(queue.get(j.id).status.is_terminal() for j in (two, nodes2)),
-        timeout=400,
+        until=lambda: all(queue.get(j.id).status.is_terminal() for j in (two, nodes2, sharded)),
+        timeout=500,
         each=watch,
     )
-    for j in (two, nodes2):
+    for j in (two, nodes2, sharded):
         done = queue.get(j.id)
         assert done.status is JobStatus.succeeded, done.failure_reason
         assert done.attempt == 1
@@ -164,6 +175,12 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
         adapter(bucket, "gang", two.id).read_bytes()
         == adapter(bucket, "gang", nodes2.id).read_bytes()
     )
+    assert_close(adapter(bucket, "gang", sharded.id), ref)
+    resolved = json.loads(
+        (adapter(bucket, "gang", sharded.id).parent / "lorajobs.json").read_text()
+    )
+    assert resolved["resolved"]["distributed"] == "fsdp"
+    assert resolved["resolved"]["params_per_worker"] <= 0.55 * resolved["resolved"]["params_total"]
     metrics = queue.get(two.id).result["metrics"]
     assert metrics["final_loss"] == pytest.approx(ref_metrics["final_loss"], rel=LOSS_RTOL)
     for a, b in zip(metrics["loss_curve"], ref_metrics["loss_curve"]):

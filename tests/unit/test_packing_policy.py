@@ -57,6 +57,8 @@ def test_same_key_needs_same_kind_base_length_precision_and_shape() -> None:
     assert packing.pack_key(_spec(training__mixed_precision="bf16"), "d1") != base
     assert packing.pack_key(_spec(resources__cpus=2), "d1") != base
     assert packing.pack_key(_spec(data__packing=True), "d1") != base
+    # A gang (several GPUs, on Ray Train) always trains alone.
+    assert packing.pack_key(_spec(resources__gpus=2), "d1") is None
     image = _spec(kind="image", training__resolution=512)
     assert packing.pack_key(image, "d1") not in (None, base)  # another kind
 

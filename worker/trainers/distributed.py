@@ -63,17 +63,33 @@ class Gang:
         """This rank's rows of a global batch: every `world`-th, from `rank`."""
         return rows[self.rank :: self.world]
 
-    def wrap(self, model: torch.nn.Module, device: torch.device, seed: int) -> torch.nn.Module:
-        """The model as this rank trains it: DDP (gradients averaged over the gang) or itself.
-        Call after the LoRA is on and the model is on `device`."""
+    def wrap(
+        self, model: torch.nn.Module, device: torch.device, seed: int, *, fsdp: bool = False
+    ) -> torch.nn.Module:
+        """The model as this rank trains it: DDP (gradients averaged over the gang), FSDP
+        (`fsdp`: sharded over it, in place) or itself. Call after the LoRA is on, before the
+        optimizer is built (FSDP replaces the parameters with their shards); DDP wants the
+        model on `device`, FSDP moves each shard there itself."""
         if not self.active:
             return model
-        from torch.nn.parallel import DistributedDataParallel
+        if fsdp:
+            shard_model(model, device)
+            net = model
+        else:
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [device.index or 0] if device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids)
+            ids = [device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
         torch.manual_seed(seed * _RANK_STREAM + self.rank)  # after the (shared) initialisation
-        return ddp
+        return net
+
+    def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The trainable (LoRA) tensors of a sharded model, whole, on the host of every rank
+        (a collective: every rank calls it); None for a model that is not sharded."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not any(_sharded(p) for _, p in named):
+            return None
+        return {n: _whole(p) for n, p in named}
 
     def fingerprint(self, base: str) -> str:
         """A checkpoint fingerprint that also names the world size (resume at the same one)."""
@@ -165,6 +181,17 @@ class GangTrainLoop(TrainLoop):
         ckpt.state["rank_rng"] = states
         return ckpt
 
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        return _whole(t) if _sharded(t) else super()._host(t)
+
+    def _place(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if not _sharded(like):
+            return super()._place(value, like)
+        from torch.distributed.tensor import distribute_tensor
+
+        # Every rank read the same checkpoint: each keeps its own shard of the whole tensor.
+        return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
+
     def _resume(self) -> int:
         step = super()._resume()
         store = self.ctx.checkpoints
@@ -179,6 +206,41 @@ class GangTrainLoop(TrainLoop):
             )
         _set_rng_state(states[self.gang.rank])
         return step
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Shard `model` over the gang with FSDP2 (`fully_shard`), in place: each transformer
+    block (the classes transformers names in `_no_split_modules`) is one unit, gathered for its
+    forward and backward only, then the root (embeddings, head, what is left). Parameters are
+    sharded on their first dimension; frozen base weights and LoRA weights alike, so a rank
+    holds 1/N of the base, of the LoRA and of the optimizer state. Gradients are
+    reduce-scattered as averages, which is what DDP computes: the loss weighting is the same."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise InvalidInput(
+            f"training.distributed fsdp: {type(base).__name__} names no transformer block "
+            "class (_no_split_modules) to shard by; use ddp"
+        )
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole, on the host (a collective)."""
+    return t.detach().full_tensor().cpu().clone()  # type: ignore[attr-defined]
 
 
 def _rng_state() -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from lorajobs.jobspecs.failures import InvalidInput, Preempted
 from lorajobs.storage.checkpoints import Checkpoint
 from lorajobs.worker.context import WorkerContext
-from lorajobs.worker.safetensors_io import canonical_bytes, load_bytes
+from lorajobs.worker.trainers import loop_state
 from lorajobs.worker.trainers.preemption import PreemptionNotice
 
 REPORT_EVERY_S = 0.5
@@ -41,8 +41,12 @@ MicroLoss = Callable[[int], tuple[torch.Tensor, dict[str, int]]]
 
 
 def pick_device() -> torch.device:
-    """The node's first GPU if it has one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's current GPU if the node has one (the first, unless a gang's launcher set
+    the local rank's: Ray Train does), else the CPU. Always with its index: DDP and FSDP place
+    by it, and a bare "cuda" would put every worker of a node on GPU 0."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -367,94 +371,22 @@ class TrainLoop:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _capture(self) -> Checkpoint:
-        tensors: dict[str, torch.Tensor] = {
-            f"param/{n}": p.detach().cpu().clone() for n, p in self.named
-        }
-        opt = self.optimizer.state_dict()
-        opt_json: dict[str, dict[str, Any]] = {}
-        for pid, st in opt["state"].items():
-            opt_json[str(pid)] = {}
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"optim/{pid}/{k}"] = v.detach().cpu().clone()
-                else:
-                    opt_json[str(pid)][k] = v
-        tensors["rng/torch"] = torch.get_rng_state()
-        for name, gen in self.generators.items():
-            tensors[f"rng/gen/{name}"] = gen.get_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng/cuda/{i}"] = s
-        np_state = np.random.get_state()
-        tensors["rng/numpy"] = torch.from_numpy(np.asarray(np_state[1]).astype(np.int64))
-        py_version, py_internal, py_gauss = random.getstate()
-        state = {
-            "format": "lorajobs.checkpoint/v1",
-            "step": self.step,
-            "total_steps": self.total,
-            "fingerprint": self.fingerprint,
-            "losses": self.losses,
-            "counters": self.counters,
-            "optimizer": {"state": opt_json, "param_groups": opt["param_groups"]},
-            "scheduler": {
-                "kind": self.cfg.lr_scheduler,
-                "warmup_steps": self.cfg.warmup_steps,
-                "base_lr": self.cfg.learning_rate,
-                "step": self.step,
-            },
-            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": {
-                "python": [py_version, list(py_internal), py_gauss],
-                "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            },
-        }
-        return Checkpoint(self.step, canonical_bytes(tensors), state)
+        """Everything a resumed run needs, as of the current step (`loop_state.capture`)."""
+        return loop_state.capture(self)
 
     def _resume(self) -> int:
-        store = self.ctx.checkpoints
-        step = store.latest() if store is not None else None
-        if store is None or step is None:
-            return 0
-        ckpt = store.load(step)
-        st, t = ckpt.state, load_bytes(ckpt.tensors)
-        if st.get("fingerprint") != self.fingerprint:
-            raise InvalidInput(
-                f"job {self.ctx.job_id}: the checkpoints under {store.uri} were written by a "
-                "different spec, thread count or number of GPUs; use another job id, or delete them"
-            )
-        with torch.no_grad():
-            for n, p in self.named:
-                p.copy_(t[f"param/{n}"].to(p.device, p.dtype))
-        opt_state: dict[int, dict[str, Any]] = {}
-        for pid, rest in st["optimizer"]["state"].items():
-            opt_state[int(pid)] = dict(rest)
-        for key, v in t.items():
-            if key.startswith("optim/"):
-                _, pid, name = key.split("/", 2)
-                opt_state.setdefault(int(pid), {})[name] = v
-        groups = [
-            {k: tuple(v) if k == "betas" else v for k, v in g.items()}
-            for g in st["optimizer"]["param_groups"]
-        ]
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        if self.scaler is not None and st.get("grad_scaler"):
-            self.scaler.load_state_dict(st["grad_scaler"])
-        torch.set_rng_state(t["rng/torch"])
-        for name, gen in self.generators.items():
-            gen.set_state(t[f"rng/gen/{name}"])
-        cuda_states = [t[k] for k in sorted(t) if k.startswith("rng/cuda/")]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-        name, pos, has_gauss, cached = st["rng"]["numpy"]
-        np.random.set_state(
-            (name, t["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached)
-        )
-        version, internal, gauss = st["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
-        self.step = int(st["step"])
-        self.losses = [float(v) for v in st["losses"]]
-        self.counters = {k: int(v) for k, v in st["counters"].items()}
-        return self.step
+        """Restore the latest checkpoint, if any; the step it was taken at (else 0)."""
+        return loop_state.resume(self)
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (a parameter or optimizer state) as a whole tensor on the host, for a checkpoint.
+        A sharded gang (`distributed.GangTrainLoop`) gathers its shards here."""
+        return t.detach().cpu().clone()
+
+    def _place(self, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's whole tensor as `like` holds it (on its device; a sharded gang's
+        part of it)."""
+        return value.to(like.device)
 
 
 def resolved_settings(

@@ -64,12 +64,15 @@ def train(
     # Tokenizer, then the data: a bad dataset fails before the (possibly large) model loads.
     tokenizer = _load(spec, model_dir, "tokenizer")
     ds = _dataset(spec, data_path, tokenizer, ctx)
-    model = _model_with_lora(spec, model_dir, device, precision.base_dtype)
+    gang = Gang.of(ctx)
+    fsdp = gang.active and tr.distributed == "fsdp"
+    model = _model_with_lora(spec, model_dir, device, precision.base_dtype, place=not fsdp)
+    # A gang (several GPUs): each rank trains on its share of every batch, with the whole
+    # model (DDP) or its shard of it (FSDP, which swaps in sharded parameters: the optimizer
+    # is built from them, after).
+    net = gang.wrap(model, device, tr.seed, fsdp=fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tr, device)
-    # A gang (several GPUs) trains with DDP, each rank on its share of every batch.
-    gang = Gang.of(ctx)
-    net = gang.wrap(model, device, tr.seed)
 
     # Train. Batches (padded, or packed when data.packing) are a pure function of the step.
     total = total_steps(tr, len(ds))
@@ -103,7 +106,7 @@ def train(
     if eval_loss is not None and ctx.board is not None:
         ctx.board.scalar("eval/loss", eval_loss, total)
 
-    _export(spec, model, out_dir, total)
+    _export(spec, model, out_dir, total, state=gang.full_state(model))
     draw_loss_curve(result.losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
     metrics = _metrics(spec, ds, result, total, eval_loss)
     metrics["total_seconds"] = round(time.monotonic() - t_start, 3)
@@ -111,7 +114,7 @@ def train(
         files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOSS_PNG],
         deterministic=[ADAPTER_CONFIG, ADAPTER_WEIGHTS],
         metrics=metrics,
-        resolved=_resolved(spec, ds, precision, total, device, ctx, params),
+        resolved=_resolved(spec, ds, precision, total, device, ctx, params, model),
     )
 
 
@@ -148,9 +151,10 @@ def _dataset(
 
 
 def _model_with_lora(
-    spec: TextJobSpec, model_dir: Path, device: torch.device, dtype: torch.dtype
+    spec: TextJobSpec, model_dir: Path, device: torch.device, dtype: torch.dtype, place: bool = True
 ) -> Any:
-    """The frozen base model with the spec's LoRA on it, on `device`, in train mode."""
+    """The frozen base model with the spec's LoRA on it, in train mode: on `device`, or left on
+    the host (`place=False`) for FSDP to move there shard by shard."""
     from peft import LoraConfig, get_peft_model
 
     quant = spec.training.quantize_base
@@ -181,7 +185,7 @@ def _model_with_lora(
         model = get_peft_model(model, lora_config)
     except ValueError as err:  # e.g. target modules that this model does not have
         raise UserDataError(f"base model {spec.base_model}: {err}") from None
-    if quant not in ("nf4", "int8"):  # bitsandbytes placed its model on the GPU as it loaded
+    if place and quant not in ("nf4", "int8"):  # bitsandbytes placed it on the GPU as it loaded
         model.to(device)  # a device move only: a dtype cast would undo fp8
     if quant:
         lora_to_fp32(model)  # the adapter trains (and is saved) unquantized, in fp32
@@ -204,15 +208,21 @@ def _base_model(
 
 
 def _export(
-    spec: TextJobSpec, model: Any, out_dir: Path, total: int, adapter: str = "default"
+    spec: TextJobSpec,
+    model: Any,
+    out_dir: Path,
+    total: int,
+    adapter: str = "default",
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """PEFT's folder, then rewritten so the bytes depend only on the tensors.
 
     `adapter` names one of several adapters in `model` (a pack's): PEFT saves a non-default
-    adapter into a subfolder of that name, whose files are moved up.
+    adapter into a subfolder of that name, whose files are moved up. `state`: the LoRA's whole
+    tensors where the model holds only shards of them (FSDP).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, selected_adapters=[adapter])
+    model.save_pretrained(out_dir, selected_adapters=[adapter], state_dict=state)
     if adapter != "default":
         for f in (out_dir / adapter).iterdir():
             f.replace(out_dir / f.name)
@@ -266,6 +276,7 @@ def _resolved(
     device: torch.device,
     ctx: WorkerContext,
     params: list[Any],
+    model: Any = None,
 ) -> dict[str, Any]:
     """Every setting the job ran with, defaults resolved (the sidecar's `resolved`)."""
     tr = spec.training
@@ -277,9 +288,26 @@ def _resolved(
         "data_format": spec.data.format,
         "trainable_params": sum(p.numel() for p in params),
         "dtype": str(precision.base_dtype).removeprefix("torch."),
-        # A gang's size: its batches are split this many ways (a 1-GPU run records none).
-        **({"workers": ctx.world_size} if ctx.world_size > 1 else {}),
+        # A gang's size: its batches are split this many ways (a 1-GPU run records none), and
+        # how it held the model (FSDP: each worker holds `params_per_worker` of the elements).
+        **(_gang_settings(spec, model, ctx) if ctx.world_size > 1 else {}),
     }
+
+
+def _gang_settings(spec: TextJobSpec, model: Any, ctx: WorkerContext) -> dict[str, Any]:
+    every = sum(p.numel() for p in model.parameters())
+    held = sum(_local(p).numel() for p in model.parameters())
+    return {
+        "workers": ctx.world_size,
+        "distributed": spec.training.distributed,
+        "params_per_worker": held,
+        "params_total": every,
+    }
+
+
+def _local(p: Any) -> Any:
+    """The part of parameter `p` this process holds (its shard, under FSDP)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _first_line(err: Exception) -> str:
