@@ -7,7 +7,7 @@ description (it becomes the JSON Schema users' editors show) and unknown keys ar
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     Field,
@@ -412,13 +412,8 @@ class ImageJobSpec(_JobSpec):
     )
 
     @model_validator(mode="after")
-    def _one_worker(self) -> ImageJobSpec:
-        if self.resources.gang:
-            raise ValueError(
-                "resources: image jobs train on one GPU (gangs of several run text jobs only); "
-                "use gpus: 1"
-            )
-        return self
+    def _batch_splits_across_workers(self) -> ImageJobSpec:
+        return _splits_across_workers(self)
 
 
 class TextJobSpec(_JobSpec):
@@ -432,13 +427,7 @@ class TextJobSpec(_JobSpec):
 
     @model_validator(mode="after")
     def _batch_splits_across_workers(self) -> TextJobSpec:
-        # batch_size is the global batch: each of the gang's workers takes an equal share.
-        workers = self.resources.workers
-        if self.training.batch_size % workers:
-            raise ValueError(
-                f"training.batch_size {self.training.batch_size} must be a multiple of the "
-                f"job's {workers} workers (one per GPU): it is split evenly between them"
-            )
+        _splits_across_workers(self)
         if self.training.distributed == "fsdp":
             if not self.resources.gang:
                 raise ValueError(
@@ -451,6 +440,20 @@ class TextJobSpec(_JobSpec):
                     "training.quantize_base, or use ddp"
                 )
         return self
+
+
+_SpecT = TypeVar("_SpecT", "ImageJobSpec", "TextJobSpec")
+
+
+def _splits_across_workers(spec: _SpecT) -> _SpecT:
+    # batch_size is the global batch: each of the gang's workers takes an equal share.
+    workers = spec.resources.workers
+    if spec.training.batch_size % workers:
+        raise ValueError(
+            f"training.batch_size {spec.training.batch_size} must be a multiple of the "
+            f"job's {workers} workers (one per GPU): it is split evenly between them"
+        )
+    return spec
 
 
 JobSpec = Annotated[ImageJobSpec | TextJobSpec, Field(discriminator="kind")]

@@ -1,9 +1,9 @@
-"""FSDP gangs without Ray: two processes joined by gloo run the worker as ranks 0 and 1 with
-`training.distributed: fsdp` (what Ray Train starts on a cluster). Each rank holds half of the
-model; the adapter matches a 1-worker run of the same global batch within the gang tolerance;
-a run stopped after a checkpoint and resumed at the same size ends with the uninterrupted run's
-bytes (so two FSDP runs give the same bytes); and the saved adapter is whole and loads into
-PEFT on the unsharded base."""
+"""FSDP gangs without Ray (`tests/plugins/ranks.py`: two processes joined by gloo run the
+worker as ranks 0 and 1) with `training.distributed: fsdp`. Each rank holds half of the model;
+the adapter matches a 1-worker run of the same global batch within the gang tolerance; a run
+stopped after a checkpoint and resumed at the same size ends with the uninterrupted run's bytes
+(so two FSDP runs give the same bytes); and the saved adapter is whole and loads into PEFT on
+the unsharded base."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.plugins.ranks import run_ranks
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 STEPS, STOP = 12, 6
@@ -20,71 +22,24 @@ WEIGHTS = "adapter_model.safetensors"
 ATOL = 1e-5  # the gang tolerance (docs/architecture.md, "Gangs")
 
 
-def _spec(model: str, data: str, workers: int, distributed: str) -> Any:
-    from lorajobs.jobspecs import parse_spec
-
-    return parse_spec(
-        {
-            "kind": "text",
-            "name": "sharded",
-            "base_model": model,
-            "dataset": data,
-            "lora": {"rank": 4, "alpha": 8},
-            "training": {
-                "steps": STEPS,
-                "batch_size": 4,
-                "learning_rate": 1e-3,
-                "seed": 0,
-                "max_seq_length": 64,
-                "checkpoint_every": 3,
-                "distributed": distributed,
-            },
-            "resources": {"gpus": workers, "cpus": 1},
-        }
-    )
-
-
-def _rank(rank: int, world: int, args: dict[str, Any]) -> None:
-    """One rank (spawned): run_job as rank `rank`; its outcome in <out>/rank-<r>.json."""
-    import torch.distributed as dist
-
-    from lorajobs.jobspecs.failures import LoraJobsError
-    from lorajobs.worker.context import WorkerContext
-    from lorajobs.worker.entrypoint import run_job
-
-    if world > 1:
-        dist.init_process_group("gloo", init_method=args["init"], rank=rank, world_size=world)
-    try:
-        ctx = WorkerContext(
-            job_id=args["job_id"],
-            output_uri=args["bucket"],
-            cache_dir=Path(args["cache"]),
-            attempt=args["attempt"],
-            cpu_fallback=True,
-            stop_after_step=args["stop"],
-            rank=rank,
-            world_size=world,
-        )
-        spec = _spec(args["model"], args["data"], world, args["distributed"])
-        try:
-            out: dict[str, Any] = {"ok": True, **run_job(spec, ctx)}
-        except LoraJobsError as err:
-            out = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-        Path(args["out"], f"rank-{rank}.json").write_text(json.dumps(out))
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _run(tmp: Path, name: str, world: int, **args: Any) -> list[dict[str, Any]]:
-    """Run `world` ranks to the end (in spawned processes); each rank's outcome."""
-    import torch.multiprocessing as mp
-
-    out = tmp / name
-    out.mkdir()
-    args = {**args, "init": f"file://{out / 'rendezvous'}", "out": str(out)}
-    mp.spawn(_rank, args=(world, args), nprocs=world, join=True)
-    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
+def _spec(model: Path, data: Path, workers: int, distributed: str) -> dict[str, Any]:
+    return {
+        "kind": "text",
+        "name": "sharded",
+        "base_model": str(model),
+        "dataset": str(data),
+        "lora": {"rank": 4, "alpha": 8},
+        "training": {
+            "steps": STEPS,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "seed": 0,
+            "max_seq_length": 64,
+            "checkpoint_every": 3,
+            "distributed": distributed,
+        },
+        "resources": {"gpus": workers, "cpus": 1},
+    }
 
 
 def test_an_fsdp_gang_matches_one_worker_and_resumes_to_the_same_bytes(
@@ -93,15 +48,16 @@ def test_an_fsdp_gang_matches_one_worker_and_resumes_to_the_same_bytes(
     from safetensors.torch import load_file
 
     bucket = tmp_path / "bucket"
-    base = {
-        "bucket": f"file://{bucket}",
-        "cache": str(tmp_path / "cache"),
-        "model": str(tiny_text_model),
-        "data": str(tiny_text_dataset),
-    }
-    fsdp = {**base, "distributed": "fsdp"}
-    one = _run(tmp_path, "one", 1, job_id="one", attempt=1, stop=None, distributed="ddp", **base)
-    calm = _run(tmp_path, "calm", 2, job_id="calm", attempt=1, stop=None, **fsdp)
+    fsdp = _spec(tiny_text_model, tiny_text_dataset, 2, "fsdp")
+    one = run_ranks(
+        tmp_path,
+        "one",
+        1,
+        _spec(tiny_text_model, tiny_text_dataset, 1, "ddp"),
+        bucket=bucket,
+        job_id="one",
+    )
+    calm = run_ranks(tmp_path, "calm", 2, fsdp, bucket=bucket, job_id="calm")
     assert [o["ok"] for o in calm] == [True, True], calm
 
     # Each rank held half of the model (to the shards' padding), and said how it trained.
@@ -119,9 +75,9 @@ def test_an_fsdp_gang_matches_one_worker_and_resumes_to_the_same_bytes(
     assert loss == pytest.approx(ref_loss, rel=1e-5)
 
     # Stopped after a checkpoint, resumed by a new attempt of the same size: the same bytes.
-    first = _run(tmp_path, "first", 2, job_id="cut", attempt=1, stop=STOP, **fsdp)
+    first = run_ranks(tmp_path, "first", 2, fsdp, bucket=bucket, job_id="cut", stop=STOP)
     assert all("Preempted" in o["error"] for o in first), first
-    again = _run(tmp_path, "again", 2, job_id="cut", attempt=2, stop=None, **fsdp)
+    again = run_ranks(tmp_path, "again", 2, fsdp, bucket=bucket, job_id="cut", attempt=2)
     assert [o["ok"] for o in again] == [True, True], again
     assert again[0]["metrics"]["resumed_from_step"] == STOP
     cut = (bucket / "adapters/sharded/cut" / WEIGHTS).read_bytes()

@@ -60,7 +60,7 @@ def test_spec_shapes_of_a_gang() -> None:
         ({"nodes": 2, "gpus_per_node": 1, "gpus": 4}, 4, "text", "not nodes x gpus_per_node"),
         ({"gpus": 4}, 6, "text", "training.batch_size 6 must be a multiple of the job's 4"),
         ({"nodes": 0, "gpus_per_node": 1}, 4, "text", "resources.nodes"),
-        ({"gpus": 2}, 4, "image", "image jobs train on one GPU"),
+        ({"gpus": 4}, 6, "image", "training.batch_size 6 must be a multiple of the job's 4"),
     ],
 )
 def test_bad_gang_specs_name_the_field(

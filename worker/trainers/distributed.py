@@ -25,6 +25,8 @@ and padding each sub-batch to its own longest row change the last bits, not the 
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +82,38 @@ class Gang:
 
             ids = [device.index] if device.type == "cuda" else None
             net = DistributedDataParallel(model, device_ids=ids)
-        torch.manual_seed(seed * _RANK_STREAM + self.rank)  # after the (shared) initialisation
+        self.reseed(seed)
         return net
+
+    def reseed(self, seed: int) -> None:
+        """Give this rank its own dropout stream: call after the (shared) initialisation."""
+        if self.active:
+            torch.manual_seed(seed * _RANK_STREAM + self.rank)
+
+    def rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This rank's rows of a global micro-batch whose tensors are all batch-first (dicts
+        inside are split alike): every `world`-th row, from `rank`."""
+        if not self.active:
+            return batch
+        return {
+            k: self.rows(v) if isinstance(v, dict) else v[self.rank :: self.world]
+            for k, v in batch.items()
+        }
+
+    @contextmanager
+    def rank_zero_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (filling a shared cache), then the others (reading
+        it): two ranks never write the same cache entries at once."""
+        if not self.active:
+            yield
+            return
+        import torch.distributed as dist
+
+        if not self.writer:
+            dist.barrier()
+        yield
+        if self.writer:
+            dist.barrier()
 
     def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The trainable (LoRA) tensors of a sharded model, whole, on the host of every rank
@@ -118,15 +150,19 @@ class Gang:
         summed = {k: int(round(float(v))) for k, v in zip(keys, vec[1:])}
         return local + (mean - local.detach()), summed
 
-    def loop(self, cfg: Any, ctx: WorkerContext, **kwargs: Any) -> TrainLoop:
-        """The training loop: `TrainLoop`, or for a gang one that checkpoints from rank 0."""
+    def loop(
+        self, cfg: Any, ctx: WorkerContext, *, average_grads: bool = False, **kwargs: Any
+    ) -> TrainLoop:
+        """The training loop: `TrainLoop`, or for a gang one that checkpoints from rank 0 (and,
+        `average_grads`, averages the gradients over the gang itself once per optimizer step:
+        for models trained without a DDP wrapper)."""
         if not self.active:
             return TrainLoop(cfg, ctx=ctx, **kwargs)
         if ctx.checkpoints is not None and not isinstance(ctx.checkpoints, RankZeroStore):
             ctx.checkpoints = RankZeroStore(ctx.checkpoints, self)  # type: ignore[assignment]
         if not self.writer:
             ctx.board = None
-        return GangTrainLoop(cfg, ctx=ctx, gang=self, **kwargs)
+        return GangTrainLoop(cfg, ctx=ctx, gang=self, average_grads=average_grads, **kwargs)
 
 
 class RankZeroStore:
@@ -167,9 +203,27 @@ class RankZeroStore:
 class GangTrainLoop(TrainLoop):
     """`TrainLoop` for one rank of a gang: every rank's generator states in the checkpoint."""
 
-    def __init__(self, cfg: Any, *, gang: Gang, **kwargs: Any) -> None:
+    def __init__(self, cfg: Any, *, gang: Gang, average_grads: bool = False, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
-        self.gang = gang
+        self.gang, self.average_grads = gang, average_grads
+
+    def _sync_grads(self) -> None:
+        """The gang's mean of the accumulated gradients, in one all-reduce of one flat buffer
+        (LoRA gradients are small); the parameters' fixed order makes it the same every run."""
+        if not self.average_grads:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.gang.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _capture(self) -> Checkpoint:
         import torch.distributed as dist

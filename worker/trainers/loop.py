@@ -322,6 +322,7 @@ class TrainLoop:
             losses.append(loss.detach())
             for k, v in counts.items():
                 self.counters[k] = self.counters.get(k, 0) + int(v)
+        self._sync_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
@@ -377,6 +378,10 @@ class TrainLoop:
     def _resume(self) -> int:
         """Restore the latest checkpoint, if any; the step it was taken at (else 0)."""
         return loop_state.resume(self)
+
+    def _sync_grads(self) -> None:
+        """Make the accumulated gradients the step's: nothing for one worker (a gang that
+        averages them itself does it here, once per optimizer step)."""
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         """`t` (a parameter or optimizer state) as a whole tensor on the host, for a checkpoint.

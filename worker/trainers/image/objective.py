@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lorajobs.jobspecs.failures import UserDataError
 from lorajobs.jobspecs.models import ImageJobSpec
+from lorajobs.worker.trainers.distributed import Gang
 from lorajobs.worker.trainers.image.data import ImageTrainSet
 from lorajobs.worker.trainers.image.latents import CachePlan
 from lorajobs.worker.trainers.image.models import Conditioning, Encoders, ImageBase
@@ -80,9 +81,17 @@ class DenoisingLoss:
         self.prediction_type = base.scheduler.config.prediction_type
         self.num_timesteps = base.scheduler.config.num_train_timesteps
 
+    #: This process's place in a gang (several GPUs); rank 0 of 1 trains on whole batches.
+    gang: Gang = Gang()
+
     def __call__(self, k: int) -> tuple[torch.Tensor, dict[str, int]]:
         on, counts = self.inputs(k)
-        return self._loss(on), counts
+        if self.gang.active:
+            # Every rank draws the whole batch (the same noise as one worker), trains on its
+            # rows; its mean loss averaged over the gang is the whole batch's.
+            on = self.gang.rows(on)
+            counts = {"images": int(on["timesteps"].shape[0])}
+        return self.gang.global_loss(self._loss(on), counts)
 
     def inputs(self, k: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         """Micro-batch `k`'s tensors on the device (a pack concatenates several jobs')."""

@@ -13,6 +13,7 @@ import torch
 from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.jobspecs.models import ImageJobSpec, LoraSettings
 from lorajobs.worker.context import WorkerContext
+from lorajobs.worker.trainers.distributed import Gang
 from lorajobs.worker.trainers.image.data import ImageTrainSet
 from lorajobs.worker.trainers.image.latents import (
     CachePlan,
@@ -27,7 +28,6 @@ from lorajobs.worker.trainers.image.models import (
 from lorajobs.worker.trainers.loop import (
     LoopResult,
     Precision,
-    TrainLoop,
     build_optimizer,
     spec_fingerprint,
     window_means,
@@ -164,18 +164,23 @@ def run_loop(
     noise_gen: torch.Generator,
     micro_loss: Any,
     renderer: Any,
+    gang: Gang | None = None,
 ) -> LoopResult:
     """The shared training loop over `model` (its trainable parameters are what checkpoints
-    hold), with the noise generator checkpointed beside it and samples rendered as it goes."""
-    loop = TrainLoop(
+    hold), with the noise generator checkpointed beside it and samples rendered as it goes.
+    In a gang the loop averages the gradients over it (no DDP wrapper: the recipes call their
+    modules directly) and checkpoints from rank 0."""
+    gang = gang or Gang()
+    loop = gang.loop(
         spec.training,
+        ctx,
+        average_grads=True,
         model=model,
         optimizer=optimizer,
         precision=precision,
         device=device,
-        ctx=ctx,
         total=total,
         generators={"noise": noise_gen},
-        fingerprint=spec_fingerprint(spec, ctx.threads),
+        fingerprint=gang.fingerprint(spec_fingerprint(spec, ctx.threads)),
     )
     return loop.run(micro_loss, on_step=renderer.on_step if renderer else None)

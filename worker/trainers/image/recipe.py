@@ -23,6 +23,7 @@ from lorajobs.jobspecs.models import ImageJobSpec
 from lorajobs.worker.context import TrainOutput, WorkerContext
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.safetensors_io import save_canonical
+from lorajobs.worker.trainers.distributed import Gang
 from lorajobs.worker.trainers.image.data import ImageTrainSet, build_image_dataset
 from lorajobs.worker.trainers.image.kohya import (
     base_model_version,
@@ -78,6 +79,12 @@ def train(
     if is_flux(model_dir):  # recognised by its transformer's config, never by name
         from lorajobs.worker.trainers.image.flux_recipe import train_flux
 
+        if ctx.world_size > 1:
+            raise InvalidInput(
+                f"resources.gpus {spec.resources.gpus:g}: a Flux base trains on one GPU "
+                "(gangs of several run SD / SDXL and text jobs); use gpus: 1"
+            )
+
         return train_flux(spec, model_dir, data_dir, out_dir, ctx)
     refuse_flow_settings(spec)
     return train_unet(spec, model_dir, data_dir, out_dir, ctx)
@@ -102,20 +109,27 @@ def train_unet(
     base = load_image_base(model_dir)
     freeze(base, device, precision.base_dtype)
     trained, lora_params = _add_lora(spec, base)
+    # A gang (several GPUs): each rank trains on its rows of every batch, rank 0 writes.
+    gang = Gang.of(ctx)
     # Validation grids (`samples:`), rendered by the training modules; the folder is checked now.
-    renderer = SampleRenderer.for_spec(
-        spec,
-        model_dir,
-        out_dir,
-        unet=base.unet,
-        precision=precision,
-        device=device,
-        text_encoders={k: m for k, m in trained.items() if k != "unet"},
-        board=ctx.board,
+    renderer = (
+        SampleRenderer.for_spec(
+            spec,
+            model_dir,
+            out_dir,
+            unet=base.unet,
+            precision=precision,
+            device=device,
+            text_encoders={k: m for k, m in trained.items() if k != "unet"},
+            board=ctx.board,
+        )
+        if gang.writer
+        else None
     )
-    encoders, latents, embeddings = encode_once(
-        ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype
-    )
+    with gang.rank_zero_first():  # rank 0 fills the node's and the bucket's latent cache
+        encoders, latents, embeddings = encode_once(
+            ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype
+        )
     optimizer = image_optimizer(spec, lora_params, device)
     # Noise and timesteps come from their own CPU generator so they do not depend on the device
     # or on anything else drawing random numbers; the global generator drives LoRA dropout.
@@ -134,12 +148,24 @@ def train_unet(
         device,
         precision.base_dtype,
     )
+    micro_loss.gang = gang
+    gang.reseed(cfg.seed)  # each rank's own LoRA-dropout stream, after the shared init
 
     # One module for the loop: its trainable parameters are what checkpoints hold. A UNet-only
     # job passes the UNet itself, so its checkpoints keep their parameter names.
     model = base.unet if len(trained) == 1 else torch.nn.ModuleDict(trained)
     result = run_loop(
-        spec, model, optimizer, precision, device, ctx, total, noise_gen, micro_loss, renderer
+        spec,
+        model,
+        optimizer,
+        precision,
+        device,
+        ctx,
+        total,
+        noise_gen,
+        micro_loss,
+        renderer,
+        gang=gang,
     )
     finished_at = time.time()
 
@@ -268,4 +294,6 @@ def _resolved(
         "base_model_version": base_model_version(dict(base.unet.config))[0],
         "kohya_file": kohya_name(spec) if kohya_name(spec) in files else None,
         "trigger_phrase": trigger(spec),
+        # A gang's size: each batch is split this many ways (a 1-GPU run records none).
+        **({"workers": ctx.world_size} if ctx.world_size > 1 else {}),
     }
