@@ -12,7 +12,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUT
 # Every test gets its own LORAJOBS_HOME; this keeps anything that slips through out of ~.
 export LORAJOBS_HOME=${LORAJOBS_HOME:-$(mktemp -d /tmp/lorajobs-test-home.XXXXXX)}
 set +e
-"$BIN/python" -m pytest -p no:cacheprovider "$@"
+# --durations: the slowest tests, printed where a suite that grows shows where.
+"$BIN/python" -m pytest -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 # pytest's 5 means "no tests ran": that is a failure for CI, not a pass.

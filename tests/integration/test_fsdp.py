@@ -3,7 +3,8 @@ worker as ranks 0 and 1) with `training.distributed: fsdp`. Each rank holds half
 the adapter matches a 1-worker run of the same global batch within the gang tolerance; a run
 stopped after a checkpoint and resumed at the same size ends with the uninterrupted run's bytes
 (so two FSDP runs give the same bytes); and the saved adapter is whole and loads into PEFT on
-the unsharded base."""
+the unsharded base. With gradient accumulation: a DDP gang all-reduces once per optimizer step
+(`no_sync` on the earlier micro-batches), FSDP on every micro-batch; both match one worker."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def _spec(model: Path, data: Path, workers: int, distributed: str) -> dict[str, 
         "training": {
             "steps": STEPS,
             "batch_size": 4,
+            "gradient_accumulation_steps": 2,
             "learning_rate": 1e-3,
             "seed": 0,
             "max_seq_length": 64,
@@ -42,7 +44,7 @@ def _spec(model: Path, data: Path, workers: int, distributed: str) -> dict[str, 
     }
 
 
-def test_an_fsdp_gang_matches_one_worker_and_resumes_to_the_same_bytes(
+def test_fsdp_and_ddp_gangs_match_one_worker_and_fsdp_resumes_to_the_same_bytes(
     tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
 ) -> None:
     from safetensors.torch import load_file
@@ -73,6 +75,13 @@ def test_an_fsdp_gang_matches_one_worker_and_resumes_to_the_same_bytes(
     assert worst <= ATOL, worst
     loss, ref_loss = calm[0]["metrics"]["final_loss"], one[0]["metrics"]["final_loss"]
     assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+    # DDP, accumulating locally between all-reduces: the same adapter within the tolerance.
+    ddp_spec = _spec(tiny_text_model, tiny_text_dataset, 2, "ddp")
+    ddp = run_ranks(tmp_path, "ddp", 2, ddp_spec, bucket=bucket, job_id="ddp")
+    assert [o["ok"] for o in ddp] == [True, True], ddp
+    d = load_file(str(bucket / "adapters/sharded/ddp" / WEIGHTS))
+    assert max(float((d[k] - ref[k]).abs().max()) for k in ref) <= ATOL
 
     # Stopped after a checkpoint, resumed by a new attempt of the same size: the same bytes.
     first = run_ranks(tmp_path, "first", 2, fsdp, bucket=bucket, job_id="cut", stop=STOP)

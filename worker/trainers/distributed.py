@@ -25,6 +25,7 @@ and padding each sub-batch to its own longest row change the last bits, not the 
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,18 +152,26 @@ class Gang:
         return local + (mean - local.detach()), summed
 
     def loop(
-        self, cfg: Any, ctx: WorkerContext, *, average_grads: bool = False, **kwargs: Any
+        self,
+        cfg: Any,
+        ctx: WorkerContext,
+        *,
+        average_grads: bool = False,
+        wrapped: torch.nn.Module | None = None,
+        **kwargs: Any,
     ) -> TrainLoop:
         """The training loop: `TrainLoop`, or for a gang one that checkpoints from rank 0 (and,
         `average_grads`, averages the gradients over the gang itself once per optimizer step:
-        for models trained without a DDP wrapper)."""
+        for models trained without a DDP wrapper; `wrapped`: the model `wrap` gave)."""
         if not self.active:
             return TrainLoop(cfg, ctx=ctx, **kwargs)
         if ctx.checkpoints is not None and not isinstance(ctx.checkpoints, RankZeroStore):
             ctx.checkpoints = RankZeroStore(ctx.checkpoints, self)  # type: ignore[assignment]
         if not self.writer:
             ctx.board = None
-        return GangTrainLoop(cfg, ctx=ctx, gang=self, average_grads=average_grads, **kwargs)
+        return GangTrainLoop(
+            cfg, ctx=ctx, gang=self, average_grads=average_grads, wrapped=wrapped, **kwargs
+        )
 
 
 class RankZeroStore:
@@ -203,9 +212,27 @@ class RankZeroStore:
 class GangTrainLoop(TrainLoop):
     """`TrainLoop` for one rank of a gang: every rank's generator states in the checkpoint."""
 
-    def __init__(self, cfg: Any, *, gang: Gang, average_grads: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        gang: Gang,
+        average_grads: bool = False,
+        wrapped: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(cfg, **kwargs)
-        self.gang, self.average_grads = gang, average_grads
+        self.gang, self.average_grads, self.wrapped = gang, average_grads, wrapped
+
+    def _micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        # DDP all-reduces once per optimizer step: the earlier micro-batches' gradients add up
+        # locally first (the same sum, in another order). FSDP keeps reducing every micro-batch:
+        # skipping it would hold whole, unsharded gradients, which FSDP is there to avoid.
+        from torch.nn.parallel import DistributedDataParallel
+
+        if last or not isinstance(self.wrapped, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
 
     def _sync_grads(self) -> None:
         """The gang's mean of the accumulated gradients, in one all-reduce of one flat buffer

@@ -312,13 +312,14 @@ class TrainLoop:
         """One optimizer step; its micro-batches' losses, detached and not yet read."""
         losses = []
         for i in range(self.accum):
-            with self.precision.context(self.device):
-                loss, counts = micro_loss(self.step * self.accum + i)
-            scaled = loss / self.accum if self.accum > 1 else loss
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            with self._micro_batch(last=i == self.accum - 1):
+                with self.precision.context(self.device):
+                    loss, counts = micro_loss(self.step * self.accum + i)
+                scaled = loss / self.accum if self.accum > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
             losses.append(loss.detach())
             for k, v in counts.items():
                 self.counters[k] = self.counters.get(k, 0) + int(v)
@@ -378,6 +379,11 @@ class TrainLoop:
     def _resume(self) -> int:
         """Restore the latest checkpoint, if any; the step it was taken at (else 0)."""
         return loop_state.resume(self)
+
+    def _micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around one micro-batch's forward and backward (`last`: the step's last): a DDP gang
+        skips the gradient all-reduce until the last one."""
+        return contextlib.nullcontext()
 
     def _sync_grads(self) -> None:
         """Make the accumulated gradients the step's: nothing for one worker (a gang that

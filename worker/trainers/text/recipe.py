@@ -93,6 +93,7 @@ def train(
     loop = gang.loop(
         tr,
         ctx,
+        wrapped=net,
         model=model,
         optimizer=optimizer,
         precision=precision,
