@@ -327,6 +327,8 @@ class Controller:
         extra: dict[str, Any] = {
             "placement": {"accelerator": job.accelerator or "cpu", "attempt": job.attempt}
         }
+        if job.gang_nodes:  # the nodes the round gave a multi-node gang: Ray Train keeps to them
+            extra["placement"]["gang_nodes"] = job.gang_nodes.split(",")
         if rate is not None:
             extra["cost"] = {
                 "usd_per_hour": rate,

@@ -3,8 +3,8 @@
 `attempt.run` calls `run_gang` inside the attempt's Ray task (which holds no resources itself:
 the workers' placement group holds them). It starts a `TorchTrainer` with one worker per GPU,
 each bundle `{"GPU": 1, "CPU": cpus, ...}`, placed as one placement group: all bundles at once
-or none (STRICT_PACK on one node, STRICT_SPREAD with one GPU per node, PACK otherwise). Ray
-chooses the nodes itself; the scheduler has only checked that enough of them have room. Each
+or none (STRICT_PACK on one node, STRICT_SPREAD with one GPU per node, PACK otherwise), each worker
+held by a label selector to the node the scheduler chose for it (`worker_nodes`). Each
 worker runs `run_rank`: the same `run_job` as a one-GPU job, with its rank and world size
 (`worker/trainers/distributed.py`); rank 0's progress comes back to this task through a relay
 actor and goes on to the controller and the attempt log.
@@ -37,6 +37,8 @@ from lorajobs.orchestrator.scheduler import ACCELERATOR_PREFIX, ACCELERATOR_SLIV
 #: Which torch.distributed backend the gang uses; default NCCL, gloo where GPUs are logical
 #: (the node trains on its CPU: LORAJOBS_ALLOW_CPU_FALLBACK=1), or as this setting says.
 BACKEND_ENV = "LORAJOBS_GANG_BACKEND"
+#: The label every Ray node carries with its own id (`ray.util.placement_group`'s key).
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 def worker_resources(spec: AnyJobSpec) -> dict[str, float]:
@@ -48,6 +50,16 @@ def worker_resources(spec: AnyJobSpec) -> dict[str, float]:
     if res.gpu_type:
         need[ACCELERATOR_PREFIX + res.gpu_type] = ACCELERATOR_SLIVER
     return need
+
+
+def worker_nodes(nodes: list[str], workers: int) -> list[dict[str, str]] | None:
+    """Each worker's node, as Ray label selectors: the nodes the scheduler chose for the gang,
+    each hosting an equal share of the workers in order (None: Ray chooses, as for a one-node
+    gang, which its task's node already pins)."""
+    if not nodes or workers % len(nodes):
+        return None
+    share = workers // len(nodes)
+    return [{NODE_ID_LABEL: node} for node in nodes for _ in range(share)]
 
 
 def run_gang(
@@ -68,11 +80,16 @@ def run_gang(
 
     res = spec.resources
     strategy = gangs.placement_strategy(res.nodes, res.gpus)
+    # The scheduler's nodes: a multi-node gang's, or the one this task was pinned to.
+    chosen = (extra.get("placement") or {}).get("gang_nodes") or (
+        [_this_node()] if res.nodes == 1 else []
+    )
     scaling = ScalingConfig(
         num_workers=res.workers,
         use_gpu=True,
         resources_per_worker=worker_resources(spec),
         placement_strategy=strategy,
+        label_selector=worker_nodes(chosen, res.workers),
     )
     backend = os.environ.get(BACKEND_ENV) or (
         "gloo" if os.environ.get("LORAJOBS_ALLOW_CPU_FALLBACK", "").strip() == "1" else "nccl"
@@ -113,6 +130,12 @@ def run_gang(
     return dict(json.loads(payload))
 
 
+def _this_node() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def _start_relay() -> Any:
     """A small actor on this node that holds rank 0's progress until this task takes it (rank
     0 may run on another node, and the attempt's log and reporter live here)."""
@@ -131,9 +154,8 @@ def _start_relay() -> Any:
             out, self.items = self.items, []
             return out
 
-    here = ray.get_runtime_context().get_node_id()
     return Relay.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(_this_node(), soft=False)
     ).remote()
 
 

@@ -167,6 +167,11 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
     assert {"strategy": "STRICT_PACK", "nodes": [wide.node_id] * 2} in groups, groups
     spread = [g for g in groups if g["strategy"] == "STRICT_SPREAD"]
     assert spread and sorted(spread[0]["nodes"]) == sorted([wide.node_id, small.node_id])
+    # Each gang's workers ran exactly where its round placed them (Ray kept to the choice).
+    for job in (two, nodes2, sharded):
+        event = [e for e in queue.events(job.id) if e.to_status is JobStatus.dispatched][0]
+        chosen = event.data.get("gang_nodes") or [queue.get(job.id).node_id]
+        assert any(sorted(set(g["nodes"])) == sorted(chosen) for g in groups), (chosen, groups)
 
     worst = assert_close(adapter(bucket, "gang", two.id), ref)
     assert_close(adapter(bucket, "gang", nodes2.id), ref)

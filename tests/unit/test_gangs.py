@@ -140,3 +140,16 @@ def test_a_failed_gang_is_our_workers_error_or_a_lost_member() -> None:
     lost = _cause(WorkerGroupError("actor died", {1: RuntimeError("ActorDiedError: gone")}))
     assert isinstance(lost, GangLost)
     assert str(lost).startswith("the gang lost a member (rank 1): Training failed")
+
+
+def test_each_gang_worker_is_held_to_the_node_its_round_chose() -> None:
+    from lorajobs.orchestrator.gang import NODE_ID_LABEL, worker_nodes
+
+    assert worker_nodes(["a", "b"], 4) == [
+        {NODE_ID_LABEL: "a"},
+        {NODE_ID_LABEL: "a"},
+        {NODE_ID_LABEL: "b"},
+        {NODE_ID_LABEL: "b"},
+    ]
+    assert worker_nodes(["a"], 2) == [{NODE_ID_LABEL: "a"}] * 2
+    assert worker_nodes([], 2) is None  # no choice recorded: Ray chooses
