@@ -231,7 +231,7 @@ class Round:
         #: What runs and when it ends (reservations are computed from it).
         self._ending = list(holds)
         self.reservations: dict[str, backfill.Reservation] = {}  # node id -> reservation
-        self._reserved_shapes: set[Shape] = set()
+        self._reserved_shapes: set[tuple[Shape, int]] = set()  # (shape, nodes)
         self._est_cache: dict[str, float | None] = {}
 
     @property
@@ -287,6 +287,8 @@ class Round:
                 gang = self._gang_nodes(job)
                 if gang is not None:
                     self._place(job, gang[0], gang)
+                elif job.id not in out.never_fits:
+                    self._blocked(job)
                 continue
             node = self._best_node(job)
             if node is None:
@@ -338,24 +340,36 @@ class Round:
         self.plan.placements.append(Placement(job.id, node.id, accelerator, data=data))
 
     def _blocked(self, job: Candidate) -> None:
-        """`job` fits no node now: preempt lower priority jobs for it, or reserve a node."""
-        why = self.preempt.claim(job)
+        """`job` fits no node now (a gang: not `job.nodes` at once): preempt lower priority
+        jobs for it, or reserve its node(s). Never on nodes reserved for jobs ranked before."""
+
+        def usable(n: Node) -> bool:
+            res = self.reservations.get(n.id)
+            return res is None or res.job_id == job.id
+
+        gang = job.nodes > 1
+        why = self.preempt.claim_gang(job, usable) if gang else self.preempt.claim(job, usable)
         if why is not None:
             self.plan.waiting[job.id] = why
             return
         shape = job.shape
         if (
             not self.policy.reserve
-            or shape in self._reserved_shapes
-            or len(self.reservations) >= self.policy.max_reservations
+            or (shape, job.nodes) in self._reserved_shapes
+            or len({r.job_id for r in self.reservations.values()}) >= self.policy.max_reservations
         ):
             return
-        self._reserved_shapes.add(shape)
+        self._reserved_shapes.add((shape, job.nodes))
         free_nodes = [n for n in self.nodes if n.id not in self.reservations]
-        res = backfill.earliest(job, free_nodes, self._ending, self.now, self.policy.checkpoint_s)
-        if res is not None:
+        args = (job, free_nodes, self._ending, self.now, self.policy.checkpoint_s)
+        if gang:
+            found = backfill.earliest_gang(*args)
+        else:
+            found = [r] if (r := backfill.earliest(*args)) is not None else []
+        for res in found:
             self.reservations[res.node_id] = res
-            self.plan.waiting[job.id] = res.describe(shape)
+        if found:
+            self.plan.waiting[job.id] = found[0].describe(shape)
 
     @property
     def reservation(self) -> backfill.Reservation | None:
@@ -385,8 +399,14 @@ class Round:
         """`job.nodes` distinct nodes with the gang's share free on each, or None (and why)."""
         shape, out = job.shape, self.plan
         pool = self._by_label.get(_label(shape) or "", []) if shape.gpu_type else self.nodes
+        # Nodes reserved for another job take the gang only if it ends before they are due.
         chosen, why, never = gangs.pick_gang(
-            pool, shape, job.nodes, Node.fits, Node.could_fit, shape.describe()
+            pool,
+            shape,
+            job.nodes,
+            lambda n, s: n.fits(s) and self._backfills(job, n),
+            Node.could_fit,
+            shape.describe(),
         )
         if chosen is None:
             out.waiting[job.id] = why or "waiting"

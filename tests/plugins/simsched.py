@@ -41,6 +41,8 @@ class SimJob:
     preemptions: list[float] = field(default_factory=list)
     #: Reservations made for it while it waited: (when made, when due).
     reserved: list[tuple[float, float]] = field(default_factory=list)
+    #: Nodes a gang spans (`gpus` split evenly over them).
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         self.remaining_s = self.work_s
@@ -54,6 +56,8 @@ class Running:
     #: Work that counts from this start (restart overhead first).
     overhead_s: float
     preempt_at_s: float | None = None
+    #: A gang's nodes (empty: just `node`).
+    gang: tuple[str, ...] = ()
 
 
 class Sim:
@@ -113,7 +117,7 @@ class Sim:
                     j.id, j.owner, r.node, j.gpus, 1, None, j.priority, self.at(r.start_s),
                     now + timedelta(seconds=max(0.0, left)),
                     None if preempt is None else self.at(preempt),
-                    r.preempt_at_s is not None,
+                    r.preempt_at_s is not None, j.nodes, r.gang,
                 )
             )  # fmt: skip
         return out
@@ -129,12 +133,14 @@ class Sim:
         rnd.offer(
             [
                 Candidate(j.id, j.owner, j.priority, self.at(j.arrival_s), j.gpus, None, 1,
-                          None, j.est_s if j.est_s is not None else j.remaining_s)
+                          None, j.est_s if j.est_s is not None else j.remaining_s,
+                          nodes=j.nodes)
                 for j in self._class_heads()
             ]
         )  # fmt: skip
         for p in rnd.plan.placements:
-            self._start(self.queued.pop(p.job_id), p.node_id)
+            gang = tuple((p.data or {}).get("gang_nodes") or ())
+            self._start(self.queued.pop(p.job_id), p.node_id, gang)
         for d in rnd.preempt.decisions:
             for victim in d.victims:
                 r = self.running[victim]
@@ -150,9 +156,9 @@ class Sim:
     def _class_heads(self) -> list[SimJob]:
         """The oldest `per_class` queued jobs of each (priority, owner, GPUs) class: what the
         queue reads for a round (`Scheduling.schedule`)."""
-        classes: dict[tuple[int, str, float], list[SimJob]] = defaultdict(list)
+        classes: dict[tuple[int, str, float, int], list[SimJob]] = defaultdict(list)
         for j in self.queued.values():
-            classes[(j.priority, j.owner, j.gpus)].append(j)
+            classes[(j.priority, j.owner, j.gpus, j.nodes)].append(j)
         out = []
         for js in classes.values():
             if len(js) > self.per_class:
@@ -160,12 +166,12 @@ class Sim:
             out += js
         return out
 
-    def _start(self, job: SimJob, node: str) -> None:
+    def _start(self, job: SimJob, node: str, gang: tuple[str, ...] = ()) -> None:
         overhead = self.restart_s if job.starts else 0.0
         job.starts.append(self.now_s)
         if job.first_start_s is None:
             job.first_start_s = self.now_s
-        self.running[job.id] = Running(job, node, self.now_s, overhead)
+        self.running[job.id] = Running(job, node, self.now_s, overhead, gang=gang)
         self._push(self.now_s + overhead + job.remaining_s, "end", job.id)
 
     def _stop(self, job_id: str, finished: bool) -> None:
