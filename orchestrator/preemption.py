@@ -114,6 +114,8 @@ class Preempting:
                 self.victims[h.node_id].append(h)
         for hs in self.victims.values():
             hs.sort(key=lambda h: _cost(h, now))
+        #: Told of every node whose free resources `_take` reduces (the round's `FitIndex`).
+        self.on_take: Callable[[Node], None] | None = None
         #: Whether anything could be preempted or is being: else a full round stops early.
         self.possible = bool(self.victims) or bool(self.pending)
 
@@ -228,3 +230,5 @@ class Preempting:
             from_free = min(v, max(0.0, node.free.get(k, 0.0)))
             node.free[k] = node.free.get(k, 0.0) - from_free
             pend[k] -= v - from_free
+        if self.on_take is not None:
+            self.on_take(node)

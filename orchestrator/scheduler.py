@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from lorajobs.orchestrator import backfill, gangs, preemption
+from lorajobs.orchestrator.fitindex import FitIndex
 from lorajobs.orchestrator.resources import (
     _EPS,
     ACCELERATOR_PREFIX,
@@ -43,7 +44,6 @@ from lorajobs.orchestrator.resources import (
     Node,
     Shape,
     _label,
-    _need_items,
     class_key,
     node_shape,
     node_views,
@@ -228,6 +228,8 @@ class Round:
             self._gpus_of[h.owner] += h.gpus
         #: Running jobs that may be preempted, and what preempted ones will give back.
         self.preempt = preemption.Preempting(self.nodes, holds, policy, now)
+        self._fit = FitIndex(self.nodes, lambda n, s: _preference(n, s, self._price[n.id]))
+        self.preempt.on_take = self._fit.changed  # what it sets aside is not free any more
         #: What runs and when it ends (reservations are computed from it).
         self._ending = list(holds)
         self.reservations: dict[str, backfill.Reservation] = {}  # node id -> reservation
@@ -305,6 +307,7 @@ class Round:
         shape = job.shape
         for n in gang or [node]:
             n.take(shape)
+            self._fit.changed(n)
         self._jobs_of[job.owner] += 1
         self._gpus_of[job.owner] += job.gpus
         accelerator = node.accelerator_for(shape)
@@ -421,20 +424,8 @@ class Round:
             if self._no_room[shape].startswith("no node"):
                 out.never_fits.add(job.id)
             return None
-        need, label = _need_items(shape), _label(shape)
-        best, best_key, reserved = None, None, False
-        for n in self._by_label.get(label, ()) if label else self.nodes:
-            free = n.free
-            for k, v in need:
-                if free.get(k, 0.0) + _EPS < v:
-                    break
-            else:
-                if not self._backfills(job, n):
-                    reserved = True
-                    continue
-                key = _preference(n, shape, self._price[n.id])
-                if best_key is None or key < best_key:
-                    best, best_key = n, key
+        # The best fit by `_preference` among nodes it may use (`fitindex`: not a full scan).
+        best, reserved = self._fit.best(shape, lambda n: self._backfills(job, n))
         if best is not None:
             return best
         if reserved:  # not cached: a shorter job of this shape may still backfill
