@@ -95,6 +95,7 @@ class Sim:
         self._last_preempt: dict[str, float] = {}
         self._events: list[tuple[float, int, str, str]] = []
         self._seq = 0
+        self._arrived = 0  # arrivals queued so far
 
     def at(self, s: float) -> datetime:
         return T0 + timedelta(seconds=s)
@@ -190,7 +191,9 @@ class Sim:
 
     def run(self, until_s: float = float("inf")) -> None:
         """Run until every job has ended (or `until_s`)."""
-        i = 0
+        # Where the arrivals stand is kept across calls: `run(until_s=...)` is called again to
+        # look at the cluster over time, and an arrival must not be queued twice.
+        i = self._arrived
         while True:
             nxt = [self._events[0][0]] if self._events else []
             if i < len(self.arrivals):
@@ -198,9 +201,11 @@ class Sim:
             if self.queued:
                 nxt.append(self.now_s + self.tick_s)
             if not nxt:
+                self._arrived = i
                 return
             self.now_s = min(nxt)
             if self.now_s > until_s:
+                self._arrived = i
                 return
             while i < len(self.arrivals) and self.arrivals[i].arrival_s <= self.now_s:
                 self.queued[self.arrivals[i].id] = self.arrivals[i]
