@@ -6,8 +6,10 @@ the running jobs there end one by one, at the times their estimates say (steps x
 seconds per step of their shape; a job being preempted within the checkpoint grace), and the
 first moment their freed resources plus what is free now hold the job is when it is due. Other
 jobs start on that node only if they end before then (their estimate times a safety factor;
-an unknown estimate never backfills); on the other nodes they start as they fit. Pure: the
-round (`lorajobs.orchestrator.scheduler.Round`) applies it.
+an unknown estimate never backfills); on the other nodes they start as they fit. A gang over
+`nodes` nodes reserves the `nodes` nodes it fits on first, all due when the last of them is
+(`earliest_gang`), and a running gang gives its per-node share back on each of its nodes. Pure:
+the round (`lorajobs.orchestrator.scheduler.Round`) applies it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from lorajobs.orchestrator.resources import _EPS, Candidate, Hold, Node, Shape, _need_items
+from lorajobs.orchestrator.resources import (
+    _EPS,
+    Candidate,
+    Hold,
+    Node,
+    Shape,
+    _need_items,
+    node_shape,
+)
 
 
 @dataclass(frozen=True)
@@ -26,9 +36,17 @@ class Reservation:
     job_id: str
     node_id: str
     at: datetime
+    #: Every node reserved for the job (a gang's `nodes`; else just `node_id`).
+    gang: tuple[str, ...] = ()
 
     def describe(self, shape: Shape) -> str:
         """The reserved job's wait reason."""
+        if len(self.gang) > 1:
+            where = ", ".join(n[:12] for n in self.gang)
+            return (
+                f"waiting for {len(self.gang)} nodes with {shape.describe()} free at once (a "
+                f"gang): nodes {where} are reserved for it, due by {_clock(self.at)}"
+            )
         return (
             f"waiting for {shape.describe()} to free up: node {self.node_id[:12]} is reserved "
             f"for it, due by {_clock(self.at)}"
@@ -69,13 +87,14 @@ def due(
     if _fits(free, shape):
         return now
     timed = sorted(
-        ((ends(h, now, grace_s), h) for h in running if h.node_id == node.id),
+        ((ends(h, now, grace_s), h) for h in running if node.id in (h.gang_nodes or (h.node_id,))),
         key=lambda e: (e[0] is None, e[0] or now),
     )
     for end, hold in timed:
         if end is None:
             return None  # a job of unknown length stands in the way
-        for k, v in _need_items(Shape(hold.gpus, None, hold.cpus, hold.memory_gb)):
+        # What it holds here: a gang its per-node share (on each of its nodes).
+        for k, v in _need_items(node_shape(hold.gpus, None, hold.cpus, hold.memory_gb, hold.nodes)):
             free[k] = free.get(k, 0.0) + v
         if _fits(free, shape):
             return max(end, now)
@@ -93,3 +112,18 @@ def earliest(
         if at is not None and (best is None or (at, node.id) < (best.at, best.node_id)):
             best = Reservation(job.id, node.id, at)
     return best
+
+
+def earliest_gang(
+    job: Candidate, nodes: Sequence[Node], running: Sequence[Hold], now: datetime, grace_s: float
+) -> list[Reservation]:
+    """The reservations for a gang over `job.nodes` nodes: the nodes its per-node share fits on
+    first, all due when the last of them is ([]: fewer than `job.nodes` can be told)."""
+    dues = sorted(
+        (at, n.id) for n in nodes if (at := due(job, n, running, now, grace_s)) is not None
+    )
+    if len(dues) < job.nodes:
+        return []
+    picked = dues[: job.nodes]
+    at, ids = picked[-1][0], tuple(node_id for _, node_id in picked)
+    return [Reservation(job.id, node_id, at, ids) for node_id in ids]

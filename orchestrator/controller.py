@@ -440,13 +440,14 @@ class Controller:
         Only while the job's lease is still the one in `job` (ours, or the dead controller's
         on a takeover): a controller that lost the job meanwhile writes nothing."""
         fields.setdefault("lease_owner_was", job.lease_owner)
+        part = self._shares.get(job.id, 1.0)  # a pack member's part of the attempt (`_spend`)
         spent, total = spend or self._spend(job)
         data = {**self._attempt_data(job, spent), **(info or {})}
         ended = self._try(job.id, ACTIVE, to, reason, data=data, cost_usd=total, **fields)
         if ended:  # its GPU-hours to its owner's fair share
             fairshare.attempt_ended(
                 self.queue.scheduling._writer, job, to is JobStatus.succeeded,
-                now=self._clock(), halflife_s=self.config.halflife_s,
+                now=self._clock(), halflife_s=self.config.halflife_s, part=part,
             )  # fmt: skip
         return ended
 

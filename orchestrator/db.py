@@ -208,6 +208,7 @@ JOBS = Table(
         "gpu_type",
         "cpus",
         "memory_gb",
+        "nodes",  # 0008s: a class column since 0006 (read from the index, not the row)
         "created_at",
         "id",
         "not_before",
@@ -411,7 +412,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
 
 #: The newest migration shipped; a test checks it against Alembic's own head. Knowing it lets
 #: every command check the schema with one query instead of loading Alembic and its scripts.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008s"
 
 
 def _stamped_revision(engine: Engine) -> str | None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from lorajobs.orchestrator.records import aware
 from lorajobs.orchestrator.resources import Hold
 from lorajobs.orchestrator.shares import Shares
 
@@ -182,14 +181,24 @@ def account(
 
 
 def attempt_ended(
-    writer: Engine, job: JobRecord, succeeded: bool, *, now: datetime, halflife_s: float
+    writer: Engine,
+    job: JobRecord,
+    succeeded: bool,
+    *,
+    now: datetime,
+    halflife_s: float,
+    part: float = 1.0,
 ) -> None:
     """Charge an ended attempt's GPU-hours to its owner; a success also measures its shape's
-    seconds per step (from its last reported speed). Never raises: bookkeeping only."""
+    seconds per step (from its last reported speed). Never raises: bookkeeping only.
+
+    `part`: the job's part of a pack's attempt (its cost share). While a pack runs, its GPUs
+    count once, as its first job's hold; as each member ends it is charged its part, so the
+    pack's GPU-hours are charged once in all (not once per member)."""
     started = job.dispatched_at
     if started is not None and started.tzinfo is None:
         started = started.replace(tzinfo=timezone.utc)
-    seconds = (now - started).total_seconds() if started else 0.0
+    seconds = (now - started).total_seconds() * part if started else 0.0
     speed = None
     if succeeded and job.it_per_s:
         speed = (shape_key(job.spec, job.gpus, job.gpu_type), 1.0 / job.it_per_s)
@@ -207,20 +216,11 @@ def report(
 ) -> list[OwnerUsage]:
     """What `lorajobs usage` and `GET /v1/usage` show: every owner's (or one's) decayed
     GPU-hours, running attempts included, share and factor, as the scheduler ranks them now."""
-    from sqlalchemy import select
-
-    from lorajobs.orchestrator.db import JOBS
+    from lorajobs.orchestrator.scheduling import active_holds
 
     with engine.connect() as conn:
         ledger = load(conn)
-        rows = conn.execute(
-            select(JOBS.c.id, JOBS.c.owner, JOBS.c.gpus, JOBS.c.cpus, JOBS.c.dispatched_at).where(
-                JOBS.c.status.in_(("dispatched", "running"))
-            )
-        ).all()
-    running = [
-        Hold(r.id, r.owner, None, r.gpus, r.cpus, started_at=aware(r.dispatched_at)) for r in rows
-    ]
+        running = active_holds(conn, now)
     rows_out = usage(ledger, running, shares, now, halflife_s)
     return [u for u in rows_out if owner is None or u.owner == owner]
 

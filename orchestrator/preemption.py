@@ -7,6 +7,14 @@ were not asked to stop within that window are eligible, so no job is preempted t
 and every attempt makes progress. Among the nodes where it works, the fewest and cheapest
 victims: lowest priority first, then fewest GPUs, then the shortest run so far.
 
+A gang (`orchestrator/gangs.py`) that fits nowhere now may preempt on `nodes` distinct nodes
+at once: all or none. Each node's cheapest victims are chosen as above, the nodes needing the
+fewest and cheapest victims win (nodes where it fits already, counting what is on its way back,
+first), and victims are stopped only when `nodes` such nodes exist. A running gang is never a
+victim: its attempt's task coordinates workers on other nodes and does not take the preemption
+notice to them (`orchestrator/gang.py` has no SIGTERM path), so stopping it would lose its work
+since the last checkpoint and free its nodes only when Ray tears it down.
+
 Jobs asked to stop keep their resources until they have checkpointed and ended; the round counts
 those resources as on their way back (`pending`), so the job they were stopped for (or another
 one that fits in them) waits for them instead of stopping more jobs. The controller applies the
@@ -16,11 +24,12 @@ decisions (`lorajobs.orchestrator.preempting`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from lorajobs.orchestrator import gangs
 from lorajobs.orchestrator.resources import (
     _EPS,
     ACCELERATOR_PREFIX,
@@ -29,6 +38,7 @@ from lorajobs.orchestrator.resources import (
     Node,
     Shape,
     _need_items,
+    node_shape,
 )
 
 if TYPE_CHECKING:
@@ -46,9 +56,11 @@ class Decision:
 
 
 def eligible(hold: Hold, now: datetime, policy: Policy) -> bool:
-    """Whether a running job may be preempted now (priority aside)."""
+    """Whether a running job may be preempted now (priority aside). Never a gang (above)."""
     window = policy.min_runtime_s
     if hold.preempting or hold.started_at is None or hold.node_id is None:
+        return False
+    if hold.nodes > 1 or gangs.workers(hold.gpus) > 1:  # a gang
         return False
     if (now - hold.started_at).total_seconds() < window:
         return False
@@ -65,7 +77,16 @@ def _res(shape: Shape) -> tuple[tuple[str, float], ...]:
 
 
 def _hold_res(h: Hold) -> tuple[tuple[str, float], ...]:
-    return _need_items(Shape(h.gpus, None, h.cpus, h.memory_gb))
+    """What `h` holds on each of its nodes (a gang: its per-node share)."""
+    return _need_items(node_shape(h.gpus, None, h.cpus, h.memory_gb, h.nodes))
+
+
+def _fits(free: dict[str, float], need: tuple[tuple[str, float], ...]) -> bool:
+    return all(free.get(k, 0.0) + _EPS >= v for k, v in need)
+
+
+#: How a node that needs no victim scores (before any that needs one).
+_NO_VICTIM = (0, -(2**31), 0.0)
 
 
 class Preempting:
@@ -86,12 +107,15 @@ class Preempting:
             if h.node_id not in self.nodes:
                 continue
             if h.preempting:
-                for k, v in _hold_res(h):
-                    self.pending[h.node_id][k] += v
+                for node_id in h.gang_nodes or (h.node_id,):
+                    for k, v in _hold_res(h):
+                        self.pending[node_id][k] += v
             elif on and eligible(h, now, policy):
                 self.victims[h.node_id].append(h)
         for hs in self.victims.values():
             hs.sort(key=lambda h: _cost(h, now))
+        #: Told of every node whose free resources `_take` reduces (the round's `FitIndex`).
+        self.on_take: Callable[[Node], None] | None = None
         #: Whether anything could be preempted or is being: else a full round stops early.
         self.possible = bool(self.victims) or bool(self.pending)
 
@@ -100,15 +124,16 @@ class Preempting:
             return False
         return node.could_fit(shape)
 
-    def claim(self, job: Candidate) -> str | None:
+    def claim(self, job: Candidate, usable: Callable[[Node], bool] = lambda n: True) -> str | None:
         """Find room for `job` in resources being given back, or preempt for it; returns its
-        wait reason, or None when neither is possible."""
+        wait reason, or None when neither is possible. Only on nodes `usable` allows (not
+        one reserved for a job ranked before it)."""
         if self.policy.preempt_margin is None:
             return None
         shape, need = job.shape, _res(job.shape)
         for node in self.nodes.values():
             pend = self.pending.get(node.id)
-            if not pend or not self._could(node, shape):
+            if not pend or not self._could(node, shape) or not usable(node):
                 continue
             if all(node.free.get(k, 0.0) + pend.get(k, 0.0) + _EPS >= v for k, v in need):
                 self._take(node.id, need)
@@ -118,35 +143,85 @@ class Preempting:
             return None
         best: tuple[tuple[int, int, float], str, list[Hold]] | None = None
         for node in self.nodes.values():
-            if not self._could(node, shape):
-                continue
-            free = {k: node.free.get(k, 0.0) + self.pending.get(node.id, {}).get(k, 0.0)
-                    for k, _ in need}  # fmt: skip
-            chosen: list[Hold] = []
-            for h in self.victims.get(node.id, ()):
-                if h.priority > job.priority - (self.policy.preempt_margin or 0):
-                    continue
-                chosen.append(h)
-                for k, v in _hold_res(h):
-                    free[k] = free.get(k, 0.0) + v
-                if all(free.get(k, 0.0) + _EPS >= v for k, v in need):
-                    score = (len(chosen), max(c.priority for c in chosen),
-                             sum(c.gpus for c in chosen))  # fmt: skip
-                    if best is None or (score, node.id) < (best[0], best[1]):
-                        best = (score, node.id, list(chosen))
-                    break
+            found = self._victims_on(node, job, usable, need_some=True)
+            if found is not None and (best is None or (found[0], node.id) < best[:2]):
+                best = (found[0], node.id, found[1])
         if best is None:
             self._none_for.add(key)
             return None
         _, node_id, chosen = best
-        for h in chosen:
+        self._stop(job, node_id, chosen, need)
+        names = ", ".join(f"{h.id} (priority {h.priority})" for h in chosen)
+        return f"preempting {names} on node {node_id[:12]}"
+
+    def claim_gang(self, job: Candidate, usable: Callable[[Node], bool]) -> str | None:
+        """`claim` for a gang: room on `job.nodes` distinct nodes at once, from what is free,
+        what is on its way back and lower priority jobs stopped for it; all or none."""
+        if self.policy.preempt_margin is None:
+            return None
+        shape, need, count = job.shape, _res(job.shape), job.nodes
+        key = (shape, job.priority, count)
+        if key in self._none_for:
+            return None
+        options = []
+        for node in self.nodes.values():
+            found = self._victims_on(node, job, usable, need_some=False)
+            if found is not None:
+                options.append((found[0], node.id, found[1]))
+        options.sort(key=lambda o: (o[0], o[1]))
+        picked = options[:count]
+        waits = any(
+            victims or not _fits(self.nodes[node_id].free, need) for _, node_id, victims in picked
+        )
+        if len(picked) < count or not waits:
+            self._none_for.add(key)
+            return None
+        names = []
+        for _, node_id, victims in picked:
+            self._stop(job, node_id, victims, need)
+            names += [f"{h.id} (priority {h.priority})" for h in victims]
+        where = ", ".join(node_id[:12] for _, node_id, _ in picked)
+        if not names:
+            return f"waiting for preempted jobs on nodes {where} to checkpoint and stop (a gang)"
+        return f"preempting {', '.join(names)} for a gang on nodes {where}"
+
+    def _victims_on(
+        self, node: Node, job: Candidate, usable: Callable[[Node], bool], *, need_some: bool
+    ) -> tuple[tuple[int, int, float], list[Hold]] | None:
+        """The cheapest eligible jobs on `node` whose stopping makes room for `job` there (with
+        what is free and on its way back), and their score; None: none do. `need_some`: a node
+        where it fits without victims does not count (the caller handled those)."""
+        shape, need = job.shape, _res(job.shape)
+        if not self._could(node, shape) or not usable(node):
+            return None
+        pend = self.pending.get(node.id, {})
+        free = {k: node.free.get(k, 0.0) + pend.get(k, 0.0) for k, _ in need}
+        if _fits(free, need):
+            return None if need_some else (_NO_VICTIM, [])
+        chosen: list[Hold] = []
+        for h in self.victims.get(node.id, ()):
+            if h.priority > job.priority - (self.policy.preempt_margin or 0):
+                continue
+            chosen.append(h)
+            for k, v in _hold_res(h):
+                free[k] = free.get(k, 0.0) + v
+            if _fits(free, need):
+                score = (len(chosen), max(c.priority for c in chosen),
+                         sum(c.gpus for c in chosen))  # fmt: skip
+                return score, chosen
+        return None
+
+    def _stop(self, job: Candidate, node_id: str, victims: list[Hold], need: Any) -> None:
+        """Ask `victims` on `node_id` to stop for `job`, and set their resources aside for it."""
+        for h in victims:
             self.victims[node_id].remove(h)
             for k, v in _hold_res(h):
                 self.pending[node_id][k] += v
         self._take(node_id, need)
-        self.decisions.append(Decision(job.id, job.priority, node_id, tuple(h.id for h in chosen)))
-        names = ", ".join(f"{h.id} (priority {h.priority})" for h in chosen)
-        return f"preempting {names} on node {node_id[:12]}"
+        if victims:
+            self.decisions.append(
+                Decision(job.id, job.priority, node_id, tuple(h.id for h in victims))
+            )
 
     def _take(self, node_id: str, need: tuple[tuple[str, float], ...]) -> None:
         node, pend = self.nodes[node_id], self.pending[node_id]
@@ -155,3 +230,5 @@ class Preempting:
             from_free = min(v, max(0.0, node.free.get(k, 0.0)))
             node.free[k] = node.free.get(k, 0.0) - from_free
             pend[k] -= v - from_free
+        if self.on_take is not None:
+            self.on_take(node)

@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from lorajobs.orchestrator import backfill, gangs, preemption
+from lorajobs.orchestrator.fitindex import FitIndex
 from lorajobs.orchestrator.resources import (
     _EPS,
     ACCELERATOR_PREFIX,
@@ -43,7 +44,6 @@ from lorajobs.orchestrator.resources import (
     Node,
     Shape,
     _label,
-    _need_items,
     class_key,
     node_shape,
     node_views,
@@ -228,10 +228,12 @@ class Round:
             self._gpus_of[h.owner] += h.gpus
         #: Running jobs that may be preempted, and what preempted ones will give back.
         self.preempt = preemption.Preempting(self.nodes, holds, policy, now)
+        self._fit = FitIndex(self.nodes, lambda n, s: _preference(n, s, self._price[n.id]))
+        self.preempt.on_take = self._fit.changed  # what it sets aside is not free any more
         #: What runs and when it ends (reservations are computed from it).
         self._ending = list(holds)
         self.reservations: dict[str, backfill.Reservation] = {}  # node id -> reservation
-        self._reserved_shapes: set[Shape] = set()
+        self._reserved_shapes: set[tuple[Shape, int]] = set()  # (shape, nodes)
         self._est_cache: dict[str, float | None] = {}
 
     @property
@@ -287,6 +289,8 @@ class Round:
                 gang = self._gang_nodes(job)
                 if gang is not None:
                     self._place(job, gang[0], gang)
+                elif job.id not in out.never_fits:
+                    self._blocked(job)
                 continue
             node = self._best_node(job)
             if node is None:
@@ -303,6 +307,7 @@ class Round:
         shape = job.shape
         for n in gang or [node]:
             n.take(shape)
+            self._fit.changed(n)
         self._jobs_of[job.owner] += 1
         self._gpus_of[job.owner] += job.gpus
         accelerator = node.accelerator_for(shape)
@@ -338,24 +343,36 @@ class Round:
         self.plan.placements.append(Placement(job.id, node.id, accelerator, data=data))
 
     def _blocked(self, job: Candidate) -> None:
-        """`job` fits no node now: preempt lower priority jobs for it, or reserve a node."""
-        why = self.preempt.claim(job)
+        """`job` fits no node now (a gang: not `job.nodes` at once): preempt lower priority
+        jobs for it, or reserve its node(s). Never on nodes reserved for jobs ranked before."""
+
+        def usable(n: Node) -> bool:
+            res = self.reservations.get(n.id)
+            return res is None or res.job_id == job.id
+
+        gang = job.nodes > 1
+        why = self.preempt.claim_gang(job, usable) if gang else self.preempt.claim(job, usable)
         if why is not None:
             self.plan.waiting[job.id] = why
             return
         shape = job.shape
         if (
             not self.policy.reserve
-            or shape in self._reserved_shapes
-            or len(self.reservations) >= self.policy.max_reservations
+            or (shape, job.nodes) in self._reserved_shapes
+            or len({r.job_id for r in self.reservations.values()}) >= self.policy.max_reservations
         ):
             return
-        self._reserved_shapes.add(shape)
+        self._reserved_shapes.add((shape, job.nodes))
         free_nodes = [n for n in self.nodes if n.id not in self.reservations]
-        res = backfill.earliest(job, free_nodes, self._ending, self.now, self.policy.checkpoint_s)
-        if res is not None:
+        args = (job, free_nodes, self._ending, self.now, self.policy.checkpoint_s)
+        if gang:
+            found = backfill.earliest_gang(*args)
+        else:
+            found = [r] if (r := backfill.earliest(*args)) is not None else []
+        for res in found:
             self.reservations[res.node_id] = res
-            self.plan.waiting[job.id] = res.describe(shape)
+        if found:
+            self.plan.waiting[job.id] = found[0].describe(shape)
 
     @property
     def reservation(self) -> backfill.Reservation | None:
@@ -385,8 +402,14 @@ class Round:
         """`job.nodes` distinct nodes with the gang's share free on each, or None (and why)."""
         shape, out = job.shape, self.plan
         pool = self._by_label.get(_label(shape) or "", []) if shape.gpu_type else self.nodes
+        # Nodes reserved for another job take the gang only if it ends before they are due.
         chosen, why, never = gangs.pick_gang(
-            pool, shape, job.nodes, Node.fits, Node.could_fit, shape.describe()
+            pool,
+            shape,
+            job.nodes,
+            lambda n, s: n.fits(s) and self._backfills(job, n),
+            Node.could_fit,
+            shape.describe(),
         )
         if chosen is None:
             out.waiting[job.id] = why or "waiting"
@@ -401,20 +424,8 @@ class Round:
             if self._no_room[shape].startswith("no node"):
                 out.never_fits.add(job.id)
             return None
-        need, label = _need_items(shape), _label(shape)
-        best, best_key, reserved = None, None, False
-        for n in self._by_label.get(label, ()) if label else self.nodes:
-            free = n.free
-            for k, v in need:
-                if free.get(k, 0.0) + _EPS < v:
-                    break
-            else:
-                if not self._backfills(job, n):
-                    reserved = True
-                    continue
-                key = _preference(n, shape, self._price[n.id])
-                if best_key is None or key < best_key:
-                    best, best_key = n, key
+        # The best fit by `_preference` among nodes it may use (`fitindex`: not a full scan).
+        best, reserved = self._fit.best(shape, lambda n: self._backfills(job, n))
         if best is not None:
             return best
         if reserved:  # not cached: a shorter job of this shape may still backfill

@@ -74,6 +74,35 @@ def hold_of(r: Any, now: datetime) -> Hold:
     )  # fmt: skip
 
 
+def active_holds(conn: Connection, now: datetime) -> list[Hold]:
+    """What every active job holds, as of `now`: what a round places around and what fair
+    share counts as running (`fairshare.report` reads the same, so `lorajobs usage` shows
+    what the scheduler ranks by). A pack is its first job's hold alone."""
+    rows = conn.execute(
+        select(
+            JOBS.c.id,
+            JOBS.c.owner,
+            JOBS.c.node_id,
+            JOBS.c.gpus,
+            JOBS.c.cpus,
+            JOBS.c.memory_gb,
+            JOBS.c.nodes,
+            JOBS.c.gang_nodes,
+            JOBS.c.priority,
+            JOBS.c.dispatched_at,
+            JOBS.c.preempt_at,
+            JOBS.c.step,
+            JOBS.c.total_steps,
+            JOBS.c.it_per_s,
+        ).where(
+            JOBS.c.status.in_(_ACTIVE),
+            # A pack's members share its first job's resources (orchestrator/packing.py).
+            or_(JOBS.c.pack_id.is_(None), JOBS.c.pack_id == JOBS.c.id),
+        )
+    )
+    return [hold_of(r, now) for r in rows]
+
+
 class RoundPlanner(Protocol):
     """The scheduling policy's side of a round (`lorajobs.orchestrator.scheduler.Round`)."""
 
@@ -204,30 +233,7 @@ class Scheduling:
             return self._apply(conn, changes, JobStatus.queued, JobStatus.dispatched)
 
     def _holds(self, conn: Connection) -> list[Hold]:
-        rows = conn.execute(
-            select(
-                JOBS.c.id,
-                JOBS.c.owner,
-                JOBS.c.node_id,
-                JOBS.c.gpus,
-                JOBS.c.cpus,
-                JOBS.c.memory_gb,
-                JOBS.c.nodes,
-                JOBS.c.gang_nodes,
-                JOBS.c.priority,
-                JOBS.c.dispatched_at,
-                JOBS.c.preempt_at,
-                JOBS.c.step,
-                JOBS.c.total_steps,
-                JOBS.c.it_per_s,
-            ).where(
-                JOBS.c.status.in_(_ACTIVE),
-                # A pack's members share its first job's resources (orchestrator/packing.py).
-                or_(JOBS.c.pack_id.is_(None), JOBS.c.pack_id == JOBS.c.id),
-            )
-        )
-        now = self._clock()
-        return [hold_of(r, now) for r in rows]
+        return active_holds(conn, self._clock())
 
     def _age_s(self, now: datetime) -> Any:
         """SQL: seconds since `created_at` (what aging adds to a job's priority)."""

@@ -16,6 +16,7 @@ from lorajobs.orchestrator import fairshare, waiting
 from lorajobs.orchestrator.db import JOBS
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.scheduler import Candidate, Hold, Policy, Round, node_views, ordered
+from lorajobs.orchestrator.states import JobStatus
 
 OUT = "file:///srv/bucket"
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -141,3 +142,51 @@ def test_a_4_gpu_job_at_the_head_is_reserved_and_only_short_jobs_backfill(
     why_long = waiting.reason(q.get(long_job.id), summary, now)
     assert why_big and "node n1 is reserved for it, due by" in why_big
     assert why_long and f"reserved for job {big.id}" in why_long
+
+
+def test_running_attempts_count_as_they_run_once_per_pack_and_usage_shows_what_rounds_rank_by(
+    any_db_engine: Engine,
+) -> None:
+    """A running attempt's GPU-hours so far count in its owner's factor before it ends (Slurm
+    charges running jobs as they run); a pack's GPUs count once, as its first job's; ending
+    charges the ledger with what ran (a pack member its part), so nothing is counted twice; and
+    `lorajobs usage` (`fairshare.report`) shows the factors the round ranks by."""
+    clock = [T0]
+    q = Queue(any_db_engine, clock=lambda: clock[0])
+    shares = fairshare.Shares()
+    busy = q.submit(spec("busy", "busy", gpus=2), output_uri=OUT)[0]
+    lead = q.submit(spec("lead", "packer"), output_uri=OUT)[0]
+    member = q.submit(spec("member", "packer"), output_uri=OUT)[0]
+    for job in (busy, lead, member):
+        q.dispatch(job.id, lease_owner="me", node_id="n1")
+    with q.engine.begin() as conn:  # member shares lead's attempt (orchestrator/packing.py)
+        conn.execute(
+            update(JOBS).where(JOBS.c.id.in_((lead.id, member.id))).values(pack_id=lead.id)
+        )
+    q.submit(spec("wb", "busy"), output_uri=OUT)  # older: FIFO alone would pick it
+    clock[0] = T0 + timedelta(hours=1)
+    waiter_packer = q.submit(spec("wp", "packer"), output_uri=OUT)[0]
+    now = clock[0]
+    rounds: list[Round] = []
+
+    def start(holds: list[Hold]) -> Round:
+        fair = fairshare.factors(fairshare.Ledger(), holds, shares, now, 7 * 86400)
+        nodes = node_views({"n1": {"CPU": 16.0, "GPU": 4.0}}, holds)
+        rounds.append(Round(nodes, holds, Policy(aging_s=0), now, fair=fair))
+        return rounds[-1]
+
+    got = q.scheduling.schedule(start, per_class=8, aging_s=0, lease_owner="me",
+                                lease_expires_at=now)  # fmt: skip
+    # One GPU free: busy has run 2 GPU-hours, packer 1 (its pack once): packer's newer job wins.
+    assert [j.id for j in got] == [waiter_packer.id]
+    assert rounds[0].fair == {"busy": 2.0, "packer": 1.0}
+    shown = {u.owner: u.gpu_hours for u in fairshare.report(q.engine, shares, 7 * 86400, now)}
+    assert shown == {"busy": 2.0, "packer": 1.0}  # the just dispatched job has run 0 s
+    # The pack ends: each member charged its part (half each), busy its 2 GPU x 1 h.
+    writer = q.scheduling._writer
+    for job, part in ((lead, 0.5), (member, 0.5), (busy, 1.0)):
+        fairshare.attempt_ended(writer, q.get(job.id), False, now=now, halflife_s=7 * 86400,
+                                part=part)  # fmt: skip
+        q.transition(job.id, expected=q.get(job.id).status, to=JobStatus.failed, reason="end")
+    shown = {u.owner: u.gpu_hours for u in fairshare.report(q.engine, shares, 7 * 86400, now)}
+    assert {o: round(h, 6) for o, h in shown.items()} == {"busy": 2.0, "packer": 1.0}

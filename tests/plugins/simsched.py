@@ -41,6 +41,8 @@ class SimJob:
     preemptions: list[float] = field(default_factory=list)
     #: Reservations made for it while it waited: (when made, when due).
     reserved: list[tuple[float, float]] = field(default_factory=list)
+    #: Nodes a gang spans (`gpus` split evenly over them).
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         self.remaining_s = self.work_s
@@ -54,6 +56,8 @@ class Running:
     #: Work that counts from this start (restart overhead first).
     overhead_s: float
     preempt_at_s: float | None = None
+    #: A gang's nodes (empty: just `node`).
+    gang: tuple[str, ...] = ()
 
 
 class Sim:
@@ -91,6 +95,7 @@ class Sim:
         self._last_preempt: dict[str, float] = {}
         self._events: list[tuple[float, int, str, str]] = []
         self._seq = 0
+        self._arrived = 0  # arrivals queued so far
 
     def at(self, s: float) -> datetime:
         return T0 + timedelta(seconds=s)
@@ -113,7 +118,7 @@ class Sim:
                     j.id, j.owner, r.node, j.gpus, 1, None, j.priority, self.at(r.start_s),
                     now + timedelta(seconds=max(0.0, left)),
                     None if preempt is None else self.at(preempt),
-                    r.preempt_at_s is not None,
+                    r.preempt_at_s is not None, j.nodes, r.gang,
                 )
             )  # fmt: skip
         return out
@@ -129,12 +134,14 @@ class Sim:
         rnd.offer(
             [
                 Candidate(j.id, j.owner, j.priority, self.at(j.arrival_s), j.gpus, None, 1,
-                          None, j.est_s if j.est_s is not None else j.remaining_s)
+                          None, j.est_s if j.est_s is not None else j.remaining_s,
+                          nodes=j.nodes)
                 for j in self._class_heads()
             ]
         )  # fmt: skip
         for p in rnd.plan.placements:
-            self._start(self.queued.pop(p.job_id), p.node_id)
+            gang = tuple((p.data or {}).get("gang_nodes") or ())
+            self._start(self.queued.pop(p.job_id), p.node_id, gang)
         for d in rnd.preempt.decisions:
             for victim in d.victims:
                 r = self.running[victim]
@@ -150,9 +157,9 @@ class Sim:
     def _class_heads(self) -> list[SimJob]:
         """The oldest `per_class` queued jobs of each (priority, owner, GPUs) class: what the
         queue reads for a round (`Scheduling.schedule`)."""
-        classes: dict[tuple[int, str, float], list[SimJob]] = defaultdict(list)
+        classes: dict[tuple[int, str, float, int], list[SimJob]] = defaultdict(list)
         for j in self.queued.values():
-            classes[(j.priority, j.owner, j.gpus)].append(j)
+            classes[(j.priority, j.owner, j.gpus, j.nodes)].append(j)
         out = []
         for js in classes.values():
             if len(js) > self.per_class:
@@ -160,12 +167,12 @@ class Sim:
             out += js
         return out
 
-    def _start(self, job: SimJob, node: str) -> None:
+    def _start(self, job: SimJob, node: str, gang: tuple[str, ...] = ()) -> None:
         overhead = self.restart_s if job.starts else 0.0
         job.starts.append(self.now_s)
         if job.first_start_s is None:
             job.first_start_s = self.now_s
-        self.running[job.id] = Running(job, node, self.now_s, overhead)
+        self.running[job.id] = Running(job, node, self.now_s, overhead, gang=gang)
         self._push(self.now_s + overhead + job.remaining_s, "end", job.id)
 
     def _stop(self, job_id: str, finished: bool) -> None:
@@ -184,7 +191,9 @@ class Sim:
 
     def run(self, until_s: float = float("inf")) -> None:
         """Run until every job has ended (or `until_s`)."""
-        i = 0
+        # Where the arrivals stand is kept across calls: `run(until_s=...)` is called again to
+        # look at the cluster over time, and an arrival must not be queued twice.
+        i = self._arrived
         while True:
             nxt = [self._events[0][0]] if self._events else []
             if i < len(self.arrivals):
@@ -192,9 +201,11 @@ class Sim:
             if self.queued:
                 nxt.append(self.now_s + self.tick_s)
             if not nxt:
+                self._arrived = i
                 return
             self.now_s = min(nxt)
             if self.now_s > until_s:
+                self._arrived = i
                 return
             while i < len(self.arrivals) and self.arrivals[i].arrival_s <= self.now_s:
                 self.queued[self.arrivals[i].id] = self.arrivals[i]

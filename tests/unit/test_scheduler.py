@@ -201,3 +201,44 @@ def test_shape_resources() -> None:
         "memory": float(1.5 * 1024**3),
     }
     assert Shape(0, None, 1).ray_resources() == {"CPU": 1.0}
+
+
+def test_the_fit_index_picks_what_a_full_scan_of_the_nodes_picks() -> None:
+    """`fitindex.FitIndex` (a heap per shape, refreshed as nodes change) against the plain scan
+    it replaced, over random nodes, shapes, placements and refusals (reservations)."""
+    import random
+
+    from lorajobs.orchestrator.fitindex import FitIndex
+    from lorajobs.orchestrator.scheduler import Node, Shape, _preference
+
+    rng = random.Random(7)
+    for _ in range(20):
+        nodes = []
+        for i in range(rng.randint(1, 30)):
+            gpus = float(rng.choice([0, 1, 2, 4, 8]))
+            total = {"CPU": float(rng.choice([4, 16, 64])), "GPU": gpus}
+            if gpus:
+                total[f"accelerator_type:{rng.choice(['A100', 'H100'])}"] = 1.0
+            free = {k: (v if k.startswith("acc") else rng.uniform(0, v)) for k, v in total.items()}
+            nodes.append(Node(f"n{i:02d}", total, free))
+        price = {n.id: rng.choice([1.0, 2.0, float("inf")]) for n in nodes}
+
+        def key(n: Node, s: Shape, price: dict[str, float] = price) -> tuple[float, float, float]:
+            return _preference(n, s, price[n.id])
+
+        index = FitIndex(nodes, key)
+        shapes = [Shape(g, t, c) for g, t, c in
+                  [(1, None, 1), (1, "A100", 2), (0.25, None, 1), (0, None, 2), (2, "H100", 4)]]  # fmt: skip
+        for _ in range(60):
+            shape = rng.choice(shapes)
+            banned = {n.id for n in nodes if rng.random() < 0.1}
+            fit = [n for n in nodes if n.fits(shape)]
+            ok = [n for n in fit if n.id not in banned]
+            want = min(ok, key=lambda n: key(n, shape)) if ok else None  # first of equal keys
+            got, refused = index.best(shape, lambda n, banned=banned: n.id not in banned)
+            assert got is want
+            if got is None:  # then: whether a node that fits was refused (a reservation)
+                assert refused == any(n.id in banned for n in fit)
+            if got is not None:
+                got.take(shape)
+                index.changed(got)
