@@ -26,8 +26,11 @@ def run_pack(
     send: Callable[[str, int, dict[str, Any]], None],
     cancelled: Callable[[str], bool],
     ray_node_id: str,
+    stop_requested: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
-    """Run one attempt of each member (`{"spec", "job_id", "attempt", "extra"}`) together."""
+    """Run one attempt of each member (`{"spec", "job_id", "attempt", "extra"}`) together.
+    `stop_requested(job_id)`: the controller's "checkpoint and stop now" for that member (its
+    node drains); any member's stops the whole pack, as SIGTERM does."""
     from lorajobs.worker.pack_entry import run_pack as train_pack
 
     started = time.monotonic()
@@ -51,7 +54,7 @@ def run_pack(
 
         def train() -> dict[str, Any]:
             opened, specs, ctxs = _open_members(
-                stack, runnable, ids, output_uri, node, ray_node_id, started, send
+                stack, runnable, ids, output_uri, node, ray_node_id, started, send, stop_requested
             )
             logs.update(opened)
             if specs:
@@ -81,6 +84,7 @@ def _open_members(
     ray_node_id: str,
     started: float,
     send: Callable[[str, int, dict[str, Any]], None],
+    stop_requested: Callable[[str], str | None] | None,
 ) -> tuple[dict[str, Any], list[Any], list[Any]]:
     """Each runnable member's log (opened on `stack`), parsed spec and worker context."""
     from lorajobs.jobspecs import parse_spec
@@ -106,6 +110,9 @@ def _open_members(
         def job_send(p: dict[str, Any], j: str = job_id, a: int = attempt) -> None:
             send(j, a, p)
 
+        def job_stop(j: str = job_id) -> str | None:
+            return stop_requested(j) if stop_requested is not None else None
+
         extra = dict(m.get("extra") or {})
         ctxs.append(
             WorkerContext(
@@ -117,6 +124,7 @@ def _open_members(
                 threads=spec.resources.cpus,
                 node=node,
                 extra=extra,
+                stop_requested=job_stop,
             )
         )
     return logs, specs, ctxs

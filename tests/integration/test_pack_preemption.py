@@ -1,13 +1,14 @@
 """A pack stopped as a whole by a preemption notice (SIGTERM) ends as a preempted solo attempt
 does: every member's outcome is classified by the same code (`attempt.guarded`), flagged
 `preempted`, and the controller requeues each member with no retry charged, even with no infra
-retries left. Real parts: the pack attempt trains the tiny Llama in this process (the Ray task's
+retries left; so does a pack on a draining node, asked to stop through its members. Real parts: the pack attempt trains the tiny Llama in this process (the Ray task's
 body, `attempt_pack.run_pack`), on a real SQLite queue and a folder bucket; only Ray is scripted."""
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lorajobs.jobspecs import parse_spec
 from lorajobs.jobspecs.failures import Preempted
 from lorajobs.orchestrator import attempt as solo
 from lorajobs.orchestrator.attempt_pack import run_pack
+from lorajobs.orchestrator.drain import Drain
 from lorajobs.orchestrator.queue import Queue
 from lorajobs.orchestrator.ray_backend import Attempt
 from lorajobs.orchestrator.recovery import RetryPolicy
@@ -72,32 +74,53 @@ def _sigterm_after(calls: int) -> Any:
     return cancelled
 
 
-def test_a_sigterm_preempted_pack_requeues_every_member_uncharged(
-    any_db_url: str,
-    tmp_path: Path,
-    tiny_text_model: Path,
-    tiny_text_dataset: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def queue(any_db_url: str) -> Iterator[Queue]:
     from lorajobs.orchestrator.db import ensure_schema, make_engine
 
-    monkeypatch.setenv("LORAJOBS_ALLOW_CPU_FALLBACK", "1")  # the logical GPU trains on the CPU
-    monkeypatch.setenv("LORAJOBS_CACHE_DIR", str(tmp_path / "cache"))
     engine = make_engine(any_db_url)
     ensure_schema(engine, auto=True)
-    queue = Queue(engine)
+    yield Queue(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def worker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAJOBS_ALLOW_CPU_FALLBACK", "1")  # the logical GPU trains on the CPU
+    monkeypatch.setenv("LORAJOBS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _packed(queue: Queue, ray: PackRay, c: Any, bucket: str, model: Path, data: Path) -> list[Any]:
+    """Two jobs submitted together, launched as one pack on node-a (one slot)."""
+    jobs = [queue.submit(_spec(f"pk-{i}", model, data, i), output_uri=bucket)[0] for i in range(2)]
+    c.step()
+    assert len(ray.packs) == 1, "the two jobs should share one attempt"
+    assert {m["job_id"] for m in ray.packs[0][0]} == {j.id for j in jobs}
+    return jobs
+
+
+def _requeued_uncharged(queue: Queue, jobs: list[Any]) -> list[Any]:
+    events = []
+    for job in jobs:
+        got = queue.get(job.id)
+        assert got.status in (JobStatus.queued, JobStatus.dispatched), got.failure_reason
+        assert got.attempt == 2 and got.infra_retries == 0
+        (requeued,) = [e for e in queue.events(job.id) if e.to_status is JobStatus.queued][1:]
+        assert "preempted" in requeued.reason and "(no retry charged)" in requeued.reason
+        assert requeued.data["preempted"] is True
+        events.append(requeued)
+    return events
+
+
+def test_a_sigterm_preempted_pack_requeues_every_member_uncharged(
+    queue: Queue, worker_env: None, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
     ray = PackRay()
     # No infra retry at all: a preemption that charged one would fail the job.
     c = controller(queue, ray, retry=RetryPolicy(infra_retries=0), packing="auto")
     bucket = f"file://{tmp_path / 'bucket'}"
-    jobs = [
-        queue.submit(_spec(f"pk-{i}", tiny_text_model, tiny_text_dataset, i), output_uri=bucket)[0]
-        for i in range(2)
-    ]
-    c.step()
-    assert len(ray.packs) == 1, "the two jobs should share one attempt"
+    jobs = _packed(queue, ray, c, bucket, tiny_text_model, tiny_text_dataset)
     members, output_uri = ray.packs[0]
-    assert {m["job_id"] for m in members} == {j.id for j in jobs}
 
     # The pack's task, run here: SIGTERM after its third round.
     whole = run_pack(
@@ -116,11 +139,45 @@ def test_a_sigterm_preempted_pack_requeues_every_member_uncharged(
     for job in jobs:
         ray.results[job.id] = whole  # each member's attempt shares the pack task's result
     c.step()
+    _requeued_uncharged(queue, jobs)
+
+
+def test_a_draining_node_stops_its_pack_which_is_requeued_uncharged(
+    queue: Queue, worker_env: None, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
+    ray = PackRay()
+    c = controller(queue, ray, retry=RetryPolicy(infra_retries=0), packing="auto")
+    bucket = f"file://{tmp_path / 'bucket'}"
+    jobs = _packed(queue, ray, c, bucket, tiny_text_model, tiny_text_dataset)
+    members, output_uri = ray.packs[0]
+    ray.drains = {"node-a": Drain("node-a", 1796405412000)}
+    c.step()  # the controller asks each member's attempt to checkpoint and stop
+    notice = Drain("node-a", 1796405412000).describe()
+    assert sorted(ray.stops) == sorted((j.id, 1, notice) for j in jobs)
+
+    # The pack's task, run here, sees the requests as its StopPolls would (after a few rounds).
+    rounds = iter(range(1000))
+
+    def stop_requested(job_id: str) -> str | None:
+        asked = (job_id, 1, notice) in ray.stops
+        return notice if asked and next(rounds) >= 4 else None
+
+    whole = run_pack(
+        members,
+        output_uri,
+        send=lambda *_: None,
+        cancelled=lambda _: False,
+        ray_node_id=NODE_ID,
+        stop_requested=stop_requested,
+    )
     for job in jobs:
-        got = queue.get(job.id)
-        assert got.status in (JobStatus.queued, JobStatus.dispatched), got.failure_reason
-        assert got.attempt == 2 and got.infra_retries == 0
-        (requeued,) = [e for e in queue.events(job.id) if e.to_status is JobStatus.queued][1:]
-        assert "preempted" in requeued.reason and "(no retry charged)" in requeued.reason
-        assert requeued.data["preempted"] is True
-    engine.dispose()
+        out = whole["jobs"][job.id]
+        assert out["preempted"] is True and out["kind"] == "infra", out
+        assert notice in out["error"]
+        assert CheckpointStore.for_job(bucket, job.id).latest() is not None
+        ray.results[job.id] = whole
+    c.step()
+    for requeued in _requeued_uncharged(queue, jobs):
+        assert requeued.reason.startswith(f"attempt 1 {notice}"), requeued.reason
+    # Nothing goes back to the draining node (the only one): both wait.
+    assert all(queue.get(j.id).status is JobStatus.queued for j in jobs)

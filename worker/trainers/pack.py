@@ -71,21 +71,34 @@ class PackLoop:
     def run(self) -> None:
         """Resume each member from its own checkpoint, then train them all to the end.
 
-        A SIGTERM (preemption) checkpoints every running member after the current round and
-        raises `Preempted`: each resumes from its own checkpoint in the next attempt.
+        A preemption notice, SIGTERM or a stop request for any member (`ctx.stop_requested`:
+        its node drains), stops the pack as a whole: every running member is checkpointed
+        after the current round and `Preempted` is raised; each resumes from its own
+        checkpoint in the next attempt.
         """
-        with PreemptionNotice() as notice:
+        with PreemptionNotice(self._stop_requested) as notice:
             for m in self.members:
                 self._resume(m)
+            why: str | None = None
             while self.running():
-                # After a SIGTERM only the members inside an accumulation go on, to the end of
+                # After a notice only the members inside an accumulation go on, to the end of
                 # their step: then every member has a whole step to checkpoint.
-                draining = notice.received
-                self._round(only_mid_step=draining)
-                if draining and not any(m.micro for m in self.running()):
+                why = why or notice.reason()
+                self._round(only_mid_step=why is not None)
+                if why is not None and not any(m.micro for m in self.running()):
                     for m in self.running():
                         self._checkpoint(m, force=True)
-                    raise Preempted(f"pack stopped after round {self.rounds}: SIGTERM")
+                    raise Preempted(f"pack stopped after round {self.rounds}: {why}")
+
+    def _stop_requested(self) -> str | None:
+        """Why the platform wants the pack stopped (the members share a node: a drain asks
+        each of them), or None."""
+        for m in self.running():
+            asked = m.loop.ctx.stop_requested
+            why = asked() if asked is not None else None
+            if why is not None:
+                return why
+        return None
 
     # -- one round ----------------------------------------------------------------------------
 
