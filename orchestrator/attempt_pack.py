@@ -2,8 +2,10 @@
 
 Each job keeps its own log (`<bucket>/jobs/<id>/logs/attempt-<N>/`), its own progress reports
 (to the controller, under its own id and attempt number) and its own outcome: the result is
-`{"pack": [ids], "jobs": {id: outcome}}`, each outcome shaped as `attempt.run`'s. A failure of
-the pack as a whole (the base model will not load, a SIGTERM) is every job's outcome.
+`{"pack": [ids], "jobs": {id: outcome}}`, each outcome shaped and classified as `attempt.run`'s
+(by the same code: `attempt.guarded` / `attempt.failure`). A failure of the pack as a whole (the
+base model will not load; a preemption notice, SIGTERM or a drain's stop request, which ends it
+`preempted`) is the outcome of every job still in the pack; a job that ended before keeps its own.
 """
 
 from __future__ import annotations
