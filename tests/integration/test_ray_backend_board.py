@@ -97,3 +97,49 @@ def test_a_fresh_board_drops_no_pack_member_until_asked(
     ray.get(board.cancel_member.remote("b"), timeout=30)
     ray.get(board.cancel_member.remote("a"), timeout=30)
     assert ray.get(board.cancelled.remote(["a", "b", "c"]), timeout=30) == ["a", "b"]
+
+
+def test_a_controller_through_the_ray_client_starts_and_reads_drains_via_its_board(
+    tmp_path: Path,
+) -> None:
+    # What the newcomer walk (tests/e2e/test_newcomer_walk.py) does at its controller step, on
+    # a cluster of its own with a client server: a ray:// driver has no GCS to ask.
+    import socket
+
+    from ray.cluster_utils import Cluster
+
+    from lorajobs.orchestrator.drain import DrainWatch, read_drains
+
+    if ray.is_initialized():  # an earlier test's driver
+        ray.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "object_store_memory": 80 * 1024**2,
+            "ray_client_server_port": port,
+        },
+    )
+    try:
+        settings = Settings.from_env(
+            {
+                "LORAJOBS_HOME": str(tmp_path / "home"),
+                "LORAJOBS_RAY_ADDRESS": f"ray://127.0.0.1:{port}",
+            }
+        )
+        backend = RayBackend(settings)
+        assert not backend.local and backend.cluster().totals
+        with pytest.raises(Exception):  # noqa: B017 - whatever Ray raises: no GCS client here
+            read_drains()
+        watch = DrainWatch(backend)
+        watch.new_pass()
+        assert watch.current() == {}  # asked through the board, which runs in the cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
