@@ -72,6 +72,9 @@ class NoRay:
     def cluster(self) -> ClusterView:
         return ClusterView(self.totals, None)
 
+    def draining(self) -> dict[str, Any]:
+        return {}  # no node drains here
+
     def launch(
         self, job_id: str, attempt: int, *a: Any, node_id: str | None = None, **k: Any
     ) -> Attempt:

@@ -90,32 +90,22 @@ def run(
                 )  # fmt: skip
             return run_job(parsed, ctx)  # run_job logs the upload
 
-        out = _guarded(train, node, ray_node_id)
+        out = guarded(train, node, ray_node_id)
         out["attempt_seconds"] = round(time.monotonic() - started, 3)
         if not out["ok"]:
             log.line(f"attempt {attempt} failed ({out['kind']}): {out['error']}")
     return out
 
 
-def _guarded(train: Callable[[], dict[str, Any]], node: str, ray_node_id: str) -> dict[str, Any]:
+def guarded(train: Callable[[], dict[str, Any]], node: str, ray_node_id: str) -> dict[str, Any]:
     """`train()`'s result as an outcome; never raises: a failure becomes its classified
-    outcome (and GPU memory is released either way)."""
+    outcome (and GPU memory is released either way). A solo attempt and a pack (whose
+    failure as a whole is every member's) both end through here."""
     base = {"node": node, "ray_node_id": ray_node_id}
     try:
         return {"ok": True, **base, **train()}
     except LoraJobsError as err:
-        err = _on_this_node(err, node)
-        # The hostname alone may not tell nodes apart (containers, a simulated cluster).
-        error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
-        return {
-            "ok": False,
-            "kind": classify(err),
-            "error": error,
-            "node_fault": err.node_fault,
-            # Stopped by a notice (SIGTERM), checkpointed: requeued without retry charge.
-            "preempted": isinstance(err, Preempted),
-            **base,
-        }
+        return failure(err, node, ray_node_id)
     except Exception as err:  # noqa: BLE001 - report, don't crash the task: we classify here
         traceback.print_exc()
         return {
@@ -126,6 +116,23 @@ def _guarded(train: Callable[[], dict[str, Any]], node: str, ray_node_id: str) -
         }
     finally:
         _release_gpu_memory()
+
+
+def failure(err: LoraJobsError, node: str, ray_node_id: str) -> dict[str, Any]:
+    """The outcome of an attempt (or of one member of a pack) that ended with `err`."""
+    err = _on_this_node(err, node)
+    # The hostname alone may not tell nodes apart (containers, a simulated cluster).
+    error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
+    return {
+        "ok": False,
+        "kind": classify(err),
+        "error": error,
+        "node_fault": err.node_fault,
+        # Stopped by a notice (SIGTERM, a drain), checkpointed: requeued without retry charge.
+        "preempted": isinstance(err, Preempted),
+        "node": node,
+        "ray_node_id": ray_node_id,
+    }
 
 
 def _outside_boundary(spec: dict[str, Any], output_uri: str) -> str | None:

@@ -2,8 +2,10 @@
 
 Each job keeps its own log (`<bucket>/jobs/<id>/logs/attempt-<N>/`), its own progress reports
 (to the controller, under its own id and attempt number) and its own outcome: the result is
-`{"pack": [ids], "jobs": {id: outcome}}`, each outcome shaped as `attempt.run`'s. A failure of
-the pack as a whole (the base model will not load, a SIGTERM) is every job's outcome.
+`{"pack": [ids], "jobs": {id: outcome}}`, each outcome shaped and classified as `attempt.run`'s
+(by the same code: `attempt.guarded` / `attempt.failure`). A failure of the pack as a whole (the
+base model will not load; a preemption notice, SIGTERM or a drain's stop request, which ends it
+`preempted`) is the outcome of every job still in the pack; a job that ended before keeps its own.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lorajobs.jobspecs.failures import FailureKind, LoraJobsError, classify
-from lorajobs.orchestrator.attempt import _on_this_node, _outside_boundary, _reporter
+from lorajobs.jobspecs.failures import FailureKind
+from lorajobs.orchestrator.attempt import _outside_boundary, _reporter, failure, guarded
 from lorajobs.orchestrator.settings import Settings
 
 
@@ -27,8 +28,11 @@ def run_pack(
     send: Callable[[str, int, dict[str, Any]], None],
     cancelled: Callable[[str], bool],
     ray_node_id: str,
+    stop_requested: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
-    """Run one attempt of each member (`{"spec", "job_id", "attempt", "extra"}`) together."""
+    """Run one attempt of each member (`{"spec", "job_id", "attempt", "extra"}`) together.
+    `stop_requested(job_id)`: the controller's "checkpoint and stop now" for that member (its
+    node drains); any member's stops the whole pack, as SIGTERM does."""
     from lorajobs.worker.pack_entry import run_pack as train_pack
 
     started = time.monotonic()
@@ -44,29 +48,27 @@ def run_pack(
             outcomes[m["job_id"]] = {"ok": False, "kind": FailureKind.user, "error": error, **base}
         else:
             runnable.append(m)
+    logs: dict[str, Any] = {}  # job id -> its attempt's log
     with contextlib.ExitStack() as stack:
-        logs, specs, ctxs = _open_members(
-            stack, runnable, ids, output_uri, node, ray_node_id, started, send
-        )
-        try:
-            results = train_pack(specs, ctxs, cancelled=cancelled) if specs else {}
-            for job_id, res in results.items():
-                outcomes[job_id] = _outcome(res, base, node)
-        except LoraJobsError as err:  # the pack itself: every job not yet ended shares it
-            err = _on_this_node(err, node)
-            error = f"{err} [Ray node {ray_node_id[:12]}]" if err.node_fault else str(err)
+
+        def ended(job_id: str, res: dict[str, Any]) -> None:  # as each member leaves the pack
+            outcomes[job_id] = _outcome(res, node, ray_node_id)
+
+        def train() -> dict[str, Any]:
+            opened, specs, ctxs = _open_members(
+                stack, runnable, ids, output_uri, node, ray_node_id, started, send, stop_requested
+            )
+            logs.update(opened)
+            if specs:
+                train_pack(specs, ctxs, cancelled=cancelled, on_end=ended)
+            return {}
+
+        # A failure of the pack as a whole (the base will not load, a SIGTERM) is classified
+        # as a solo attempt's is, and is the outcome of every member still in the pack.
+        whole = guarded(train, node, ray_node_id)
+        if not whole["ok"]:
             for m in runnable:
-                outcomes.setdefault(
-                    m["job_id"],
-                    {"ok": False, "kind": classify(err), "error": error, **base},
-                )
-        except Exception as err:  # noqa: BLE001 - report, don't crash the task
-            traceback.print_exc()
-            for m in runnable:
-                outcomes.setdefault(
-                    m["job_id"],
-                    {"ok": False, "kind": FailureKind.internal, "error": repr(err), **base},
-                )
+                outcomes.setdefault(m["job_id"], dict(whole))
         seconds = round(time.monotonic() - started, 3)
         for job_id, out in outcomes.items():
             out["attempt_seconds"] = seconds
@@ -84,6 +86,7 @@ def _open_members(
     ray_node_id: str,
     started: float,
     send: Callable[[str, int, dict[str, Any]], None],
+    stop_requested: Callable[[str], str | None] | None,
 ) -> tuple[dict[str, Any], list[Any], list[Any]]:
     """Each runnable member's log (opened on `stack`), parsed spec and worker context."""
     from lorajobs.jobspecs import parse_spec
@@ -109,6 +112,9 @@ def _open_members(
         def job_send(p: dict[str, Any], j: str = job_id, a: int = attempt) -> None:
             send(j, a, p)
 
+        def job_stop(j: str = job_id) -> str | None:
+            return stop_requested(j) if stop_requested is not None else None
+
         extra = dict(m.get("extra") or {})
         ctxs.append(
             WorkerContext(
@@ -120,18 +126,19 @@ def _open_members(
                 threads=spec.resources.cpus,
                 node=node,
                 extra=extra,
+                stop_requested=job_stop,
             )
         )
     return logs, specs, ctxs
 
 
-def _outcome(res: dict[str, Any], base: dict[str, Any], node: str) -> dict[str, Any]:
+def _outcome(res: dict[str, Any], node: str, ray_node_id: str) -> dict[str, Any]:
     """One job's outcome from `pack_entry.run_pack`'s result, shaped as `attempt.run`'s."""
+    base = {"node": node, "ray_node_id": ray_node_id}
     share = {k: res.get(k) for k in ("steps_done", "work", "packed_with") if k in res}
     if res.get("cancelled"):
         return {"ok": False, "kind": FailureKind.user, "error": "cancelled", **share, **base}
     err = res.get("error")
     if err is not None:
-        err = _on_this_node(err, node)
-        return {"ok": False, "kind": classify(err), "error": str(err), **share, **base}
+        return {**failure(err, node, ray_node_id), **share}
     return {"ok": True, **base, **{k: v for k, v in res.items() if k != "error"}}

@@ -95,6 +95,7 @@ class Controller:
 
     def step(self) -> None:
         """One pass; each phase is safe to repeat and safe against another controller."""
+        self.drains.new_pass()  # the draining nodes are read once per pass, when first needed
         self._apply_progress()
         self._collect_finished()
         self.drains.sweep(self.inflight)
@@ -246,7 +247,7 @@ class Controller:
             return
         view = self.backend.cluster()
         now_mono = time.monotonic()
-        skip = view.draining | {n for n, t in self._suspect.items() if t > now_mono}
+        skip = set(self.drains.current()) | {n for n, t in self._suspect.items() if t > now_mono}
         available = view.available
         if available is not None:
             # Ray's view of a node lags an attempt's end by up to a second; the database knows

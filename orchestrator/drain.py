@@ -8,8 +8,8 @@ once it is idle), refuses new ones (a hard node affinity to it fails at once), a
 idle-termination drain only for an idle node: a draining node under one of our attempts is
 going away.
 
-Each pass the controller reads the draining nodes (`read_drains`, from the GCS), and
-`DrainWatch` asks every attempt it runs on one of them to checkpoint after its current step and
+Each pass the controller reads the draining nodes once (`DrainWatch.current`: `read_drains`,
+from the GCS; the scheduler's round skips them too), and `DrainWatch` asks every attempt it runs on one of them to checkpoint after its current step and
 stop (through the progress board, which the worker polls: `StopPoll`). The attempt
 ends `Preempted`; the controller requeues the job without charging its infra retries and the
 scheduler keeps it (and everything else) off draining nodes, so it resumes on another node from
@@ -74,6 +74,18 @@ class DrainWatch:
     def __init__(self, backend: RayBackend) -> None:
         self.backend = backend
         self._notices: dict[str, str] = {}  # job id -> what its attempt was told
+        self._read: dict[str, Drain] | None = None  # this pass's reading; None: not read yet
+
+    def new_pass(self) -> None:
+        """Forget the last pass's reading: the next `current()` asks Ray again."""
+        self._read = None
+
+    def current(self) -> dict[str, Drain]:
+        """The draining nodes, read from Ray at most once per pass (`new_pass`), and only
+        when asked: a pass with nothing in flight and nothing to place reads nothing."""
+        if self._read is None:
+            self._read = self.backend.draining()
+        return self._read
 
     def sweep(self, inflight: Mapping[str, Attempt]) -> None:
         """Ask the attempts in `inflight` whose node is draining to checkpoint and stop now."""
@@ -81,7 +93,7 @@ class DrainWatch:
             del self._notices[gone]
         if not inflight:
             return
-        drains = self.backend.draining()
+        drains = self.current()
         for job_id, attempt in inflight.items():
             drain = drains.get(attempt.node_id or "")
             if drain is None:
@@ -102,7 +114,7 @@ class DrainWatch:
         drain, and Ray refused it or it failed before it could be told); None: no drain."""
         notice = self._notices.pop(attempt.job_id, None)
         if notice is None and attempt.node_id:
-            drain = self.backend.draining().get(attempt.node_id)
+            drain = self.current().get(attempt.node_id)
             notice = drain.describe() if drain is not None else None
         return notice
 

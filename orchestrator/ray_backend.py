@@ -26,7 +26,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -72,6 +72,7 @@ class ProgressBoard:
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, Any]] = {}
         self._stops: dict[str, tuple[int, str]] = {}  # job id -> (attempt, why)
+        self._cancelled: set[str] = set()  # pack members their pack should drop
 
     def report(self, job_id: str, attempt: int, progress: dict[str, Any]) -> None:
         self._latest[job_id] = {**progress, "attempt": attempt}
@@ -93,11 +94,11 @@ class ProgressBoard:
 
     def cancel_member(self, job_id: str) -> None:
         """Ask the pack that trains `job_id` to drop it (the others train on)."""
-        self._cancelled = {*getattr(self, "_cancelled", set()), job_id}
+        self._cancelled.add(job_id)
 
     def cancelled(self, job_ids: list[str]) -> list[str]:
         """Which of `job_ids` their pack should drop."""
-        return [j for j in job_ids if j in getattr(self, "_cancelled", set())]
+        return [j for j in job_ids if j in self._cancelled]
 
     def request_resources(self, bundles: list[dict[str, float]]) -> None:
         # Called here, inside the cluster, because a controller connected through the Ray
@@ -124,11 +125,10 @@ class Attempt:
 
 @dataclass
 class ClusterView:
-    """Live nodes: Ray's totals and availability per node, and nodes being drained."""
+    """Live nodes: Ray's totals and availability per node."""
 
     totals: dict[str, dict[str, float]]
     available: dict[str, dict[str, float]] | None
-    draining: set[str] = field(default_factory=set)
 
 
 def connect(
@@ -224,10 +224,13 @@ class RayBackend:
         # Wait for it here, at start-up, rather than in the first pass with jobs waiting.
         ray.get(self.board.drain.remote(), timeout=120)
 
-    def _near_head(self) -> dict[str, Any]:
+    @staticmethod
+    def _near_head() -> dict[str, Any]:
         # Keep the board off GPU nodes that come and go: on the head, which lives as long as the
-        # cluster. (Soft node affinity was seen to land it on a worker node.)
-        if any(_HEAD_RESOURCE in r for r in self.cluster().totals.values()):
+        # cluster. (Soft node affinity was seen to land it on a worker node.) Read from the
+        # public node list, which a Ray client (ray://) has too: nothing that needs the board
+        # (`cluster`, `draining`) may run before it exists.
+        if any(_HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")):
             return {"resources": {_HEAD_RESOURCE: 0.001}}
         return {}
 
@@ -255,6 +258,8 @@ class RayBackend:
     # -- the cluster ------------------------------------------------------------------------
 
     def cluster(self) -> ClusterView:
+        """Ray's totals and availability per live node. Which nodes drain is read apart
+        (`draining`), once per controller pass (`DrainWatch.current`)."""
         import ray._private.state as state
 
         try:
@@ -264,11 +269,7 @@ class RayBackend:
         except Exception:  # noqa: BLE001 - private API: fall back to the public node list
             totals = {n["NodeID"]: dict(n["Resources"]) for n in ray.nodes() if n["Alive"]}
             available = None
-        try:
-            draining = set(state.state.get_draining_nodes())
-        except Exception:  # noqa: BLE001 - a Ray client (ray://): ask the board
-            draining = set(self.draining())
-        return ClusterView(totals, available, draining)
+        return ClusterView(totals, available)
 
     def draining(self) -> dict[str, Drain]:
         """The nodes Ray is draining, by id (none when it cannot be read this pass)."""
@@ -276,11 +277,8 @@ class RayBackend:
             return read_drains()
         except Exception:  # noqa: BLE001 - no GCS here (a Ray client): the board can ask it
             pass
-        board = getattr(self, "board", None)
-        if board is None:  # asked while the backend starts, before its board exists
-            return {}
         try:
-            return dict(ray.get(board.draining.remote(), timeout=10))
+            return dict(ray.get(self.board.draining.remote(), timeout=10))
         except (RayError, GetTimeoutError) as err:
             log.warning("cannot read which nodes are draining: %s", _first_line(err))
             return {}

@@ -7,9 +7,11 @@ inside the task, so the controller and the CLI that import this module never loa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,7 @@ def run_attempt(
         board.report.remote(job_id, attempt, progress)
 
     node_id = ray.get_runtime_context().get_node_id()
-    # Task workers are reused: the file says which process runs this attempt right now, so a
-    # preemption signals this attempt and never the next job the same worker picks up.
-    marker = _pid_file(job_id, attempt)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    stop = StopPoll(board, job_id, attempt)
-    try:
+    with _running_here([(job_id, attempt)], board) as stops:
         return run(
             spec,
             job_id,
@@ -51,11 +47,28 @@ def run_attempt(
             send=send,
             ray_node_id=node_id,
             extra=extra,
-            stop_requested=stop,
+            stop_requested=stops[job_id],
         )
+
+
+@contextlib.contextmanager
+def _running_here(attempts: list[tuple[str, int]], board: Any) -> Iterator[dict[str, StopPoll]]:
+    """While the attempts (job id, attempt) run in this process: a pid file for each, which
+    `signal_attempt` reads (task workers are reused: the file says which process runs this
+    attempt right now, so a preemption signals it and never the next job the same worker picks
+    up), and a `StopPoll` for each, by job id (the board's "checkpoint and stop now")."""
+    markers = [_pid_file(job_id, attempt) for job_id, attempt in attempts]
+    for marker in markers:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+    stops = {job_id: StopPoll(board, job_id, attempt) for job_id, attempt in attempts}
+    try:
+        yield stops
     finally:
-        stop.close()
-        marker.unlink(missing_ok=True)
+        for stop in stops.values():
+            stop.close()
+        for marker in markers:
+            marker.unlink(missing_ok=True)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -100,4 +113,13 @@ def run_pack_attempt(members: list[dict[str, Any]], output_uri: str, board: Any)
         return job_id in asked["ids"]
 
     node_id = ray.get_runtime_context().get_node_id()
-    return run_pack(members, output_uri, send=send, cancelled=cancelled, ray_node_id=node_id)
+    # A preemption notice (SIGTERM) or a stop request (a drain) for any member stops the pack.
+    with _running_here([(m["job_id"], m["attempt"]) for m in members], board) as stops:
+        return run_pack(
+            members,
+            output_uri,
+            send=send,
+            cancelled=cancelled,
+            ray_node_id=node_id,
+            stop_requested=lambda job_id: stops[job_id](),
+        )

@@ -6,6 +6,7 @@ own checkpoint."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,5 +183,63 @@ def test_a_lost_node_resumes_every_member_from_its_own_checkpoint(
     for j, spec in zip(done, specs):
         assert j.attempt == 2
         assert j.result["metrics"]["resumed_from_step"] >= 20, j.result["metrics"]
+        solo = _solo_weights(spec, tiny_text_model, tiny_text_dataset, tmp_path)
+        assert _adapter_weights(j) == solo, j.name
+
+
+def test_a_preempted_or_drained_pack_requeues_its_members_uncharged(
+    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
+    # A pack is stopped as a whole twice: by SIGTERM (the preemption notice `RayBackend.preempt`
+    # sends to any member's attempt), then by a drain of its node (a stop request its members
+    # poll). Each time every member checkpoints and is requeued with no retry charged (there is
+    # none to charge), and the final adapters equal the solo runs'.
+    first = sim_cluster.add_gpu_node("A100")  # one slot: the second job packs in
+    config = replace(CONFIG, retry=RetryPolicy(infra_retries=0, backoff_s=0.5))
+    queue, ctl = start_controller(sim_cluster, tmp_path / "home", config)
+    bucket = f"file://{tmp_path / 'bucket'}"
+    specs = [
+        _spec(i, tiny_text_model, tiny_text_dataset, steps=1500, checkpoint_every=0)
+        for i in range(2)
+    ]
+    jobs = [queue.submit(s, output_uri=bucket)[0] for s in specs]
+    done_to: dict[str, int] = {}  # what happened -> the step the leader had reached
+
+    def running(attempt: int, step: int) -> bool:
+        now = [queue.get(j.id) for j in jobs]
+        return all(
+            j.attempt == attempt and j.status is JobStatus.running and (j.step or 0) >= step
+            for j in now
+        )
+
+    def stop_the_pack() -> None:
+        if "sigterm" not in done_to and running(1, 20):
+            assert ctl.backend.preempt(ctl.inflight[jobs[1].id])  # a member's attempt
+            done_to["sigterm"] = queue.get(jobs[0].id).step or 0
+        elif "drain" not in done_to and running(2, 40):
+            assert queue.get(jobs[1].id).pack_id == jobs[0].id  # packed again
+            sim_cluster.add_gpu_node("A100")  # where the pack goes next
+            sim_cluster.drain(first, 60)
+            done_to["drain"] = queue.get(jobs[0].id).step or 0
+
+    drive(
+        ctl,
+        until=lambda: all(queue.get(j.id).status.is_terminal() for j in jobs),
+        timeout=500,
+        each=stop_the_pack,
+    )
+    done = [queue.get(j.id) for j in jobs]
+    assert set(done_to) == {"sigterm", "drain"}, [
+        (j.status, j.attempt, j.failure_reason) for j in done
+    ]
+    assert [j.status for j in done] == [JobStatus.succeeded] * 2, [j.failure_reason for j in done]
+    assert done[1].pack_id == done[0].id and done[0].node_id != first.node_id
+    for j, spec in zip(done, specs):
+        assert j.attempt == 3 and j.infra_retries == 0, (j.attempt, j.infra_retries)
+        requeued = [e for e in queue.events(j.id) if e.from_status is JobStatus.running]
+        requeued = [e for e in requeued if e.to_status is JobStatus.queued]
+        assert len(requeued) == 2 and all(e.data["preempted"] for e in requeued), requeued
+        assert "draining (spot reclaim)" in requeued[1].reason
+        assert j.result["metrics"]["resumed_from_step"] >= 40, j.result["metrics"]
         solo = _solo_weights(spec, tiny_text_model, tiny_text_dataset, tmp_path)
         assert _adapter_weights(j) == solo, j.name

@@ -118,3 +118,22 @@ def test_an_attempt_refused_by_a_node_that_began_draining_is_not_charged(queue: 
     c.step()
     got = queue.get(job.id)
     assert got.attempt == 2 and got.infra_retries == 0 and got.failure_reason == NOTICE
+
+
+def test_a_pass_asks_ray_which_nodes_drain_once(queue: Queue) -> None:
+    # One pass that needs the drains three times: to settle an attempt that ended (was its node
+    # reclaimed?), to sweep the attempts in flight, and to place the queued jobs.
+    ray = FakeRay()
+    c = controller(queue, ray, retry=RetryPolicy(infra_retries=2, backoff_s=0.0))
+    ended, running = (queue.submit(spec(n), output_uri="file:///tmp/unused")[0] for n in "ab")
+    c.step()
+    waiting = queue.submit(spec("c"), output_uri="file:///tmp/unused")[0]
+    ray.drains = {"node-x": Drain("node-x", 1796405412000)}
+    ray.results[ended.id] = {"ok": False, "kind": "infra", "error": "worker crashed"}
+    ray.drain_reads = 0
+    c.step()
+    assert ray.drain_reads == 1
+    assert queue.get(ended.id).attempt == 2 and queue.get(running.id).attempt == 1
+    assert queue.get(waiting.id).status is JobStatus.queued  # no room: both GPUs in use
+    c.step()
+    assert ray.drain_reads == 2  # and again in the next pass: drains come and go

@@ -53,6 +53,7 @@ class FakeRay:
         self.cancelled: list[str] = []
         self.requests: list[list[dict[str, float]]] = []
         self.drains: dict[str, Drain] = {}  # node id -> its drain
+        self.drain_reads = 0  # how often the controller asked Ray which nodes drain
         self.stops: list[tuple[str, int, str]] = []  # (job id, attempt, why) asked to stop
         self._lock = threading.Lock()
 
@@ -63,9 +64,10 @@ class FakeRay:
         return self.alive.get(driver)
 
     def cluster(self) -> ClusterView:
-        return ClusterView({k: dict(v) for k, v in self.nodes.items()}, None, set(self.drains))
+        return ClusterView({k: dict(v) for k, v in self.nodes.items()}, None)
 
     def draining(self) -> dict[str, Drain]:
+        self.drain_reads += 1
         return dict(self.drains)
 
     def request_stop(self, attempt: Attempt, why: str) -> None:

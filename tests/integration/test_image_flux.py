@@ -290,3 +290,34 @@ def test_samples_render_from_cached_prompt_embeddings_without_t5(
         generator=torch.Generator().manual_seed(spec.samples.seed),
     ).images[0]
     assert np.array_equal(cached, np.asarray(live))
+
+
+def test_cudnn_attention_is_off_for_the_flux_job_only(
+    tiny_flux_model: Path, tiny_image_dataset: Path, tmp_path: Path
+) -> None:
+    # A reused Ray task worker trains other jobs after this one: they get the setting back,
+    # whether the Flux job ended well or was stopped.
+    during: list[bool] = []
+
+    def ctx(job: str, stop: int | None = None) -> WorkerContext:
+        return _ctx(
+            tmp_path,
+            job,
+            report=lambda _: during.append(torch.backends.cuda.cudnn_sdp_enabled()),
+            stop_after_step=stop,
+        )
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        spec = _spec(steps=2)
+        for d in ("done", "stopped"):
+            (tmp_path / d).mkdir()
+        train(spec, tiny_flux_model, tiny_image_dataset, tmp_path / "done", ctx("done"))
+        assert during and not any(during)  # off at every progress report
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+        with pytest.raises(Preempted):
+            train(spec, tiny_flux_model, tiny_image_dataset, tmp_path / "stopped", ctx("s", 1))
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

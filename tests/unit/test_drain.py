@@ -50,7 +50,9 @@ def test_only_attempts_on_draining_nodes_are_asked_and_again_each_pass() -> None
     assert backend.asked == []
 
     backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS + 1000)}  # drained again, later
+    watch.new_pass()
     watch.sweep(inflight)  # type: ignore[arg-type]
+    watch.new_pass()
     watch.sweep(inflight)  # type: ignore[arg-type]
     why = backend.drains[NODE_A].describe()
     assert backend.asked == [("j1", 1, why), ("j1", 1, why)]  # a lost request is sent again
@@ -64,14 +66,31 @@ def test_a_notice_outlives_the_drain_but_not_its_attempt() -> None:
     a1 = _Attempt("j1", 1, NODE_A)
     watch.sweep({"j1": a1})  # type: ignore[dict-item]
     backend.drains = {}  # the node is gone: the attempt's loss is still the drain's
+    watch.new_pass()
     assert watch.settle(a1) == Drain(NODE_A, DEADLINE_MS).describe()  # type: ignore[arg-type]
 
     backend.drains = {NODE_A: Drain(NODE_A, DEADLINE_MS)}
+    watch.new_pass()
     watch.sweep({"j1": a1})  # type: ignore[dict-item]
+    watch.new_pass()
     watch.sweep({})  # cancelled meanwhile: forgotten, and no GCS read with nothing in flight
     assert backend.reads == 2
     backend.drains = {}
     assert watch.settle(a1) is None  # type: ignore[arg-type]
+
+
+def test_a_pass_reads_the_drains_once_however_often_they_are_needed() -> None:
+    backend = _Backend({NODE_A: Drain(NODE_A, DEADLINE_MS)})
+    watch = DrainWatch(backend)  # type: ignore[arg-type]
+    a1, a2 = _Attempt("j1", 1, NODE_A), _Attempt("j2", 1, NODE_B)
+    watch.new_pass()
+    assert watch.settle(a2) is None  # type: ignore[arg-type]
+    watch.sweep({"j1": a1})  # type: ignore[dict-item]
+    assert set(watch.current()) == {NODE_A}
+    assert backend.reads == 1
+    backend.drains = {}
+    watch.new_pass()  # the next pass reads afresh
+    assert watch.current() == {} and backend.reads == 2
 
 
 def test_an_attempt_that_ended_before_it_was_told_is_still_the_drain_s() -> None:

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from lorajobs.jobspecs.failures import LoraJobsError, Preempted
-from lorajobs.worker.trainers.loop import TrainLoop, lr_factor
+from lorajobs.worker.trainers.loop import (
+    LoopResult,
+    TrainLoop,
+    lr_factor,
+    pick_device,
+    resolve_precision,
+)
 from lorajobs.worker.trainers.pack_lora import PackSlices
 from lorajobs.worker.trainers.preemption import PreemptionNotice
 
@@ -71,21 +77,34 @@ class PackLoop:
     def run(self) -> None:
         """Resume each member from its own checkpoint, then train them all to the end.
 
-        A SIGTERM (preemption) checkpoints every running member after the current round and
-        raises `Preempted`: each resumes from its own checkpoint in the next attempt.
+        A preemption notice, SIGTERM or a stop request for any member (`ctx.stop_requested`:
+        its node drains), stops the pack as a whole: every running member is checkpointed
+        after the current round and `Preempted` is raised; each resumes from its own
+        checkpoint in the next attempt.
         """
-        with PreemptionNotice() as notice:
+        with PreemptionNotice(self._stop_requested) as notice:
             for m in self.members:
                 self._resume(m)
+            why: str | None = None
             while self.running():
-                # After a SIGTERM only the members inside an accumulation go on, to the end of
+                # After a notice only the members inside an accumulation go on, to the end of
                 # their step: then every member has a whole step to checkpoint.
-                draining = notice.received
-                self._round(only_mid_step=draining)
-                if draining and not any(m.micro for m in self.running()):
+                why = why or notice.reason()
+                self._round(only_mid_step=why is not None)
+                if why is not None and not any(m.micro for m in self.running()):
                     for m in self.running():
                         self._checkpoint(m, force=True)
-                    raise Preempted(f"pack stopped after round {self.rounds}: SIGTERM")
+                    raise Preempted(f"pack stopped after round {self.rounds}: {why}")
+
+    def _stop_requested(self) -> str | None:
+        """Why the platform wants the pack stopped (the members share a node: a drain asks
+        each of them), or None."""
+        for m in self.running():
+            asked = m.loop.ctx.stop_requested
+            why = asked() if asked is not None else None
+            if why is not None:
+                return why
+        return None
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -255,3 +274,80 @@ class PackOutcome:
 def adapter_name(index: int) -> str:
     """The PEFT adapter name of a pack's `index`-th job (a module key: no dots)."""
     return f"pack{index}"
+
+
+OnOutcome = Callable[[PackJob, PackOutcome], None]
+
+
+class PackRun:
+    """What the kinds' `train_pack` share around the `PackLoop`: the pack's threads, device and
+    precision (its first job's), one `PackOutcome` per job, and how each job's end is recorded
+    and told (`on_outcome`, as it happens, while the others may still train)."""
+
+    def __init__(self, jobs: list[PackJob], on_outcome: OnOutcome | None = None) -> None:
+        first = jobs[0]
+        torch.set_num_threads(first.ctx.threads)
+        self.device = pick_device()
+        self.precision = resolve_precision(first.spec.training.mixed_precision, self.device)
+        self.ids = [j.ctx.job_id for j in jobs]
+        self.outcomes = {
+            i: PackOutcome(i, packed_with=[o for o in self.ids if o != i]) for i in self.ids
+        }
+        self.on_outcome = on_outcome
+
+    def end(self, job: PackJob, **what: Any) -> None:
+        """Record how `job` ended (`output`, `error`, `cancelled`, `steps_done`) and tell."""
+        out = self.outcomes[job.ctx.job_id]
+        for k, v in what.items():
+            setattr(out, k, v)
+        if self.on_outcome is not None:
+            self.on_outcome(job, out)
+
+    def results(self) -> list[PackOutcome]:
+        """One outcome per job, in the order the jobs were given."""
+        return [self.outcomes[i] for i in self.ids]
+
+    def train(
+        self,
+        members: list[Member],
+        pack: PackSlices,
+        forward: PackForward,
+        job_of: Callable[[Member], PackJob],
+        finish: Callable[[Member], Any],
+    ) -> list[PackOutcome]:
+        """Run the members to their ends: `finish(m)` (the kind's export) as each completes;
+        a failed or cancelled member's end once the loop is over. Returns `results()`."""
+
+        def on_done(m: Member) -> None:
+            try:
+                output = finish(m)
+            except LoraJobsError as err:
+                self.end(job_of(m), error=err, steps_done=m.loop.step - m.resumed_from)
+                return
+            self.end(job_of(m), output=output, steps_done=m.loop.step - m.resumed_from)
+
+        PackLoop(members, pack, forward, on_done).run()
+        for m in members:
+            if m.state == "failed":
+                self.end(job_of(m), error=m.error, steps_done=m.loop.step - m.resumed_from)
+            elif m.state == "cancelled":
+                self.end(job_of(m), cancelled=True, steps_done=m.loop.step - m.resumed_from)
+        return self.results()
+
+
+def loop_result(m: Member) -> LoopResult:
+    """A member's training as the solo loop reports it (for the kind's metrics)."""
+    return LoopResult(
+        losses=m.loop.losses,
+        counters=m.loop.counters,
+        resumed_from_step=m.resumed_from,
+        train_seconds=time.monotonic() - m.started,
+    )
+
+
+def keep_rng(pack: PackSlices, name: str) -> None:
+    """Keep the generator state now as member `name`'s (its dropout draws), as the solo loop
+    has it when it starts."""
+    pack.rng[name] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        pack.cuda_rng[name] = torch.cuda.get_rng_state()

@@ -16,8 +16,10 @@ predicts the velocity noise - x_0 at timestep sigma, and sigma is drawn per imag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,23 @@ DOUBLE_TARGETS = [
 ]
 DEFAULT_GUIDANCE = 1.0
 T5_MAX = 512  # FluxPipeline's ceiling on max_sequence_length
+
+
+@contextlib.contextmanager
+def cudnn_attention_off() -> Iterator[None]:
+    """cuDNN's fused attention off for one Flux job, then as it was (also on an error): the
+    switch is process-wide, and a Ray task worker trains other jobs after this one.
+
+    cuDNN's fused attention failed in the backward pass of a Flux-sized joint attention (4096
+    image + 512 text tokens, bf16; torch 2.11 on an H200: "mha_graph.execute"); flash /
+    memory-efficient attention train it. The switch only matters on CUDA (it is a flag
+    elsewhere), so it is set on every device: one path, testable on a CPU."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def transformer_config(model_dir: Path) -> dict[str, Any] | None:

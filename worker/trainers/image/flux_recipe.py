@@ -30,6 +30,7 @@ from lorajobs.worker.trainers.image.flux import (
     FluxBase,
     FluxEncoders,
     check_flux_spec,
+    cudnn_attention_off,
     default_targets,
     freeze_flux,
     load_flux_models,
@@ -70,17 +71,19 @@ def train_flux(
     spec: ImageJobSpec, model_dir: Path, data_dir: Path, out_dir: Path, ctx: WorkerContext
 ) -> TrainOutput:
     """Train the spec's LoRA over the Flux.1 base in `model_dir`, into `out_dir`."""
+    with cudnn_attention_off():  # for this job only: the next one on this worker gets it back
+        return _train_flux(spec, model_dir, data_dir, out_dir, ctx)
+
+
+def _train_flux(
+    spec: ImageJobSpec, model_dir: Path, data_dir: Path, out_dir: Path, ctx: WorkerContext
+) -> TrainOutput:
     cfg = spec.training
     started_at = time.time()
     parts.refuse_unloadable(spec, model_dir)
     torch.set_num_threads(ctx.threads)
     device = pick_device()
     refuse_here(cfg, device)  # a quantized base / 8-bit AdamW: CUDA (and bitsandbytes) or one line
-    if device.type == "cuda":
-        # cuDNN's fused attention failed in the backward pass of a Flux-sized joint attention
-        # (4096 image + 512 text tokens, bf16; torch 2.11 on an H200: "mha_graph.execute"):
-        # flash / memory-efficient attention instead, which train it.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     precision = resolve_precision(cfg.mixed_precision, device)
 
     ds = build_image_dataset(data_dir, spec)

@@ -39,19 +39,23 @@ from lorajobs.worker.trainers.image.parts import (
     refuse_unloadable,
 )
 from lorajobs.worker.trainers.loop import (
-    LoopResult,
     TrainLoop,
     build_optimizer,
-    pick_device,
-    resolve_precision,
     seed_everything,
     spec_fingerprint,
     total_steps,
 )
-from lorajobs.worker.trainers.pack import Member, PackJob, PackLoop, PackOutcome, adapter_name
+from lorajobs.worker.trainers.pack import (
+    Member,
+    OnOutcome,
+    PackJob,
+    PackOutcome,
+    PackRun,
+    adapter_name,
+    keep_rng,
+    loop_result,
+)
 from lorajobs.worker.trainers.pack_lora import NamedParams, PackSlices, adapter_params, install
-
-OnOutcome = Callable[[PackJob, PackOutcome], None]
 
 
 def packable(spec: Any) -> str | None:
@@ -99,56 +103,26 @@ def train_pack(
 ) -> list[PackOutcome]:
     """Train every job of `jobs` on the one UNet base in `model_dir`; one outcome per job, in
     order. `on_outcome` is called as each job ends (its adapter exported into `out_dir`)."""
-    first = jobs[0]
-    torch.set_num_threads(first.ctx.threads)
-    device = pick_device()
-    precision = resolve_precision(first.spec.training.mixed_precision, device)
-    ids = [j.ctx.job_id for j in jobs]
-    outcomes = {
-        j.ctx.job_id: PackOutcome(j.ctx.job_id, packed_with=[i for i in ids if i != j.ctx.job_id])
-        for j in jobs
-    }
-
-    def end(job: PackJob, **what: Any) -> None:
-        out = outcomes[job.ctx.job_id]
-        for k, v in what.items():
-            setattr(out, k, v)
-        if on_outcome is not None:
-            on_outcome(job, out)
-
-    state = _check(jobs, model_dir, end)
+    run = PackRun(jobs, on_outcome)
+    device, precision = run.device, run.precision
+    state = _check(jobs, model_dir, run.end)
     if not state:
-        return [outcomes[i] for i in ids]
+        return run.results()
     base = load_image_base(model_dir)
     freeze(base, device, precision.base_dtype)
-    pack, names = _add_adapters(base, [s.job for s in state.values()], end)
-    members = _encode_and_build(base, state, names, model_dir, device, precision, end)
+    pack, names = _add_adapters(base, [s.job for s in state.values()], run.end)
+    members = _encode_and_build(base, state, names, model_dir, device, precision, run.end)
     if not members:
-        return [outcomes[i] for i in ids]
+        return run.results()
     base.unet.train()
     install(base.unet, pack)
     by_name = {m.name: state[m.job_id] for m in members}
     _seed_rng(pack, members, {n: s.job.spec.training.seed for n, s in by_name.items()})
 
-    forward = _forward(base, pack)
+    def finish(m: Member) -> Any:
+        return _finish(by_name[m.name], m, base, precision, device)
 
-    def on_done(m: Member) -> None:
-        s = by_name[m.name]
-        try:
-            output = _finish(s, m, base, precision, device)
-        except LoraJobsError as err:
-            end(s.job, error=err, steps_done=m.loop.step - m.resumed_from)
-            return
-        end(s.job, output=output, steps_done=m.loop.step - m.resumed_from)
-
-    PackLoop(members, pack, forward, on_done).run()
-    for m in members:
-        job = by_name[m.name].job
-        if m.state == "failed":
-            end(job, error=m.error, steps_done=m.loop.step - m.resumed_from)
-        elif m.state == "cancelled":
-            end(job, cancelled=True, steps_done=m.loop.step - m.resumed_from)
-    return [outcomes[i] for i in ids]
+    return run.train(members, pack, _forward(base, pack), lambda m: by_name[m.name].job, finish)
 
 
 def _check(jobs: list[PackJob], model_dir: Path, end: Callable[..., None]) -> dict[str, _Job]:
@@ -281,9 +255,7 @@ def _seed_rng(pack: PackSlices, members: list[Member], seeds: dict[str, int]) ->
     """Each member's dropout generator as solo has it when its loop starts: just seeded."""
     for m in members:
         seed_everything(seeds[m.name])
-        pack.rng[m.name] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            pack.cuda_rng[m.name] = torch.cuda.get_rng_state()
+        keep_rng(pack, m.name)
 
 
 def _finish(s: _Job, m: Member, base: Any, precision: Any, device: torch.device) -> Any:
@@ -291,12 +263,7 @@ def _finish(s: _Job, m: Member, base: Any, precision: Any, device: torch.device)
     from lorajobs.worker.context import TrainOutput
 
     spec, job, loop = s.job.spec, s.job, m.loop
-    result = LoopResult(
-        losses=loop.losses,
-        counters=loop.counters,
-        resumed_from_step=m.resumed_from,
-        train_seconds=time.monotonic() - m.started,
-    )
+    result = loop_result(m)
     times = (s.started_at, time.time())
     trained = {"unet": base.unet}
     files = solo._export(spec, trained, base, s.ds, job.out_dir, loop.total, times, m.name)

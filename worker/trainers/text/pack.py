@@ -9,7 +9,6 @@ job's loss is taken from its own rows, cropped back to its own length (the solo 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,8 @@ import torch
 from lorajobs.jobspecs.failures import LoraJobsError, UserDataError
 from lorajobs.worker.plots import draw_loss_curve
 from lorajobs.worker.trainers.loop import (
-    LoopResult,
     TrainLoop,
     build_optimizer,
-    pick_device,
-    resolve_precision,
     seed_everything,
     spec_fingerprint,
     to_device,
@@ -31,17 +27,18 @@ from lorajobs.worker.trainers.loop import (
 )
 from lorajobs.worker.trainers.pack import (
     Member,
+    OnOutcome,
     PackJob,
-    PackLoop,
     PackOutcome,
+    PackRun,
     adapter_name,
+    keep_rng,
+    loop_result,
 )
 from lorajobs.worker.trainers.pack_lora import NamedParams, PackSlices, adapter_params, install
 from lorajobs.worker.trainers.text import recipe as solo
 from lorajobs.worker.trainers.text.pack_attention import install_attention
 from lorajobs.worker.trainers.text.packing import TextBatch
-
-OnOutcome = Callable[[PackJob, PackOutcome], None]
 
 
 def train_pack(
@@ -52,35 +49,20 @@ def train_pack(
     `on_outcome` is called as each job ends (a finished job's adapter is exported into its
     `out_dir` first), while the others may still be training.
     """
-    first = jobs[0]
-    torch.set_num_threads(first.ctx.threads)
-    device = pick_device()
-    precision = resolve_precision(first.spec.training.mixed_precision, device)
-    ids = [j.ctx.job_id for j in jobs]
-    outcomes = {
-        j.ctx.job_id: PackOutcome(j.ctx.job_id, packed_with=[i for i in ids if i != j.ctx.job_id])
-        for j in jobs
-    }
-
-    def end(job: PackJob, **what: Any) -> None:
-        out = outcomes[job.ctx.job_id]
-        for k, v in what.items():
-            setattr(out, k, v)
-        if on_outcome is not None:
-            on_outcome(job, out)
-
-    tokenizer = solo._load(first.spec, model_dir, "tokenizer")
+    run = PackRun(jobs, on_outcome)
+    device, precision = run.device, run.precision
+    tokenizer = solo._load(jobs[0].spec, model_dir, "tokenizer")
     data: dict[str, Any] = {}
     for job in jobs:  # a job with bad data fails alone, before the model loads
         try:
             data[job.ctx.job_id] = solo._dataset(job.spec, job.data_path, tokenizer, job.ctx)
         except LoraJobsError as err:
-            end(job, error=err)
+            run.end(job, error=err)
     model, pack, names = _model_with_adapters(
-        [j for j in jobs if j.ctx.job_id in data], model_dir, precision.base_dtype, end
+        [j for j in jobs if j.ctx.job_id in data], model_dir, precision.base_dtype, run.end
     )
     if model is None:
-        return [outcomes[i] for i in ids]
+        return run.results()
     model.to(device)
     model.train()
     install(model, pack)
@@ -97,26 +79,12 @@ def train_pack(
         members.append(_member(job, name, ds, model, precision, device))
         by_name[name] = (job, ds)
 
-    forward = _pack_forward(model, pack, inner, pad_id, device)
-
-    def on_done(m: Member) -> None:
+    def finish(m: Member) -> Any:
         job, ds = by_name[m.name]
-        try:
-            output = _finish(job, m, ds, model, pack, precision, device)
-        except LoraJobsError as err:
-            end(job, error=err, steps_done=m.loop.step - m.resumed_from)
-            return
-        end(job, output=output, steps_done=m.loop.step - m.resumed_from)
+        return _finish(job, m, ds, model, pack, precision, device)
 
-    loop = PackLoop(members, pack, forward, on_done)
-    loop.run()
-    for m in members:
-        job = by_name[m.name][0]
-        if m.state == "failed":
-            end(job, error=m.error, steps_done=m.loop.step - m.resumed_from)
-        elif m.state == "cancelled":
-            end(job, cancelled=True, steps_done=m.loop.step - m.resumed_from)
-    return [outcomes[i] for i in ids]
+    forward = _pack_forward(model, pack, inner, pad_id, device)
+    return run.train(members, pack, forward, lambda m: by_name[m.name][0], finish)
 
 
 def _pack_forward(
@@ -172,9 +140,7 @@ def _model_with_adapters(
         except ValueError as err:
             end(job, error=UserDataError(f"base model {job.spec.base_model}: {err}"))
             continue
-        pack.rng[name] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            pack.cuda_rng[name] = torch.cuda.get_rng_state()
+        keep_rng(pack, name)
         names[job.ctx.job_id] = name
     return model, pack, names
 
@@ -241,12 +207,7 @@ def _finish(
     from lorajobs.worker.context import TrainOutput
 
     spec, loop = job.spec, m.loop
-    result = LoopResult(
-        losses=loop.losses,
-        counters=loop.counters,
-        resumed_from_step=m.resumed_from,
-        train_seconds=time.monotonic() - m.started,
-    )
+    result = loop_result(m)
     saved = pack.slices, pack.widths
     pack.alone(m.name)
     try:
