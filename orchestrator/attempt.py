@@ -86,7 +86,7 @@ def run(
 
                 return run_gang(
                     parsed, spec, job_id, attempt, output_uri,
-                    report=ctx.report, extra=extra, log=log.line,
+                    report=ctx.report, extra=extra, log=log.line, stop_requested=stop_requested,
                 )  # fmt: skip
             return run_job(parsed, ctx)  # run_job logs the upload
 

@@ -26,7 +26,7 @@ from lorajobs.orchestrator.cost import attempt_cost, hourly_rate
 from lorajobs.orchestrator.drain import DrainWatch
 from lorajobs.orchestrator.queue import JobRecord, Queue
 from lorajobs.orchestrator.ray_backend import Attempt, RayBackend
-from lorajobs.orchestrator.records import aware
+from lorajobs.orchestrator.records import aware, launch_extra
 from lorajobs.orchestrator.recovery import RETRY_COLUMN, Action, Loss, decide
 from lorajobs.orchestrator.scheduler import Candidate, Hold, Round, Shape, node_views
 from lorajobs.orchestrator.settings import ControllerConfig
@@ -324,18 +324,7 @@ class Controller:
 
     def _launch(self, job: JobRecord) -> None:
         shape = Shape(job.gpus, job.gpu_type, job.cpus, job.memory_gb)
-        rate = self._rate(job)
-        extra: dict[str, Any] = {
-            "placement": {"accelerator": job.accelerator or "cpu", "attempt": job.attempt}
-        }
-        if job.gang_nodes:  # the nodes the round gave a multi-node gang: Ray Train keeps to them
-            extra["placement"]["gang_nodes"] = job.gang_nodes.split(",")
-        if rate is not None:
-            extra["cost"] = {
-                "usd_per_hour": rate,
-                "accelerator": job.accelerator or "cpu",
-                "earlier_attempts_usd": job.cost_usd or 0.0,
-            }
+        extra = launch_extra(job, self._rate(job))
         try:
             self.inflight[job.id] = self.backend.launch(
                 job.id,

@@ -95,7 +95,7 @@ class DrainWatch:
             return
         drains = self.current()
         for job_id, attempt in inflight.items():
-            drain = drains.get(attempt.node_id or "")
+            drain = _first(drains, attempt.on())  # a gang stops when any of its nodes drains
             if drain is None:
                 continue
             if job_id not in self._notices:
@@ -113,10 +113,15 @@ class DrainWatch:
         else its node's drain if that node drains now (the attempt was placed just before the
         drain, and Ray refused it or it failed before it could be told); None: no drain."""
         notice = self._notices.pop(attempt.job_id, None)
-        if notice is None and attempt.node_id:
-            drain = self.current().get(attempt.node_id)
+        if notice is None and attempt.on():
+            drain = _first(self.current(), attempt.on())
             notice = drain.describe() if drain is not None else None
         return notice
+
+
+def _first(drains: Mapping[str, Drain], nodes: tuple[str, ...]) -> Drain | None:
+    """The drain of the first of `nodes` that is draining, if any."""
+    return next((drains[n] for n in nodes if n in drains), None)
 
 
 class StopPoll:

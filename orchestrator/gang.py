@@ -72,11 +72,18 @@ def run_gang(
     report: Callable[[dict[str, Any]], None],
     extra: dict[str, Any],
     log: Callable[[str], None],
+    stop_requested: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     """Train `spec` on a gang of `resources.workers` workers; rank 0's result dict. Rank 0's
-    progress reaches `report` (the attempt's: the controller and the attempt log) here."""
+    progress reaches `report` (the attempt's: the controller and the attempt log) here.
+
+    A stop notice — SIGTERM to this task (a priority preemption) or `stop_requested` (a drain)
+    — goes to rank 0 through the relay; the ranks agree on it at their next step
+    (`GangTrainLoop`), checkpoint together and end `Preempted`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lorajobs.worker.trainers.preemption import PreemptionNotice
 
     res = spec.resources
     strategy = gangs.placement_strategy(res.nodes, res.gpus)
@@ -106,7 +113,11 @@ def run_gang(
         "started": time.time(),  # for the cost rank 0 writes into the sidecar
     }
     # Ray Train's own files (no checkpoints of ours go there): removed with the attempt.
-    with _relaying(relay, report), tempfile.TemporaryDirectory(prefix="lorajobs-train-") as storage:
+    with (
+        PreemptionNotice(stop_requested) as notice,
+        _relaying(relay, report, notice.reason),
+        tempfile.TemporaryDirectory(prefix="lorajobs-train-") as storage,
+    ):
         trainer = TorchTrainer(
             run_rank,
             train_loop_config=config,
@@ -147,8 +158,16 @@ def _start_relay() -> Any:
         def __init__(self) -> None:
             self.items: list[dict[str, Any]] = []
 
+            self.why: str | None = None
+
         def put(self, item: dict[str, Any]) -> None:
             self.items = [*self.items[-99:], item]
+
+        def stop(self, why: str) -> None:
+            self.why = self.why or why
+
+        def stopping(self) -> str | None:
+            return self.why
 
         def take(self) -> list[dict[str, Any]]:
             out, self.items = self.items, []
@@ -160,15 +179,23 @@ def _start_relay() -> Any:
 
 
 @contextmanager
-def _relaying(relay: Any, report: Callable[[dict[str, Any]], None]) -> Iterator[None]:
-    """Pass what rank 0 puts in `relay` to `report`, about every second, until the block ends."""
+def _relaying(
+    relay: Any, report: Callable[[dict[str, Any]], None], notice: Callable[[], str | None]
+) -> Iterator[None]:
+    """Pass what rank 0 puts in `relay` to `report`, and a stop `notice` (once) to rank 0
+    through it, about every second, until the block ends."""
     import ray
 
     stop = threading.Event()
+    told: list[str] = []
 
     def pump() -> None:
         while True:
             last = stop.wait(1.0)
+            why = notice()
+            if why and not told:
+                told.append(why)
+                relay.stop.remote(why)  # rank 0 reads it within a second (`rank_stop`)
             try:
                 items = ray.get(relay.take.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - progress is best effort: training goes on
@@ -226,6 +253,7 @@ def run_rank(config: dict[str, Any]) -> None:
 
     ctx = WorkerContext(
         job_id=job_id,
+        stop_requested=rank_stop(relay) if rank == 0 else None,
         output_uri=config["output_uri"],
         cache_dir=Settings.from_env().cache_dir,  # this node's own cache
         attempt=attempt,
@@ -239,3 +267,24 @@ def run_rank(config: dict[str, Any]) -> None:
     out = run_job(spec, ctx)
     # Every rank reports once (Ray Train's report is a barrier); rank 0's metrics are kept.
     ray.train.report({"lorajobs_result": json.dumps(out) if rank == 0 else ""})
+
+
+def rank_stop(relay: Any, every_s: float = 1.0) -> Callable[[], str | None]:
+    """Rank 0's stop request: the relay's notice, asked at most every `every_s` (the loop
+    calls this each step); the other ranks learn it from rank 0 at the same step."""
+    import ray
+
+    last = [0.0]
+    why: list[str | None] = [None]
+
+    def poll() -> str | None:
+        now = time.monotonic()
+        if why[0] is None and now - last[0] >= every_s:
+            last[0] = now
+            try:
+                why[0] = ray.get(relay.stopping.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - asked again next time
+                why[0] = None
+        return why[0]
+
+    return poll

@@ -10,10 +10,11 @@ victims: lowest priority first, then fewest GPUs, then the shortest run so far.
 A gang (`orchestrator/gangs.py`) that fits nowhere now may preempt on `nodes` distinct nodes
 at once: all or none. Each node's cheapest victims are chosen as above, the nodes needing the
 fewest and cheapest victims win (nodes where it fits already, counting what is on its way back,
-first), and victims are stopped only when `nodes` such nodes exist. A running gang is never a
-victim: its attempt's task coordinates workers on other nodes and does not take the preemption
-notice to them (`orchestrator/gang.py` has no SIGTERM path), so stopping it would lose its work
-since the last checkpoint and free its nodes only when Ray tears it down.
+first), and victims are stopped only when `nodes` such nodes exist. A running gang may be a
+victim like any job: SIGTERM to its coordinating task reaches every rank (`orchestrator/gang.py`,
+`GangTrainLoop`), which checkpoint together and stop; it is listed under its first node, where
+its share counts, and what it gives back on its other nodes is counted once it is asked to stop
+(`pending`).
 
 Jobs asked to stop keep their resources until they have checkpointed and ended; the round counts
 those resources as on their way back (`pending`), so the job they were stopped for (or another
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from lorajobs.orchestrator import gangs
 from lorajobs.orchestrator.resources import (
     _EPS,
     ACCELERATOR_PREFIX,
@@ -56,11 +56,9 @@ class Decision:
 
 
 def eligible(hold: Hold, now: datetime, policy: Policy) -> bool:
-    """Whether a running job may be preempted now (priority aside). Never a gang (above)."""
+    """Whether a running job may be preempted now (priority aside)."""
     window = policy.min_runtime_s
     if hold.preempting or hold.started_at is None or hold.node_id is None:
-        return False
-    if hold.nodes > 1 or gangs.workers(hold.gpus) > 1:  # a gang
         return False
     if (now - hold.started_at).total_seconds() < window:
         return False

@@ -121,6 +121,12 @@ class Attempt:
     running: bool = False
     #: The jobs of its pack (this one included) when it trains in one; () when alone.
     pack: tuple[str, ...] = ()
+    #: A multi-node gang's nodes (its workers', `node_id` among them); () otherwise.
+    nodes: tuple[str, ...] = ()
+
+    def on(self) -> tuple[str, ...]:
+        """Every node the attempt trains on: its task's, and a gang's workers'."""
+        return tuple(dict.fromkeys(n for n in (self.node_id, *self.nodes) if n))
 
 
 @dataclass
@@ -318,7 +324,8 @@ class RayBackend:
         ref = run_attempt.options(**options).remote(
             spec, job_id, attempt, output_uri, self.board, extra or {}
         )
-        return Attempt(job_id, attempt, ref, time.monotonic(), node_id)
+        gang = tuple(((extra or {}).get("placement") or {}).get("gang_nodes") or ())
+        return Attempt(job_id, attempt, ref, time.monotonic(), node_id, nodes=gang)
 
     def launch_pack(
         self,

@@ -130,3 +130,20 @@ class Change:
     reason: str
     fields: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] | None = None
+
+
+def launch_extra(job: JobRecord, rate: float | None) -> dict[str, Any]:
+    """What an attempt of `job` is told beside its spec: where it was placed (the accelerator,
+    the attempt, a multi-node gang's nodes, which Ray Train keeps to) and, with prices set,
+    what it costs (for the sidecar)."""
+    placement: dict[str, Any] = {"accelerator": job.accelerator or "cpu", "attempt": job.attempt}
+    if job.gang_nodes:
+        placement["gang_nodes"] = job.gang_nodes.split(",")
+    extra: dict[str, Any] = {"placement": placement}
+    if rate is not None:
+        extra["cost"] = {
+            "usd_per_hour": rate,
+            "accelerator": job.accelerator or "cpu",
+            "earlier_attempts_usd": job.cost_usd or 0.0,
+        }
+    return extra

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorajobs.orchestrator.drain import Drain, DrainWatch
+from lorajobs.orchestrator.ray_backend import Attempt
 
 NODE_A, NODE_B = "a" * 56, "b" * 56
 # 2026-12-04 17:30:12 UTC
@@ -21,11 +22,8 @@ def test_a_drain_names_the_node_and_the_deadline() -> None:
     )
 
 
-@dataclass
-class _Attempt:
-    job_id: str
-    attempt: int
-    node_id: str | None
+def _Attempt(job_id: str, attempt: int, node_id: str | None, *gang: str) -> Attempt:  # noqa: N802
+    return Attempt(job_id, attempt, ref=None, started=0.0, node_id=node_id, nodes=gang)
 
 
 @dataclass
@@ -38,7 +36,7 @@ class _Backend:
         self.reads += 1
         return self.drains
 
-    def request_stop(self, attempt: _Attempt, why: str) -> None:
+    def request_stop(self, attempt: Attempt, why: str) -> None:
         self.asked.append((attempt.job_id, attempt.attempt, why))
 
 
@@ -101,3 +99,12 @@ def test_an_attempt_that_ended_before_it_was_told_is_still_the_drain_s() -> None
     assert watch.settle(_Attempt("j1", 1, NODE_A)) == notice  # type: ignore[arg-type]
     assert watch.settle(_Attempt("j2", 1, NODE_B)) is None  # type: ignore[arg-type]
     assert watch.settle(_Attempt("j3", 1, None)) is None  # type: ignore[arg-type]
+
+
+def test_a_gang_is_asked_when_any_of_its_nodes_drains() -> None:
+    backend = _Backend(drains={NODE_B: Drain(NODE_B, DEADLINE_MS)})
+    watch = DrainWatch(backend)  # type: ignore[arg-type]
+    gang = _Attempt("g", 2, NODE_A, NODE_A, NODE_B)  # its task on A, workers on A and B
+    watch.sweep({"g": gang})
+    assert [(j, a) for j, a, _ in backend.asked] == [("g", 2)]
+    assert watch.settle(gang) == Drain(NODE_B, DEADLINE_MS).describe()

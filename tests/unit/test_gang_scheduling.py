@@ -1,5 +1,5 @@
 """Gangs in preemption and reservation (pure policy, `scheduler.Round`): a high priority gang
-preempts lower priority jobs on `nodes` distinct nodes, all or none; a running gang is never a
+preempts lower priority jobs on `nodes` distinct nodes, all or none; a running gang may be a
 victim; a gang at the head reserves its nodes so that only jobs that end before it is due start
 there; and, with simulated time (`tests.plugins.simsched`), such a gang starts when promised."""
 
@@ -71,16 +71,23 @@ def test_the_gang_then_waits_for_its_victims_and_nothing_else_takes_their_room()
     assert sorted(p.data["gang_nodes"]) == ["a", "b"]  # type: ignore[index]
 
 
-def test_a_running_gang_is_never_a_victim() -> None:
+def test_a_running_gang_may_be_a_victim_and_gives_back_all_its_nodes() -> None:
     # A 2 x 8-GPU gang of priority 0 holds a and b; c runs peers. A priority 5 job that fits
-    # nowhere finds nothing to stop: stopping the gang would not take its workers' nodes back.
+    # nowhere stops the gang (SIGTERM reaches all its ranks: they checkpoint together).
     holds = [Hold("low", "o", "a", 16, 1, None, 0, OLD, nodes=2, gang_nodes=("a", "b"))]
     holds += ones("c", 8, 5)
     rnd = run(holds, Candidate("u", "o", 5, T0, 1, None, 1))
+    assert [(d.node_id, d.victims) for d in rnd.preempt.decisions] == [("a", ("low",))]
+    # Once it is stopping, both of its nodes count as on their way back: an 8-GPU job waits
+    # for b rather than stop anything else.
+    stopping = [Hold("low", "o", "a", 16, 1, None, 0, OLD, nodes=2, gang_nodes=("a", "b"),
+                     preempting=True)]  # fmt: skip
+    rnd = run(stopping + ones("c", 8, 5), Candidate("u", "o", 5, T0, 1, None, 1), Candidate(
+        "v", "o", 5, T0, 8, None, 1))  # fmt: skip
     assert rnd.preempt.decisions == []
     one_node = [Hold("low", "o", "a", 8, 1, None, 0, OLD)]  # `gpus: 8` on one node: a gang too
     rnd = run(one_node + ones("b", 8, 5) + ones("c", 8, 5), Candidate("u", "o", 5, T0, 8, None, 1))
-    assert rnd.preempt.decisions == []
+    assert [(d.node_id, d.victims) for d in rnd.preempt.decisions] == [("a", ("low",))]
 
 
 def test_a_gang_at_the_head_reserves_its_nodes_and_only_short_jobs_backfill_there() -> None:

@@ -37,6 +37,7 @@ from lorajobs.jobspecs.failures import InvalidInput
 from lorajobs.storage.checkpoints import Checkpoint, CheckpointStore
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers.loop import TrainLoop
+from lorajobs.worker.trainers.preemption import PreemptionNotice
 
 # Mixed into a rank's dropout seed: ranks draw independent masks, reproducibly.
 _RANK_STREAM = 1_000_003
@@ -223,6 +224,19 @@ class GangTrainLoop(TrainLoop):
     ) -> None:
         super().__init__(cfg, **kwargs)
         self.gang, self.average_grads, self.wrapped = gang, average_grads, wrapped
+
+    def _stop_reason(self, notice: PreemptionNotice) -> str | None:
+        # Every rank must stop at the same step (the checkpoint is a collective): any rank's
+        # notice — rank 0's stop request, or a SIGTERM to any of them — stops them all. One
+        # tiny all-reduce per step, read on the host.
+        import torch.distributed as dist
+
+        mine = notice.reason()
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if float(flag.item()) == 0.0:
+            return None
+        return mine or "another worker of the gang was told to stop"
 
     def _micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         # DDP all-reduces once per optimizer step: the earlier micro-batches' gradients add up

@@ -280,7 +280,7 @@ class TrainLoop:
             report = now - last_report >= REPORT_EVERY_S or self.step == self.total
             every, store = self.cfg.checkpoint_every, self.ctx.checkpoints
             stop = self.ctx.stop_after_step == self.step and self.step < self.total
-            why = notice.reason()
+            why = self._stop_reason(notice)
             save = store is not None and bool(stop or why or (every and self.step % every == 0))
             if report or save or stop or why:
                 self._read_losses()
@@ -379,6 +379,10 @@ class TrainLoop:
     def _resume(self) -> int:
         """Restore the latest checkpoint, if any; the step it was taken at (else 0)."""
         return loop_state.resume(self)
+
+    def _stop_reason(self, notice: PreemptionNotice) -> str | None:
+        """Why to checkpoint and stop after this step (None: go on); a gang's ranks agree."""
+        return notice.reason()
 
     def _micro_batch(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Around one micro-batch's forward and backward (`last`: the step's last): a DDP gang
