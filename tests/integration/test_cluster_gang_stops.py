@@ -1,8 +1,14 @@
-"""A spot reclaim under a multi-node gang, on a simulated cluster: Ray drains one of the gang's
-worker nodes (not the node its coordinating task runs on) with a 30 s deadline. The
-coordinator passes the notice to rank 0, the ranks agree on it at the same step, checkpoint
-together and end preempted, with no retry charged; the gang resumes on two other nodes before
-the deadline, and its final adapter is byte-identical to an uninterrupted gang's."""
+"""Stop notices under a multi-node gang, on a simulated cluster, with real training.
+
+- A spot reclaim: Ray drains one of the gang's worker nodes (not the node its coordinating task
+  runs on) with a 30 s deadline. The coordinator passes the notice to rank 0, the ranks agree
+  on it at the same step, checkpoint together and end preempted, with no retry charged; the
+  gang resumes on two other nodes before the deadline.
+- A priority preemption: a high priority job that fits nowhere stops a running low priority
+  gang once it has run the minimum runtime (SIGTERM to the coordinating task); the gang
+  checkpoints, the high job runs, the gang resumes.
+
+Either way the gang's final adapter is byte-identical to an uninterrupted gang's."""
 
 from __future__ import annotations
 
@@ -32,10 +38,11 @@ CONFIG = ControllerConfig(
 )
 
 
-def _spec(model: Path, data: Path) -> dict[str, Any]:
+def _spec(model: Path, data: Path, priority: int = 0) -> dict[str, Any]:
     return {
         "kind": "text",
-        "name": "reclaimed-gang",
+        "name": "stopped-gang",
+        "priority": priority,
         "base_model": str(model),
         "dataset": str(data),
         "lora": {"rank": 4, "alpha": 8},
@@ -96,4 +103,40 @@ def test_a_drained_gang_node_checkpoints_the_whole_gang_and_it_resumes_elsewhere
     # Resumed from the checkpoint the ranks took together; not a byte changed.
     assert done.result["metrics"]["resumed_from_step"] >= 30
     stored = bucket / "adapters" / done.name / job.id / WEIGHTS
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == reference
+
+
+def test_a_high_priority_job_preempts_a_running_gang_which_resumes_identically(
+    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+) -> None:
+    from lorajobs.jobspecs import parse_spec
+    from tests.plugins.cluster import text_job
+
+    raw = _spec(tiny_text_model, tiny_text_dataset)
+    ref = run_ranks(tmp_path, "ref", 2, raw, bucket=tmp_path / "ref-bucket", job_id="ref")
+    reference = ref[0]["files"][WEIGHTS]
+
+    config = ControllerConfig(
+        poll_s=0.2,
+        lease_s=10,
+        policy=Policy(aging_s=0, preempt_margin=1, min_runtime_s=3.0),
+        retry=RetryPolicy(infra_retries=0, backoff_s=0.5),
+    )
+    for _ in range(2):
+        sim_cluster.add_gpu_node("A100")
+    queue, ctl = start_controller(sim_cluster, tmp_path / "home", config)
+    bucket = tmp_path / "bucket"
+    low = queue.submit(parse_spec(raw), output_uri=f"file://{bucket}")[0]
+    drive(ctl, lambda: (queue.get(low.id).step or 0) >= 30, timeout=240)
+    urgent = text_job("urgent", tiny_text_model, tiny_text_dataset, priority=5, steps=10)
+    high = queue.submit(urgent, output_uri=f"file://{bucket}")[0]
+    drive(ctl, lambda: queue.get(high.id).status.is_terminal(), timeout=240)
+    assert queue.get(high.id).status is JobStatus.succeeded
+    assert queue.get(low.id).preempted_by == high.id
+    drive(ctl, lambda: queue.get(low.id).status.is_terminal(), timeout=300)
+    done = queue.get(low.id)
+    assert done.status is JobStatus.succeeded, done.failure_reason
+    assert done.attempt == 2 and done.infra_retries == 0
+    assert done.result["metrics"]["resumed_from_step"] >= 30
+    stored = bucket / "adapters" / done.name / low.id / WEIGHTS
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == reference
