@@ -10,8 +10,8 @@ the first minute: a backlog; the rest, the priority 1 jobs and the urgent priori
 uniformly over a window sized so that demand is `--load` x what the cluster can run. The scheduler is told each job's run time with log-normal noise
 (sigma 0.25: steps x measured seconds per step is an estimate); running jobs' ends are known
 from their progress. Preempted jobs stop `checkpoint_s` after the notice keeping their work and
-lose `restart_s` when they start again. 8-GPU jobs are gangs (Ray Train): never preempted
-(`orchestrator/preemption.py` says why), so an urgent 8-GPU job may wait for a node to drain.
+lose `restart_s` when they start again. 8-GPU jobs are gangs (Ray Train); they preempt and
+are preempted as whole gangs (`orchestrator/preemption.py`).
 
 Reported:
 - makespan vs the lower bound max(total GPU-seconds / 32, latest arrival + run time); goal <= 1.10
