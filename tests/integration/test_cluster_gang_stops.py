@@ -58,14 +58,27 @@ def _spec(model: Path, data: Path, priority: int = 0) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="module")
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, tiny_text_model: Path, tiny_text_dataset: Path
+) -> str:
+    """The sha256 of an uninterrupted 2-worker gang's adapter (spawned ranks, no Ray)."""
+    tmp = tmp_path_factory.mktemp("gang-reference")
+    raw = _spec(tiny_text_model, tiny_text_dataset)
+    ref = run_ranks(tmp, "ref", 2, raw, bucket=tmp / "bucket", job_id="ref")
+    return str(ref[0]["files"][WEIGHTS])
+
+
 def test_a_drained_gang_node_checkpoints_the_whole_gang_and_it_resumes_elsewhere(
-    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+    sim_cluster: SimCluster,
+    tmp_path: Path,
+    tiny_text_model: Path,
+    tiny_text_dataset: Path,
+    reference: str,
 ) -> None:
     from lorajobs.jobspecs import parse_spec
 
     raw = _spec(tiny_text_model, tiny_text_dataset)
-    ref = run_ranks(tmp_path, "ref", 2, raw, bucket=tmp_path / "ref-bucket", job_id="ref")
-    reference = ref[0]["files"][WEIGHTS]
 
     nodes = [sim_cluster.add_gpu_node("A100") for _ in range(3)]
     queue, ctl = start_controller(sim_cluster, tmp_path / "home", CONFIG)
@@ -107,14 +120,16 @@ def test_a_drained_gang_node_checkpoints_the_whole_gang_and_it_resumes_elsewhere
 
 
 def test_a_high_priority_job_preempts_a_running_gang_which_resumes_identically(
-    sim_cluster: SimCluster, tmp_path: Path, tiny_text_model: Path, tiny_text_dataset: Path
+    sim_cluster: SimCluster,
+    tmp_path: Path,
+    tiny_text_model: Path,
+    tiny_text_dataset: Path,
+    reference: str,
 ) -> None:
     from lorajobs.jobspecs import parse_spec
     from tests.plugins.cluster import text_job
 
     raw = _spec(tiny_text_model, tiny_text_dataset)
-    ref = run_ranks(tmp_path, "ref", 2, raw, bucket=tmp_path / "ref-bucket", job_id="ref")
-    reference = ref[0]["files"][WEIGHTS]
 
     config = ControllerConfig(
         poll_s=0.2,

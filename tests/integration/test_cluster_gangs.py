@@ -1,7 +1,7 @@
 """Multi-GPU gangs on a simulated Ray cluster (logical GPUs, gloo on the CPU): a 2-worker job on
-one node and a 2-node job are each placed as one gang (one placement group, all GPUs at once),
-train with DDP, and end with the adapter a 1-worker run of the same global batch makes, within
-float reduction order; the two 2-worker runs give identical bytes. Losing a node of a running
+one node (DDP) and a 2-node job (FSDP) are each placed as one gang (one placement group, all
+GPUs at once, on the nodes the scheduler chose), and end with the adapter a 1-worker run of the
+same global batch makes, within float reduction order. Losing a node of a running
 2-node job stops the whole gang, and the job resumes from its checkpoint as a new attempt, to
 the bytes of the uninterrupted run."""
 
@@ -94,15 +94,17 @@ def one_worker(
     return adapter(root, "one", "ref"), out["metrics"]
 
 
-def gang_placements() -> list[dict[str, Any]]:
-    """Placement groups of Ray Train workers: strategy and the node of each bundle."""
+def gang_placements(on: set[str]) -> list[dict[str, Any]]:
+    """Placement groups of Ray Train workers on the nodes `on` (the Ray head outlives each
+    test's nodes, and so does its table of removed groups): strategy, each bundle's node."""
     import ray
 
-    return [
+    groups = [
         {"strategy": pg["strategy"], "nodes": list(pg["bundles_to_node_id"].values())}
         for pg in ray.util.placement_group_table().values()
         if any("GPU" in b for b in pg["bundles"].values())
     ]
+    return [g for g in groups if set(g["nodes"]) <= on]
 
 
 def test_two_worker_and_two_node_gangs_match_one_worker(
@@ -120,12 +122,10 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
     two = queue.submit(
         spec("gang", tiny_text_model, tiny_text_dataset, {"gpus": 2}), output_uri=f"file://{bucket}"
     )[0]
+    # The 2-node gang shards the model with FSDP: each rank holds half of it (over Ray Train's
+    # process group). Two runs of one spec at one world size give the same bytes: that is shown
+    # without Ray, in test_gang_resume.py (DDP) and test_fsdp.py.
     nodes2 = queue.submit(
-        spec("gang", tiny_text_model, tiny_text_dataset, {"nodes": 2, "gpus_per_node": 1}),
-        output_uri=f"file://{bucket}",
-    )[0]
-    # FSDP across the two nodes: each rank holds half of the model (Ray Train's process group).
-    sharded = queue.submit(
         spec(
             "gang",
             tiny_text_model,
@@ -149,11 +149,11 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
 
     drive(
         ctl,
-        until=lambda: all(queue.get(j.id).status.is_terminal() for j in (two, nodes2, sharded)),
+        until=lambda: all(queue.get(j.id).status.is_terminal() for j in (two, nodes2)),
         timeout=500,
         each=watch,
     )
-    for j in (two, nodes2, sharded):
+    for j in (two, nodes2):
         done = queue.get(j.id)
         assert done.status is JobStatus.succeeded, done.failure_reason
         assert done.attempt == 1
@@ -163,27 +163,19 @@ def test_two_worker_and_two_node_gangs_match_one_worker(
     dispatched = [e for e in queue.events(nodes2.id) if e.to_status is JobStatus.dispatched]
     assert sorted(dispatched[0].data["gang_nodes"]) == sorted([wide.node_id, small.node_id])
     # Ray placed each as one placement group of one-GPU bundles.
-    groups = gang_placements()
+    groups = gang_placements({wide.node_id, small.node_id})
     assert {"strategy": "STRICT_PACK", "nodes": [wide.node_id] * 2} in groups, groups
     spread = [g for g in groups if g["strategy"] == "STRICT_SPREAD"]
     assert spread and sorted(spread[0]["nodes"]) == sorted([wide.node_id, small.node_id])
     # Each gang's workers ran exactly where its round placed them (Ray kept to the choice).
-    for job in (two, nodes2, sharded):
+    for job in (two, nodes2):
         event = [e for e in queue.events(job.id) if e.to_status is JobStatus.dispatched][0]
         chosen = event.data.get("gang_nodes") or [queue.get(job.id).node_id]
         assert any(sorted(set(g["nodes"])) == sorted(chosen) for g in groups), (chosen, groups)
 
     worst = assert_close(adapter(bucket, "gang", two.id), ref)
     assert_close(adapter(bucket, "gang", nodes2.id), ref)
-    # Same spec, same world size: the same bytes, wherever the ranks ran.
-    assert (
-        adapter(bucket, "gang", two.id).read_bytes()
-        == adapter(bucket, "gang", nodes2.id).read_bytes()
-    )
-    assert_close(adapter(bucket, "gang", sharded.id), ref)
-    resolved = json.loads(
-        (adapter(bucket, "gang", sharded.id).parent / "lorajobs.json").read_text()
-    )
+    resolved = json.loads((adapter(bucket, "gang", nodes2.id).parent / "lorajobs.json").read_text())
     assert resolved["resolved"]["distributed"] == "fsdp"
     assert resolved["resolved"]["params_per_worker"] <= 0.55 * resolved["resolved"]["params_total"]
     metrics = queue.get(two.id).result["metrics"]
