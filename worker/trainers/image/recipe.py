@@ -111,21 +111,7 @@ def train_unet(
     trained, lora_params = _add_lora(spec, base)
     # A gang (several GPUs): each rank trains on its rows of every batch, rank 0 writes.
     gang = Gang.of(ctx)
-    # Validation grids (`samples:`), rendered by the training modules; the folder is checked now.
-    renderer = (
-        SampleRenderer.for_spec(
-            spec,
-            model_dir,
-            out_dir,
-            unet=base.unet,
-            precision=precision,
-            device=device,
-            text_encoders={k: m for k, m in trained.items() if k != "unet"},
-            board=ctx.board,
-        )
-        if gang.writer
-        else None
-    )
+    renderer = _renderer(spec, model_dir, out_dir, base, trained, precision, device, ctx, gang)
     with gang.rank_zero_first():  # rank 0 fills the node's and the bucket's latent cache
         encoders, latents, embeddings = encode_once(
             ds, cache, base, spec, model_dir, ctx, device, precision.base_dtype
@@ -137,17 +123,9 @@ def train_unet(
     seed_everything(cfg.seed)
     total = total_steps(cfg, len(ds), batches_per_epoch=ds.steps_per_epoch)
     micro_loss = DenoisingLoss(
-        spec,
-        ds,
-        base,
-        cache,
-        encoders,
-        latents,
-        embeddings,
-        noise_gen,
-        device,
+        spec, ds, base, cache, encoders, latents, embeddings, noise_gen, device,
         precision.base_dtype,
-    )
+    )  # fmt: skip
     micro_loss.gang = gang
     gang.reseed(cfg.seed)  # each rank's own LoRA-dropout stream, after the shared init
 
@@ -155,18 +133,9 @@ def train_unet(
     # job passes the UNet itself, so its checkpoints keep their parameter names.
     model = base.unet if len(trained) == 1 else torch.nn.ModuleDict(trained)
     result = run_loop(
-        spec,
-        model,
-        optimizer,
-        precision,
-        device,
-        ctx,
-        total,
-        noise_gen,
-        micro_loss,
-        renderer,
+        spec, model, optimizer, precision, device, ctx, total, noise_gen, micro_loss, renderer,
         gang=gang,
-    )
+    )  # fmt: skip
     finished_at = time.time()
 
     files = _export(spec, trained, base, ds, out_dir, total, (started_at, finished_at))
@@ -183,6 +152,33 @@ def train_unet(
 
 
 # -- the steps, in the order `train` takes them ------------------------------------------------
+
+
+def _renderer(
+    spec: ImageJobSpec,
+    model_dir: Path,
+    out_dir: Path,
+    base: ImageBase,
+    trained: dict[str, Any],
+    precision: Precision,
+    device: torch.device,
+    ctx: WorkerContext,
+    gang: Gang,
+) -> SampleRenderer | None:
+    """Validation grids (`samples:`), rendered by the training modules (the folder is checked
+    now); None without samples, and on a gang's other ranks (rank 0 renders them)."""
+    if not gang.writer:
+        return None
+    return SampleRenderer.for_spec(
+        spec,
+        model_dir,
+        out_dir,
+        unet=base.unet,
+        precision=precision,
+        device=device,
+        text_encoders={k: m for k, m in trained.items() if k != "unet"},
+        board=ctx.board,
+    )
 
 
 def _add_lora(
