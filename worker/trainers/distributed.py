@@ -63,10 +63,6 @@ class Gang:
         """Whether this rank writes what the job leaves behind (rank 0)."""
         return self.rank == 0
 
-    def shard(self, rows: list[int]) -> list[int]:
-        """This rank's rows of a global batch: every `world`-th, from `rank`."""
-        return rows[self.rank :: self.world]
-
     def wrap(
         self, model: torch.nn.Module, device: torch.device, seed: int, *, fsdp: bool = False
     ) -> torch.nn.Module:
