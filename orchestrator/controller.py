@@ -269,7 +269,11 @@ class Controller:
         def start(holds: list[Hold]) -> Round:
             nodes, now = node_views(view.totals, holds, available, exclude=skip), self._clock()
             fair = fairshare.factors(ledger, holds, cfg.shares, now, cfg.halflife_s)
-            rounds.append(Round(nodes, holds, cfg.policy, now, fair=fair, estimate=estimate))
+            rounds.append(
+                Round(
+                    nodes, holds, cfg.policy, now, fair=fair, shares=cfg.shares, estimate=estimate
+                )
+            )
             return rounds[-1]
 
         claimed = self.queue.scheduling.schedule(

@@ -4,7 +4,13 @@ Within one priority level the scheduler runs the jobs of the owner with the lowe
 (`scheduler.rank_key`), so owners that are all backlogged get GPU-hours in the ratio of their
 shares over time, and an owner that used little lately goes first. A factor is
 
-    (decayed GPU-hours of ended attempts + GPU-hours of running attempts so far) / share
+    (decayed GPU-hours of ended attempts + running attempts' GPU-hours so far
+     + what they will still run) / share
+
+where what a running attempt will still run is its GPUs x its time left by its progress (an
+hour, `AHEAD_S`, while it reports none). Counting it at once is what keeps an owner that just
+got the free GPUs from looking under-served, and getting the next ones too, for the whole
+time its usage takes to catch up with what it holds.
 
 with `LORAJOBS_FAIRSHARE_HALFLIFE` (default 7 days) and shares from `LORAJOBS_FAIRSHARE_SHARES`
 (`acme=3,beta=1`; a bare number is everyone else's share, default 1).
@@ -34,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lorajobs.controller")
 
 ROW = "usage"
+#: Seconds a running attempt that reports no progress yet is expected still to run.
+AHEAD_S = 3600.0
 #: Weight of the newest measurement in a shape's seconds per step.
 SPEED_WEIGHT = 0.3
 
@@ -92,16 +100,20 @@ class OwnerUsage:
 def usage(
     ledger: Ledger, running: Iterable[Hold], shares: Shares, now: datetime, halflife_s: float
 ) -> list[OwnerUsage]:
-    """Every owner's decayed GPU-hours (running attempts included), share and factor."""
+    """Every owner's decayed GPU-hours (running attempts' so far included), share and factor
+    (which also counts what running attempts will still run)."""
     hours = {o: ledger.gpu_hours(o, now, halflife_s) for o in ledger.usage}
+    ahead: dict[str, float] = {}
     for h in running:
         if h.started_at is not None:
             ran = max(0.0, (now - h.started_at).total_seconds())
             hours[h.owner] = hours.get(h.owner, 0.0) + h.gpus * ran / 3600.0
+        left = AHEAD_S if h.ends_at is None else max(0.0, (h.ends_at - now).total_seconds())
+        ahead[h.owner] = ahead.get(h.owner, 0.0) + h.gpus * left / 3600.0
     rows = []
     for owner, value in sorted(hours.items()):
         share = shares.of(owner)
-        factor = value / share if share > 0 else float("inf")
+        factor = (value + ahead.get(owner, 0.0)) / share if share > 0 else float("inf")
         rows.append(OwnerUsage(owner, value, share, factor))
     return rows
 

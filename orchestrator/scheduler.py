@@ -14,6 +14,8 @@ active jobs hold, and returns placements:
   fits when prices are known; CPU-only jobs keep off GPU nodes when they can.
 - Order within a level: the owner's fair-share factor (`lorajobs.orchestrator.fairshare`), then
   FIFO. Aging counts in whole levels, so jobs of one priority that waited about as long tie.
+  Each placement raises its owner's factor for the rest of the round (`shares.in_turn`), so
+  owners take turns by share even when all start the round equal.
 - A job that does not fit may preempt running jobs of lower priority
   (`lorajobs.orchestrator.preemption`); else the first such job of each shape gets a
   reservation: the node it will fit on first, when running jobs end
@@ -48,6 +50,7 @@ from lorajobs.orchestrator.resources import (
     node_shape,
     node_views,
 )
+from lorajobs.orchestrator.shares import Shares, in_turn
 
 __all__ = [
     "ACCELERATOR_PREFIX",
@@ -87,6 +90,11 @@ class OwnerLimits:
 
     def gpus(self, owner: str) -> float | None:
         return self.per_owner_gpus.get(owner, self.max_gpus)
+
+
+#: A job placed in a round counts in its owner's factor, for the rest of the round, as this many
+#: hours of its GPUs: the order of one run. Then the next round sees it by what it has run.
+PLACED_GPU_HOURS = 1.0
 
 
 @dataclass(frozen=True)
@@ -192,8 +200,10 @@ class Round:
     Holds the round's state: free capacity per node, per-owner usage, shapes found no room,
     the jobs chosen to be preempted and the reservations.
 
-    `fair`: owner -> fair-share factor (lower runs first within a level); `estimate`: seconds a
-    candidate is expected to run when it does not say (`Candidate.est_s`), None if unknown."""
+    `fair`: owner -> fair-share factor (lower runs first within a level), raised during the
+    round by each placement (`PLACED_GPU_HOURS` per GPU over the owner's share in `shares`);
+    `estimate`: seconds a candidate is expected to run when it does not say
+    (`Candidate.est_s`), None if unknown."""
 
     def __init__(
         self,
@@ -203,10 +213,13 @@ class Round:
         now: datetime,
         *,
         fair: Mapping[str, float] | None = None,
+        shares: Shares | None = None,
         estimate: Callable[[Candidate], float | None] | None = None,
     ) -> None:
         self.nodes, self.policy, self.now = list(nodes), policy, now
         self.fair, self._estimate = fair or {}, estimate
+        self._shares = shares or Shares()
+        self._placed_hours: dict[str, float] = defaultdict(float)  # per owner, this round
         self.plan = Plan()
         self._seen: set[str] = set()
         self._offered = False
@@ -270,10 +283,13 @@ class Round:
         first = len(out.placements)
         self._offered = True
         limits, aging_s = self.policy.limits, self.policy.aging_s
-        batch = ordered(
-            (c for c in candidates if c.id not in self._seen), self.now, aging_s, self.fair
-        )
-        for job in batch:
+        keyed = sorted(
+            ((rank_key(c, self.now, aging_s, self.fair), c)
+             for c in candidates if c.id not in self._seen),
+            key=lambda kc: kc[0],
+        )  # fmt: skip
+        batch = [c for _, c in keyed]
+        for job in in_turn([(k[0], c) for k, c in keyed], self.factor):
             self._seen.add(job.id)
             if len(out.placements) >= self.policy.max_per_round:
                 out.waiting[job.id] = "round full"
@@ -302,6 +318,10 @@ class Round:
             if job.id in out.waiting:
                 out.waiting_classes.setdefault(job.class_key, out.waiting[job.id])
         return out.placements[first:]
+
+    def factor(self, owner: str) -> float:
+        """`owner`'s fair-share factor now: as the round began, plus what it placed since."""
+        return self.fair.get(owner, 0.0) + self._placed_hours[owner]
 
     def _place(self, job: Candidate, node: Node, gang: list[Node] | None = None) -> None:
         shape = job.shape
@@ -335,8 +355,12 @@ class Round:
             "effective_priority": eff,
             **({"gang_nodes": [n.id for n in gang]} if gang else {}),
         }
-        if job.owner in self.fair:
-            data["fair_share_factor"] = round(self.fair[job.owner], 6)
+        if job.owner in self.fair or self._placed_hours[job.owner]:
+            data["fair_share_factor"] = round(self.factor(job.owner), 6)
+        share = self._shares.of(job.owner)
+        self._placed_hours[job.owner] += (
+            job.gpus * PLACED_GPU_HOURS / share if share > 0 else math.inf
+        )
         res = self.reservations.get(node.id)
         if res is not None and res.job_id != job.id:
             data["backfill"] = f"ends before job {res.job_id}'s reservation"

@@ -89,7 +89,8 @@ def test_the_less_served_owner_runs_first_and_the_database_reads_in_fair_share_o
     assert abs(factor - 1.0) < 1e-3
     # `lorajobs usage`'s rows: decayed hours, share, factor.
     rows = {u.owner: u for u in fairshare.report(q.engine, shares, 7 * 86400, now)}
-    assert rows["light"].share == 3.0 and abs(rows["light"].factor - 1.0) < 1e-3
+    # light's two jobs now run with no progress reported: an hour ahead each, over share 3.
+    assert rows["light"].share == 3.0 and abs(rows["light"].factor - (1.0 + 2 / 3)) < 1e-3
 
 
 def test_a_4_gpu_job_at_the_head_is_reserved_and_only_short_jobs_backfill(
@@ -179,7 +180,9 @@ def test_running_attempts_count_as_they_run_once_per_pack_and_usage_shows_what_r
                                 lease_expires_at=now)  # fmt: skip
     # One GPU free: busy has run 2 GPU-hours, packer 1 (its pack once): packer's newer job wins.
     assert [j.id for j in got] == [waiter_packer.id]
-    assert rounds[0].fair == {"busy": 2.0, "packer": 1.0}
+    # The factors also count what the running attempts will still run: an hour ahead of each
+    # GPU while they report no progress (busy 2 + 2, packer 1 + 1).
+    assert rounds[0].fair == {"busy": 4.0, "packer": 2.0}
     shown = {u.owner: u.gpu_hours for u in fairshare.report(q.engine, shares, 7 * 86400, now)}
     assert shown == {"busy": 2.0, "packer": 1.0}  # the just dispatched job has run 0 s
     # The pack ends: each member charged its part (half each), busy its 2 GPU x 1 h.

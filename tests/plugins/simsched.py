@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from lorajobs.orchestrator.fairshare import Ledger, Shares, factors
 from lorajobs.orchestrator.scheduler import Candidate, Hold, Policy, Round, node_views
@@ -89,8 +91,8 @@ class Sim:
         self.running: dict[str, Running] = {}
         self.ledger = Ledger()
         self.now_s = 0.0
-        #: (time, owner, GPU-seconds) of every finished stretch of running (for usage curves).
-        self.used: list[tuple[float, float, str, float]] = []
+        #: (start, end, job) of every finished stretch of running (for usage curves).
+        self.used: list[tuple[float, float, SimJob]] = []
         self.rounds = 0
         self._last_preempt: dict[str, float] = {}
         self._events: list[tuple[float, int, str, str]] = []
@@ -130,7 +132,7 @@ class Sim:
         holds = self._holds()
         nodes = node_views(self.totals, holds)
         fair = factors(self.ledger, holds, self.shares, now, self.halflife_s)
-        rnd = Round(nodes, holds, self.policy, now, fair=fair)
+        rnd = Round(nodes, holds, self.policy, now, fair=fair, shares=self.shares)
         rnd.offer(
             [
                 Candidate(j.id, j.owner, j.priority, self.at(j.arrival_s), j.gpus, None, 1,
@@ -180,7 +182,7 @@ class Sim:
         ran = self.now_s - r.start_s
         self.ledger.charge(r.job.owner, r.job.gpus * ran / 3600.0, self.at(self.now_s),
                            self.halflife_s)  # fmt: skip
-        self.used.append((r.start_s, self.now_s, r.job.owner, r.job.gpus))
+        self.used.append((r.start_s, self.now_s, r.job))
         if finished:
             r.job.remaining_s, r.job.end_s = 0.0, self.now_s
         else:
@@ -224,15 +226,14 @@ class Sim:
 
     # -- measures ------------------------------------------------------------------------------
 
-    def gpu_seconds(self, start_s: float, end_s: float) -> dict[str, float]:
-        """GPU-seconds each owner ran within [start_s, end_s]."""
-        out: dict[str, float] = defaultdict(float)
-        for a, b, owner, gpus in self.used:
+    def gpu_seconds(
+        self, start_s: float, end_s: float, by: Callable[[SimJob], Any] = lambda j: j.owner
+    ) -> dict[Any, float]:
+        """GPU-seconds run within [start_s, end_s] per `by(job)` (default: per owner)."""
+        out: dict[Any, float] = defaultdict(float)
+        stretches = [*self.used, *((r.start_s, self.now_s, r.job) for r in self.running.values())]
+        for a, b, job in stretches:
             overlap = min(b, end_s) - max(a, start_s)
             if overlap > 0:
-                out[owner] += gpus * overlap
-        for r in self.running.values():
-            overlap = min(self.now_s, end_s) - max(r.start_s, start_s)
-            if overlap > 0:
-                out[r.job.owner] += r.job.gpus * overlap
+                out[by(job)] += job.gpus * overlap
         return dict(out)

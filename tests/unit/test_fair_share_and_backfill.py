@@ -28,9 +28,35 @@ def test_two_backlogged_owners_with_shares_1_to_3_get_gpu_hours_approaching_1_to
         ratios.append(used["b"] / used["a"])
     assert sim.queued  # still backlogged (both owners) at the last look
     assert {j.owner for j in sim.queued.values()} == {"a", "b"}
-    # Approaches 3: within 5% after 2 days (the first hours are decided by who came first).
-    assert abs(ratios[-1] - 3.0) / 3.0 < 0.05, ratios
-    assert abs(ratios[-1] - 3.0) <= abs(ratios[0] - 3.0) + 1e-9, ratios
+    # 1:3 from the first round on (the owners take turns by share within it), then within 5%.
+    assert all(abs(r - 3.0) / 3.0 < 0.05 for r in ratios), ratios
+
+
+def test_one_round_on_a_fresh_cluster_splits_the_gpus_by_share_not_by_who_came_first() -> None:
+    # Every owner at 0: a factor fixed at the round's start would give all 16 GPUs to o1, whose
+    # jobs are oldest. Each placement counts in its owner's factor for the rest of the round.
+    shares = Shares(per_owner={"o1": 1, "o2": 1, "o3": 2, "o4": 4})
+    jobs = [
+        Candidate(f"{o}-{i}", o, 0, T0 + timedelta(seconds=k * 100 + i), 1, None, 1)
+        for k, o in enumerate(("o1", "o2", "o3", "o4"))
+        for i in range(16)
+    ]
+    nodes = node_views({"n": {"CPU": 64.0, "GPU": 16.0}}, [])
+    rnd = Round(nodes, [], NOPREEMPT, T0, fair={}, shares=shares)
+    rnd.offer(jobs)
+    got: dict[str, int] = {}
+    for p in rnd.plan.placements:
+        got[p.job_id.split("-")[0]] = got.get(p.job_id.split("-")[0], 0) + 1
+    assert got == {"o1": 2, "o2": 2, "o3": 4, "o4": 8}
+    # Within one owner, still oldest first; a higher priority level still goes before all.
+    assert [p.job_id for p in rnd.plan.placements if p.job_id.startswith("o4")] == [
+        f"o4-{i}" for i in range(8)
+    ]
+    urgent = Candidate("o4-urgent", "o4", 1, T0 + timedelta(hours=1), 1, None, 1)
+    rnd = Round(node_views({"n": {"CPU": 64.0, "GPU": 2.0}}, []), [], NOPREEMPT, T0,
+                fair={}, shares=shares)  # fmt: skip
+    rnd.offer([*jobs, urgent])
+    assert [p.job_id for p in rnd.plan.placements] == ["o4-urgent", "o1-0"]
 
 
 def test_without_shares_the_less_served_owner_goes_first_within_a_priority() -> None:
@@ -55,9 +81,14 @@ def test_usage_decays_with_the_half_life_and_counts_running_jobs() -> None:
     ledger.charge("a", 8.0, T0, 3600.0)
     later = T0 + timedelta(hours=2)
     assert abs(decayed(8.0, T0, later, 3600.0) - 2.0) < 1e-9
-    running = [Hold("r", "a", "n", 2, 1, started_at=later - timedelta(hours=1))]
+    # A running attempt counts what it ran (2 GPUs x 1 h) and, in the factor, what it will
+    # still run: by its progress (30 min left), or an hour while it reports none.
+    ran = later - timedelta(hours=1)
+    running = [Hold("r", "a", "n", 2, 1, started_at=ran, ends_at=later + timedelta(minutes=30))]
     (row,) = usage(ledger, running, Shares(per_owner={"a": 4}), later, 3600.0)
-    assert (round(row.gpu_hours, 6), row.share, round(row.factor, 6)) == (4.0, 4.0, 1.0)
+    assert (round(row.gpu_hours, 6), row.share, round(row.factor, 6)) == (4.0, 4.0, 1.25)
+    (row,) = usage(ledger, [Hold("r", "a", "n", 2, 1, started_at=ran)], Shares(), later, 3600.0)
+    assert (round(row.gpu_hours, 6), round(row.factor, 6)) == (4.0, 6.0)
 
 
 def test_a_4_gpu_job_starts_within_its_reservation_while_1_gpu_jobs_backfill() -> None:
