@@ -18,7 +18,11 @@ Reported:
 - p95 wait (first start - arrival) of priority 2; goal <= min runtime window + one checkpoint
 - each owner's GPU-hours vs its share over the time all four are backlogged (from the first
   moment all have jobs queued to the first moment one has none): the largest relative error
-  (goal <= 10%) and Jain's index of GPU-hours / share (goal >= 0.95)
+  (goal <= 10%) and Jain's index of GPU-hours / share (goal >= 0.95). Fair share orders jobs
+  within a priority, so an owner's priority 1 and 2 work runs first whatever its share; where
+  that alone is more than the share, no scheduler of this policy meets the goal. Also
+  reported: each owner's error against what is attainable (`attainable`: its share, or its
+  urgent work where that is more, the rest split by share), which is what the policy controls
 - the longest wait of an 8-GPU job (goal: bounded). The bound stated: its owner's work ranked
   before it (higher priority submitted before it started, its own priority submitted before
   it, itself) divided by the owner's share of the 32 GPUs, plus the other owners' higher
