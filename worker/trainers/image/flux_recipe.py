@@ -41,13 +41,11 @@ from lorajobs.worker.trainers.image.flux_samples import FluxSampleRenderer
 from lorajobs.worker.trainers.image.kohya import (
     diffusers_to_kohya,
     header_metadata,
-    tensor_data_sha256,
 )
 from lorajobs.worker.trainers.image.latents import cache_plan
 from lorajobs.worker.trainers.image.models import (
     TEXT_ENCODER_TARGETS,
     add_text_encoder_lora,
-    checkpoint_text_encoder,
     lora_state,
     save_diffusers,
 )
@@ -189,17 +187,7 @@ def _add_lora(
         clip = base.text_encoders["text_encoder"]
         add_text_encoder_lora(clip, parts.lora_config(spec.lora, TEXT_ENCODER_TARGETS))
         trained["text_encoder"] = clip
-    lora_params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in trained.items()}
-    for params in lora_params.values():
-        for p in params:
-            p.data = p.data.float()
-    for name, module in trained.items():
-        if cfg.gradient_checkpointing:
-            if name == "transformer":
-                module.enable_gradient_checkpointing()
-            else:
-                checkpoint_text_encoder(module)
-        module.train()
+    lora_params = parts.ready_to_train(trained, "transformer", cfg.gradient_checkpointing)
     return trained, lora_params
 
 
@@ -223,26 +211,11 @@ def _export(
 ) -> tuple[list[str], str | None]:
     """The diffusers file and, where every module has a kohya name and it is no DoRA, the
     kohya file. Returns (files written, why the kohya file was skipped or None)."""
-    cfg, lora = spec.training, spec.lora
+    lora = spec.lora
     state = transformer_lora_state(base.transformer)
     if "text_encoder" in trained:
         state.update(lora_state(trained["text_encoder"], "text_encoder"))
-    meta_args: dict[str, Any] = dict(
-        name=spec.name,
-        rank=lora.rank,
-        alpha=lora.alpha,
-        use_rslora=lora.use_rslora,
-        unet_config=dict(base.transformer.config),
-        steps=total,
-        seed=cfg.seed,
-        learning_rate=cfg.learning_rate,
-        resolution=cfg.resolution,
-        captions=[r.caption for r in ds.records],
-        dataset=spec.dataset,
-        trigger=parts.trigger(spec),
-        tensors_sha256=tensor_data_sha256(state),
-        text_encoder_lr=parts.text_encoder_lr(spec),
-    )
+    meta_args = parts.header_args(spec, state, dict(base.transformer.config), total, ds)
     save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args))
     files = [WEIGHTS_NAME]
     skipped = "DoRA has no kohya form" if lora.use_dora else None

@@ -15,6 +15,7 @@ from lorajobs.jobspecs.models import ImageJobSpec, LoraSettings
 from lorajobs.worker.context import WorkerContext
 from lorajobs.worker.trainers.distributed import Gang
 from lorajobs.worker.trainers.image.data import ImageTrainSet
+from lorajobs.worker.trainers.image.kohya import tensor_data_sha256
 from lorajobs.worker.trainers.image.latents import (
     CachePlan,
     encode_captions,
@@ -24,6 +25,7 @@ from lorajobs.worker.trainers.image.models import (
     Conditioning,
     Encoders,
     ImageBase,
+    checkpoint_text_encoder,
 )
 from lorajobs.worker.trainers.loop import (
     LoopResult,
@@ -51,6 +53,52 @@ def refuse_unloadable(spec: ImageJobSpec, model_dir: Path) -> None:
             "lora.use_dora: DoRA text-encoder weights do not load back into diffusers "
             "pipelines; use plain LoRA with training.train_text_encoder, or train the UNet only"
         )
+
+
+def ready_to_train(
+    trained: dict[str, Any], denoiser: str, gradient_checkpointing: bool
+) -> dict[str, list[torch.nn.Parameter]]:
+    """Each trained module's LoRA parameters, made fp32 (the optimizer steps them at full
+    precision whatever the base's dtype); gradient checkpointing where asked (the denoiser,
+    named `denoiser` in `trained`, by diffusers' own switch; text encoders by ours); train
+    mode."""
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in trained.items()}
+    for group in params.values():
+        for p in group:
+            p.data = p.data.float()
+    for name, module in trained.items():
+        if gradient_checkpointing:
+            if name == denoiser:
+                module.enable_gradient_checkpointing()
+            else:
+                checkpoint_text_encoder(module)
+        module.train()
+    return params
+
+
+def header_args(
+    spec: ImageJobSpec, state: dict[str, torch.Tensor], config: dict[str, Any], steps: int,
+    ds: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """What both image recipes put in an adapter file's header (`kohya.header_metadata`);
+    `config`: the denoiser's (UNet's or transformer's) config."""
+    cfg, lora = spec.training, spec.lora
+    return dict(
+        name=spec.name,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        use_rslora=lora.use_rslora,
+        unet_config=config,
+        steps=steps,
+        seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        resolution=cfg.resolution,
+        captions=[r.caption for r in ds.records],
+        dataset=spec.dataset,
+        trigger=trigger(spec),
+        tensors_sha256=tensor_data_sha256(state),
+        text_encoder_lr=text_encoder_lr(spec),
+    )
 
 
 def lora_config(lora: LoraSettings, target_modules: list[str]) -> Any:

@@ -29,7 +29,6 @@ from lorajobs.worker.trainers.image.kohya import (
     base_model_version,
     diffusers_to_kohya,
     header_metadata,
-    tensor_data_sha256,
 )
 from lorajobs.worker.trainers.image.latents import (
     cache_plan,
@@ -38,7 +37,6 @@ from lorajobs.worker.trainers.image.models import (
     TEXT_ENCODER_TARGETS,
     ImageBase,
     add_text_encoder_lora,
-    checkpoint_text_encoder,
     freeze,
     load_image_base,
     lora_state,
@@ -49,10 +47,12 @@ from lorajobs.worker.trainers.image.parts import (
     LOSS_PNG,
     WEIGHTS_NAME,
     encode_once,
+    header_args,
     image_optimizer,
     kohya_name,
     lora_config,
     metrics,
+    ready_to_train,
     refuse_unloadable,
     run_loop,
     text_encoder_lr,
@@ -201,19 +201,7 @@ def _add_lora(
         for name, te in base.text_encoders.items():
             add_text_encoder_lora(te, lora_config(spec.lora, TEXT_ENCODER_TARGETS))
             trained[name] = te
-    lora_params = {
-        name: [p for p in m.parameters() if p.requires_grad] for name, m in trained.items()
-    }
-    for params in lora_params.values():
-        for p in params:
-            p.data = p.data.float()
-    for name, module in trained.items():
-        if cfg.gradient_checkpointing:
-            if name == "unet":
-                module.enable_gradient_checkpointing()
-            else:
-                checkpoint_text_encoder(module)
-        module.train()
+    lora_params = ready_to_train(trained, "unet", cfg.gradient_checkpointing)
     return trained, lora_params
 
 
@@ -229,26 +217,10 @@ def _export(
 ) -> list[str]:
     """The diffusers file (a deterministic header) and, unless DoRA, the kohya file (which adds
     the training times, as the UIs show them). Returns the files written."""
-    cfg = spec.training
     state: dict[str, torch.Tensor] = {}
     for name, module in trained.items():
         state.update(lora_state(module, name, adapter))
-    meta_args: dict[str, Any] = dict(
-        name=spec.name,
-        rank=spec.lora.rank,
-        alpha=spec.lora.alpha,
-        use_rslora=spec.lora.use_rslora,
-        unet_config=dict(base.unet.config),
-        steps=total,
-        seed=cfg.seed,
-        learning_rate=cfg.learning_rate,
-        resolution=cfg.resolution,
-        captions=[r.caption for r in ds.records],
-        dataset=spec.dataset,
-        trigger=trigger(spec),
-        tensors_sha256=tensor_data_sha256(state),
-        text_encoder_lr=text_encoder_lr(spec),
-    )
+    meta_args = header_args(spec, state, dict(base.unet.config), total, ds)
     save_diffusers(state, trained, out_dir / WEIGHTS_NAME, header_metadata(**meta_args), adapter)
     files = [WEIGHTS_NAME]
     if not spec.lora.use_dora:  # kohya's format has no DoRA magnitudes
