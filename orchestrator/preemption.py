@@ -12,9 +12,9 @@ at once: all or none. Each node's cheapest victims are chosen as above, the node
 fewest and cheapest victims win (nodes where it fits already, counting what is on its way back,
 first), and victims are stopped only when `nodes` such nodes exist. A running gang may be a
 victim like any job: SIGTERM to its coordinating task reaches every rank (`orchestrator/gang.py`,
-`GangTrainLoop`), which checkpoint together and stop; it is listed under its first node, where
-its share counts, and what it gives back on its other nodes is counted once it is asked to stop
-(`pending`).
+`GangTrainLoop`), which checkpoint together and stop. It is a candidate on each of its nodes
+(stopping it makes room on any of them), and once chosen on one, what it gives back on all of
+them is on its way back (`pending`) for the rest of the round.
 
 Jobs asked to stop keep their resources until they have checkpointed and ended; the round counts
 those resources as on their way back (`pending`), so the job they were stopped for (or another
@@ -101,15 +101,16 @@ class Preempting:
         self.decisions: list[Decision] = []
         self._none_for: set[tuple[Shape, int]] = set()
         on = policy.preempt_margin is not None
+        self._stopped: set[str] = set()
         for h in holds:
-            if h.node_id not in self.nodes:
-                continue
+            on_nodes = [n for n in h.gang_nodes or (h.node_id,) if n in self.nodes]
             if h.preempting:
-                for node_id in h.gang_nodes or (h.node_id,):
+                for node_id in on_nodes:
                     for k, v in _hold_res(h):
                         self.pending[node_id][k] += v
-            elif on and eligible(h, now, policy):
-                self.victims[h.node_id].append(h)
+            elif on and on_nodes and eligible(h, now, policy):
+                for node_id in on_nodes:
+                    self.victims[node_id].append(h)
         for hs in self.victims.values():
             hs.sort(key=lambda h: _cost(h, now))
         #: Told of every node whose free resources `_take` reduces (the round's `FitIndex`).
@@ -174,10 +175,10 @@ class Preempting:
         if len(picked) < count or not waits:
             self._none_for.add(key)
             return None
-        names = []
+        names: dict[str, None] = {}  # a gang victim on two of the picked nodes is named once
         for _, node_id, victims in picked:
             self._stop(job, node_id, victims, need)
-            names += [f"{h.id} (priority {h.priority})" for h in victims]
+            names.update((f"{h.id} (priority {h.priority})", None) for h in victims)
         where = ", ".join(node_id[:12] for _, node_id, _ in picked)
         if not names:
             return f"waiting for preempted jobs on nodes {where} to checkpoint and stop (a gang)"
@@ -210,15 +211,21 @@ class Preempting:
         return None
 
     def _stop(self, job: Candidate, node_id: str, victims: list[Hold], need: Any) -> None:
-        """Ask `victims` on `node_id` to stop for `job`, and set their resources aside for it."""
-        for h in victims:
-            self.victims[node_id].remove(h)
-            for k, v in _hold_res(h):
-                self.pending[node_id][k] += v
+        """Ask `victims` on `node_id` to stop for `job`, and set their resources aside for it
+        (a gang's on each of its nodes; one already asked on another node is not asked again)."""
+        asked = [h for h in victims if h.id not in self._stopped]
+        for h in asked:
+            self._stopped.add(h.id)
+            for n in h.gang_nodes or (h.node_id,):
+                if h in self.victims.get(n, ()):
+                    self.victims[n].remove(h)
+                if n in self.nodes:
+                    for k, v in _hold_res(h):
+                        self.pending[n][k] += v
         self._take(node_id, need)
-        if victims:
+        if asked:
             self.decisions.append(
-                Decision(job.id, job.priority, node_id, tuple(h.id for h in victims))
+                Decision(job.id, job.priority, node_id, tuple(h.id for h in asked))
             )
 
     def _take(self, node_id: str, need: tuple[tuple[str, float], ...]) -> None:

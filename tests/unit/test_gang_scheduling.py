@@ -90,6 +90,20 @@ def test_a_running_gang_may_be_a_victim_and_gives_back_all_its_nodes() -> None:
     assert [(d.node_id, d.victims) for d in rnd.preempt.decisions] == [("a", ("low",))]
 
 
+def test_a_running_gang_is_a_candidate_victim_on_each_of_its_nodes_and_stopped_once() -> None:
+    low = [Hold("low", "o", "a", 16, 1, None, 0, OLD, nodes=2, gang_nodes=("a", "b"))]
+    # A high priority 2-node gang: the low gang frees both a and b; it is stopped once.
+    rnd = run(low + ones("c", 8, 5), gang("g", 5, nodes=2, gpus=16))
+    assert [(d.node_id, d.victims) for d in rnd.preempt.decisions] == [("a", ("low",))]
+    assert rnd.plan.waiting["g"].startswith("preempting low (priority 0) for a gang on nodes a, b")
+    # The gang's first node is out of the round (draining): on b it is still a victim.
+    holds = low + ones("c", 8, 5)
+    totals = {n: TOTALS[n] for n in ("b", "c")}
+    rnd = Round(node_views(totals, holds), holds, POLICY, T0)
+    rnd.offer([Candidate("u", "o", 5, T0, 1, None, 1)])
+    assert [(d.node_id, d.victims) for d in rnd.preempt.decisions] == [("b", ("low",))]
+
+
 def test_a_gang_at_the_head_reserves_its_nodes_and_only_short_jobs_backfill_there() -> None:
     # Ends known: a's jobs end at 1..8 min, b's at 10..80 min, c's at 100..800 min. The 2 x
     # 8-GPU gang fits a and b first: both reserved, due when b empties (80 min).
