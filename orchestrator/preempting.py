@@ -41,6 +41,26 @@ def requested(job: JobRecord) -> bool:
     return asked is not None and started is not None and asked >= started
 
 
+def pack_asked(member: JobRecord, leader: JobRecord) -> bool:
+    """Whether a pack's member was stopped by a preemption of its pack: the victim the round
+    chose is the pack's hold, its first job (`leader`), asked after this member's attempt
+    began. A SIGTERM that lands before training (during the pull) ends every member with an
+    infra error rather than a checkpoint; none of them is to be charged for it."""
+    asked, started = aware(leader.preempt_at), aware(member.dispatched_at)
+    return asked is not None and started is not None and asked >= started
+
+
+def _asking(ctl: Controller, job: JobRecord) -> JobRecord | None:
+    """The record that asked `job`'s attempt to stop for a priority: its own, its pack
+    leader's, or None."""
+    if requested(job):
+        return job
+    if job.pack_id is None or job.pack_id == job.id:
+        return None
+    leader = ctl.queue.get(job.pack_id)
+    return leader if pack_asked(job, leader) else None
+
+
 def record(queue: Queue, decisions: Sequence[Decision], now: datetime) -> int:
     """Mark each decision's victims (still active) as asked to stop; returns how many."""
     marked = 0
@@ -97,8 +117,9 @@ def settle(
     if notice:
         ctl._lost(job, kind, notice, preempted=True)
         return True
-    if out.get("preempted") or (requested(job) and kind is FailureKind.infra):
-        requeue(ctl, job, out.get("error", "preempted"), by=actor(ctl.queue, job))
+    asking = _asking(ctl, job)
+    if out.get("preempted") or (asking is not None and kind is FailureKind.infra):
+        requeue(ctl, job, out.get("error", "preempted"), by=actor(ctl.queue, asking or job))
         return True
     return False
 

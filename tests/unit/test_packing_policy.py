@@ -178,3 +178,20 @@ def test_the_same_model_at_two_uris_has_one_digest(tmp_path: Path) -> None:
     assert content_digest(str(a)) == content_digest(b.as_uri())
     (b / "model.safetensors").write_bytes(b"\x01" * 100)
     assert content_digest(str(a)) != content_digest(str(b))
+
+
+def test_a_member_stopped_by_its_pack_leaders_preemption_is_not_charged() -> None:
+    # The round's victim is the pack's hold (its first job); a SIGTERM that lands during the
+    # pull ends every member with an infra error. Each member counts as asked to stop when the
+    # leader was asked after the member's own attempt began (not by an older request).
+    from dataclasses import replace
+
+    from lorajobs.orchestrator.preempting import pack_asked
+
+    began = NOW - timedelta(minutes=20)
+    member = replace(_job("m", _spec()), status=JobStatus.running, dispatched_at=began, pack_id="l")
+    leader = replace(_job("l", _spec()), status=JobStatus.running, dispatched_at=began, pack_id="l")
+    assert not pack_asked(member, leader)
+    assert pack_asked(member, replace(leader, preempt_at=NOW, preempted_by="urgent"))
+    older = replace(leader, preempt_at=began - timedelta(hours=1))
+    assert not pack_asked(member, older)
