@@ -1,5 +1,6 @@
 """FSDP gangs without Ray (`tests/plugins/ranks.py`: two processes joined by gloo run the
-worker as ranks 0 and 1) with `training.distributed: fsdp`. Each rank holds half of the model;
+worker as ranks 0 and 1) with `training.distributed: fsdp`. Rank 0 alone reads the base, the
+other rank receives its shards; each rank holds half of the model;
 the adapter matches a 1-worker run of the same global batch within the gang tolerance; a run
 stopped after a checkpoint and resumed at the same size ends with the uninterrupted run's bytes
 (so two FSDP runs give the same bytes); and the saved adapter is whole and loads into PEFT on
@@ -66,6 +67,9 @@ def test_fsdp_and_ddp_gangs_match_one_worker_and_fsdp_resumes_to_the_same_bytes(
     resolved = json.loads((bucket / "adapters/sharded/calm/lorajobs.json").read_text())["resolved"]
     assert resolved["workers"] == 2 and resolved["distributed"] == "fsdp"
     assert resolved["params_per_worker"] <= 0.55 * resolved["params_total"], resolved
+    # Rank 0 alone read the base into host memory; rank 1 got its shards from rank 0.
+    loaded = [o["metrics"]["model_bytes_loaded"] for o in calm]
+    assert loaded[0] > 0 and loaded[1] == 0, loaded
 
     # The whole adapter (not a shard), within the gang tolerance of one worker's.
     a = load_file(str(bucket / "adapters/sharded/calm" / WEIGHTS))
@@ -80,6 +84,7 @@ def test_fsdp_and_ddp_gangs_match_one_worker_and_fsdp_resumes_to_the_same_bytes(
     ddp_spec = _spec(tiny_text_model, tiny_text_dataset, 2, "ddp")
     ddp = run_ranks(tmp_path, "ddp", 2, ddp_spec, bucket=bucket, job_id="ddp")
     assert [o["ok"] for o in ddp] == [True, True], ddp
+    assert [o["metrics"]["model_bytes_loaded"] for o in ddp] == [loaded[0]] * 2  # whole models
     d = load_file(str(bucket / "adapters/sharded/ddp" / WEIGHTS))
     assert max(float((d[k] - ref[k]).abs().max()) for k in ref) <= ATOL
 

@@ -318,9 +318,29 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
             f"training.distributed fsdp: {type(base).__name__} names no transformer block "
             "class (_no_split_modules) to shard by; use ddp"
         )
+    # Rank 0 alone read the weights; the other ranks' models are empty (meta).
+    rank0 = torch.distributed.get_rank() == 0
+    full = model.state_dict() if rank0 else {}
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    _fill_from_rank0(model, full, device)
+
+
+def _fill_from_rank0(
+    model: torch.nn.Module, full: dict[str, torch.Tensor], device: torch.device
+) -> None:
+    """Give every rank its shards of rank 0's weights (`full`: rank 0's whole state dict, {}
+    elsewhere), one tensor at a time, and rank 0's buffers (rotary tables and the like, which
+    no state dict carries). A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf, src=0)
 
 
 def _sharded(t: torch.Tensor) -> bool:

@@ -66,7 +66,13 @@ def train(
     ds = _dataset(spec, data_path, tokenizer, ctx)
     gang = Gang.of(ctx)
     fsdp = gang.active and tr.distributed == "fsdp"
-    model = _model_with_lora(spec, model_dir, device, precision.base_dtype, place=not fsdp)
+    # FSDP: rank 0 alone reads the base; the others build it empty (meta) and receive their
+    # shards from rank 0 as it is sharded, so a node's host RAM holds one copy, not one a GPU.
+    empty = fsdp and gang.rank > 0
+    model = _model_with_lora(
+        spec, model_dir, device, precision.base_dtype, place=not fsdp, empty=empty
+    )
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
     # A gang (several GPUs): each rank trains on its share of every batch, with the whole
     # model (DDP) or its shard of it (FSDP, which swaps in sharded parameters: the optimizer
     # is built from them, after).
@@ -111,6 +117,8 @@ def train(
     draw_loss_curve(result.losses, out_dir / LOSS_PNG, title=f"{spec.name}: training loss")
     metrics = _metrics(spec, ds, result, total, eval_loss)
     metrics["total_seconds"] = round(time.monotonic() - t_start, 3)
+    if gang.active:  # what this worker read of the model into host memory
+        metrics["model_bytes_loaded"] = loaded
     return TrainOutput(
         files=[ADAPTER_CONFIG, ADAPTER_WEIGHTS, LOSS_PNG],
         deterministic=[ADAPTER_CONFIG, ADAPTER_WEIGHTS],
@@ -152,14 +160,20 @@ def _dataset(
 
 
 def _model_with_lora(
-    spec: TextJobSpec, model_dir: Path, device: torch.device, dtype: torch.dtype, place: bool = True
+    spec: TextJobSpec,
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    place: bool = True,
+    empty: bool = False,
 ) -> Any:
     """The frozen base model with the spec's LoRA on it, in train mode: on `device`, or left on
-    the host (`place=False`) for FSDP to move there shard by shard."""
+    the host (`place=False`) for FSDP to move there shard by shard; `empty`: built on the meta
+    device without reading a weight (FSDP fills it from rank 0's)."""
     from peft import LoraConfig, get_peft_model
 
     quant = spec.training.quantize_base
-    model = _base_model(spec, model_dir, device, dtype)
+    model = _empty_base(model_dir, dtype) if empty else _base_model(spec, model_dir, device, dtype)
     model.config.use_cache = False  # no KV cache while training: it only costs memory
     if quant in ("nf4", "int8"):
         from peft import prepare_model_for_kbit_training
@@ -192,6 +206,16 @@ def _model_with_lora(
         lora_to_fp32(model)  # the adapter trains (and is saved) unquantized, in fp32
     model.train()
     return model
+
+
+def _empty_base(model_dir: Path, dtype: torch.dtype) -> Any:
+    """The base's architecture from its config.json, on the meta device: no weight read, no
+    memory taken (rank 0 reads the folder and reports any problem with it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
 
 
 def _base_model(
